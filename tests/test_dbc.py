@@ -8,8 +8,8 @@ import sys
 import can
 from hypothesis import given
 from hypothesis import strategies as st
-
 from smallbms_bus.dbc import generate
+
 from smallbms_bus.link.codec import default_dbc_path
 
 # PROTOCOL.md "Messages" table: base id, name, period (ms).

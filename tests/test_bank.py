@@ -1,0 +1,293 @@
+"""Bank model: freshness (COM-1), topology (BANK-1), validation (BANK-3), learning (BANK-2, BANK-4),
+aggregates (BANK-5). Time is injected: every call gets `now`."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from smallbms_bus.bank import Bank, BatteryIdentity, LearnedBank
+from smallbms_bus.reports import BatteryInfo, BatteryStatus, BatteryTemps, CellVoltages, SerialFragment
+
+
+def status(node: int, alive: int = 0, voltage: float = 13.2, current: float = 0.0, temp: float = 20.0,
+           **flags: bool) -> BatteryStatus:
+    base = dict(cell_high_voltage=False, cell_low_voltage=False, cell_low_pre_alarm=False, balancing=False,
+                cell_imbalance=False, hardware_fault=False, firmware_updating=False)
+    base.update(flags)
+    return BatteryStatus(node, voltage, current, temp, **base, alive_counter=alive % 256)
+
+
+def feed_battery(bank: Bank, node: int, now: float, *, string: int = 1, series: int = 1, units: int = 1,
+                 capacity: int = 100, voltage: float = 13.2, current: float = 0.0, cells: float | list = 3.3,
+                 alive: int = 0, serial: str | None = None, temps: tuple[float, float] = (19.0, 21.0)) -> None:
+    """Everything one battery sends in one second (one of each frame)."""
+    serial = serial or f"HQ{node:012d}"
+    bank.update(BatteryInfo(node, units, capacity, (1, 2, 3), string, series), now)
+    bank.update(SerialFragment(node, 0, serial[:7]), now)
+    bank.update(SerialFragment(node, 1, serial[7:]), now)
+    volts = cells if isinstance(cells, list) else [cells] * (4 * units)
+    for group in range(units):
+        bank.update(CellVoltages(node, 4 * group + 1, tuple(volts[4 * group:4 * group + 4])), now)
+    bank.update(BatteryTemps(node, *temps), now)
+    bank.update(status(node, alive, voltage, current), now)
+
+
+def bank_of(shape: list[tuple[int, int]], now: float = 0.0, **kw) -> Bank:
+    """shape: (string, series) per node 1..N."""
+    bank = Bank(0.0, **kw)
+    for node, (string, series) in enumerate(shape, start=1):
+        feed_battery(bank, node, now, string=string, series=series)
+    return bank
+
+
+# -- freshness (COM-1) ---------------------------------------------------------------------------------
+
+def test_fresh_until_comm_timeout_without_status():
+    bank = Bank(0.0, comm_timeout=5.0)
+    feed_battery(bank, 1, 0.0)
+    assert bank.evaluate(4.99).stale_nodes == ()
+    view = bank.evaluate(5.0)
+    assert view.stale_nodes == (1,)
+    assert view.batteries[0].stale_reason == "status_timeout"
+
+
+def test_stale_when_alive_counter_does_not_advance():
+    bank = Bank(0.0, comm_timeout=5.0)
+    feed_battery(bank, 1, 0.0, alive=7)
+    for t in range(1, 60):  # status keeps arriving every 0.1 s, but the counter is frozen
+        bank.update(status(1, alive=7), t / 10)
+        bank.update(BatteryTemps(1, 19.0, 21.0), t / 10)
+        bank.update(CellVoltages(1, 1, (3.3,) * 4), t / 10)
+    assert bank.evaluate(4.99).stale_nodes == ()
+    view = bank.evaluate(5.0)
+    assert view.batteries[0].stale_reason == "alive_stuck"
+    bank.update(status(1, alive=8), 5.1)
+    assert bank.evaluate(5.1).stale_nodes == ()
+
+
+def test_alive_counter_wrap_is_an_advance():
+    bank = Bank(0.0, comm_timeout=1.0)
+    feed_battery(bank, 1, 0.0, alive=255)
+    bank.update(status(1, alive=0), 0.9)
+    assert bank.batteries[1].alive_changed_at == 0.9
+
+
+@pytest.mark.parametrize(("missing", "reason"), [
+    ("info", "no_info"), ("temps", "no_temps"), ("cells", "no_cells"),
+])
+def test_incomplete_battery_is_not_fresh(missing, reason):
+    bank = Bank(0.0)
+    if missing != "info":
+        bank.update(BatteryInfo(1, 2, 100, (1, 0, 0), 1, 1), 0.0)
+    if missing != "temps":
+        bank.update(BatteryTemps(1, 20.0, 21.0), 0.0)
+    if missing != "cells":
+        bank.update(CellVoltages(1, 1, (3.3,) * 4), 0.0)
+        bank.update(CellVoltages(1, 5, (3.3,) * 4), 0.0)
+    bank.update(status(1), 0.0)
+    assert bank.evaluate(0.1).batteries[0].stale_reason == reason
+
+
+def test_a_25v_battery_without_its_second_cell_group_is_not_fresh():
+    bank = Bank(0.0)
+    bank.update(BatteryInfo(1, 2, 100, (1, 0, 0), 1, 1), 0.0)
+    bank.update(BatteryTemps(1, 20.0, 21.0), 0.0)
+    bank.update(CellVoltages(1, 1, (3.3,) * 4), 0.0)
+    bank.update(status(1), 0.0)
+    assert bank.evaluate(0.1).batteries[0].stale_reason == "no_cells"
+
+
+def test_cell_and_temperature_frames_time_out_too():
+    bank = Bank(0.0, comm_timeout=2.0)
+    feed_battery(bank, 1, 0.0)
+    bank.update(status(1, alive=1), 1.9)
+    bank.update(BatteryTemps(1, 20.0, 21.0), 1.9)
+    assert bank.evaluate(2.0).batteries[0].stale_reason == "cells_timeout"
+    bank.update(CellVoltages(1, 1, (3.3,) * 4), 2.0)
+    bank.update(status(1, alive=2), 3.8)
+    assert bank.evaluate(3.9).batteries[0].stale_reason == "temps_timeout"
+
+
+def test_comm_timeout_range_is_enforced():
+    with pytest.raises(ValueError, match="comm_timeout"):
+        Bank(0.0, comm_timeout=0.5)
+    with pytest.raises(ValueError, match="comm_timeout"):
+        Bank(0.0, comm_timeout=61)
+
+
+# -- topology (BANK-1) and aggregates (BANK-5) --------------------------------------------------------------
+
+def test_topology_2s2p_and_aggregates():
+    bank = Bank(0.0)
+    # string 1: 13.0 + 13.2 V at 10.0/10.2 A; string 2: 13.1 + 13.3 V at 20.0 A
+    feed_battery(bank, 1, 0.0, string=1, series=1, voltage=13.0, current=10.0)
+    feed_battery(bank, 2, 0.0, string=1, series=2, voltage=13.2, current=10.2)
+    feed_battery(bank, 3, 0.0, string=2, series=1, voltage=13.1, current=20.0,
+                 cells=[3.30, 3.28, 3.31, 3.45], temps=(12.0, 30.0))
+    feed_battery(bank, 4, 0.0, string=2, series=2, voltage=13.3, current=20.0, cells=[3.30, 3.25, 3.3, 3.3])
+    view = bank.evaluate(0.5)
+    t = view.topology
+    assert (t.batteries, t.cells, t.series, t.parallel, t.nominal_units, t.capacity_ah) == (4, 16, 2, 2, 1, 100)
+    assert t.nominal_voltage == 25.6 and t.bank_capacity_ah == 200
+    a = view.aggregates
+    assert a.voltage == pytest.approx((26.2 + 26.4) / 2)  # mean over strings of series sums
+    assert a.current == pytest.approx(10.1 + 20.0)  # sum over strings of the string mean
+    assert a.power == pytest.approx(round(a.voltage * a.current, 1))
+    assert (a.min_cell.node, a.min_cell.cell, a.min_cell.voltage) == (4, 2, 3.25)
+    assert (a.max_cell.node, a.max_cell.cell, a.max_cell.voltage) == (3, 4, 3.45)
+    assert (a.min_cell_temperature, a.max_cell_temperature) == (12.0, 30.0)
+    assert a.complete and view.issues == () and view.stale_nodes == ()
+    assert view.batteries[2].cell_spread == pytest.approx(0.17)
+
+
+def test_stale_battery_leaves_aggregates_incomplete_and_drops_its_string_from_voltage():
+    bank = bank_of([(1, 1), (1, 2), (2, 1), (2, 2)])
+    for node in (1, 2, 3):
+        feed_battery(bank, node, 4.0, string=1 if node < 3 else 2, series=node if node < 3 else 1, alive=1)
+    view = bank.evaluate(5.0)  # battery 4 last heard at 0.0
+    assert view.stale_nodes == (4,)
+    assert not view.aggregates.complete
+    assert view.aggregates.voltage == pytest.approx(26.4)  # string 2 is incomplete
+
+
+def test_flags_are_collected_from_fresh_batteries_only():
+    bank = bank_of([(1, 1), (2, 1)])
+    bank.update(status(1, alive=1, cell_high_voltage=True, balancing=True), 0.1)
+    view = bank.evaluate(0.2)
+    assert view.flags["cell_high_voltage"] == (1,) and view.flags["balancing"] == (1,)
+    assert view.flags["cell_low_voltage"] == ()
+
+
+# -- validation (BANK-3) --------------------------------------------------------------------------
+
+def codes(view) -> list[str]:
+    return [i.code for i in view.issues]
+
+
+def test_valid_shapes_have_no_issues():
+    for shape in ([(1, 1)], [(1, 1), (1, 2), (1, 3), (1, 4)], [(s, 1) for s in range(1, 51)]):
+        assert bank_of(shape).evaluate(0.5).issues == ()
+
+
+def test_mixed_nominal_voltage_and_capacity():
+    bank = Bank(0.0)
+    feed_battery(bank, 1, 0.0, string=1, units=1, capacity=100)
+    feed_battery(bank, 2, 0.0, string=2, units=2, capacity=200)
+    view = bank.evaluate(0.5)
+    assert codes(view) == ["mixed_nominal_voltage", "mixed_capacity"]
+    assert "12.8 V x1, 25.6 V x1" in view.issues[0].reason
+    assert view.topology.nominal_units is None and view.topology.capacity_ah is None
+
+
+def test_duplicate_position_unequal_strings_and_gaps():
+    view = bank_of([(1, 1), (1, 1)]).evaluate(0.5)
+    assert "duplicate_position" in codes(view)
+    assert "string 1 position 1 is claimed by batteries 1, 2" in view.issues[0].reason
+    assert "unequal_strings" in codes(bank_of([(1, 1), (1, 2), (2, 1)]).evaluate(0.5))
+    gap = bank_of([(1, 1), (1, 3)]).evaluate(0.5)
+    assert codes(gap) == ["position_gap"] and "position 2" in gap.issues[0].reason
+    strings = bank_of([(1, 1), (3, 1)]).evaluate(0.5)
+    assert codes(strings) == ["string_gap"] and "string 2" in strings.issues[0].reason
+
+
+def test_limits():
+    too_many_48 = Bank(0.0)
+    for n in range(1, 27):
+        feed_battery(too_many_48, n, 0.0, string=n, units=4)
+    view = too_many_48.evaluate(0.5)
+    assert codes(view) == ["too_many_batteries"] and "at most 25 of 51.2 V" in view.issues[0].reason
+    fine_48 = Bank(0.0)
+    for n in range(1, 26):
+        feed_battery(fine_48, n, 0.0, string=n, units=4)
+    assert fine_48.evaluate(0.5).issues == ()
+    series_24 = Bank(0.0)
+    for n in range(1, 4):
+        feed_battery(series_24, n, 0.0, series=n, units=2)
+    assert codes(series_24.evaluate(0.5)) == ["too_many_in_series"]
+    two_24 = Bank(0.0)
+    for n in (1, 2):
+        feed_battery(two_24, n, 0.0, series=n, units=2)
+    assert two_24.evaluate(0.5).issues == ()
+
+
+# -- discovery and learning (BANK-2, BANK-4) --------------------------------------------------------------
+
+def test_waiting_then_discovery_then_learned():
+    bank = Bank(0.0, discovery_window=10.0)
+    view = bank.evaluate(3.0)
+    assert view.phase == "waiting" and view.waiting_for_batteries and view.issues == ()
+    feed_battery(bank, 1, 5.0)
+    assert bank.evaluate(14.9).phase == "discovering"
+    feed_battery(bank, 2, 14.0, series=2)
+    view = bank.evaluate(15.0)
+    assert view.phase == "learned" and not view.waiting_for_batteries
+    assert bank.learned_revision == 1
+    assert [b.node for b in bank.learned.batteries] == [1, 2]
+    assert bank.learned.batteries[1] == BatteryIdentity(2, "HQ000000000002", 1, 100, 1, 2)
+
+
+def test_no_battery_within_the_grace_is_an_issue():
+    bank = Bank(0.0, waiting_grace=60.0)
+    assert bank.evaluate(59.9).issues == ()
+    view = bank.evaluate(60.0)
+    assert codes(view) == ["no_batteries"] and not view.waiting_for_batteries
+
+
+def test_learning_waits_for_identity_until_grace():
+    bank = Bank(0.0, discovery_window=10.0, waiting_grace=60.0)
+    feed_battery(bank, 1, 0.0)
+    bank.update(status(2), 1.0)  # battery 2 never sends BAT_INFO / serial
+    view = bank.evaluate(30.0)
+    assert view.phase == "learning" and bank.learned is None and view.issues == ()
+    view = bank.evaluate(60.0)
+    assert codes(view) == ["identity_incomplete"] and view.issues[0].nodes == (2,)
+
+
+def test_learned_bank_round_trips_and_detects_changes():
+    bank = bank_of([(1, 1), (1, 2)])
+    bank.evaluate(20.0)
+    stored = LearnedBank.from_dict(bank.learned.to_dict())
+    assert stored == bank.learned
+
+    restart = Bank(100.0, learned=stored)
+    feed_battery(restart, 1, 100.0)  # battery 2 is not heard yet: still discovery, no alarm
+    assert restart.evaluate(105.0).issues == ()
+    view = restart.evaluate(110.0)
+    assert codes(view) == ["learned_missing"] and "battery 2 (HQ000000000002" in view.issues[0].reason
+
+    swapped = Bank(0.0, learned=stored)
+    feed_battery(swapped, 1, 0.0)
+    feed_battery(swapped, 2, 0.0, series=2, serial="HQ999999999999")
+    feed_battery(swapped, 3, 0.0, string=2)
+    view = swapped.evaluate(10.0)
+    assert codes(view) == ["unequal_strings", "learned_mismatch", "unknown_battery"]
+    assert "now battery 2 (HQ999999999999" in view.issues[1].reason
+    assert "battery 3 is not part of the learned bank" in view.issues[2].reason
+
+    swapped.relearn(10.0)  # BANK-4: accept the bank as it is now
+    view = swapped.evaluate(10.1)
+    assert codes(view) == ["unequal_strings"]  # still a shape problem, but now the learned bank
+    assert {b.serial for b in swapped.learned.batteries} >= {"HQ999999999999"}
+    assert swapped.learned_revision == 1
+
+
+def test_learned_bank_rejects_unknown_versions():
+    with pytest.raises(ValueError, match="version"):
+        LearnedBank.from_dict({"version": 2, "batteries": []})
+
+
+def test_bms_state_frames_do_not_create_batteries():
+    from smallbms_bus.reports import BmsState
+
+    bank = Bank(0.0)
+    bank.update(BmsState(True, True, False, True, True, False, 50.0, 0, 0, 1, 1), 0.1)
+    assert bank.batteries == {} and bank.first_frame_at is None
+
+
+def test_changed_info_is_revalidated():
+    bank = bank_of([(1, 1), (1, 2)])
+    assert bank.evaluate(0.5).issues == ()
+    bank.update(replace(bank.batteries[2].info, series_index=1), 0.6)
+    assert codes(bank.evaluate(0.7)) == ["duplicate_position"]
