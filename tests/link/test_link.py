@@ -1,0 +1,145 @@
+"""The link (COM-3, COM-4): garbled input is counted, a vanished bus goes down and comes back with back-off."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import can
+import pytest
+
+from smallbms_bus.link.bus import MAX_FRAMES_PER_POLL, Backoff, BusConfig, Link, open_bus, socketcan_is_up
+from smallbms_bus.reports import BatteryStatus
+from smallbms_bus.sim.slcan_hub import SlcanHub
+
+STATUS_07 = bytes.fromhex("D430F6FF0901012A")
+
+
+def slcan(path: str) -> BusConfig:
+    return BusConfig("slcan", path, options={"sleep_after_open": 0})
+
+
+def poll_until(link: Link, predicate, timeout: float = 5.0) -> list:
+    got: list = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got += link.poll(0.05)
+        if predicate(got):
+            return got
+    raise AssertionError(f"condition not met in {timeout} s; got {got}, link {link.reason}")
+
+
+def test_slcan_unplug_and_replug_is_link_down_then_up():
+    events: list[tuple[bool, str]] = []
+    with SlcanHub() as hub:
+        battery = can.Bus(interface="slcan", channel=hub.path("slcan0"), sleep_after_open=0)
+        link = Link(slcan(hub.path("slcan1")), on_state=lambda up, why: events.append((up, why)))
+        try:
+            assert link.open()
+            battery.send(can.Message(arbitration_id=0x107, data=STATUS_07, is_extended_id=False))
+            got = poll_until(link, lambda r: r)
+            assert isinstance(got[0], BatteryStatus) and got[0].node == 7
+
+            hub.unplug("slcan1")
+            poll_until(link, lambda _: not link.up)
+            assert events[-1][0] is False and "receive failed" in events[-1][1]
+            assert not link.send(can.Message(arbitration_id=0xF0, data=bytes(8), is_extended_id=False))
+
+            hub.replug("slcan1")
+            poll_until(link, lambda _: link.up)
+            battery.send(can.Message(arbitration_id=0x107, data=STATUS_07[:7] + b"\x2b", is_extended_id=False))
+            got = poll_until(link, lambda r: r)
+            assert got[0].alive_counter == 0x2B
+            assert [up for up, _ in events] == [True, False, True]
+            assert link.opens == 2 and link.downs == 1
+        finally:
+            battery.shutdown()
+            link.close()
+
+
+def test_garbled_and_truncated_slcan_lines_are_counted_and_the_link_stays_up():
+    master, slave = os.openpty()
+    link = Link(slcan(os.ttyname(slave)))
+    try:
+        assert link.open()
+        os.write(master, b"tZZZ8zz\r" + b"t1\r" + b"t1078D430F6FF0901012A\r" + b"t1073D430F6\r")
+        got = poll_until(link, lambda r: r and link.decoder.malformed["wrong_dlc"] == 1)
+        assert [r.node for r in got] == [7]
+        assert link.garbled == 2 and link.up
+        assert link.counters()["malformed_garbled"] == 2
+    finally:
+        link.close()
+        os.close(master)
+        os.close(slave)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_reopen_back_off_doubles_to_five_seconds_and_resets_on_success():
+    clock = FakeClock()
+    attempts: list[float] = []
+    fail = {"n": 8}
+
+    def factory(config: BusConfig) -> can.BusABC:
+        attempts.append(clock.t)
+        if fail["n"] > 0:
+            fail["n"] -= 1
+            raise can.CanInterfaceNotImplementedError("adapter not plugged in")
+        return can.Bus(interface="virtual", channel="backoff-test")
+
+    link = Link(BusConfig("virtual", "backoff-test"), clock=clock, bus_factory=factory)
+    while not link.up:
+        link.poll(0)
+        clock.t += 0.01
+    gaps = [b - a for a, b in zip(attempts, attempts[1:], strict=False)]
+    assert gaps == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0], abs=0.011)  # one clock step
+    assert "adapter not plugged in" not in link.reason and link.backoff.current == 0
+    link.close()
+
+
+def test_backoff_sequence():
+    b = Backoff(initial=0.1, maximum=1.0)
+    assert [b.next_delay() for _ in range(6)] == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+    b.reset()
+    assert b.next_delay() == 0.1
+
+
+def test_one_poll_is_bounded_under_a_flood():
+    sender = can.Bus(interface="virtual", channel="flood")
+    link = Link(BusConfig("virtual", "flood"))
+    try:
+        link.open()
+        for _ in range(MAX_FRAMES_PER_POLL + 50):
+            sender.send(can.Message(arbitration_id=0x107, data=STATUS_07, is_extended_id=False))
+        assert len(link.poll(0.5)) == MAX_FRAMES_PER_POLL
+        assert len(link.poll(0.5)) == 50
+    finally:
+        sender.shutdown()
+        link.close()
+
+
+def test_socketcan_state_is_read_from_sysfs(tmp_path):
+    (tmp_path / "vcan0").mkdir()
+    (tmp_path / "vcan0" / "flags").write_text("0x40c1\n")  # IFF_UP | IFF_NOARP | IFF_RUNNING
+    (tmp_path / "can1").mkdir()
+    (tmp_path / "can1" / "flags").write_text("0x80\n")  # down
+    assert socketcan_is_up("vcan0", tmp_path)
+    assert not socketcan_is_up("can1", tmp_path)
+    assert not socketcan_is_up("can9", tmp_path)
+
+
+def test_opening_a_missing_socketcan_interface_fails_clearly():
+    with pytest.raises(can.CanError, match="no-such-can0 is missing or down"):
+        open_bus(BusConfig("socketcan", "no-such-can0"))
+
+
+def test_open_failure_keeps_the_reason():
+    link = Link(slcan("/nonexistent/ttyACM9"))
+    assert not link.open()
+    assert not link.up and "open failed" in link.reason and "retry in 0.1 s" in link.reason
