@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 
@@ -97,7 +98,7 @@ def test_reopen_back_off_doubles_to_five_seconds_and_resets_on_success():
     while not link.up:
         link.poll(0)
         clock.t += 0.01
-    gaps = [b - a for a, b in zip(attempts, attempts[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(attempts)]
     assert gaps == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0], abs=0.011)  # one clock step
     assert "adapter not plugged in" not in link.reason and link.backoff.current == 0
     link.close()

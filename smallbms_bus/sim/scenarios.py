@@ -1,0 +1,252 @@
+"""Named scenarios: a starting point and timed actions, as data.
+
+Theory of operation
+-------------------
+A `Scenario` gives the bank's starting SoC and temperatures, the charger and load (sized in
+C-rates of the bank capacity, voltages per 12.8 V unit in series, so one scenario fits every bank
+shape) and a list of actions at simulated seconds. `ScenarioPlayer` applies each action once
+when simulated time reaches it. Fault actions name a battery by node number; a negative number
+counts from the end of the chain (-1 = the last battery), so the same scenario works on 1 or 50
+batteries.
+
+What a BMS should see, and when, is in docs/simulator.md; tests/sim/test_sim_scenarios.py holds
+the simulator to those times.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from smallbms_bus.sim.bank import BankShape, VirtualBank
+from smallbms_bus.sim.devices import DEFAULT_ABSORPTION_PER_UNIT, Devices, SolarProfile
+
+Fault = Literal["silent", "alive_frozen", "hardware_fault", "firmware_updating"]
+FAULTS: tuple[Fault, ...] = ("silent", "alive_frozen", "hardware_fault", "firmware_updating")
+
+
+def resolve_node(bank: VirtualBank, node: int) -> int:
+    """1-based node number; negative counts from the end of the chain (-1 = last)."""
+    count = len(bank.batteries)
+    resolved = node if node > 0 else count + node + 1
+    if not 1 <= resolved <= count:
+        raise ValueError(f"node {node} does not exist in a bank of {count} batteries")
+    return resolved
+
+
+@dataclass(frozen=True)
+class SetFault:
+    at: float  # simulated seconds
+    fault: Fault
+    on: bool = True
+    node: int = -1
+
+    def apply(self, bank: VirtualBank, devices: Devices) -> None:
+        if self.fault not in FAULTS:
+            raise ValueError(f"unknown fault {self.fault!r}")
+        setattr(bank.battery(resolve_node(bank, self.node)), self.fault, self.on)
+
+
+@dataclass(frozen=True)
+class SetLoad:
+    at: float
+    c_rate: float  # of the bank capacity
+
+    def apply(self, bank: VirtualBank, devices: Devices) -> None:
+        devices.load.current_a = self.c_rate * bank.shape.capacity_total_ah
+
+
+@dataclass(frozen=True)
+class SetCharger:
+    at: float
+    c_rate: float | None = None  # None = unchanged
+    absorption_per_unit: float | None = None
+    enabled: bool | None = None
+
+    def apply(self, bank: VirtualBank, devices: Devices) -> None:
+        charger = devices.charger
+        if self.c_rate is not None:
+            charger.max_current = self.c_rate * bank.shape.capacity_total_ah
+        if self.absorption_per_unit is not None:
+            charger.absorption_voltage = self.absorption_per_unit * bank.shape.units_in_series
+        if self.enabled is not None:
+            charger.enabled = self.enabled
+
+
+@dataclass(frozen=True)
+class SetAmbient:
+    at: float
+    celsius: float
+
+    def apply(self, bank: VirtualBank, devices: Devices) -> None:
+        bank.set_ambient(self.celsius)
+
+
+Action = SetFault | SetLoad | SetCharger | SetAmbient
+
+
+@dataclass(frozen=True)
+class Expectation:
+    """What a BMS watching the bus sees, and the window of simulated time in which it first sees it."""
+
+    after: float  # simulated seconds: not before
+    by: float  # simulated seconds: at the latest
+    what: str
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    summary: str
+    soc: float = 60.0  # %
+    ambient: float = 25.0  # degC
+    temperature: float | None = None  # degC of the batteries at start; None = ambient
+    load_c: float = 0.05
+    charge_c: float = 0.06
+    absorption_per_unit: float = DEFAULT_ABSORPTION_PER_UNIT
+    solar: bool = False
+    actions: tuple[Action, ...] = ()
+    expect: tuple[Expectation, ...] = ()
+
+    def build(
+        self,
+        shape: BankShape | str,
+        soc: float | None = None,
+        ambient: float | None = None,
+        seed: int = 0,
+        ignore_bms: bool = False,
+    ) -> tuple[VirtualBank, Devices]:
+        """The bank and devices at the start of this scenario (`soc`/`ambient` override its own)."""
+        ambient = self.ambient if ambient is None else ambient
+        bank = VirtualBank(shape, soc=self.soc if soc is None else soc, ambient=ambient,
+                           temperature=self.temperature, seed=seed)
+        devices = Devices.for_bank(
+            bank.shape.units_in_series, bank.shape.capacity_total_ah, charge_c=self.charge_c,
+            load_c=self.load_c, absorption_per_unit=self.absorption_per_unit,
+            solar=SolarProfile() if self.solar else None, ignore_bms=ignore_bms,
+        )
+        return bank, devices
+
+
+class ScenarioPlayer:
+    """Applies a scenario's actions once each, in time order."""
+
+    def __init__(self, scenario: Scenario) -> None:
+        self.scenario = scenario
+        self._pending = sorted(scenario.actions, key=lambda a: a.at)
+        self.applied: list[Action] = []
+
+    def next_at(self) -> float | None:
+        return self._pending[0].at if self._pending else None
+
+    def apply_due(self, sim_time: float, bank: VirtualBank, devices: Devices) -> list[Action]:
+        due = []
+        while self._pending and self._pending[0].at <= sim_time:
+            action = self._pending.pop(0)
+            action.apply(bank, devices)
+            due.append(action)
+        self.applied.extend(due)
+        return due
+
+
+# The fault scenarios share a healthy background (60 % SoC, 25 degC, small load and charge) so
+# that the injected fault is the only thing a BMS has to notice. Faults hit the last battery (node N).
+FAULT_AT = 60.0
+FAULT_CLEARED_AT = 180.0
+FIRMWARE_UPDATE_S = 150.0
+# Frames from a battery are due at most one slow period (1 s) after a change: the window a BMS gets.
+FRAME_LAG_S = 1.0
+
+SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
+    Scenario(
+        "steady",
+        "healthy bank at 60 % and 25 degC, 0.05C load and a 0.06C charger: nothing to report",
+        expect=(Expectation(0.0, 3600.0,
+                            "for the whole hour: no battery flag, every cell 3.25-3.40 V, SoC rising ~1 %/h"),),
+    ),
+    Scenario(
+        "discharge",
+        "13 % SoC, 0.5C load, no charger: cells fall to the pre-alarm, then to the low-voltage level",
+        soc=13.0, load_c=0.5, charge_c=0.0,
+        expect=(
+            Expectation(240.0, 330.0, "CellLowPreAlarm and a cell <= 3.10 V (PRE-1), at about 285 s"),
+            Expectation(720.0, 900.0, "CellLowVoltage and a cell <= 2.80 V (ATD-1), at about 790 s"),
+        ),
+    ),
+    Scenario(
+        "overcharge",
+        "97 % SoC, 0.3C charger set to a wrong absorption of 15.2 V per 12.8 V unit: a cell passes 3.75 V",
+        soc=97.0, load_c=0.0, charge_c=0.3, absorption_per_unit=15.2,
+        expect=(Expectation(330.0, 450.0, "CellHighVoltage and a cell >= 3.75 V (ATC-1), at about 390 s"),),
+    ),
+    Scenario(
+        "cold-charge",
+        "batteries at 7 degC in 0 degC air, charging at 0.3C from 30 %: they cool below 5 degC",
+        soc=30.0, ambient=0.0, temperature=7.0, load_c=0.0, charge_c=0.3,
+        expect=(Expectation(450.0, 900.0,
+                            "lowest cell temperature < 5.0 degC (ATC-2), at about 550-750 s (seed)"),),
+    ),
+    Scenario(
+        "solar-day",
+        "a day of solar charging (0.2C peak, sun 06:00-20:00, starting at 06:00) into a 0.03C load from 40 %",
+        soc=40.0, load_c=0.03, charge_c=0.2, solar=True,
+        expect=(
+            Expectation(21600.0, 25200.0, "Balancing as the bank nears full, at about 22950 s (12:22)"),
+            Expectation(21600.0, 25200.0, "charged: bank >= 14.0 V per unit and current < 4 % of capacity"
+                                          " (MON-2 synchronisation), at about 23450 s (12:30)"),
+            Expectation(0.0, 86400.0, "no CellHighVoltage all day; no charge current from 20:00 (50400 s)"),
+        ),
+    ),
+    Scenario(
+        "comms-loss",
+        f"the last battery of the chain stops sending at {FAULT_AT:.0f} s and comes back at"
+        f" {FAULT_CLEARED_AT:.0f} s",
+        actions=(SetFault(FAULT_AT, "silent"), SetFault(FAULT_CLEARED_AT, "silent", on=False)),
+        expect=(
+            Expectation(FAULT_AT, FAULT_AT, "last frame of node N"),
+            Expectation(FAULT_AT + 5.0, FAULT_AT + 5.0, "node N stale (COM-1, comm_timeout 5 s): BATTERY_COMMS_LOST"),
+            Expectation(FAULT_CLEARED_AT, FAULT_CLEARED_AT + FRAME_LAG_S,
+                        "node N sends again (all its frames); the BMS recovers 2 s later (COM-2)"),
+        ),
+    ),
+    Scenario(
+        "alive-freeze",
+        f"the last battery's AliveCounter stops advancing at {FAULT_AT:.0f} s (frames keep coming),"
+        f" until {FAULT_CLEARED_AT:.0f} s",
+        actions=(SetFault(FAULT_AT, "alive_frozen"), SetFault(FAULT_CLEARED_AT, "alive_frozen", on=False)),
+        expect=(
+            Expectation(FAULT_AT, FAULT_AT + FRAME_LAG_S, "AliveCounter of node N constant, its frames still arrive"),
+            Expectation(FAULT_AT + 5.0, FAULT_AT + 5.0 + FRAME_LAG_S, "node N stale (COM-1): BATTERY_COMMS_LOST"),
+            Expectation(FAULT_CLEARED_AT, FAULT_CLEARED_AT + FRAME_LAG_S,
+                        "AliveCounter advances again; the BMS recovers 2 s later"),
+        ),
+    ),
+    Scenario(
+        "firmware-update",
+        f"the last battery reports FirmwareUpdating from {FAULT_AT:.0f} s for {FIRMWARE_UPDATE_S:.0f} s",
+        actions=(SetFault(FAULT_AT, "firmware_updating"),
+                 SetFault(FAULT_AT + FIRMWARE_UPDATE_S, "firmware_updating", on=False)),
+        expect=(
+            Expectation(FAULT_AT, FAULT_AT + FRAME_LAG_S, "FirmwareUpdating on node N: ATC false (ATC-4, FW-1)"),
+            Expectation(FAULT_AT + 120.0, FAULT_AT + 120.0 + FRAME_LAG_S,
+                        "update not done within 120 s: FIRMWARE_UPDATE_FAILED, ATD false too (FW-2)"),
+            Expectation(FAULT_AT + FIRMWARE_UPDATE_S, FAULT_AT + FIRMWARE_UPDATE_S + FRAME_LAG_S,
+                        "FirmwareUpdating cleared: update complete, ATC and ATD back"),
+        ),
+    ),
+    Scenario(
+        "hardware-fault",
+        f"the last battery reports HardwareFault from {FAULT_AT:.0f} s on (it does not heal)",
+        actions=(SetFault(FAULT_AT, "hardware_fault"),),
+        expect=(Expectation(FAULT_AT, FAULT_AT + FRAME_LAG_S,
+                            "HardwareFault on node N: BATTERY_FAULT, ATC and ATD false (ATC-5, ATD-3)"),),
+    ),
+)}
+DEFAULT_SCENARIO = "steady"
+
+
+def get_scenario(name: str) -> Scenario:
+    try:
+        return SCENARIOS[name]
+    except KeyError:
+        raise ValueError(f"unknown scenario {name!r}; known: {', '.join(SCENARIOS)}") from None
