@@ -10,8 +10,9 @@ Freshness (COM-1). A battery is *fresh* while
   - its BAT_STATUS arrived less than `comm_timeout` ago and its AliveCounter advanced less than
     `comm_timeout` ago, and
   - (project decision, defence in depth) it is *complete*: it has sent BAT_INFO, BAT_TEMPS and every
-    BAT_CELLS group its nominal voltage implies, each less than `comm_timeout` ago. A battery whose
-    cell or temperature frames stop cannot be protected, so it is treated like a silent one.
+    BAT_CELLS group its nominal voltage implies, and none of those is more than `comm_timeout` past
+    its due time (its period). A battery whose cell or temperature frames stop cannot be protected,
+    so it is treated like a silent one.
 `BatteryView.stale_reason` names the first failing condition.
 
 Topology (BANK-1) comes from BAT_INFO only: StringIndex, SeriesIndex, nominal voltage, capacity.
@@ -59,6 +60,12 @@ MAX_SERIES_UNITS = 4
 UNIT_VOLTAGE = 12.8
 CELLS_PER_UNIT = 4
 CELLS_PER_FRAME = 4
+
+# Periods of the slower frames (PROTOCOL.md; tests/test_bank.py checks them against the DBC). Cell and
+# temperature frames are stale `comm_timeout` after they were *due*, so a 1 s frame with ordinary
+# jitter does not trip the minimum 1 s timeout.
+CELLS_PERIOD = 0.5
+TEMPS_PERIOD = 1.0
 
 DEFAULT_COMM_TIMEOUT = 5.0
 COMM_TIMEOUT_RANGE = (1.0, 60.0)
@@ -155,13 +162,13 @@ class BatteryState:
             return "no_info"
         if self.temps is None:
             return "no_temps"
-        if now - self.temps_at >= timeout:
+        if now - self.temps_at >= timeout + TEMPS_PERIOD:
             return "temps_timeout"
         for group in range(self.info.nominal_units):
             at = self.cells_at[group]
             if at < 0:
                 return "no_cells"
-            if now - at >= timeout:
+            if now - at >= timeout + CELLS_PERIOD:
                 return "cells_timeout"
         return None
 

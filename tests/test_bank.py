@@ -99,15 +99,25 @@ def test_a_25v_battery_without_its_second_cell_group_is_not_fresh():
     assert bank.evaluate(0.1).batteries[0].stale_reason == "no_cells"
 
 
-def test_cell_and_temperature_frames_time_out_too():
+def test_cell_and_temperature_frames_time_out_after_their_period_plus_comm_timeout():
     bank = Bank(0.0, comm_timeout=2.0)
     feed_battery(bank, 1, 0.0)
-    bank.update(status(1, alive=1), 1.9)
-    bank.update(BatteryTemps(1, 20.0, 21.0), 1.9)
-    assert bank.evaluate(2.0).batteries[0].stale_reason == "cells_timeout"
-    bank.update(CellVoltages(1, 1, (3.3,) * 4), 2.0)
-    bank.update(status(1, alive=2), 3.8)
-    assert bank.evaluate(3.9).batteries[0].stale_reason == "temps_timeout"
+    bank.update(status(1, alive=1), 2.4)
+    bank.update(BatteryTemps(1, 20.0, 21.0), 2.4)
+    assert bank.evaluate(2.49).batteries[0].fresh  # cells due at 0.5 s, allowed until 2.5 s
+    assert bank.evaluate(2.5).batteries[0].stale_reason == "cells_timeout"
+    bank.update(CellVoltages(1, 1, (3.3,) * 4), 2.5)
+    bank.update(CellVoltages(1, 1, (3.3,) * 4), 4.3)
+    bank.update(status(1, alive=2), 4.3)
+    assert bank.evaluate(5.39).batteries[0].fresh  # temps due at 3.4 s, allowed until 5.4 s
+    assert bank.evaluate(5.4).batteries[0].stale_reason == "temps_timeout"
+
+
+def test_frame_periods_match_the_dbc(dbc):
+    from smallbms_bus.bank import CELLS_PERIOD, TEMPS_PERIOD
+
+    assert dbc.get_message_by_name("BAT_CELLS_1_4_01").cycle_time / 1000 == CELLS_PERIOD
+    assert dbc.get_message_by_name("BAT_TEMPS_01").cycle_time / 1000 == TEMPS_PERIOD
 
 
 def test_comm_timeout_range_is_enforced():

@@ -126,12 +126,12 @@ class Link:
         self._next_interface_check = 0.0
 
     # -- state -----------------------------------------------------------------------------
-    def _set_state(self, up: bool, reason: str) -> None:
+    def _set_state(self, up: bool, reason: str, *, deliberate: bool = False) -> None:
         changed = up != self.up
         self.up, self.reason = up, reason
         if changed:
-            (log.info if up else log.warning)("bus %s %s: %s", self.config.describe(),
-                                              "up" if up else "down", reason)
+            (log.info if up or deliberate else log.warning)("bus %s %s: %s", self.config.describe(),
+                                                            "up" if up else "down", reason)
             if self.on_state is not None:
                 self.on_state(up, reason)
 
@@ -170,7 +170,7 @@ class Link:
                 bus.shutdown()
             except Exception:
                 log.debug("bus shutdown raised", exc_info=True)
-        self._set_state(False, "closed")
+        self._set_state(False, "closed", deliberate=True)
 
     # -- traffic -----------------------------------------------------------------------------
     def _recv(self, timeout: float) -> can.Message | None:

@@ -1,0 +1,39 @@
+"""Human-readable instant readout of the bank (the status and battery pages of the manual)."""
+
+from __future__ import annotations
+
+from smallbms_bus.bank import BankView
+
+
+def _v(value: float | None, fmt: str, unit: str) -> str:
+    return "--" if value is None else f"{value:{fmt}} {unit}"
+
+
+def format_bank(view: BankView, link_line: str) -> str:
+    t, a = view.topology, view.aggregates
+    lines = [link_line]
+    shape = (f"{t.series}S{t.parallel}P {t.nominal_voltage} V {t.bank_capacity_ah} Ah"
+             if t.nominal_voltage is not None and t.bank_capacity_ah is not None else "shape unknown")
+    state = "waiting for batteries" if view.waiting_for_batteries else view.phase
+    lines.append(f"bank     {_v(a.voltage, '.2f', 'V')}  {_v(a.current, '+.1f', 'A')}  {_v(a.power, '+.0f', 'W')}"
+                 f"   {shape}, {t.batteries} batteries, {t.cells} cells   [{state}]")
+    if a.min_cell is not None and a.max_cell is not None:
+        lines.append(f"cells    min {a.min_cell.voltage:.3f} V (battery {a.min_cell.node} cell {a.min_cell.cell})"
+                     f"  max {a.max_cell.voltage:.3f} V (battery {a.max_cell.node} cell {a.max_cell.cell})"
+                     f"  temperature {_v(a.min_cell_temperature, '.1f', '°C')} .. "
+                     f"{_v(a.max_cell_temperature, '.1f', '°C')}")
+    flags = ", ".join(f"{name} ({', '.join(map(str, nodes))})" for name, nodes in view.flags.items() if nodes)
+    lines.append(f"flags    {flags or 'none'}")
+    lines.append("battery  serial            voltage   current    temp   cells min/max      age  state")
+    for b in view.batteries:
+        s = b.status
+        present = [c for c in b.cells if c is not None]
+        cells = f"{min(present):.3f}/{max(present):.3f}" if present else "--"
+        age = "--" if b.status_age is None else f"{b.status_age:.1f}s"
+        lines.append(
+            f"{b.node:>7}  {b.serial or '?':<16} {_v(s and s.voltage, '7.3f', 'V'):>9} "
+            f"{_v(s and s.current, '+7.1f', 'A'):>9} {_v(s and s.temperature, '5.1f', '°C'):>8}  "
+            f"{cells:<15} {age:>6}  {'fresh' if b.fresh else 'STALE: ' + str(b.stale_reason)}")
+    for issue in view.issues:
+        lines.append(f"issue    {issue.code}: {issue.reason}")
+    return "\n".join(lines)
