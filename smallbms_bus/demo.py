@@ -21,6 +21,7 @@ import can
 from smallbms_bus.bank import Bank
 from smallbms_bus.link.bus import BusConfig, Link
 from smallbms_bus.readout import format_bank
+from smallbms_bus.signals import stop_on_signals
 from smallbms_bus.sim.bank import DEFAULT_BANK, BankShape
 from smallbms_bus.sim.runner import Simulator
 from smallbms_bus.sim.scenarios import DEFAULT_SCENARIO, SCENARIOS
@@ -60,27 +61,27 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, stop: threading.Even
     print(f"smallbms-bus demo: {shape.describe()}, scenario {args.scenario}, bus virtual:{channel}\n"
           "  (BMS logic, outputs, Modbus and metrics are not part of this build yet: the virtual charger\n"
           "   and load run without BMS_STATE. Ctrl-C stops.)", file=out, flush=True)
-    sim_thread.start()
-    started = time.monotonic()
-    next_readout = started + args.every
-    try:
-        while not stop.is_set():
-            now = time.monotonic()
-            if args.duration is not None and now - started >= args.duration:
-                break
-            for report in link.poll(POLL_S):
-                bank.update(report, time.monotonic())
-            if now >= next_readout:
-                next_readout = now + args.every
-                print(_readout(bank, link, now - started), file=out, flush=True)
-        print(_readout(bank, link, time.monotonic() - started), file=out, flush=True)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        stop.set()
-        sim_thread.join(timeout=2)
-        link.close()
-        sim_bus.shutdown()
+    # Handlers first: Ctrl-C or SIGTERM at any moment from here on is a clean stop.
+    with stop_on_signals(stop):
+        sim_thread.start()
+        started = time.monotonic()
+        next_readout = started + args.every
+        try:
+            while not stop.is_set():
+                now = time.monotonic()
+                if args.duration is not None and now - started >= args.duration:
+                    break
+                for report in link.poll(POLL_S):
+                    bank.update(report, time.monotonic())
+                if now >= next_readout:
+                    next_readout = now + args.every
+                    print(_readout(bank, link, now - started), file=out, flush=True)
+            print(_readout(bank, link, time.monotonic() - started), file=out, flush=True)
+        finally:
+            stop.set()
+            sim_thread.join(timeout=2)
+            link.close()
+            sim_bus.shutdown()
     print("demo: stopped", file=out, flush=True)
     return 0
 

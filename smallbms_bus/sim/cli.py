@@ -11,18 +11,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from types import FrameType
+from collections.abc import Callable
 from typing import Any
 
 import can
 import can.interfaces
 
 from smallbms_bus.link.bus import BusConfig, open_bus
+from smallbms_bus.signals import stop_on_signals
 from smallbms_bus.sim.bank import DEFAULT_BANK, BankShape, preset_list
 from smallbms_bus.sim.runner import Simulator
 from smallbms_bus.sim.scenarios import DEFAULT_SCENARIO, SCENARIOS
@@ -129,24 +127,6 @@ def bus_config(args: argparse.Namespace) -> BusConfig:
     return BusConfig(args.interface, args.channel, args.bitrate, options)
 
 
-@contextmanager
-def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
-    """SIGINT and SIGTERM set `stop` (only the main thread may install handlers)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
 def run(args: argparse.Namespace, stop_event: threading.Event | None = None) -> int:
     if args.list:
         print_list()
@@ -158,7 +138,7 @@ def run(args: argparse.Namespace, stop_event: threading.Event | None = None) -> 
     )
     stop = stop_event or threading.Event()
     # Handlers first: a signal at any moment from here on is a clean stop, never a traceback.
-    with _stop_on_signals(stop):
+    with stop_on_signals(stop):
         try:
             bus = open_bus(bus_config(args))
         except (can.CanError, OSError, ValueError, ImportError) as error:

@@ -1,0 +1,52 @@
+"""The `smallbms-bus` command as a user runs it (real subprocesses)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import smallbms_bus
+
+CMD = [sys.executable, "-m", "smallbms_bus.cli"]
+
+
+def test_version_and_help():
+    out = subprocess.run([*CMD, "--version"], capture_output=True, text=True, check=True, timeout=60).stdout
+    assert out.strip() == f"smallbms-bus {smallbms_bus.__version__}"
+    helptext = subprocess.run([*CMD, "--help"], capture_output=True, text=True, check=True, timeout=60).stdout
+    assert "demo" in helptext and "simulate" in helptext
+
+
+def test_demo_reads_the_virtual_bank_and_stops_cleanly():
+    result = subprocess.run([*CMD, "demo", "--duration", "3.5", "--every", "1.5"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "2S2P 25.6 V 200 Ah, 4 batteries, 16 cells" in out
+    assert out.count("fresh") >= 4 and "STALE" not in out.split("---")[-1]
+    assert "malformed 0" in out and out.rstrip().endswith("demo: stopped")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_demo_stops_cleanly_on_ctrl_c_and_sigterm(signum):
+    process = subprocess.Popen([*CMD, "demo", "--every", "0.5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    time.sleep(2.0)
+    process.send_signal(signum)
+    out, err = process.communicate(timeout=15)
+    assert process.returncode == 0, err
+    assert "Traceback" not in err and out.rstrip().endswith("demo: stopped")
+
+
+def test_bad_options_exit_2_naming_the_option():
+    result = subprocess.run([*CMD, "demo", "--bank", "9s1p-12v100"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "--bank" in result.stderr and "51.2 V" in result.stderr
+    result = subprocess.run([*CMD, "simulate", "--speed", "-1"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "--speed" in result.stderr
+    result = subprocess.run([*CMD, "simulate", "--interface", "slcan", "--channel", "/nonexistent/tty",
+                             "--duration", "1"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "--channel /nonexistent/tty" in result.stderr
