@@ -1,0 +1,129 @@
+"""Ingest benchmark: frames per second through decode (DBC) + bank update, on one core.
+
+    .venv/bin/python benchmarks/ingest.py [--seconds 60] [--repeats 7] [--json out.json]
+
+The frames are the real traffic mix of a simulated bank (the simulator's scheduler, encoded through
+the DBC): 50 x 12.8 V batteries (750 frames per second of bus time) and 25 x 51.2 V batteries. Each
+figure is the median of `repeats` runs over the same pre-built frames; decode alone, update alone
+and the pipeline are measured in the same process so their ratios are comparable. `bank.evaluate`
+(what the core will call on every decision) is timed separately. The process is pinned to one CPU.
+A benchmark, not a test: nothing here fails on a slow machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import can
+
+from smallbms_bus.bank import Bank
+from smallbms_bus.link.codec import FrameDecoder, FrameEncoder
+from smallbms_bus.reports import Report
+from smallbms_bus.sim.bank import BankShape, VirtualBank
+from smallbms_bus.sim.runner import FrameScheduler
+
+TARGET_FRAMES_PER_S = 50_000
+WORKLOADS = {"50 x 12.8 V (1s50p-12v100)": "1s50p-12v100", "25 x 51.2 V (1s25p-48v100)": "1s25p-48v100"}
+
+
+def traffic(shape_name: str, seconds: float, encoder: FrameEncoder) -> list[tuple[float, can.Message]]:
+    bank = VirtualBank(BankShape.parse(shape_name), soc=60.0)
+    scheduler = FrameScheduler(bank, encoder)
+    frames: list[tuple[float, can.Message]] = []
+    t = 0.0
+    while t < seconds:
+        frames += [(t, m) for m in scheduler.due(t)]
+        t = round(t + 0.01, 2)
+    return frames
+
+
+def timed(fn, repeats: int) -> float:
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def measure(shape_name: str, seconds: float, repeats: int) -> dict:
+    decoder = FrameDecoder()
+    encoder = FrameEncoder(decoder.db)
+    frames = traffic(shape_name, seconds, encoder)
+    messages = [m for _, m in frames]
+    decode = decoder.decode
+    reports: list[tuple[float, Report]] = [(t, r) for t, m in frames if (r := decode(m)) is not None]
+    assert len(reports) == len(frames) and decoder.malformed_total == 0
+
+    def decode_only() -> None:
+        for m in messages:
+            decode(m)
+
+    def update_only() -> None:
+        bank = Bank(0.0)
+        for t, r in reports:
+            bank.update(r, t)
+
+    def pipeline() -> None:
+        bank = Bank(0.0)
+        update = bank.update
+        for t, m in frames:
+            r = decode(m)
+            if r is not None:
+                update(r, t)
+
+    bank = Bank(0.0)
+    for t, r in reports:
+        bank.update(r, t)
+    evaluate_at = frames[-1][0]
+    bank.evaluate(evaluate_at)  # warm the topology cache, as a running service has it
+
+    def evaluate_100() -> None:
+        for _ in range(100):
+            bank.evaluate(evaluate_at)
+
+    n = len(frames)
+    return {
+        "workload": shape_name,
+        "frames": n,
+        "bus_seconds": seconds,
+        "decode_frames_per_s": round(n / timed(decode_only, repeats)),
+        "bank_update_reports_per_s": round(n / timed(update_only, repeats)),
+        "decode_plus_bank_frames_per_s": round(n / timed(pipeline, repeats)),
+        "bank_evaluate_ms": round(timed(evaluate_100, repeats) / 100 * 1000, 3),
+        "batteries": len(bank.batteries),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=60.0, help="seconds of bus traffic per run (default 60)")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args(argv)
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+    results = [measure(shape, args.seconds, args.repeats) | {"name": name} for name, shape in WORKLOADS.items()]
+    print(f"ingest benchmark: python {platform.python_version()}, {platform.machine()}, one core, "
+          f"median of {args.repeats} runs over {args.seconds:g} s of bus traffic")
+    print("| workload | frames | decode frames/s | bank update/s | decode + bank frames/s | vs target | "
+          "bank.evaluate |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        pipeline = r["decode_plus_bank_frames_per_s"]
+        print(f"| {r['name']} | {r['frames']} | {r['decode_frames_per_s']:,} | {r['bank_update_reports_per_s']:,} | "
+              f"{pipeline:,} | {pipeline / TARGET_FRAMES_PER_S:.1f}x | {r['bank_evaluate_ms']} ms |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"python": sys.version, "results": results}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
