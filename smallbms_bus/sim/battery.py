@@ -107,26 +107,25 @@ class FlagThresholds:
 FLAG_THRESHOLDS_MV = FlagThresholds()
 
 
+def _interpolate(xs: tuple[float, ...], ys: tuple[float, ...], x: float) -> float:
+    """Piecewise-linear y(x) over strictly increasing `xs`, clamped to the table's ends."""
+    if x <= xs[0]:
+        return ys[0]
+    if x >= xs[-1]:
+        return ys[-1]
+    i = bisect.bisect_right(xs, x)
+    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
 def ocv(soc: float) -> float:
     """Open-circuit voltage of one cell at `soc` (a fraction; clamped to the table's ends)."""
-    if soc <= _OCV_SOCS[0]:
-        return _OCV_VOLTS[0]
-    if soc >= _OCV_SOCS[-1]:
-        return _OCV_VOLTS[-1]
-    i = bisect.bisect_right(_OCV_SOCS, soc)
-    s0, s1, v0, v1 = _OCV_SOCS[i - 1], _OCV_SOCS[i], _OCV_VOLTS[i - 1], _OCV_VOLTS[i]
-    return v0 + (v1 - v0) * (soc - s0) / (s1 - s0)
+    return _interpolate(_OCV_SOCS, _OCV_VOLTS, soc)
 
 
 def soc_for_ocv(volts: float) -> float:
-    """Inverse of `ocv` (the table is strictly increasing); clamped to the table's ends."""
-    if volts <= _OCV_VOLTS[0]:
-        return _OCV_SOCS[0]
-    if volts >= _OCV_VOLTS[-1]:
-        return _OCV_SOCS[-1]
-    i = bisect.bisect_right(_OCV_VOLTS, volts)
-    s0, s1, v0, v1 = _OCV_SOCS[i - 1], _OCV_SOCS[i], _OCV_VOLTS[i - 1], _OCV_VOLTS[i]
-    return s0 + (s1 - s0) * (volts - v0) / (v1 - v0)
+    """Inverse of `ocv` (the table is strictly increasing in both columns); clamped to the table's ends."""
+    return _interpolate(_OCV_VOLTS, _OCV_SOCS, volts)
 
 
 def cold_factor(temperature: float) -> float:
