@@ -355,7 +355,7 @@ class Bank:
         phase = self.phase(now)
         key = (self._identity_revision, self.learned_revision, past_grace, phase)
         if self._cache_key != key or self._cached is None:
-            self._cached = (self._topology(), tuple(self._validate(phase, past_grace)))
+            self._cached = (self.topology(), tuple(self._validate(phase, past_grace)))
             self._cache_key = key
         topology, issues = self._cached
         fresh = [v for v in views if v.fresh]
@@ -367,7 +367,8 @@ class Bank:
     def _infos(self) -> list[BatteryInfo]:
         return [s.info for s in self.batteries.values() if s.info is not None]
 
-    def _topology(self) -> Topology:
+    def topology(self) -> Topology:
+        """BANK-1 from the BAT_INFO heard so far (no freshness involved)."""
         infos = self._infos()
         units = {i.nominal_units for i in infos}
         caps = {i.nominal_capacity_ah for i in infos}

@@ -1,0 +1,59 @@
+"""Alarm and warning bits (BEHAVIOUR.md table, shared by Modbus, metrics and BMS_STATE) and states.
+
+An alarm means the BMS took an action (an output went off); a warning informs only.
+"""
+
+from __future__ import annotations
+
+from enum import Enum, IntEnum, IntFlag
+
+
+class BmsAlarm(IntFlag):
+    CELL_LOW_VOLTAGE = 1 << 0
+    CELL_HIGH_VOLTAGE = 1 << 1
+    LOW_TEMPERATURE_CHARGE = 1 << 2
+    HIGH_TEMPERATURE_CHARGE = 1 << 3
+    LOW_SOC = 1 << 4
+    BATTERY_COMMS_LOST = 1 << 5
+    BANK_CONFIGURATION = 1 << 6
+    FIRMWARE_UPDATE_FAILED = 1 << 7
+    RELAY_FAULT = 1 << 8
+    BATTERY_FAULT = 1 << 9
+
+
+class BmsWarning(IntFlag):
+    PRE_ALARM = 1 << 0
+    LOW_SOC_WARNING = 1 << 1
+    CELL_IMBALANCE = 1 << 2
+    SOC_UNKNOWN = 1 << 3
+    FIRMWARE_UPDATE_IN_PROGRESS = 1 << 4
+    HIGH_CHARGE_CURRENT = 1 << 5
+    HIGH_DISCHARGE_CURRENT = 1 << 6
+    NOT_FULLY_CHARGED_30_DAYS = 1 << 7
+    DISCHARGE_TEMPERATURE = 1 << 8
+
+
+def names(flags: IntFlag) -> list[str]:
+    """Set members in bit order (IntFlag iteration order is by value)."""
+    return [member.name for member in type(flags) if member in flags and member.name]
+
+
+class AtdState(IntEnum):
+    """Allowed to discharge as the manual's status page shows it (PRE-4)."""
+
+    NO = 0
+    YES = 1
+    PRE_ALARM = 2
+
+
+class Led(Enum):
+    OFF = "off"
+    BLINKING = "blinking"
+    SOLID = "solid"
+
+
+class BalancerStatus(Enum):
+    UNKNOWN = "unknown"
+    BALANCED = "balanced"
+    IMBALANCED = "imbalanced"
+    BALANCING = "balancing"

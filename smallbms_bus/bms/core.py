@@ -1,0 +1,569 @@
+"""The BMS core: every rule of BEHAVIOUR.md in one place. Pure: no clock, socket or file.
+
+Theory of operation
+-------------------
+Inputs are battery reports (`on_report`), commands (`set_mode`, `set_soc`, ...) and evaluations
+(`evaluate(now, wall)`), where `now` is monotonic seconds (every timer runs on it, so a wall-clock
+jump cannot shorten the 30 s pre-alarm lead) and `wall` is epoch seconds (timestamps, last full
+charge, the 30-day rules). `evaluate` returns a `Decision`: ATC, ATD, pre-alarm, the three outputs,
+alarms, warnings, LEDs, balancer status, battery-monitor values, and the events since the last one.
+The core owns the `Bank` (bank.py), so the decisions and the data they rest on come from one place.
+
+Each evaluation walks the rules in this order:
+
+1. Start-up (OUT-4, BANK-2). While the bank is "waiting for batteries" nothing is decided and every
+   output is off; comms and bank alarms are not raised (partial data is normal then). The core is
+   *started* once the bank is learned, consistent, every battery fresh and the link up; until then
+   the outputs stay off, whatever else holds.
+2. Latched conditions with hysteresis, from fresh data (battery flags AND reported cells: defence in
+   depth). See THRESHOLDS below; "set" and "clear" levels are BEHAVIOUR.md's.
+3. Faults: comms (COM-2, with 2 s of good data to recover; COM-4 link down counts), bank (BANK-3),
+   battery hardware fault or an unmeasured cell (ATC-5/ATD-3), firmware update (FW-1, FW-2 120 s).
+4. Battery monitor (MON) and history (HIS): SoC, consumed Ah, time remaining, current limits.
+5. Pre-alarm (PRE-1..3): any of cell pre-alarm, low-SoC warning level, pending undervoltage or comms
+   loss. An undervoltage disconnects the loads only once the pre-alarm output has been high for
+   30 s (PRE-3); `CELL_LOW_VOLTAGE` is raised then, when the action is taken.
+6. ATC, ATD and outputs (OUT-1..3, REM-2): load = mode AND remote AND ATD; charge = mode AND remote
+   AND ATC; pre-alarm independent of both.
+7. Alarms, warnings, LEDs (LED-1, LED-2), balancer (BAL-1); events by difference with the previous
+   decision, each with a reason.
+
+Decisions where BEHAVIOUR.md is silent are marked "project decision" below and in docs/core.md.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+from smallbms_bus.bank import Bank, BankView, LearnedBank
+from smallbms_bus.bms.alarms import AtdState, BalancerStatus, BmsAlarm, BmsWarning, Led
+from smallbms_bus.bms.history import History, balancer_status
+from smallbms_bus.bms.monitor import ZERO_CURRENT_A, BatteryMonitor, CurrentLimits
+from smallbms_bus.bms.settings import DEFAULT_SETTINGS, Settings
+from smallbms_bus.reports import Report
+
+# -- thresholds (BEHAVIOUR.md) -------------------------------------------------------------------
+CELL_HIGH_SET_V = 3.75  # ATC-1: any cell >= -> CELL_HIGH_VOLTAGE
+CELL_HIGH_CLEAR_V = 3.60  # ... clears when every cell <=
+CELL_LOW_SET_V = 2.80  # ATD-1: any cell <= -> undervoltage
+CELL_LOW_CLEAR_V = 3.20  # ... clears when every cell >=
+PRE_ALARM_SET_V = 3.10  # PRE-1: any cell <= -> pre-alarm
+PRE_ALARM_CLEAR_V = 3.20  # ... clears when every cell >=
+CHARGE_TEMP_LOW_SET_C = 5.0  # ATC-2: lowest cell temperature < -> LOW_TEMPERATURE_CHARGE
+CHARGE_TEMP_LOW_CLEAR_C = 6.0  # ... clears at >=
+CHARGE_TEMP_HIGH_SET_C = 50.0  # ATC-3: highest cell temperature > -> HIGH_TEMPERATURE_CHARGE
+CHARGE_TEMP_HIGH_CLEAR_C = 48.0  # ... clears at <=
+DISCHARGE_TEMP_MIN_C = -20.0  # warning DISCHARGE_TEMPERATURE outside -20..50 degC
+DISCHARGE_TEMP_MAX_C = 50.0
+DISCHARGE_TEMP_HYSTERESIS_C = 1.0  # project decision: clears 1 K inside the range
+SOC_CLEAR_MARGIN_PCT = 5.0  # ATD-2 clears at floor + 5 pp; project decision: PRE-2 likewise (capped at 100)
+PRE_ALARM_LEAD_S = 30.0  # PRE-3
+COMMS_RECOVERY_S = 2.0  # COM-2
+FIRMWARE_UPDATE_TIMEOUT_S = 120.0  # FW-2
+MODBUS_CLIENT_RECENT_S = 60.0  # LED-2
+NOT_FULLY_CHARGED_S = 30 * 24 * 3600.0  # warning NOT_FULLY_CHARGED_30_DAYS
+SNAPSHOT_VERSION = 1
+
+LATCHES = ("cell_high", "undervoltage", "cell_pre_alarm", "temp_low", "temp_high", "low_soc", "low_soc_warning",
+           "discharge_temp", "comms_lost")
+
+
+@dataclass(frozen=True, slots=True)
+class Outputs:
+    load_disconnect: bool  # high = loads may run
+    charge_disconnect: bool  # high = chargers may run
+    pre_alarm: bool  # high = alarm
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    wall: float
+    now: float
+    name: str  # "ATC", "ATD", "PRE_ALARM", "MODE", "REMOTE", or an alarm / warning name
+    kind: str  # "state", "alarm" or "warning"
+    value: str  # new value: "on"/"off", "yes"/"no"/"pre-alarm", "raised"/"cleared"
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    now: float
+    wall: float
+    started: bool  # OUT-4: bank known and ATC/ATD computed from fresh data
+    waiting_for_batteries: bool
+    atc: bool
+    atd: bool
+    atd_state: AtdState
+    pre_alarm: bool
+    outputs: Outputs
+    mode_on: bool
+    remote_on: bool
+    firmware_update: bool
+    link_up: bool
+    alarms: BmsAlarm
+    warnings: BmsWarning
+    reasons: dict[str, str]  # alarm/warning/"ATC"/"ATD"/"PRE_ALARM" name -> why, for the active ones
+    error_led: Led
+    status_led: Led
+    balancer: BalancerStatus
+    soc: float | None
+    consumed_ah: float
+    time_remaining_s: float | None
+    average_current: float | None
+    bank: BankView
+    history: History
+    events: tuple[Event, ...]
+
+
+class BmsCore:
+    def __init__(self, now: float, wall: float, *, settings: Settings = DEFAULT_SETTINGS, comm_timeout: float = 5.0,
+                 discovery_window: float = 10.0, waiting_grace: float = 60.0,
+                 charge_efficiency: float | None = None, peukert: float | None = None) -> None:
+        self.settings = settings
+        self.bank = Bank(now, comm_timeout=comm_timeout, discovery_window=discovery_window,
+                         waiting_grace=waiting_grace)
+        monitor_options = {k: v for k, v in (("charge_efficiency", charge_efficiency), ("peukert", peukert))
+                           if v is not None}
+        self.monitor = BatteryMonitor(**monitor_options)
+        self.history = History()
+        self.current_limits = CurrentLimits()
+        self.first_start_wall = wall
+        self.mode_on = True
+        self.remote_on = True  # REM-1: "always on" until the service reports an input
+        self.link_up = True
+        self.link_reason = ""
+        self.relay_fault: str | None = None
+        self.firmware_update_command = False
+        self.firmware_update_since: float | None = None
+        self.pre_alarm_since: float | None = None
+        self.comms_ok_since: float | None = None
+        self.modbus_client_at: float | None = None
+        self.started = False
+        self.latched: dict[str, bool] = dict.fromkeys(LATCHES, False)
+        self.state_revision = 0  # bumps when something the store must keep changes (not counters)
+        self._previous: Decision | None = None
+        self._command_reasons: dict[str, str] = {}
+
+    # -- inputs --------------------------------------------------------------------------------
+    def on_report(self, report: Report, now: float) -> None:
+        self.bank.update(report, now)
+
+    def set_link(self, up: bool, reason: str = "") -> None:
+        """COM-4: the bus going away is a comms loss."""
+        self.link_up, self.link_reason = up, reason
+
+    def set_remote(self, on: bool) -> None:
+        """REM-1: the remote on/off input as read by the outputs layer (already inverted if configured)."""
+        self.remote_on = on
+        self._command_reasons["REMOTE"] = "remote input"
+
+    def set_relay_fault(self, reason: str | None) -> None:
+        """OUT-5: None when the relay board reads back what was commanded."""
+        self.relay_fault = reason
+
+    def modbus_client_seen(self, now: float) -> None:
+        self.modbus_client_at = now
+
+    # -- commands (persisted state changes bump state_revision) -------------------------------------
+    def set_mode(self, on: bool, reason: str = "command") -> None:
+        """REM-3: mode on/off, persisted."""
+        if on != self.mode_on:
+            self.mode_on = on
+            self._command_reasons["MODE"] = reason
+            self.state_revision += 1
+
+    def set_settings(self, **changes: Any) -> Settings:
+        """SET-1: validated as a whole; a SettingError leaves everything unchanged."""
+        self.settings = self.settings.replace_checked(**changes)
+        self.state_revision += 1
+        return self.settings
+
+    def reset_settings(self) -> Settings:
+        """SET-2: the five settings return to their defaults; nothing else changes."""
+        self.settings = DEFAULT_SETTINGS
+        self.state_revision += 1
+        return self.settings
+
+    def set_soc(self, soc: float) -> None:
+        """MON-6: needs a known bank capacity."""
+        capacity = self.bank.topology().bank_capacity_ah
+        if not capacity:
+            raise ValueError("the bank capacity is not known yet: wait until the batteries are learned")
+        self.monitor.set_soc(soc, capacity)
+        self.state_revision += 1
+
+    def synchronise_soc(self) -> None:
+        """MON-6: SoC := 100 %, consumed Ah := 0 (not counted as a synchronisation in history)."""
+        self.monitor.synchronise()
+        self.state_revision += 1
+
+    def reset_history(self) -> None:
+        self.history = History()
+        self.state_revision += 1
+
+    def relearn_bank(self, now: float) -> LearnedBank:
+        """BANK-4."""
+        learned = self.bank.relearn(now)
+        self.state_revision += 1
+        return learned
+
+    def firmware_update(self, action: str) -> None:
+        """FW-1: "start", "complete" or "abort" an update started by command."""
+        if action not in ("start", "complete", "abort"):
+            raise ValueError(f"firmware update action {action!r}: expected start, complete or abort")
+        self.firmware_update_command = action == "start"
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def evaluate(self, now: float, wall: float) -> Decision:
+        view = self.bank.evaluate(now)
+        agg = view.aggregates
+        topo = view.topology
+        s = self.settings
+        latched = self.latched
+        reasons: dict[str, str] = {}
+        waiting = view.waiting_for_batteries
+        fresh = [b for b in view.batteries if b.fresh]
+
+        # 2. latched cell and temperature conditions (fresh data only; no data keeps the latch)
+        flags = view.flags
+        min_cell = agg.min_cell.voltage if agg.min_cell is not None else None
+        max_cell = agg.max_cell.voltage if agg.max_cell is not None else None
+        self._latch("cell_high", flags["cell_high_voltage"], max_cell is not None and max_cell >= CELL_HIGH_SET_V,
+                    max_cell is not None and max_cell <= CELL_HIGH_CLEAR_V)
+        self._latch("undervoltage", flags["cell_low_voltage"], min_cell is not None and min_cell <= CELL_LOW_SET_V,
+                    min_cell is not None and min_cell >= CELL_LOW_CLEAR_V)
+        self._latch("cell_pre_alarm", flags["cell_low_pre_alarm"],
+                    min_cell is not None and min_cell <= PRE_ALARM_SET_V,
+                    min_cell is not None and min_cell >= PRE_ALARM_CLEAR_V)
+        tmin, tmax = agg.min_cell_temperature, agg.max_cell_temperature
+        self._latch("temp_low", (), tmin is not None and tmin < CHARGE_TEMP_LOW_SET_C,
+                    tmin is not None and tmin >= CHARGE_TEMP_LOW_CLEAR_C)
+        self._latch("temp_high", (), tmax is not None and tmax > CHARGE_TEMP_HIGH_SET_C,
+                    tmax is not None and tmax <= CHARGE_TEMP_HIGH_CLEAR_C)
+        outside = ((tmin is not None and tmin < DISCHARGE_TEMP_MIN_C)
+                   or (tmax is not None and tmax > DISCHARGE_TEMP_MAX_C))
+        self._latch("discharge_temp", (), outside,
+                    tmin is not None and tmax is not None
+                    and tmin >= DISCHARGE_TEMP_MIN_C + DISCHARGE_TEMP_HYSTERESIS_C
+                    and tmax <= DISCHARGE_TEMP_MAX_C - DISCHARGE_TEMP_HYSTERESIS_C)
+        if latched["cell_high"]:
+            reasons["CELL_HIGH_VOLTAGE"] = _cell_reason(flags["cell_high_voltage"], "CellHighVoltage", agg.max_cell,
+                                                        f">= {CELL_HIGH_SET_V} V, clears at <= {CELL_HIGH_CLEAR_V} V")
+        if latched["temp_low"]:
+            reasons["LOW_TEMPERATURE_CHARGE"] = (
+                f"lowest cell temperature {_fmt(tmin, '°C')} (charging needs >= {CHARGE_TEMP_LOW_SET_C} °C, "
+                f"resumes at {CHARGE_TEMP_LOW_CLEAR_C} °C)")
+        if latched["temp_high"]:
+            reasons["HIGH_TEMPERATURE_CHARGE"] = (
+                f"highest cell temperature {_fmt(tmax, '°C')} (charging allowed <= {CHARGE_TEMP_HIGH_SET_C} °C, "
+                f"resumes at {CHARGE_TEMP_HIGH_CLEAR_C} °C)")
+        if latched["discharge_temp"]:
+            reasons["DISCHARGE_TEMPERATURE"] = (
+                f"cell temperatures {_fmt(tmin, '°C')} .. {_fmt(tmax, '°C')} outside "
+                f"{DISCHARGE_TEMP_MIN_C:g} .. {DISCHARGE_TEMP_MAX_C:g} °C")
+
+        # 3. faults
+        stale = [b for b in view.batteries if not b.fresh]
+        comms_bad = not waiting and (not self.link_up or bool(stale))
+        if comms_bad:
+            latched["comms_lost"] = True
+            self.comms_ok_since = None
+            reasons["BATTERY_COMMS_LOST"] = (f"bus down: {self.link_reason}" if not self.link_up else
+                                             "; ".join(f"battery {b.node}: {b.stale_reason}" for b in stale))
+        elif latched["comms_lost"]:
+            if self.comms_ok_since is None:
+                self.comms_ok_since = now
+            if now - self.comms_ok_since >= COMMS_RECOVERY_S:
+                latched["comms_lost"] = False
+                self.comms_ok_since = None
+            else:
+                reasons["BATTERY_COMMS_LOST"] = f"recovering: all batteries fresh for {now - self.comms_ok_since:.1f} s"
+        bank_fault = not waiting and bool(view.issues)
+        if bank_fault:
+            reasons["BANK_CONFIGURATION"] = "; ".join(i.reason for i in view.issues)
+        faulty = [f"battery {b.node} reports HardwareFault"
+                  for b in fresh if b.status.hardware_fault]  # type: ignore[union-attr]
+        faulty += [f"battery {b.node} cell {i} not measured" for b in fresh for i, v in enumerate(b.cells, 1)
+                   if v is None]  # project decision: an unmeasured cell cannot be protected
+        if faulty:
+            reasons["BATTERY_FAULT"] = "; ".join(faulty)
+        battery_updating = [b.node for b in view.batteries if b.status is not None and b.status.firmware_updating]
+        updating = self.firmware_update_command or bool(battery_updating)
+        if updating:
+            if self.firmware_update_since is None:
+                self.firmware_update_since = now
+            reasons["FIRMWARE_UPDATE_IN_PROGRESS"] = (
+                ("update started by command" if self.firmware_update_command else "")
+                + ("; " if self.firmware_update_command and battery_updating else "")
+                + (f"battery {', '.join(map(str, battery_updating))} reports FirmwareUpdating"
+                   if battery_updating else ""))
+        else:
+            self.firmware_update_since = None
+        update_failed = updating and now - self.firmware_update_since >= FIRMWARE_UPDATE_TIMEOUT_S  # type: ignore[operator]
+        if update_failed:
+            reasons["FIRMWARE_UPDATE_FAILED"] = f"update not completed within {FIRMWARE_UPDATE_TIMEOUT_S:g} s"
+        if self.relay_fault is not None:
+            reasons["RELAY_FAULT"] = self.relay_fault
+
+        if not self.started and not waiting and view.phase == "learned" and not view.issues and not stale \
+                and self.link_up:
+            self.started = True
+
+        # 4. battery monitor and history
+        capacity = topo.bank_capacity_ah
+        series_units = topo.series * topo.nominal_units if topo.nominal_units and topo.series else None
+        reading = self.monitor.step(now, agg.voltage, agg.current if agg.complete else None, capacity,
+                                    series_units, s)
+        soc = reading.soc
+        if self.started and agg.complete:
+            self.history.record(
+                wall=wall, soc=soc, consumed_ah=reading.consumed_ah, voltage=agg.voltage,
+                charged_ah=reading.charged_ah, discharged_ah=reading.discharged_ah,
+                synchronised=reading.synchronised, serials=[b.serial for b in view.batteries if b.serial],
+                cell_range=(min_cell, max_cell) if min_cell is not None and max_cell is not None else None,
+                temperature_range=(agg.min_battery_temperature, agg.max_battery_temperature)  # type: ignore[arg-type]
+                if agg.min_battery_temperature is not None else None)
+        if reading.synchronised:
+            self.state_revision += 1
+        floor, level = s.discharge_floor_pct, s.low_soc_warning_pct
+        self._latch("low_soc", (), floor > 0 and soc is not None and soc <= floor,
+                    floor == 0 or soc is None or soc >= min(floor + SOC_CLEAR_MARGIN_PCT, 100.0))
+        self._latch("low_soc_warning", (), soc is not None and soc <= level,
+                    soc is None or soc >= min(level + SOC_CLEAR_MARGIN_PCT, 100.0))
+        if latched["low_soc"]:
+            reasons["LOW_SOC"] = f"SoC {_fmt(soc, '%')} at or below the discharge floor {floor:g} %"
+        if latched["low_soc_warning"]:
+            reasons["LOW_SOC_WARNING"] = f"SoC {_fmt(soc, '%')} at or below the warning level {level:g} %"
+        if soc is None:
+            reasons["SOC_UNKNOWN"] = "not synchronised or set since the first start"
+        over_charge, over_discharge = self.current_limits.step(now, [
+            (b.node, b.info.nominal_units, b.info.nominal_capacity_ah, b.status.current)  # type: ignore[union-attr]
+            for b in fresh])
+        if over_charge:
+            reasons["HIGH_CHARGE_CURRENT"] = "above 1C for 60 s or the pulse limit for 10 s: battery " + \
+                ", ".join(map(str, over_charge))
+        if over_discharge:
+            reasons["HIGH_DISCHARGE_CURRENT"] = "above 1C for 60 s or the pulse limit for 10 s: battery " + \
+                ", ".join(map(str, over_discharge))
+        spreads = [(b.node, sp) for b in fresh if (sp := b.cell_spread) is not None]
+        max_spread = max((sp for _, sp in spreads), default=None)
+        imbalanced = [n for n, sp in spreads if sp > 0.10] + list(flags["cell_imbalance"])
+        if imbalanced:
+            reasons["CELL_IMBALANCE"] = "battery " + ", ".join(map(str, sorted(set(imbalanced)))) + \
+                " reports CellImbalance or a cell spread above 0.10 V"
+        since_full = self.history.time_since_full_charge(wall)
+        if (since_full if since_full is not None else wall - self.first_start_wall) > NOT_FULLY_CHARGED_S:
+            reasons["NOT_FULLY_CHARGED_30_DAYS"] = ("no full charge for more than 30 days" if since_full is not None
+                                                    else "no full charge since the first start, over 30 days ago")
+
+        # 5. pre-alarm and the undervoltage lead (PRE-1..3, COM-2)
+        if latched["cell_pre_alarm"]:
+            reasons["PRE_ALARM"] = _cell_reason(flags["cell_low_pre_alarm"], "CellLowPreAlarm", agg.min_cell,
+                                                f"<= {PRE_ALARM_SET_V} V, clears at >= {PRE_ALARM_CLEAR_V} V")
+        pre_causes = [name for name, on in (("cell pre-alarm", latched["cell_pre_alarm"]),
+                                            ("low-SoC warning level", latched["low_soc_warning"]),
+                                            ("cell undervoltage", latched["undervoltage"]),
+                                            ("battery comms lost", latched["comms_lost"])) if on]
+        pre_alarm = self.started and bool(pre_causes)
+        if pre_alarm:
+            if self.pre_alarm_since is None:
+                self.pre_alarm_since = now
+            reasons["PRE_ALARM"] = "; ".join(pre_causes) + (
+                f" ({reasons['PRE_ALARM']})" if "PRE_ALARM" in reasons else "")
+        else:
+            self.pre_alarm_since = None
+        undervoltage_disconnect = latched["undervoltage"] and self.pre_alarm_since is not None \
+            and now - self.pre_alarm_since >= PRE_ALARM_LEAD_S
+        if undervoltage_disconnect:
+            reasons["CELL_LOW_VOLTAGE"] = _cell_reason(
+                flags["cell_low_voltage"], "CellLowVoltage", agg.min_cell,
+                f"<= {CELL_LOW_SET_V} V, clears at >= {CELL_LOW_CLEAR_V} V") + \
+                f"; loads off {PRE_ALARM_LEAD_S:g} s after the pre-alarm"
+
+        # 6. ATC, ATD, outputs
+        alarms = BmsAlarm(0)
+        for alarm, on in ((BmsAlarm.CELL_LOW_VOLTAGE, undervoltage_disconnect),
+                          (BmsAlarm.CELL_HIGH_VOLTAGE, latched["cell_high"]),
+                          (BmsAlarm.LOW_TEMPERATURE_CHARGE, latched["temp_low"]),
+                          (BmsAlarm.HIGH_TEMPERATURE_CHARGE, latched["temp_high"]),
+                          (BmsAlarm.LOW_SOC, latched["low_soc"]),
+                          (BmsAlarm.BATTERY_COMMS_LOST, latched["comms_lost"]),
+                          (BmsAlarm.BANK_CONFIGURATION, bank_fault),
+                          (BmsAlarm.FIRMWARE_UPDATE_FAILED, update_failed),
+                          (BmsAlarm.RELAY_FAULT, self.relay_fault is not None),
+                          (BmsAlarm.BATTERY_FAULT, bool(faulty))):
+            if on:
+                alarms |= alarm
+        charge_blockers = alarms & (BmsAlarm.CELL_HIGH_VOLTAGE | BmsAlarm.LOW_TEMPERATURE_CHARGE
+                                    | BmsAlarm.HIGH_TEMPERATURE_CHARGE | BmsAlarm.BATTERY_COMMS_LOST
+                                    | BmsAlarm.BANK_CONFIGURATION | BmsAlarm.BATTERY_FAULT)
+        discharge_blockers = alarms & (BmsAlarm.CELL_LOW_VOLTAGE | BmsAlarm.LOW_SOC | BmsAlarm.BATTERY_COMMS_LOST
+                                       | BmsAlarm.BANK_CONFIGURATION | BmsAlarm.BATTERY_FAULT
+                                       | BmsAlarm.FIRMWARE_UPDATE_FAILED)
+        atc = self.started and not charge_blockers and not updating
+        atd = self.started and not discharge_blockers
+        if not atc:
+            reasons["ATC"] = _why_not(self.started, waiting, charge_blockers,
+                                      "firmware update in progress" if updating else None)
+        if not atd:
+            reasons["ATD"] = _why_not(self.started, waiting, discharge_blockers, None)
+        enabled = self.mode_on and self.remote_on
+        outputs = Outputs(load_disconnect=enabled and atd, charge_disconnect=enabled and atc, pre_alarm=pre_alarm)
+
+        # 7. warnings, LEDs, balancer, events
+        warnings = BmsWarning(0)
+        for warning, on in ((BmsWarning.PRE_ALARM, pre_alarm),
+                            (BmsWarning.LOW_SOC_WARNING, latched["low_soc_warning"]),
+                            (BmsWarning.CELL_IMBALANCE, bool(imbalanced)),
+                            (BmsWarning.SOC_UNKNOWN, soc is None),
+                            (BmsWarning.FIRMWARE_UPDATE_IN_PROGRESS, updating),
+                            (BmsWarning.HIGH_CHARGE_CURRENT, bool(over_charge)),
+                            (BmsWarning.HIGH_DISCHARGE_CURRENT, bool(over_discharge)),
+                            (BmsWarning.NOT_FULLY_CHARGED_30_DAYS, "NOT_FULLY_CHARGED_30_DAYS" in reasons),
+                            (BmsWarning.DISCHARGE_TEMPERATURE, latched["discharge_temp"])):
+            if on:
+                warnings |= warning
+        error_led = Led.SOLID if alarms else Led.BLINKING if warnings else Led.OFF
+        client_recent = self.modbus_client_at is not None and now - self.modbus_client_at < MODBUS_CLIENT_RECENT_S
+        charging = agg.current is not None and agg.current >= ZERO_CURRENT_A
+        balancer = balancer_status(soc_known=soc is not None, history=self.history, wall=wall,
+                                   serials=[b.serial for b in view.batteries if b.serial], charging=charging,
+                                   any_balancing=bool(flags["balancing"]),
+                                   any_imbalance_flag=bool(flags["cell_imbalance"]),
+                                   max_cell_spread=max_spread)
+        decision = Decision(
+            now=now, wall=wall, started=self.started, waiting_for_batteries=waiting, atc=atc, atd=atd,
+            atd_state=AtdState.NO if not atd else AtdState.PRE_ALARM if pre_alarm else AtdState.YES,
+            pre_alarm=pre_alarm, outputs=outputs, mode_on=self.mode_on, remote_on=self.remote_on,
+            firmware_update=updating, link_up=self.link_up, alarms=alarms, warnings=warnings,
+            reasons={k: v for k, v in reasons.items() if _active(k, alarms, warnings, atc, atd, pre_alarm)},
+            error_led=error_led, status_led=Led.SOLID if client_recent else Led.BLINKING, balancer=balancer,
+            soc=soc, consumed_ah=reading.consumed_ah, time_remaining_s=reading.time_remaining_s,
+            average_current=reading.average_current, bank=view, history=self.history, events=(),
+        )
+        decision = replace(decision, events=tuple(self._events(decision)))
+        self._previous = decision
+        return decision
+
+    def _latch(self, name: str, flagged: tuple[int, ...], set_by_value: bool, clear_by_value: bool) -> None:
+        """Set on a battery flag or a value past the set level; clear only when no flag and the value is back."""
+        if flagged or set_by_value:
+            self.latched[name] = True
+        elif self.latched[name] and clear_by_value:
+            self.latched[name] = False
+
+    def _events(self, d: Decision) -> list[Event]:
+        p = self._previous
+        events: list[Event] = []
+
+        def emit(name: str, kind: str, value: str, reason: str) -> None:
+            events.append(Event(d.wall, d.now, name, kind, value, reason))
+
+        states = (("ATC", "yes" if d.atc else "no", d.reasons.get("ATC", "all conditions met")),
+                  ("ATD", d.atd_state.name.lower().replace("_", "-"), d.reasons.get("ATD", "all conditions met")),
+                  ("PRE_ALARM", "on" if d.pre_alarm else "off", d.reasons.get("PRE_ALARM", "cleared")),
+                  ("MODE", "on" if d.mode_on else "off", self._command_reasons.get("MODE", "start")),
+                  ("REMOTE", "on" if d.remote_on else "off", self._command_reasons.get("REMOTE", "start")))
+        before = {} if p is None else {
+            "ATC": "yes" if p.atc else "no", "ATD": p.atd_state.name.lower().replace("_", "-"),
+            "PRE_ALARM": "on" if p.pre_alarm else "off", "MODE": "on" if p.mode_on else "off",
+            "REMOTE": "on" if p.remote_on else "off"}
+        for name, value, reason in states:
+            if before.get(name) != value:
+                emit(name, "state", value, reason)
+        for kind, now_flags, was in (("alarm", d.alarms, p.alarms if p else None),
+                                     ("warning", d.warnings, p.warnings if p else None)):
+            for member in type(now_flags):
+                on, was_on = member in now_flags, was is not None and member in was
+                if on != was_on:
+                    emit(member.name or "", kind, "raised" if on else "cleared",
+                         d.reasons.get(member.name or "", "") if on else "condition gone")
+        return events
+
+    # -- persistence ---------------------------------------------------------------------------
+    def snapshot(self, now: float) -> dict[str, Any]:
+        """Everything the service persists; timers as elapsed seconds, since monotonic time restarts."""
+        return {
+            "version": SNAPSHOT_VERSION,
+            "settings": self.settings.to_dict(),
+            "mode_on": self.mode_on,
+            "monitor": self.monitor.snapshot(now),
+            "history": self.history.to_dict(),
+            "learned_bank": None if self.bank.learned is None else self.bank.learned.to_dict(),
+            "first_start_wall": self.first_start_wall,
+            "latched": dict(self.latched),
+            "timers": {
+                "firmware_update_command": self.firmware_update_command,
+                "firmware_update_elapsed_s": _elapsed(self.firmware_update_since, now),
+                "pre_alarm_elapsed_s": _elapsed(self.pre_alarm_since, now),
+            },
+        }
+
+    @classmethod
+    def from_snapshot(cls, data: dict[str, Any], now: float, wall: float, **options: Any) -> BmsCore:
+        version = data.get("version")
+        if version != SNAPSHOT_VERSION:
+            raise ValueError(f"state snapshot version {version!r} is not supported (this build reads "
+                             f"{SNAPSHOT_VERSION})")
+        core = cls(now, wall, settings=Settings.from_dict(data["settings"]), **options)
+        core.mode_on = bool(data["mode_on"])
+        core.monitor.restore(data["monitor"], now)
+        core.history = History.from_dict(data["history"])
+        if data["learned_bank"] is not None:
+            core.bank.learned = LearnedBank.from_dict(data["learned_bank"])
+        core.first_start_wall = float(data["first_start_wall"])
+        core.latched.update({k: bool(v) for k, v in data["latched"].items() if k in core.latched})
+        timers = data["timers"]
+        core.firmware_update_command = bool(timers["firmware_update_command"])
+        core.firmware_update_since = _since(timers["firmware_update_elapsed_s"], now)
+        core.pre_alarm_since = _since(timers["pre_alarm_elapsed_s"], now)
+        return core
+
+
+def _elapsed(since: float | None, now: float) -> float | None:
+    return None if since is None else now - since
+
+
+def _since(elapsed: float | None, now: float) -> float | None:
+    return None if elapsed is None else now - float(elapsed)
+
+
+def _fmt(value: float | None, unit: str) -> str:
+    if value is None:
+        return "unknown"
+    return f"{value:.1f} {unit}" if unit != "%" else f"{value:.1f} %"
+
+
+def _cell_reason(flagged: tuple[int, ...], flag: str, cell: Any, rule: str) -> str:
+    parts = [f"battery {', '.join(map(str, flagged))} reports {flag}"] if flagged else []
+    if cell is not None:
+        parts.append(f"cell {cell.cell} of battery {cell.node} at {cell.voltage:.3f} V")
+    return "; ".join(parts) + f" ({rule})"
+
+
+def _why_not(started: bool, waiting: bool, blockers: BmsAlarm, extra: str | None) -> str:
+    if not started:
+        return "waiting for batteries" if waiting else "not started: the bank is not known and fresh yet"
+    parts = [m.name for m in BmsAlarm if m in blockers and m.name]
+    if extra:
+        parts.append(extra)
+    return ", ".join(parts)
+
+
+def _active(name: str, alarms: BmsAlarm, warnings: BmsWarning, atc: bool, atd: bool, pre_alarm: bool) -> bool:
+    if name in BmsAlarm.__members__:
+        return BmsAlarm[name] in alarms
+    if name in BmsWarning.__members__:
+        return BmsWarning[name] in warnings
+    return {"ATC": not atc, "ATD": not atd}.get(name, False)
+
+
+def time_remaining_text(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    if math.isinf(seconds):
+        return "infinite"
+    hours, rest = divmod(int(seconds), 3600)
+    return f"{hours}h{rest // 60:02d}m"
