@@ -121,8 +121,9 @@ class BankIssue:
 class BatteryState:
     """Mutable latest readings of one battery. Written on every frame: keep it flat."""
 
-    __slots__ = ("alive_changed_at", "cells", "cells_at", "first_seen_at", "info", "info_at", "node",
-                 "serial_parts", "status", "status_at", "temps", "temps_at")
+    __slots__ = ("_summary", "_summary_key", "alive_changed_at", "cells", "cells_at", "cells_revision",
+                 "first_seen_at", "info", "info_at", "node", "serial_parts", "status", "status_at", "temps",
+                 "temps_at")
 
     def __init__(self, node: int, now: float) -> None:
         self.node = node
@@ -132,6 +133,9 @@ class BatteryState:
         self.alive_changed_at = -1.0
         self.cells: list[float | None] = [None] * 16
         self.cells_at = [-1.0] * 4  # per group of four cells
+        self.cells_revision = 0
+        self._summary_key: tuple[int, int] | None = None
+        self._summary: CellSummary | None = None
         self.temps: BatteryTemps | None = None
         self.temps_at = -1.0
         self.info: BatteryInfo | None = None
@@ -149,6 +153,15 @@ class BatteryState:
             return None
         return BatteryIdentity(self.node, serial, info.nominal_units, info.nominal_capacity_ah,
                                info.string_index, info.series_index)
+
+    def cell_summary(self) -> CellSummary:
+        """The battery's cells and their extremes, recomputed only when a cell frame changed them."""
+        count = self.info.cell_count if self.info is not None else 16
+        key = (self.cells_revision, count)
+        if key != self._summary_key or self._summary is None:
+            self._summary = CellSummary.of(tuple(self.cells[:count]), self.node)
+            self._summary_key = key
+        return self._summary
 
     def stale_reason(self, now: float, timeout: float) -> str | None:
         """None when fresh, else why not (first failing condition)."""
@@ -181,21 +194,45 @@ class CellRef:
 
 
 @dataclass(frozen=True, slots=True)
+class CellSummary:
+    cells: tuple[float | None, ...]  # the battery's cells (4 x units when known), None = not measured
+    lowest: CellRef | None
+    highest: CellRef | None
+    spread: float | None  # highest - lowest inside this battery
+    unmeasured: tuple[int, ...]  # 1-based cells reading "not present"
+
+    @classmethod
+    def of(cls, cells: tuple[float | None, ...], node: int = 0) -> CellSummary:
+        present = cells if None not in cells else [c for c in cells if c is not None]
+        unmeasured = () if present is cells else tuple(i for i, c in enumerate(cells, 1) if c is None)
+        if not present:
+            return cls(cells, None, None, None, unmeasured)
+        lo, hi = min(present), max(present)  # in C: up to 800 cells per evaluation
+        return cls(cells, CellRef(node, cells.index(lo) + 1, lo), CellRef(node, cells.index(hi) + 1, hi),
+                   round(hi - lo, 3), unmeasured)
+
+
+@dataclass(slots=True)  # not frozen: built for every battery on every evaluation, and frozen init is slow
 class BatteryView:
+    """One battery as of `BankView.now`; treat as read-only."""
+
     node: int
     serial: str | None
     info: BatteryInfo | None
     status: BatteryStatus | None
     temps: BatteryTemps | None
-    cells: tuple[float | None, ...]  # the battery's cells (4 x units when known), None = not measured
+    summary: CellSummary
     fresh: bool
     stale_reason: str | None
     status_age: float | None  # seconds since the last BAT_STATUS, None if never
 
     @property
+    def cells(self) -> tuple[float | None, ...]:
+        return self.summary.cells
+
+    @property
     def cell_spread(self) -> float | None:
-        present = [v for v in self.cells if v is not None]
-        return round(max(present) - min(present), 3) if present else None
+        return self.summary.spread
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,6 +333,7 @@ class Bank:
             first = report.first_cell - 1
             state.cells[first:first + CELLS_PER_FRAME] = report.voltages
             state.cells_at[first // CELLS_PER_FRAME] = now
+            state.cells_revision += 1
         elif kind is BatteryTemps:
             state.temps = report
             state.temps_at = now
@@ -346,11 +384,8 @@ class Bank:
             reason = s.stale_reason(now, timeout)
             if reason is not None:
                 stale.append(node)
-            count = s.info.cell_count if s.info is not None else 16
-            views.append(BatteryView(
-                node, s.serial, s.info, s.status, s.temps, tuple(s.cells[:count]),
-                reason is None, reason, None if s.status is None else now - s.status_at,
-            ))
+            views.append(BatteryView(node, s.serial, s.info, s.status, s.temps, s.cell_summary(), reason is None,
+                                     reason, None if s.status is None else now - s.status_at))
         past_grace = now - self.started_at >= self.waiting_grace
         phase = self.phase(now)
         key = (self._identity_revision, self.learned_revision, past_grace, phase)
@@ -481,13 +516,11 @@ class Bank:
         tmin = tmax = bmin = bmax = None
         for v in fresh:
             strings.setdefault(v.info.string_index, []).append(v)  # type: ignore[union-attr]
-            for index, volts in enumerate(v.cells, start=1):
-                if volts is None:
-                    continue
-                if min_cell is None or volts < min_cell.voltage:
-                    min_cell = CellRef(v.node, index, volts)
-                if max_cell is None or volts > max_cell.voltage:
-                    max_cell = CellRef(v.node, index, volts)
+            lo, hi = v.summary.lowest, v.summary.highest
+            if lo is not None and (min_cell is None or lo.voltage < min_cell.voltage):
+                min_cell = lo
+            if hi is not None and (max_cell is None or hi.voltage > max_cell.voltage):
+                max_cell = hi
             t = v.temps
             tmin = t.cell_temp_min if tmin is None else min(tmin, t.cell_temp_min)  # type: ignore[union-attr]
             tmax = t.cell_temp_max if tmax is None else max(tmax, t.cell_temp_max)  # type: ignore[union-attr]

@@ -285,8 +285,8 @@ class BmsCore:
             reasons["BANK_CONFIGURATION"] = "; ".join(i.reason for i in view.issues)
         faulty = [f"battery {b.node} reports HardwareFault"
                   for b in fresh if b.status.hardware_fault]  # type: ignore[union-attr]
-        faulty += [f"battery {b.node} cell {i} not measured" for b in fresh for i, v in enumerate(b.cells, 1)
-                   if v is None]  # project decision: an unmeasured cell cannot be protected
+        faulty += [f"battery {b.node} cell {i} not measured"  # project decision: it cannot be protected
+                   for b in fresh for i in b.summary.unmeasured]
         if faulty:
             reasons["BATTERY_FAULT"] = "; ".join(faulty)
         battery_updating = [b.node for b in view.batteries if b.status is not None and b.status.firmware_updating]

@@ -200,12 +200,15 @@ class CurrentLimits:
         """batteries: (node, units, capacity Ah, current A). Returns (nodes over on charge, on discharge)."""
         over_charge: list[int] = []
         over_discharge: list[int] = []
+        timers_by_node = self._since
         seen = set()
         for node, units, capacity, current in batteries:
-            seen.add(node)
-            timers = self._since.setdefault(node, [[None, None], [None, None]])
-            pulse_discharge, pulse_charge = pulse_limits(units, capacity)
             continuous = CONTINUOUS_C_RATE * capacity
+            if node not in timers_by_node and -continuous <= current <= continuous:
+                continue  # the usual case: no timer running and nothing to start
+            seen.add(node)
+            timers = timers_by_node.setdefault(node, [[None, None], [None, None]])
+            pulse_discharge, pulse_charge = pulse_limits(units, capacity)
             for direction, amps, pulse, out in ((0, -current, pulse_discharge, over_discharge),
                                                 (1, current, pulse_charge, over_charge)):
                 t = timers[direction]
@@ -214,6 +217,6 @@ class CurrentLimits:
                 if (t[0] is not None and now - t[0] >= CONTINUOUS_HOLD_S) or (
                         t[1] is not None and now - t[1] >= PULSE_HOLD_S):
                     out.append(node)
-        for node in set(self._since) - seen:  # a battery that is not fresh has no current to judge
-            del self._since[node]
+        for node in [n for n in timers_by_node if n not in seen]:  # back within 1C, or not fresh: reset
+            del timers_by_node[node]
         return over_charge, over_discharge
