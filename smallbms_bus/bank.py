@@ -159,7 +159,7 @@ class BatteryState:
         count = self.info.cell_count if self.info is not None else 16
         key = (self.cells_revision, count)
         if key != self._summary_key or self._summary is None:
-            self._summary = CellSummary.of(tuple(self.cells[:count]), self.node)
+            self._summary = CellSummary.of(tuple(self.cells[:count]))
             self._summary_key = key
         return self._summary
 
@@ -193,23 +193,24 @@ class CellRef:
     voltage: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: rebuilt per battery whenever its cells change; treat as read-only
 class CellSummary:
     cells: tuple[float | None, ...]  # the battery's cells (4 x units when known), None = not measured
-    lowest: CellRef | None
-    highest: CellRef | None
-    spread: float | None  # highest - lowest inside this battery
+    low: float | None  # lowest cell voltage and its 1-based number
+    low_cell: int
+    high: float | None
+    high_cell: int
+    spread: float | None  # high - low inside this battery
     unmeasured: tuple[int, ...]  # 1-based cells reading "not present"
 
     @classmethod
-    def of(cls, cells: tuple[float | None, ...], node: int = 0) -> CellSummary:
+    def of(cls, cells: tuple[float | None, ...]) -> CellSummary:
         present = cells if None not in cells else [c for c in cells if c is not None]
         unmeasured = () if present is cells else tuple(i for i, c in enumerate(cells, 1) if c is None)
         if not present:
-            return cls(cells, None, None, None, unmeasured)
+            return cls(cells, None, 0, None, 0, None, unmeasured)
         lo, hi = min(present), max(present)  # in C: up to 800 cells per evaluation
-        return cls(cells, CellRef(node, cells.index(lo) + 1, lo), CellRef(node, cells.index(hi) + 1, hi),
-                   round(hi - lo, 3), unmeasured)
+        return cls(cells, lo, cells.index(lo) + 1, hi, cells.index(hi) + 1, round(hi - lo, 3), unmeasured)
 
 
 @dataclass(slots=True)  # not frozen: built for every battery on every evaluation, and frozen init is slow
@@ -512,21 +513,25 @@ class Bank:
 
     def _aggregates(self, fresh: list[BatteryView], series: int, *, complete: bool) -> Aggregates:
         strings: dict[int, list[BatteryView]] = {}
-        min_cell = max_cell = None
+        low: BatteryView | None = None
+        high: BatteryView | None = None
         tmin = tmax = bmin = bmax = None
         for v in fresh:
             strings.setdefault(v.info.string_index, []).append(v)  # type: ignore[union-attr]
-            lo, hi = v.summary.lowest, v.summary.highest
-            if lo is not None and (min_cell is None or lo.voltage < min_cell.voltage):
-                min_cell = lo
-            if hi is not None and (max_cell is None or hi.voltage > max_cell.voltage):
-                max_cell = hi
+            summary = v.summary
+            if summary.low is not None:
+                if low is None or summary.low < low.summary.low:  # type: ignore[operator]
+                    low = v
+                if high is None or summary.high > high.summary.high:  # type: ignore[operator]
+                    high = v
             t = v.temps
             tmin = t.cell_temp_min if tmin is None else min(tmin, t.cell_temp_min)  # type: ignore[union-attr]
             tmax = t.cell_temp_max if tmax is None else max(tmax, t.cell_temp_max)  # type: ignore[union-attr]
             bt = v.status.temperature  # type: ignore[union-attr]
             bmin = bt if bmin is None else min(bmin, bt)
             bmax = bt if bmax is None else max(bmax, bt)
+        min_cell = None if low is None else CellRef(low.node, low.summary.low_cell, low.summary.low)  # type: ignore[arg-type]
+        max_cell = None if high is None else CellRef(high.node, high.summary.high_cell, high.summary.high)  # type: ignore[arg-type]
         sums = [sum(b.status.voltage for b in members)  # type: ignore[union-attr]
                 for members in strings.values() if series and len(members) == series]
         voltage = round(sum(sums) / len(sums), 3) if sums else None
