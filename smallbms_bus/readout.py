@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from smallbms_bus.bank import BankView
+from smallbms_bus.bms.alarms import names
+from smallbms_bus.bms.core import Decision, time_remaining_text
 
 
 def _v(value: float | None, fmt: str, unit: str) -> str:
     return "--" if value is None else f"{value:{fmt}} {unit}"
 
 
-def format_bank(view: BankView, link_line: str) -> str:
+def format_bank(view: BankView) -> str:
     t, a = view.topology, view.aggregates
-    lines = [link_line]
+    lines = []
     shape = (f"{t.series}S{t.parallel}P {t.nominal_voltage} V {t.bank_capacity_ah} Ah"
              if t.nominal_voltage is not None and t.bank_capacity_ah is not None else "shape unknown")
     state = "waiting for batteries" if view.waiting_for_batteries else view.phase
@@ -36,4 +38,22 @@ def format_bank(view: BankView, link_line: str) -> str:
             f"{cells:<15} {age:>6}  {'fresh' if b.fresh else 'STALE: ' + str(b.stale_reason)}")
     for issue in view.issues:
         lines.append(f"issue    {issue.code}: {issue.reason}")
+    return "\n".join(lines)
+
+
+def format_decision(d: Decision) -> str:
+    """The status page: SoC, ATC/ATD, outputs, alarms and warnings with their reasons."""
+    onoff = {True: "on", False: "off"}
+    soc = "unknown" if d.soc is None else f"{d.soc:.1f} %"
+    lines = [
+        f"status   SoC {soc}  consumed {d.consumed_ah:.1f} Ah  time remaining {time_remaining_text(d.time_remaining_s)}"
+        f"  mode {onoff[d.mode_on]}  remote {onoff[d.remote_on]}  balancer {d.balancer.value}",
+        f"bms      allowed to charge {'yes' if d.atc else 'no'}  allowed to discharge "
+        f"{d.atd_state.name.lower().replace('_', '-')}  outputs: load {onoff[d.outputs.load_disconnect]}, "
+        f"charge {onoff[d.outputs.charge_disconnect]}, pre-alarm {onoff[d.outputs.pre_alarm]}"
+        + ("" if d.started else "  [not started: outputs held off]"),
+    ]
+    for kind, flags in (("alarm", d.alarms), ("warning", d.warnings)):
+        for name in names(flags):
+            lines.append(f"{kind:<8} {name}: {d.reasons.get(name, '')}")
     return "\n".join(lines)

@@ -31,6 +31,22 @@ def test_demo_reads_the_virtual_bank_and_stops_cleanly():
     assert "malformed 0" in out and out.rstrip().endswith("demo: stopped")
 
 
+def test_demo_overcharge_is_stopped_by_the_core_through_bms_state():
+    """Virtual battery -> bus -> link -> core -> BMS_STATE -> the virtual charger stops. The overcharge
+    scenario's charger aims too high (15.2 V per unit); at speed 50 a cell passes 3.75 V about 8 s after
+    the core starts (10 s discovery)."""
+    result = subprocess.run([*CMD, "demo", "--scenario", "overcharge", "--bank", "1s1p-12v100", "--speed", "50",
+                             "--duration", "24", "--every", "0.5"], capture_output=True, text=True, timeout=90)
+    assert result.returncode == 0, result.stderr
+    blocks = result.stdout.split("--- t=")[1:]
+    charging = [b for b in blocks if "allowed to charge yes" in b]
+    stopped = [b for b in blocks if "allowed to charge no" in b and "CELL_HIGH_VOLTAGE" in b]
+    assert charging and stopped, result.stdout[-3000:]
+    assert "+30.0 A" in charging[-1]  # 0.3C into a 100 Ah battery while allowed
+    assert all("charge off" in b for b in stopped)
+    assert "+0.0 A" in stopped[-1] and "cells min" in stopped[-1]  # the charger obeyed BMS_STATE
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_demo_stops_cleanly_on_ctrl_c_and_sigterm(signum):
     process = subprocess.Popen([*CMD, "demo", "--every", "0.5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -42,7 +42,7 @@ from smallbms_bus.bms.alarms import AtdState, BalancerStatus, BmsAlarm, BmsWarni
 from smallbms_bus.bms.history import History, balancer_status
 from smallbms_bus.bms.monitor import ZERO_CURRENT_A, BatteryMonitor, CurrentLimits
 from smallbms_bus.bms.settings import DEFAULT_SETTINGS, Settings
-from smallbms_bus.reports import Report
+from smallbms_bus.reports import BmsState, Report
 
 # -- thresholds (BEHAVIOUR.md) -------------------------------------------------------------------
 CELL_HIGH_SET_V = 3.75  # ATC-1: any cell >= -> CELL_HIGH_VOLTAGE
@@ -567,3 +567,13 @@ def time_remaining_text(seconds: float | None) -> str:
         return "infinite"
     hours, rest = divmod(int(seconds), 3600)
     return f"{hours}h{rest // 60:02d}m"
+
+
+def bms_state_report(decision: Decision, alive_counter: int) -> BmsState:
+    """The BMS_STATE frame's content (PROTOCOL.md) for a decision; chargers and loads obey it."""
+    return BmsState(
+        allowed_to_charge=decision.atc, allowed_to_discharge=decision.atd, pre_alarm=decision.pre_alarm,
+        mode_on=decision.mode_on, remote_on=decision.remote_on, firmware_update=decision.firmware_update,
+        state_of_charge=None if decision.soc is None else round(decision.soc * 2) / 2,
+        alarms=int(decision.alarms), warnings=int(decision.warnings),
+        battery_count=decision.bank.topology.batteries, alive_counter=alive_counter & 0xFF)
