@@ -49,9 +49,11 @@ def feed(core: BmsCore, strings: int, units: int, now: float, alive: int, *, cel
 def measure(strings: int, units: int, repeats: int) -> dict:
     core = BmsCore(0.0, 1.79e9, discovery_window=0.5)
     t, alive = 0.0, 0
-    while t < 1.0 or not core.evaluate(t, 1.79e9 + t).started and t < 100:
+    for _ in range(1000):  # start the core: learn the bank (discovery 0.5 s), everything fresh
         t, alive = round(t + 0.1, 3), alive + 1
         feed(core, strings, units, t, alive, cells=True, identity=True)
+        if t > 1.0 and core.evaluate(t, 1.79e9 + t).started:
+            break
     results = {}
     for label, cells in (("all_cells_new_ms", True), ("status_only_ms", False)):
         samples = []
