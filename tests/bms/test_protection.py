@@ -368,6 +368,7 @@ def test_relay_fault_alarm_and_error_led():
     rig.core.set_relay_fault("load_disconnect: commanded on, read back off")
     d = rig.tick()
     assert A.RELAY_FAULT in d.alarms and d.error_led == Led.SOLID
+    assert d.atc and d.atd  # the alarm informs; the outputs layer already drives its safe state
     assert d.reasons["RELAY_FAULT"] == "load_disconnect: commanded on, read back off"
     rig.core.set_relay_fault(None)
     rig.core.set_soc(18)

@@ -53,3 +53,19 @@ def test_snapshot_version_is_checked():
     snap = busy_rig().core.snapshot(0.0)
     with pytest.raises(ValueError, match="version 99 is not supported"):
         BmsCore.from_snapshot(snap | {"version": 99}, 0.0, WALL0)
+
+
+def test_a_restart_inside_a_hysteresis_band_keeps_the_latch():
+    rig = Rig()
+    rig.start()
+    rig.battery(1).cells[0] = 3.76
+    assert BmsAlarm.CELL_HIGH_VOLTAGE in rig.tick().alarms
+    rig.battery(1).cells[0] = 3.70  # inside 3.60..3.75: still latched
+    assert not rig.tick().atc
+    later = Rig()
+    later.core = BmsCore.from_snapshot(rig.core.snapshot(rig.t), 0.0, WALL0 + 500.0, discovery_window=1.0)
+    later.batteries = rig.batteries
+    d = later.start()
+    assert not d.atc and BmsAlarm.CELL_HIGH_VOLTAGE in d.alarms
+    rig.battery(1).cells[0] = 3.60
+    assert later.tick().atc
