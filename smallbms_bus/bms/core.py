@@ -314,10 +314,12 @@ class BmsCore:
         # 4. battery monitor and history
         capacity = topo.bank_capacity_ah
         series_units = topo.series * topo.nominal_units if topo.nominal_units and topo.series else None
-        reading = self.monitor.step(now, agg.voltage, agg.current if agg.complete else None, capacity,
-                                    series_units, s)
+        # Count charge only from data the core trusts: started, every battery fresh, a consistent bank.
+        # (Before start the bank may be partly heard; its current would be partial.)
+        trusted = self.started and agg.complete and not view.issues
+        reading = self.monitor.step(now, agg.voltage, agg.current if trusted else None, capacity, series_units, s)
         soc = reading.soc
-        if self.started and agg.complete:
+        if trusted:
             self.history.record(
                 wall=wall, soc=soc, consumed_ah=reading.consumed_ah, voltage=agg.voltage,
                 charged_ah=reading.charged_ah, discharged_ah=reading.discharged_ah,
@@ -441,7 +443,7 @@ class BmsCore:
             reasons={k: v for k, v in reasons.items() if _active(k, alarms, warnings, atc, atd, pre_alarm)},
             error_led=error_led, status_led=Led.SOLID if client_recent else Led.BLINKING, balancer=balancer,
             soc=soc, consumed_ah=reading.consumed_ah, time_remaining_s=reading.time_remaining_s,
-            average_current=reading.average_current, bank=view, history=self.history, events=(),
+            average_current=reading.average_current, bank=view, history=replace(self.history), events=(),
         )
         decision = replace(decision, events=tuple(self._events(decision)))
         self._previous = decision

@@ -3,7 +3,8 @@
 History survives restarts (the service persists `History.to_dict()`) and is reset by command.
 Counters follow the manual's history page:
 
-- deepest discharge: the most consumed Ah seen (MON-4's consumed Ah, Peukert-weighted);
+- deepest discharge: the most consumed Ah seen while the SoC is known (MON-4's consumed Ah,
+  Peukert-weighted; before the first synchronisation it counts from an arbitrary zero);
 - cumulative Ah drawn, discharged and charged energy: raw integrals of the bank current and power;
 - synchronisations: MON-2 events (a manual "synchronise" command is not counted: nothing was measured);
 - charge cycles: counted when SoC, having dropped below 65 %, later rises above 90 %;
@@ -64,7 +65,8 @@ class History:
     def record(self, *, wall: float, soc: float | None, consumed_ah: float, voltage: float | None,
                charged_ah: float, discharged_ah: float, synchronised: bool, serials: list[str],
                cell_range: tuple[float, float] | None, temperature_range: tuple[float, float] | None) -> None:
-        self.deepest_discharge_ah = max(self.deepest_discharge_ah, consumed_ah)
+        if soc is not None:  # consumed Ah before the first sync or set counts from an arbitrary zero
+            self.deepest_discharge_ah = max(self.deepest_discharge_ah, consumed_ah)
         self.cumulative_ah_drawn += discharged_ah
         if voltage is not None:
             self.discharged_energy_kwh += voltage * discharged_ah / 1000.0

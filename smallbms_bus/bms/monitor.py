@@ -9,8 +9,9 @@ current over the time since the previous step (MON-1):
   - currents with |I| < 0.1 A count as zero;
   - charging removes `I x dt x 0.99` (charge efficiency);
   - discharging adds `I_eff x dt` with Peukert's law, I_eff = I x (I / I20)^(1.05 - 1), I20 = C / 20;
-  - an interval without a trustworthy current (comms loss, incomplete bank) or longer than
-    MAX_STEP_S is not integrated: the monitor does not invent charge it did not see.
+  - an interval without a trustworthy current (the core passes None before it has started, during
+    comms loss or with an inconsistent bank) or longer than MAX_STEP_S is not integrated: the monitor
+    does not invent charge it did not see.
 
 SoC is *unknown* after the very first start (MON-3) until a synchronisation or a "set SoC" command;
 `consumed_ah` is counted meanwhile so MON-4 holds from the first start.
@@ -110,7 +111,8 @@ class BatteryMonitor:
              series_units: int | None, settings: Settings) -> MonitorReading:
         dt = 0.0 if self._last_now is None else now - self._last_now
         self._last_now = now
-        valid = current is not None and bool(capacity_ah) and 0.0 < dt <= MAX_STEP_S
+        # The epsilon keeps a nominal 10 s step that floating point made 10.000000000002 s.
+        valid = current is not None and bool(capacity_ah) and 0.0 < dt <= MAX_STEP_S + 1e-6
         charged_ah = discharged_ah = 0.0
         if valid:
             amps = 0.0 if abs(current) < ZERO_CURRENT_A else current  # type: ignore[arg-type]

@@ -98,3 +98,21 @@ def test_reset_history_command():
     rig.core.reset_history()
     d = rig.tick()
     assert d.history.cumulative_ah_drawn == pytest.approx(20.0 * 0.1 / 3600) and rig.core.state_revision > revision
+
+
+def test_a_decision_keeps_its_own_picture_of_the_history():
+    rig = Rig()
+    rig.start()
+    rig.set_current(-20.0)
+    first = rig.run(10)
+    drawn = first.history.cumulative_ah_drawn
+    assert drawn > 0
+    rig.run(10)
+    assert first.history.cumulative_ah_drawn == drawn and rig.last.history.cumulative_ah_drawn > drawn
+
+
+def test_nothing_is_counted_before_the_core_starts():
+    rig = Rig(discovery_window=5.0)
+    rig.set_current(-50.0)
+    d = rig.run(4.0)
+    assert not d.started and d.consumed_ah == 0.0 and d.history.cumulative_ah_drawn == 0.0
