@@ -7,9 +7,22 @@ import logging
 import sys
 
 from smallbms_bus import __version__, demo
+from smallbms_bus.config import ConfigError, load_config
 from smallbms_bus.sim import cli as simulate
 
-COMMANDS = {"demo": demo.run, "simulate": simulate.run}
+
+def check_config(args: argparse.Namespace) -> int:
+    """Validate a configuration file and nothing else: exit 0 when it is good, 2 naming the bad key."""
+    try:
+        config = load_config(args.file)
+    except ConfigError as error:
+        print(f"check-config: {error}", file=sys.stderr)
+        return 2
+    print(f"{config.source}: ok")
+    return 0
+
+
+COMMANDS = {"demo": demo.run, "simulate": simulate.run, "check-config": check_config}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo.add_parser(subparsers)
     simulate.add_parser(subparsers)
+    checker = subparsers.add_parser("check-config", help="validate a configuration file and exit (2 = invalid)")
+    checker.add_argument("file", help="TOML configuration file")
     return parser
 
 

@@ -1,0 +1,239 @@
+"""Configuration file (TOML): schema, defaults and validation.
+
+Theory of operation
+-------------------
+Every key is declared once in SCHEMA with its type, default, allowed values and a one-line help.
+`load_config(path)` parses the file, rejects unknown sections and keys (a typo must not silently
+fall back to a default on a BMS), checks every value, and returns a frozen `Config`. Any problem
+raises `ConfigError` naming the key, the bad value and what is allowed; the CLI turns that into
+exit status 2 before anything is started. `smallbms-bus check-config FILE` does only this.
+
+BMS settings (charged voltage, tail current, ...) are not configuration: they are written over
+Modbus, validated by `smallbms_bus.bms.settings` and persisted in the store.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from smallbms_bus.bank import COMM_TIMEOUT_RANGE, DEFAULT_COMM_TIMEOUT
+
+OUTPUT_ROLES = ("load_disconnect", "charge_disconnect", "pre_alarm", "error_led", "status_led")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class ConfigError(ValueError):
+    def __init__(self, key: str, value: Any, allowed: str, source: str = "") -> None:
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}{key} = {value!r} is not allowed: {allowed}")
+        self.key, self.value, self.allowed = key, value, allowed
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    default: Any
+    check: Callable[[str, Any], Any]  # returns the normalised value or raises ConfigError
+    help: str
+
+
+def _number(lo: float, hi: float, *, integer: bool = False) -> Callable[[str, Any], Any]:
+    kind = "an integer" if integer else "a number"
+
+    def check(key: str, value: Any) -> Any:
+        ok_type = isinstance(value, int) if integer else isinstance(value, int | float)
+        if isinstance(value, bool) or not ok_type or (isinstance(value, float) and not math.isfinite(value)):
+            raise ConfigError(key, value, f"{kind} in {lo:g}..{hi:g}")
+        if not lo <= value <= hi:
+            raise ConfigError(key, value, f"{kind} in {lo:g}..{hi:g}")
+        return value
+
+    return check
+
+
+def _text(*choices: str, empty: bool = False) -> Callable[[str, Any], Any]:
+    def check(key: str, value: Any) -> Any:
+        if not isinstance(value, str) or (not empty and not value):
+            raise ConfigError(key, value, "one of " + ", ".join(choices) if choices else "a non-empty string")
+        if choices and value not in choices:
+            raise ConfigError(key, value, "one of " + ", ".join(choices))
+        return value
+
+    return check
+
+
+def _flag(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(key, value, "true or false")
+    return value
+
+
+def _optional(inner: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
+    """TOML has no null: an optional key is simply absent; "" also means "not set" for paths."""
+
+    def check(key: str, value: Any) -> Any:
+        return None if value == "" else inner(key, value)
+
+    return check
+
+
+def _table(key: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(key, value, "a table of backend options")
+    return dict(value)
+
+
+def _networks(key: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(key, value, 'a non-empty list of addresses or networks, e.g. ["127.0.0.1", "10.0.0.0/24"]')
+    out = []
+    for item in value:
+        try:
+            out.append(str(ipaddress.ip_network(item, strict=False)))
+        except (TypeError, ValueError):
+            raise ConfigError(key, item, "an IPv4/IPv6 address or network, e.g. 192.168.1.0/24") from None
+    return tuple(out)
+
+
+def _channel(key: str, value: Any) -> int | None:
+    if value == 0:
+        return None  # 0 = not mapped
+    return _number(1, 64, integer=True)(key, value)
+
+
+SCHEMA: dict[str, dict[str, Key]] = {
+    "bus": {
+        "interface": Key("socketcan", _text(), "python-can interface: socketcan, slcan, virtual, ..."),
+        "channel": Key("can0", _text(), "can0, vcan0, /dev/ttyACM0, ..."),
+        "bitrate": Key(500_000, _number(10_000, 1_000_000, integer=True), "bit/s (PROTOCOL.md: 500000)"),
+        "dbc": Key(None, _optional(_text()), "path of another DBC; default: the one shipped with the package"),
+        "slcan_wait": Key(False, _flag, "slcan: keep python-can's 2 s pause after opening (boards that reset)"),
+    },
+    "bms": {
+        "comm_timeout": Key(DEFAULT_COMM_TIMEOUT, _number(*COMM_TIMEOUT_RANGE), "s without fresh data = comms lost"),
+        "discovery_window": Key(10.0, _number(1.0, 60.0), "s after the first frame to learn the bank"),
+    },
+    "modbus": {
+        "host": Key("127.0.0.1", _text(), "address to listen on (0.0.0.0 or :: for every interface)"),
+        "port": Key(502, _number(1, 65535, integer=True), "TCP port"),
+        "unit": Key(1, _number(1, 247, integer=True), "unit id of the native map and SunSpec"),
+        "gx_unit": Key(225, _number(0, 247, integer=True), "unit id of the Victron-GX-compatible map, 0 = off"),
+        "allow_write_from": Key(["127.0.0.1/32", "::1/128"], _networks, "clients allowed to write"),
+        "tls_cert": Key(None, _optional(_text()), "PEM certificate: serve Modbus/TCP Security (TLS)"),
+        "tls_key": Key(None, _optional(_text()), "PEM private key of tls_cert"),
+        "tls_client_ca": Key(None, _optional(_text()), "CA whose client certificates may write"),
+        "max_connections": Key(32, _number(1, 1000, integer=True), "concurrent clients"),
+        "idle_timeout": Key(300.0, _number(1.0, 86400.0), "s before an idle connection is closed"),
+    },
+    "metrics": {
+        "host": Key("127.0.0.1", _text(), "address of the Prometheus /metrics endpoint"),
+        "port": Key(9108, _number(0, 65535, integer=True), "TCP port, 0 = no metrics endpoint"),
+    },
+    "outputs": {
+        "backend": Key("memory", _text("memory", "modbus", "lcus", "gpiod"), "relay board kind"),
+        "options": Key({}, _table, "backend options (port, unit, host, chip, ...): docs/outputs.md"),
+        **{role: Key(default, _channel, f"board channel of {role.replace('_', ' ')} (0 = not mapped)")
+           for role, default in (("load_disconnect", 1), ("charge_disconnect", 2), ("pre_alarm", 3),
+                                 ("error_led", 0), ("status_led", 0))},
+        "reassert_every": Key(5.0, _number(0.5, 3600.0), "s between re-asserting every output (OUT-5)"),
+        "blink_leds": Key(False, _flag, "toggle LED outputs at 1 Hz when blinking (solid-state/GPIO only)"),
+    },
+    "remote": {
+        "source": Key("none", _text("none", "board", "gpio"), "remote on/off input (REM-1); none = always on"),
+        "channel": Key(0, _number(0, 64, integer=True), "board input or GPIO line of the remote input"),
+        "inverted": Key(False, _flag, "true when the input reads 1 for 'off'"),
+    },
+    "store": {
+        "path": Key("/var/lib/smallbms-bus/state.db", _text(), "SQLite state file"),
+        "persist_interval": Key(60.0, _number(5.0, 3600.0), "s between counter writes (flash wear)"),
+    },
+    "log": {
+        "level": Key("INFO", _text(*LOG_LEVELS), "log level on stderr"),
+    },
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    sections: dict[str, dict[str, Any]]
+    source: str = "<defaults>"
+
+    def __getitem__(self, section: str) -> dict[str, Any]:
+        return self.sections[section]
+
+    def output_channels(self) -> dict[str, int]:
+        return {role: ch for role in OUTPUT_ROLES if (ch := self.sections["outputs"][role]) is not None}
+
+
+def defaults() -> Config:
+    """Every default, normalised by its own check (so a default is exactly what the same value in a file gives)."""
+    return Config({name: {k: None if key.default is None else key.check(f"{name}.{k}", key.default)
+                          for k, key in keys.items()} for name, keys in SCHEMA.items()})
+
+
+def parse_config(text: str, source: str = "<text>") -> Config:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError("(file)", "not TOML", f"valid TOML: {error}", source) from None
+    sections = defaults().sections
+    for name, table in raw.items():
+        if name not in SCHEMA:
+            raise ConfigError(f"[{name}]", table if not isinstance(table, dict) else "section",
+                              "one of the sections " + ", ".join(f"[{s}]" for s in SCHEMA), source)
+        if not isinstance(table, dict):
+            raise ConfigError(name, table, f"a [{name}] table", source)
+        for key, value in table.items():
+            spec = SCHEMA[name].get(key)
+            if spec is None:
+                raise ConfigError(f"{name}.{key}", value, f"one of the keys of [{name}]: " + ", ".join(SCHEMA[name]),
+                                  source)
+            try:
+                sections[name][key] = spec.check(f"{name}.{key}", value)
+            except ConfigError as error:
+                raise ConfigError(error.key, error.value, error.allowed, source) from None
+    _cross_check(sections, source)
+    return Config(sections, source)
+
+
+def _cross_check(s: dict[str, dict[str, Any]], source: str) -> None:
+    outputs = s["outputs"]
+    used: dict[int, str] = {}
+    for role in OUTPUT_ROLES:
+        channel = outputs[role]
+        if channel is None:
+            continue
+        if channel in used:
+            raise ConfigError(f"outputs.{role}", channel, f"a channel not already used by outputs.{used[channel]}",
+                              source)
+        used[channel] = role
+    for role in ("load_disconnect", "charge_disconnect"):
+        if outputs[role] is None:
+            raise ConfigError(f"outputs.{role}", 0, "a board channel: the BMS cannot protect the bank without it",
+                              source)
+    remote = s["remote"]
+    if remote["source"] != "none" and remote["channel"] == 0:
+        raise ConfigError("remote.channel", 0, f"the {remote['source']} input of the remote on/off (1..64)", source)
+    if remote["source"] == "board" and outputs["backend"] in ("lcus",):
+        raise ConfigError("remote.source", "board", "gpio or none: LCUS relay boards have no inputs", source)
+    modbus = s["modbus"]
+    if (modbus["tls_cert"] is None) != (modbus["tls_key"] is None):
+        raise ConfigError("modbus.tls_key" if modbus["tls_key"] is None else "modbus.tls_cert", "",
+                          "set together with the other: TLS needs both a certificate and its key", source)
+    if modbus["gx_unit"] == modbus["unit"]:
+        raise ConfigError("modbus.gx_unit", modbus["gx_unit"], f"a unit id other than modbus.unit ({modbus['unit']})",
+                          source)
+
+
+def load_config(path: str | Path) -> Config:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as error:
+        raise ConfigError("(file)", str(p), f"a readable file ({error.strerror})") from None
+    return parse_config(text, str(p))

@@ -1,0 +1,82 @@
+"""Configuration: every error names the key, the bad value and what is allowed; exit 2; the example is complete."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from smallbms_bus.config import SCHEMA, ConfigError, defaults, load_config, parse_config
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "deploy" / "smallbms-bus.toml"
+
+
+def test_the_annotated_example_parses_to_the_defaults_and_mentions_every_key():
+    config = load_config(EXAMPLE)
+    assert config.sections == defaults().sections
+    text = EXAMPLE.read_text()
+    for section, keys in SCHEMA.items():
+        assert f"[{section}]" in text
+        for key in keys:
+            assert f"{key} =" in text or f"[{section}.{key}]" in text, f"{section}.{key} is not in the example"
+
+
+def test_empty_file_is_all_defaults():
+    config = parse_config("")
+    assert config["bus"]["interface"] == "socketcan" and config["bms"]["comm_timeout"] == 5.0
+    assert config.output_channels() == {"load_disconnect": 1, "charge_disconnect": 2, "pre_alarm": 3}
+
+
+def test_values_are_normalised():
+    config = parse_config('[modbus]\nallow_write_from = ["192.168.1.7", "10.0.0.0/8"]\n'
+                          '[outputs]\nerror_led = 4\n[outputs.options]\nport = "/dev/ttyUSB0"\nunit = 3\n')
+    assert config["modbus"]["allow_write_from"] == ("192.168.1.7/32", "10.0.0.0/8")
+    assert config["outputs"]["options"] == {"port": "/dev/ttyUSB0", "unit": 3}
+    assert config.output_channels()["error_led"] == 4
+
+
+@pytest.mark.parametrize(("text", "key", "allowed"), [
+    ("[bus]\nbitrate = 5", "bus.bitrate", "10000..1e+06"),
+    ("[bus]\nbitrate = 500000.5", "bus.bitrate", "an integer"),
+    ('[bus]\ninterface = ""', "bus.interface", "non-empty"),
+    ("[bms]\ncomm_timeout = 0.5", "bms.comm_timeout", "1..60"),
+    ("[bms]\ncomm_timeout = true", "bms.comm_timeout", "a number"),
+    ("[modbus]\nport = 70000", "modbus.port", "1..65535"),
+    ('[modbus]\nallow_write_from = ["everyone"]', "modbus.allow_write_from", "IPv4/IPv6"),
+    ("[modbus]\nallow_write_from = []", "modbus.allow_write_from", "non-empty list"),
+    ("[modbus]\ngx_unit = 1", "modbus.gx_unit", "other than modbus.unit"),
+    ('[modbus]\ntls_cert = "/etc/c.pem"', "modbus.tls_key", "both a certificate and its key"),
+    ('[outputs]\nbackend = "usb-magic"', "outputs.backend", "memory, modbus, lcus, gpiod"),
+    ("[outputs]\npre_alarm = 1", "outputs.pre_alarm", "not already used by outputs.load_disconnect"),
+    ("[outputs]\nload_disconnect = 0", "outputs.load_disconnect", "cannot protect the bank"),
+    ("[outputs]\noptions = 3", "outputs.options", "a table"),
+    ('[remote]\nsource = "gpio"', "remote.channel", "the gpio input"),
+    ('[remote]\nsource = "board"\nchannel = 1\n[outputs]\nbackend = "lcus"', "remote.source", "no inputs"),
+    ('[log]\nlevel = "chatty"', "log.level", "DEBUG, INFO"),
+    ("[bus]\nbitrat = 500000", "bus.bitrat", "one of the keys of [bus]"),
+    ("[canbus]\nchannel = 'can0'", "[canbus]", "one of the sections"),
+    ("bus = 3", "bus", "a [bus] table"),
+    ("[bus\n", "(file)", "valid TOML"),
+])
+def test_every_error_names_the_key_value_and_what_is_allowed(text, key, allowed):
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "test.toml")
+    assert info.value.key == key and allowed in info.value.allowed
+    assert str(info.value).startswith(f"test.toml: {key} = ")
+
+
+def test_check_config_command_exits_2_naming_the_key(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[bms]\ncomm_timeout = 90\n")
+    result = subprocess.run([sys.executable, "-m", "smallbms_bus.cli", "check-config", str(bad)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "bms.comm_timeout = 90 is not allowed: a number in 1..60" in result.stderr
+    good = subprocess.run([sys.executable, "-m", "smallbms_bus.cli", "check-config", str(EXAMPLE)],
+                          capture_output=True, text=True, timeout=60)
+    assert good.returncode == 0 and good.stdout.strip().endswith(": ok")
+    missing = subprocess.run([sys.executable, "-m", "smallbms_bus.cli", "check-config", str(tmp_path / "no.toml")],
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "a readable file" in missing.stderr
