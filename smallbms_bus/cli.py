@@ -22,27 +22,52 @@ def check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"demo": demo.run, "simulate": simulate.run, "check-config": check_config}
+def run_service(args: argparse.Namespace) -> int:
+    """`smallbms-bus run --config FILE`: exit 2 on a bad config or store, 0 after a clean stop."""
+    import asyncio
+
+    from smallbms_bus.outputs.base import OutputError
+    from smallbms_bus.service import Service
+    from smallbms_bus.store import StoreError
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as error:
+        print(f"run: {error}", file=sys.stderr)
+        return 2
+    if args.log_level is None:
+        logging.getLogger().setLevel(config["log"]["level"])
+    try:
+        service = Service(config)
+    except (StoreError, OutputError, ValueError) as error:
+        print(f"run: {error}", file=sys.stderr)
+        return 2
+    return asyncio.run(service.run())
+
+
+COMMANDS = {"demo": demo.run, "simulate": simulate.run, "check-config": check_config, "run": run_service}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smallbms-bus",
                                      description="A software smallBMS NG for Lithium NG battery banks.")
     parser.add_argument("--version", action="version", version=f"smallbms-bus {__version__}")
-    parser.add_argument("--log-level", default="INFO", type=str.upper,
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level on stderr (default INFO)")
+    parser.add_argument("--log-level", default=None, type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="log level on stderr (default: [log] level of the config, else INFO)")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo.add_parser(subparsers)
     simulate.add_parser(subparsers)
     checker = subparsers.add_parser("check-config", help="validate a configuration file and exit (2 = invalid)")
     checker.add_argument("file", help="TOML configuration file")
+    runner = subparsers.add_parser("run", help="run the BMS service")
+    runner.add_argument("--config", required=True, help="TOML configuration file (deploy/smallbms-bus.toml)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # No timestamps: journald and container runtimes add their own.
-    logging.basicConfig(level=args.log_level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level or "INFO", stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     return COMMANDS[args.command](args)
 
 

@@ -221,6 +221,10 @@ def _cross_check(s: dict[str, dict[str, Any]], source: str) -> None:
         raise ConfigError("remote.channel", 0, f"the {remote['source']} input of the remote on/off (1..64)", source)
     if remote["source"] == "board" and outputs["backend"] in ("lcus",):
         raise ConfigError("remote.source", "board", "gpio or none: LCUS relay boards have no inputs", source)
+    if remote["source"] == "gpio" and outputs["backend"] != "gpiod":
+        raise ConfigError("remote.source", "gpio", 'board or none: a GPIO remote input is read through the gpiod '
+                          'outputs backend (outputs.backend = "gpiod", its inputs option); this version reads '
+                          "the remote from the relay board that drives the outputs", source)
     modbus = s["modbus"]
     if (modbus["tls_cert"] is None) != (modbus["tls_key"] is None):
         raise ConfigError("modbus.tls_key" if modbus["tls_key"] is None else "modbus.tls_cert", "",

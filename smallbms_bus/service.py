@@ -1,0 +1,272 @@
+"""The running service: link -> bank -> core -> outputs, BMS_STATE, store; supervised (asyncio shell).
+
+Theory of operation
+-------------------
+The BMS core is pure; this shell gives it time and I/O and never decides anything itself.
+
+- Receive: the link's blocking `poll` runs in its own thread and hands each batch of reports to
+  the event loop, which feeds the core and evaluates at once (a frame that sets CellHighVoltage
+  reaches the charge output without waiting for a tick).
+- Tick: every 100 ms the core is evaluated even without frames (timers, staleness) and BMS_STATE is
+  sent; it is also sent at once when ATC, ATD, pre-alarm, alarms or warnings change.
+- Outputs: every decision's wanted outputs go to the relay board through one worker thread (blocking
+  serial/TCP I/O never stalls the loop, and commands stay in order). The board's fault and remote
+  input are fed back to the core (OUT-5, REM-1).
+- Store: loaded at start (settings, mode, SoC, history, learned bank, latches, timers). The Persister
+  decides on the loop thread and takes the snapshot there (the core is not thread-safe); only the
+  fsync'd write runs on the store thread. Events travel with the state in the same transaction.
+- Supervision: every task runs under `_supervise`: a crash is logged, the outputs are switched off
+  and the task restarts after a pause. SIGTERM/SIGINT stop cleanly: outputs off, state saved, exit 0.
+- systemd: READY=1 once the loop runs, WATCHDOG=1 from the tick while it keeps ticking.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from smallbms_bus.bms.core import BmsCore, Decision, bms_state_report
+from smallbms_bus.config import Config
+from smallbms_bus.link.bus import BusConfig, Link
+from smallbms_bus.link.codec import FrameDecoder, FrameEncoder, load_dbc
+from smallbms_bus.outputs import make_board
+from smallbms_bus.outputs.base import RelayBoard
+from smallbms_bus.outputs.controller import Outputs
+from smallbms_bus.reports import Report
+from smallbms_bus.store import Persister, Store
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.1  # evaluation tick and BMS_STATE period (PROTOCOL.md)
+POLL_S = 0.05
+RESTART_PAUSE_S = 1.0
+OFF = {"load_disconnect": False, "charge_disconnect": False, "pre_alarm": False, "error_led": "off",
+       "status_led": "off"}
+
+
+def sd_notify(message: str) -> None:
+    """systemd's notify protocol (Type=notify): a datagram to $NOTIFY_SOCKET; a no-op elsewhere."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(message.encode(), address)
+    except OSError:
+        log.debug("sd_notify failed", exc_info=True)
+
+
+@dataclass
+class ServiceStats:
+    evaluations: int = 0
+    bms_state_sent: int = 0
+    task_restarts: int = 0
+    events: int = 0
+
+
+class Service:
+    def __init__(self, config: Config, *, board: RelayBoard | None = None, bus: BusConfig | None = None,
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.clock, self.wall = clock, wall
+        self.stats = ServiceStats()
+        self.store = Store.open(config["store"]["path"])
+        self.persister = Persister(self.store, interval=config["store"]["persist_interval"])
+        now = clock()
+        options = {"comm_timeout": config["bms"]["comm_timeout"], "discovery_window": config["bms"]["discovery_window"]}
+        snapshot = self.store.load_state()
+        self.core = (BmsCore.from_snapshot(snapshot, now, wall(), **options) if snapshot is not None
+                     else BmsCore(now, wall(), **options))
+        db = load_dbc(config["bus"]["dbc"])
+        self.encoder = FrameEncoder(db)
+        bus_config = bus or BusConfig(config["bus"]["interface"], config["bus"]["channel"], config["bus"]["bitrate"],
+                                      {} if config["bus"]["interface"] != "slcan" or config["bus"]["slcan_wait"]
+                                      else {"sleep_after_open": 0})
+        self.link = Link(bus_config, FrameDecoder(db))
+        out = config["outputs"]
+        # make_board does no I/O: a relay board not yet enumerated at boot is a RELAY_FAULT that clears when
+        # the controller's back-off re-open succeeds, not an exit (bad options still raise ValueError).
+        self.board = board or make_board(out["backend"], **out["options"])
+        remote = config["remote"]
+        self.outputs = Outputs(self.board, config.output_channels(), reassert_every=out["reassert_every"],
+                               blink_leds=out["blink_leds"], clock=clock,
+                               remote_channel=remote["channel"] if remote["source"] != "none" else None,
+                               remote_inverted=remote["inverted"])
+        self.decision: Decision | None = None
+        self._alive = 0
+        self._last_sent_state: tuple | None = None
+        self._next_state_at = 0.0
+        self._stopping = threading.Event()
+        self._pending_lock = threading.Lock()
+        self._pending: tuple[dict[str, Any], float] | None = None
+        self._apply_scheduled = False
+        self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="outputs")
+        self._db = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store")
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- the decision path ------------------------------------------------------------------------
+    def _on_reports(self, reports: list[Report]) -> None:
+        if self._stopping.is_set():  # a batch the receiver queued just before shutdown
+            return
+        now = self.clock()
+        for report in reports:
+            self.core.on_report(report, now)
+        self._decide()
+
+    def _decide(self) -> Decision:
+        now, wall = self.clock(), self.wall()
+        decision = self.core.evaluate(now, wall)
+        self.decision = decision
+        self.stats.evaluations += 1
+        wanted: dict[str, Any] = {
+            "load_disconnect": decision.outputs.load_disconnect,
+            "charge_disconnect": decision.outputs.charge_disconnect,
+            "pre_alarm": decision.outputs.pre_alarm,
+            "error_led": decision.error_led.value,
+            "status_led": decision.status_led.value,
+        }
+        self._want_outputs(wanted, now)
+        state = (decision.atc, decision.atd, decision.pre_alarm, decision.alarms, decision.warnings)
+        if now >= self._next_state_at or state != self._last_sent_state:
+            self._alive += 1
+            if self.link.send(self.encoder.bms_state(bms_state_report(decision, self._alive))):
+                self.stats.bms_state_sent += 1
+            self._last_sent_state, self._next_state_at = state, now + TICK_S
+        if decision.events:
+            self.stats.events += len(decision.events)
+            for event in decision.events:
+                log.info("event %s %s -> %s: %s", event.kind, event.name, event.value, event.reason)
+            self.persister.queue(decision.events)  # written with the state, in one transaction
+        return decision
+
+    def _want_outputs(self, wanted: dict[str, Any], now: float) -> None:
+        """Latest wins: a slow board (Modbus RTU at 9600 baud) gets the newest state, never a backlog."""
+        with self._pending_lock:
+            if self._stopping.is_set():  # shutdown owns the outputs now: everything goes off
+                return
+            self._pending = (wanted, now)
+            if self._apply_scheduled:
+                return
+            self._apply_scheduled = True
+        self._io.submit(self._apply_outputs)
+
+    def _apply_outputs(self) -> None:
+        """Worker thread: drive the board, then report its fault and remote input back to the core."""
+        while True:
+            with self._pending_lock:
+                pending, self._pending = self._pending, None
+                if pending is None or self._stopping.is_set():
+                    self._apply_scheduled = False
+                    return
+            wanted, now = pending
+            status = self.outputs.apply(wanted, now)
+            remote = self.outputs.remote(now)
+            loop = self._loop
+            if loop is not None and not loop.is_closed():
+                loop.call_soon_threadsafe(self._feedback, status.fault, remote)
+
+    def _feedback(self, fault: str | None, remote: bool | None) -> None:
+        self.core.set_relay_fault(fault)
+        on = True if remote is None else remote  # REM-1: no input configured = the wire loop = always on
+        if on != self.core.remote_on:
+            self.core.set_remote(on)
+
+    # -- tasks ----------------------------------------------------------------------------------------
+    def _receive_thread(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        was_up = None
+        while not self._stopping.is_set():
+            try:
+                reports = self.link.poll(POLL_S)
+            except Exception:  # the link never raises on bus trouble; anything else is a bug: keep going
+                log.exception("receive failed; continuing")
+                time.sleep(RESTART_PAUSE_S)
+                continue
+            if self.link.up != was_up:
+                was_up = self.link.up
+                loop.call_soon_threadsafe(self.core.set_link, self.link.up, self.link.reason)
+            if reports:
+                loop.call_soon_threadsafe(self._on_reports, reports)
+
+    async def _tick(self) -> None:
+        # systemd asks for a keep-alive at least every WatchdogSec/2; once a second is plenty and cheap.
+        watchdog = "WATCHDOG_USEC" in os.environ
+        next_watchdog = 0.0
+        while True:
+            self._decide()
+            now = self.clock()
+            # The snapshot is taken here, on the core's thread; only the fsync'd write goes to the store thread.
+            save = self.persister.collect(self.core, now, self.wall())
+            if save is not None:
+                self._db.submit(self.persister.write, save)
+            if watchdog and now >= next_watchdog:
+                sd_notify("WATCHDOG=1")
+                next_watchdog = now + 1.0
+            await asyncio.sleep(TICK_S)
+
+    async def _supervise(self, name: str, factory: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            try:
+                await factory()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.stats.task_restarts += 1
+                log.exception("task %s crashed: outputs off, restarting in %.0f s", name, RESTART_PAUSE_S)
+                self._io.submit(self.outputs.safe)
+                await asyncio.sleep(RESTART_PAUSE_S)
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event | None = None) -> int:
+        stop = stop or asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread (tests)
+                self._loop.add_signal_handler(sig, stop.set)
+        await self._loop.run_in_executor(self._io, self.outputs.safe)  # OUT-4: start from a known safe state
+        receiver = threading.Thread(target=self._receive_thread, name="bus-receive", daemon=True)
+        receiver.start()
+        tick = asyncio.create_task(self._supervise("tick", self._tick))
+        sd_notify("READY=1")
+        log.info("running: bus %s, outputs %s, store %s", self.link.config.describe(),
+                 self.config["outputs"]["backend"], self.config["store"]["path"])
+        try:
+            await stop.wait()
+        finally:
+            sd_notify("STOPPING=1")
+            tick.cancel()
+            await asyncio.gather(tick, return_exceptions=True)
+            await self.shutdown(receiver)
+        return 0
+
+    async def shutdown(self, receiver: threading.Thread | None = None) -> None:
+        """OUT-4: every output off before exit; then the state is saved and everything closed."""
+        loop = asyncio.get_running_loop()
+        with self._pending_lock:
+            self._stopping.set()  # from here no decision reaches the board
+        if receiver is not None:
+            await loop.run_in_executor(None, receiver.join, 2.0)
+        await loop.run_in_executor(self._io, self.outputs.safe)  # queued after any in-flight apply
+        self._io.shutdown(wait=True)
+        self.link.close()
+        save = self.persister.collect(self.core, self.clock(), self.wall(), force=True)
+        if save is not None:
+            await loop.run_in_executor(self._db, self.persister.write, save)
+        await loop.run_in_executor(self._db, self.store.close)
+        self._db.shutdown(wait=True)
+        self.board.close()
+        log.info("stopped: outputs off, state saved")

@@ -1,0 +1,128 @@
+"""The service in-process: virtual batteries on a virtual bus, a memory relay board, a real SQLite store."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+
+import can
+import pytest
+
+from smallbms_bus.bms.alarms import BmsAlarm
+from smallbms_bus.config import parse_config
+from smallbms_bus.outputs.memory import MemoryBoard
+from smallbms_bus.service import Service
+from smallbms_bus.sim.runner import Simulator
+from smallbms_bus.store import Store
+
+LOAD, CHARGE, PRE = 1, 2, 3
+
+
+def config_text(store: str, channel: str) -> str:
+    return (f'[bus]\ninterface = "virtual"\nchannel = "{channel}"\n[bms]\ndiscovery_window = 1.0\n'
+            f'[store]\npath = "{store}"\n[outputs]\nbackend = "memory"\n')
+
+
+class Running:
+    """A service on its own event loop thread, and a simulator on the same virtual bus."""
+
+    def __init__(self, tmp_path, scenario: str = "steady", speed: float = 1.0, board: MemoryBoard | None = None):
+        self.channel = f"svc-{uuid.uuid4().hex[:8]}"
+        self.config = parse_config(config_text(str(tmp_path / "state.db"), self.channel))
+        self.board = board or MemoryBoard()
+        self.service = Service(self.config, board=self.board)
+        self.sim = Simulator.from_scenario(scenario, "2s1p-12v100", speed=speed)
+        self.sim_bus = can.Bus(interface="virtual", channel=self.channel)
+        self.sim_stop = threading.Event()
+        self.loop = asyncio.new_event_loop()
+        self.stop = asyncio.Event()
+        self.result: list[int] = []
+
+    def __enter__(self) -> Running:
+        threading.Thread(target=self.sim.run, args=(self.sim_bus,), kwargs={"stop_event": self.sim_stop},
+                         daemon=True).start()
+
+        def serve() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.result.append(self.loop.run_until_complete(self.service.run(self.stop)))
+
+        self.thread = threading.Thread(target=serve, daemon=True)
+        self.thread.start()
+        return self
+
+    def wait_for(self, predicate, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            time.sleep(0.02)
+        d = self.service.decision
+        raise AssertionError(f"{what} not reached in {timeout} s; relays {self.board.relays}; "
+                             f"reasons {d.reasons if d else None}")
+
+    def shutdown(self) -> int:
+        self.loop.call_soon_threadsafe(self.stop.set)
+        self.thread.join(timeout=15)
+        return self.result[0]
+
+    def __exit__(self, *exc: object) -> None:
+        if self.thread.is_alive():
+            self.shutdown()
+        self.sim_stop.set()
+        self.sim_bus.shutdown()
+
+
+def test_starts_safe_runs_the_bank_and_stops_safe_with_state_saved(tmp_path):
+    with Running(tmp_path) as run:
+        time.sleep(0.3)
+        assert not any(run.board.relays.values())  # OUT-4: nothing on before the bank is learned
+        run.wait_for(lambda: run.board.relays[LOAD] and run.board.relays[CHARGE], 8, "load and charge on")
+        assert not run.board.relays[PRE]
+        run.wait_for(lambda: run.sim.stats.bms_states > 5, 3, "BMS_STATE received by the batteries' side")
+        assert run.sim.last_bms_state.allowed_to_charge and run.sim.last_bms_state.battery_count == 2
+        run.service.core.set_mode(False)  # REM-2 through the running service
+        run.wait_for(lambda: not run.board.relays[LOAD] and not run.board.relays[CHARGE], 2, "mode off")
+        assert run.shutdown() == 0
+        assert not any(run.board.relays.values())  # OUT-4: off before exit
+    with Store.open(tmp_path / "state.db") as store:
+        saved = store.load_state()
+        assert saved["mode_on"] is False and len(saved["learned_bank"]["batteries"]) == 2
+        assert any(e["name"] == "MODE" and e["value"] == "off" for e in store.events())
+
+
+def test_a_cell_high_voltage_frame_reaches_the_charge_relay(tmp_path):
+    with Running(tmp_path) as run:
+        run.wait_for(lambda: run.board.relays[CHARGE], 8, "charge on")
+        battery = run.sim.bank.battery(2)
+        battery.set_cell_voltage(3, 3.80)  # the battery's firmware raises CellHighVoltage
+        run.wait_for(lambda: not run.board.relays[CHARGE], 2, "charge relay off")
+        assert run.board.relays[LOAD]
+        assert BmsAlarm.CELL_HIGH_VOLTAGE in run.service.decision.alarms
+
+
+def test_a_relay_that_does_not_follow_is_relay_fault(tmp_path):
+    board = MemoryBoard(stuck=[PRE])
+    with Running(tmp_path, scenario="discharge", speed=20, board=board) as run:
+        run.wait_for(lambda: run.board.relays[LOAD], 8, "load on")
+        run.wait_for(lambda: run.service.decision.pre_alarm, 30, "pre-alarm wanted")
+        run.wait_for(lambda: BmsAlarm.RELAY_FAULT in run.service.decision.alarms, 2, "RELAY_FAULT")
+        assert "pre_alarm (channel 3)" in run.service.decision.reasons["RELAY_FAULT"]
+
+
+def test_a_restart_restores_mode_settings_and_soc(tmp_path):
+    with Running(tmp_path) as run:
+        run.wait_for(lambda: run.board.relays[LOAD], 8, "load on")
+        run.service.core.set_settings(discharge_floor_pct=20, low_soc_warning_pct=30)
+        run.service.core.set_soc(77.0)
+        run.service.core.set_mode(False)
+        time.sleep(0.3)
+        assert run.shutdown() == 0
+    with Running(tmp_path) as again:
+        core = again.service.core
+        assert core.mode_on is False and core.settings.discharge_floor_pct == 20
+        assert core.monitor.soc_known and core.bank.learned is not None
+        again.wait_for(lambda: again.service.decision is not None and again.service.decision.started, 8, "start")
+        assert again.service.decision.soc == pytest.approx(77.0, abs=0.5)
+        assert not again.board.relays[LOAD]  # mode off survived the restart
