@@ -137,7 +137,7 @@ def test_systemd_notify_ready_watchdog_and_stopping(rig, tmp_path):
     """Type=notify: READY=1 once serving, WATCHDOG=1 while ticking, STOPPING=1 on SIGTERM."""
     import socket
 
-    config, module, _ = rig
+    config, _module, _ = rig
     address = str(tmp_path / "notify.sock")
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(address)
