@@ -32,7 +32,7 @@ def test_demo_reads_the_virtual_bank_and_stops_cleanly():
 
 
 def test_demo_overcharge_is_stopped_by_the_core_through_bms_state():
-    """Virtual battery -> bus -> link -> core -> BMS_STATE -> the virtual charger stops. The overcharge
+    """Virtual battery -> bus -> link -> core -> relay and BMS_STATE -> the virtual charger stops. The overcharge
     scenario's charger aims too high (15.2 V per unit); at speed 50 a cell passes 3.75 V about 8 s after
     the core starts (10 s discovery)."""
     result = subprocess.run([*CMD, "demo", "--scenario", "overcharge", "--bank", "1s1p-12v100", "--speed", "50",
@@ -44,6 +44,8 @@ def test_demo_overcharge_is_stopped_by_the_core_through_bms_state():
     assert charging and stopped, result.stdout[-3000:]
     assert "+30.0 A" in charging[-1]  # 0.3C into a 100 Ah battery while allowed
     assert all("charge off" in b for b in stopped)
+    assert "relays   load on, charge on" in charging[-1]  # the memory board's relays, not only the wish
+    assert "relays   load on, charge off" in stopped[-1]
     assert "+0.0 A" in stopped[-1] and "cells min" in stopped[-1]  # the charger obeyed BMS_STATE
 
 
