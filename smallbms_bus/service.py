@@ -120,10 +120,19 @@ class Service:
     def _on_reports(self, reports: list[Report]) -> None:
         if self._stopping.is_set():  # a batch the receiver queued just before shutdown
             return
-        now = self.clock()
-        for report in reports:
-            self.core.on_report(report, now)
-        self._decide()
+        try:
+            now = self.clock()
+            for report in reports:
+                self.core.on_report(report, now)
+            self._decide()
+        except Exception:  # an event-loop callback is not a supervised task: fail safe here
+            self._failed("frame handler")
+
+    def _failed(self, what: str) -> None:
+        """A decision could not be made: every output off until one can (the next frame or tick retries)."""
+        self.stats.task_restarts += 1
+        log.exception("%s crashed: outputs off, retrying", what)
+        self._want_outputs(dict(OFF), self.clock())
 
     def _decide(self) -> Decision:
         now, wall = self.clock(), self.wall()
@@ -225,9 +234,7 @@ class Service:
             except asyncio.CancelledError:
                 raise
             except Exception:
-                self.stats.task_restarts += 1
-                log.exception("task %s crashed: outputs off, restarting in %.0f s", name, RESTART_PAUSE_S)
-                self._io.submit(self.outputs.safe)
+                self._failed(f"task {name}")
                 await asyncio.sleep(RESTART_PAUSE_S)
 
     # -- lifecycle --------------------------------------------------------------------------------------

@@ -20,17 +20,18 @@ from smallbms_bus.store import Store
 LOAD, CHARGE, PRE = 1, 2, 3
 
 
-def config_text(store: str, channel: str) -> str:
+def config_text(store: str, channel: str, extra: str = "") -> str:
     return (f'[bus]\ninterface = "virtual"\nchannel = "{channel}"\n[bms]\ndiscovery_window = 1.0\n'
-            f'[store]\npath = "{store}"\n[outputs]\nbackend = "memory"\n')
+            f'[store]\npath = "{store}"\n[outputs]\nbackend = "memory"\n{extra}')
 
 
 class Running:
     """A service on its own event loop thread, and a simulator on the same virtual bus."""
 
-    def __init__(self, tmp_path, scenario: str = "steady", speed: float = 1.0, board: MemoryBoard | None = None):
+    def __init__(self, tmp_path, scenario: str = "steady", speed: float = 1.0, board: MemoryBoard | None = None,
+                 extra: str = ""):
         self.channel = f"svc-{uuid.uuid4().hex[:8]}"
-        self.config = parse_config(config_text(str(tmp_path / "state.db"), self.channel))
+        self.config = parse_config(config_text(str(tmp_path / "state.db"), self.channel, extra))
         self.board = board or MemoryBoard()
         self.service = Service(self.config, board=self.board)
         self.sim = Simulator.from_scenario(scenario, "2s1p-12v100", speed=speed)
@@ -126,3 +127,36 @@ def test_a_restart_restores_mode_settings_and_soc(tmp_path):
         again.wait_for(lambda: again.service.decision is not None and again.service.decision.started, 8, "start")
         assert again.service.decision.soc == pytest.approx(77.0, abs=0.5)
         assert not again.board.relays[LOAD]  # mode off survived the restart
+
+
+def test_remote_input_from_the_board_switches_load_and_charge(tmp_path):
+    board = MemoryBoard()
+    board.set_input(2, True)  # the wire loop closed: remote on
+    with Running(tmp_path, board=board, extra='[remote]\nsource = "board"\nchannel = 2\n') as run:
+        run.wait_for(lambda: run.board.relays[LOAD] and run.board.relays[CHARGE], 8, "load and charge on")
+        board.set_input(2, False)  # REM-1/REM-2: remote off -> both free-floating
+        run.wait_for(lambda: not run.board.relays[LOAD] and not run.board.relays[CHARGE], 2, "remote off")
+        assert run.service.decision.atd and not run.service.decision.remote_on
+        board.set_input(2, True)
+        run.wait_for(lambda: run.board.relays[LOAD], 2, "remote on again")
+
+
+def test_a_failing_decision_switches_the_outputs_off_and_recovers(tmp_path, caplog):
+    """Whichever path evaluates (a frame batch or the tick), a failure means every output off; once
+    decisions succeed again the outputs follow them."""
+    with Running(tmp_path) as run:
+        run.wait_for(lambda: run.board.relays[LOAD], 8, "load on")
+        core = run.service.core
+        original = core.evaluate
+        broken_until = time.monotonic() + 0.5
+
+        def failing(now: float, wall: float):
+            if time.monotonic() < broken_until:
+                raise RuntimeError("injected fault")
+            return original(now, wall)
+
+        core.evaluate = failing  # type: ignore[method-assign]
+        run.wait_for(lambda: not any(run.board.relays.values()), 1, "every output off while decisions fail")
+        run.wait_for(lambda: run.board.relays[LOAD] and run.board.relays[CHARGE], 5, "outputs back")
+        assert run.service.stats.task_restarts >= 1
+        assert any("crashed: outputs off" in r.getMessage() for r in caplog.records)
