@@ -7,16 +7,23 @@ import logging
 import sys
 
 from smallbms_bus import __version__, demo
-from smallbms_bus.config import ConfigError, load_config
+from smallbms_bus.config import Config, ConfigError, load_config
 from smallbms_bus.sim import cli as simulate
+
+
+def _load_config(path: str, command: str) -> Config | None:
+    """The config, or None after printing the error that names the key (the caller exits 2)."""
+    try:
+        return load_config(path)
+    except ConfigError as error:
+        print(f"{command}: {error}", file=sys.stderr)
+        return None
 
 
 def check_config(args: argparse.Namespace) -> int:
     """Validate a configuration file and nothing else: exit 0 when it is good, 2 naming the bad key."""
-    try:
-        config = load_config(args.file)
-    except ConfigError as error:
-        print(f"check-config: {error}", file=sys.stderr)
+    config = _load_config(args.file, "check-config")
+    if config is None:
         return 2
     print(f"{config.source}: ok")
     return 0
@@ -30,10 +37,8 @@ def run_service(args: argparse.Namespace) -> int:
     from smallbms_bus.service import Service
     from smallbms_bus.store import StoreError
 
-    try:
-        config = load_config(args.config)
-    except ConfigError as error:
-        print(f"run: {error}", file=sys.stderr)
+    config = _load_config(args.config, "run")
+    if config is None:
         return 2
     if args.log_level is None:
         logging.getLogger().setLevel(config["log"]["level"])
