@@ -180,11 +180,16 @@ class Service:
                     self._apply_scheduled = False
                     return
             wanted, now = pending
-            status = self.outputs.apply(wanted, now)
-            remote = self.outputs.remote(now)
+            try:
+                status = self.outputs.apply(wanted, now)
+                fault, remote = status.fault, self.outputs.remote(now)
+            except Exception as error:  # a bug here must not freeze the outputs: fail safe and keep serving
+                log.exception("applying outputs failed: switching everything off")
+                self.outputs.safe()
+                fault, remote = f"output controller error: {error}", False
             loop = self._loop
             if loop is not None and not loop.is_closed():
-                loop.call_soon_threadsafe(self._feedback, status.fault, remote)
+                loop.call_soon_threadsafe(self._feedback, fault, remote)
 
     def _feedback(self, fault: str | None, remote: bool | None) -> None:
         self.core.set_relay_fault(fault)

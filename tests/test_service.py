@@ -160,3 +160,22 @@ def test_a_failing_decision_switches_the_outputs_off_and_recovers(tmp_path, capl
         run.wait_for(lambda: run.board.relays[LOAD] and run.board.relays[CHARGE], 5, "outputs back")
         assert run.service.stats.task_restarts >= 1
         assert any("crashed: outputs off" in r.getMessage() for r in caplog.records)
+
+
+def test_an_output_controller_error_fails_safe_and_does_not_freeze_the_outputs(tmp_path):
+    with Running(tmp_path) as run:
+        run.wait_for(lambda: run.board.relays[LOAD], 8, "load on")
+        outputs = run.service.outputs
+        real_apply = outputs.apply
+        broken = {"on": True}
+
+        def apply(wanted, now=None):
+            if broken["on"]:
+                raise RuntimeError("injected controller bug")
+            return real_apply(wanted, now)
+
+        outputs.apply = apply  # type: ignore[method-assign]
+        run.wait_for(lambda: not any(run.board.relays.values()), 2, "every output off")
+        run.wait_for(lambda: BmsAlarm.RELAY_FAULT in run.service.decision.alarms, 2, "RELAY_FAULT")
+        broken["on"] = False
+        run.wait_for(lambda: run.board.relays[LOAD] and run.board.relays[CHARGE], 6, "outputs follow again")
