@@ -163,15 +163,3 @@ def run(args: argparse.Namespace, stop_event: threading.Event | None = None) -> 
     print(f"simulate: stopped after {simulator.sim_time:.1f} simulated s; frames sent {stats.frames_sent},"
           f" send errors {stats.send_errors}, BMS_STATE received {stats.bms_states}", file=sys.stderr)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point (`python -m smallbms_bus.sim.cli`) until the main CLI dispatches here."""
-    parser = argparse.ArgumentParser(prog="smallbms-bus")
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    add_parser(subparsers)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

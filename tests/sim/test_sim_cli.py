@@ -89,7 +89,7 @@ def test_a_bus_that_cannot_open_exits_2_naming_the_options(capsys: pytest.Captur
 def test_signals_stop_cleanly_with_exit_0(signum: int) -> None:
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "smallbms_bus.sim.cli", "simulate", "--interface", "virtual",
+        [sys.executable, "-m", "smallbms_bus.cli", "simulate", "--interface", "virtual",
          "--channel", f"sig-{uuid.uuid4().hex}"],
         cwd=REPO, env=env, stderr=subprocess.PIPE, text=True,
     )
