@@ -20,8 +20,8 @@ from smallbms_bus.store import Store
 LOAD, CHARGE, PRE = 1, 2, 3
 
 
-def config_text(store: str, channel: str, extra: str = "") -> str:
-    return (f'[bus]\ninterface = "virtual"\nchannel = "{channel}"\n[bms]\ndiscovery_window = 1.0\n'
+def config_text(store: str, channel: str, extra: str = "", bms: str = "") -> str:
+    return (f'[bus]\ninterface = "virtual"\nchannel = "{channel}"\n[bms]\ndiscovery_window = 1.0\n{bms}'
             f'[store]\npath = "{store}"\n[outputs]\nbackend = "memory"\n{extra}')
 
 
@@ -29,9 +29,9 @@ class Running:
     """A service on its own event loop thread, and a simulator on the same virtual bus."""
 
     def __init__(self, tmp_path, scenario: str = "steady", speed: float = 1.0, board: MemoryBoard | None = None,
-                 extra: str = ""):
+                 extra: str = "", bms: str = ""):
         self.channel = f"svc-{uuid.uuid4().hex[:8]}"
-        self.config = parse_config(config_text(str(tmp_path / "state.db"), self.channel, extra))
+        self.config = parse_config(config_text(str(tmp_path / "state.db"), self.channel, extra, bms))
         self.board = board or MemoryBoard()
         self.service = Service(self.config, board=self.board)
         self.sim = Simulator.from_scenario(scenario, "2s1p-12v100", speed=speed)
@@ -179,3 +179,26 @@ def test_an_output_controller_error_fails_safe_and_does_not_freeze_the_outputs(t
         run.wait_for(lambda: BmsAlarm.RELAY_FAULT in run.service.decision.alarms, 2, "RELAY_FAULT")
         broken["on"] = False
         run.wait_for(lambda: run.board.relays[LOAD] and run.board.relays[CHARGE], 6, "outputs follow again")
+
+
+def test_comms_loss_scenario_switches_both_off_within_the_timeout_and_recovers(tmp_path):
+    """comms-loss: battery 2 is silent from 60 s to 180 s of simulated time (3 s .. 9 s real at speed 20)."""
+    with Running(tmp_path, scenario="comms-loss", speed=20, bms="comm_timeout = 1.0\n") as run:
+        run.wait_for(lambda: run.board.relays[LOAD] and run.board.relays[CHARGE], 3, "load and charge on")
+        run.wait_for(lambda: run.sim.bank.battery(2).silent, 6, "battery 2 silent")
+        silent_from = time.monotonic()
+        # comm_timeout (1 s) + 0.5 s, as the fault campaign requires; the 20 ms poll of wait_for is the slack
+        run.wait_for(lambda: not run.board.relays[LOAD] and not run.board.relays[CHARGE], 1.5, "both off")
+        assert BmsAlarm.BATTERY_COMMS_LOST in run.service.decision.alarms and run.board.relays[PRE]  # COM-2
+        run.wait_for(lambda: run.board.relays[LOAD] and run.board.relays[CHARGE], 12, "both on again")
+        assert time.monotonic() - silent_from > 5  # silent ~6 s real, then 2 s of fresh data (COM-2)
+
+
+def test_cold_charge_scenario_stops_charging_and_keeps_the_loads(tmp_path):
+    """cold-charge: batteries at 7 degC in 0 degC air cool below 5 degC after ~550-750 s (11-15 s at speed 50)."""
+    with Running(tmp_path, scenario="cold-charge", speed=50) as run:
+        run.wait_for(lambda: run.board.relays[CHARGE], 8, "charge on")
+        run.wait_for(lambda: not run.board.relays[CHARGE], 25, "charge off in the cold")
+        decision = run.service.decision
+        assert BmsAlarm.LOW_TEMPERATURE_CHARGE in decision.alarms and run.board.relays[LOAD]  # ATC-2 only
+        assert "lowest cell temperature" in decision.reasons["LOW_TEMPERATURE_CHARGE"]
