@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 from smallbms_bus.bank import BankView
 from smallbms_bus.bms.alarms import names
-from smallbms_bus.bms.core import Decision, time_remaining_text
+from smallbms_bus.bms.core import Decision
 
 
 def _v(value: float | None, fmt: str, unit: str) -> str:
@@ -57,3 +59,12 @@ def format_decision(d: Decision) -> str:
         for name in names(flags):
             lines.append(f"{kind:<8} {name}: {d.reasons.get(name, '')}")
     return "\n".join(lines)
+
+
+def time_remaining_text(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    if math.isinf(seconds):
+        return "infinite"
+    hours, rest = divmod(int(seconds), 3600)
+    return f"{hours}h{rest // 60:02d}m"

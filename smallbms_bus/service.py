@@ -91,9 +91,8 @@ class Service:
                      else BmsCore(now, wall(), **options))
         db = load_dbc(config["bus"]["dbc"])
         self.encoder = FrameEncoder(db)
-        bus_config = bus or BusConfig(config["bus"]["interface"], config["bus"]["channel"], config["bus"]["bitrate"],
-                                      {} if config["bus"]["interface"] != "slcan" or config["bus"]["slcan_wait"]
-                                      else {"sleep_after_open": 0})
+        b = config["bus"]
+        bus_config = bus or BusConfig.of(b["interface"], b["channel"], b["bitrate"], slcan_wait=b["slcan_wait"])
         self.link = Link(bus_config, FrameDecoder(db))
         out = config["outputs"]
         # make_board does no I/O: a relay board not yet enumerated at boot is a RELAY_FAULT that clears when

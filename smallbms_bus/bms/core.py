@@ -33,7 +33,6 @@ Decisions where BEHAVIOUR.md is silent are marked "project decision" below and i
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -463,18 +462,14 @@ class BmsCore:
         def emit(name: str, kind: str, value: str, reason: str) -> None:
             events.append(Event(d.wall, d.now, name, kind, value, reason))
 
-        states = (("ATC", "yes" if d.atc else "no", d.reasons.get("ATC", "all conditions met")),
-                  ("ATD", d.atd_state.name.lower().replace("_", "-"), d.reasons.get("ATD", "all conditions met")),
-                  ("PRE_ALARM", "on" if d.pre_alarm else "off", d.reasons.get("PRE_ALARM", "cleared")),
-                  ("MODE", "on" if d.mode_on else "off", self._command_reasons.get("MODE", "start")),
-                  ("REMOTE", "on" if d.remote_on else "off", self._command_reasons.get("REMOTE", "start")))
-        before = {} if p is None else {
-            "ATC": "yes" if p.atc else "no", "ATD": p.atd_state.name.lower().replace("_", "-"),
-            "PRE_ALARM": "on" if p.pre_alarm else "off", "MODE": "on" if p.mode_on else "off",
-            "REMOTE": "on" if p.remote_on else "off"}
-        for name, value, reason in states:
+        reasons = {"ATC": d.reasons.get("ATC", "all conditions met"), "ATD": d.reasons.get("ATD", "all conditions met"),
+                   "PRE_ALARM": d.reasons.get("PRE_ALARM", "cleared"),
+                   "MODE": self._command_reasons.get("MODE", "start"),
+                   "REMOTE": self._command_reasons.get("REMOTE", "start")}
+        before = {} if p is None else _state_values(p)
+        for name, value in _state_values(d).items():
             if before.get(name) != value:
-                emit(name, "state", value, reason)
+                emit(name, "state", value, reasons[name])
         for kind, now_flags, was in (("alarm", d.alarms, p.alarms if p else None),
                                      ("warning", d.warnings, p.warnings if p else None)):
             for member in type(now_flags):
@@ -524,6 +519,13 @@ class BmsCore:
         return core
 
 
+def _state_values(d: Decision) -> dict[str, str]:
+    """The observable states whose changes are events, as the event log spells them."""
+    return {"ATC": "yes" if d.atc else "no", "ATD": d.atd_state.name.lower().replace("_", "-"),
+            "PRE_ALARM": "on" if d.pre_alarm else "off", "MODE": "on" if d.mode_on else "off",
+            "REMOTE": "on" if d.remote_on else "off"}
+
+
 def _elapsed(since: float | None, now: float) -> float | None:
     return None if since is None else now - since
 
@@ -561,14 +563,6 @@ def _active(name: str, alarms: BmsAlarm, warnings: BmsWarning, atc: bool, atd: b
         return BmsWarning[name] in warnings
     return {"ATC": not atc, "ATD": not atd}.get(name, False)
 
-
-def time_remaining_text(seconds: float | None) -> str:
-    if seconds is None:
-        return "unknown"
-    if math.isinf(seconds):
-        return "infinite"
-    hours, rest = divmod(int(seconds), 3600)
-    return f"{hours}h{rest // 60:02d}m"
 
 
 def bms_state_report(decision: Decision, alive_counter: int) -> BmsState:

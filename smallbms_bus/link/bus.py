@@ -52,6 +52,13 @@ class BusConfig:
     def describe(self) -> str:
         return f"{self.interface}:{self.channel}"
 
+    @classmethod
+    def of(cls, interface: str, channel: str, bitrate: int = DEFAULT_BITRATE, *, slcan_wait: bool = False) -> BusConfig:
+        """USB SLCAN adapters answer at once, so python-can's 2 s pause after opening is skipped unless
+        `slcan_wait` (boards that reset when the port opens)."""
+        options = {"sleep_after_open": 0} if interface == "slcan" and not slcan_wait else {}
+        return cls(interface, channel, bitrate, options)
+
 
 IFF_UP = 0x1
 INTERFACE_CHECK_PERIOD = 1.0  # s between SocketCAN administrative-state checks
@@ -152,24 +159,22 @@ class Link:
         self._set_state(True, "opened")
         return True
 
-    def _take_down(self, reason: str) -> None:
+    def _release_bus(self) -> None:
         bus, self.bus = self.bus, None
         if bus is not None:
             try:
                 bus.shutdown()
             except Exception:  # a vanished device also fails to close; nothing more to do
-                log.debug("shutdown of a failed bus raised", exc_info=True)
+                log.debug("bus shutdown raised", exc_info=True)
+
+    def _take_down(self, reason: str) -> None:
+        self._release_bus()
         self.downs += 1
         self._next_open_at = self.clock() + self.backoff.next_delay()
         self._set_state(False, reason)
 
     def close(self) -> None:
-        if self.bus is not None:
-            bus, self.bus = self.bus, None
-            try:
-                bus.shutdown()
-            except Exception:
-                log.debug("bus shutdown raised", exc_info=True)
+        self._release_bus()
         self._set_state(False, "closed", deliberate=True)
 
     # -- traffic -----------------------------------------------------------------------------

@@ -122,9 +122,7 @@ def print_list(out: Any = None) -> None:
 
 
 def bus_config(args: argparse.Namespace) -> BusConfig:
-    # USB SLCAN adapters answer at once; --slcan-wait keeps python-can's 2 s pause for boards that reset on open.
-    options = {"sleep_after_open": 0} if args.interface == "slcan" and not args.slcan_wait else {}
-    return BusConfig(args.interface, args.channel, args.bitrate, options)
+    return BusConfig.of(args.interface, args.channel, args.bitrate, slcan_wait=args.slcan_wait)
 
 
 def run(args: argparse.Namespace, stop_event: threading.Event | None = None) -> int:
