@@ -1,0 +1,1 @@
+"""Modbus TCP server bound to register_maps/ (REGISTERS.md)."""

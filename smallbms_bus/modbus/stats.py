@@ -1,0 +1,39 @@
+"""Counters of the Modbus server, read by the metrics collector (one writer: the event loop)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+FUNCTION_NAMES = {
+    1: "read_coils", 2: "read_discrete_inputs", 3: "read_holding_registers", 4: "read_input_registers",
+    5: "write_single_coil", 6: "write_single_register", 15: "write_multiple_coils",
+    16: "write_multiple_registers", 22: "mask_write_register", 23: "read_write_multiple_registers",
+}
+EXCEPTION_NAMES = {1: "illegal_function", 2: "illegal_data_address", 3: "illegal_data_value",
+                   4: "server_device_failure", 6: "server_device_busy", 11: "gateway_target_no_response"}
+
+
+def function_name(code: int) -> str:
+    return FUNCTION_NAMES.get(code, f"function_{code}")
+
+
+def outcome_name(exception_code: int | None) -> str:
+    """"ok" for a normal answer, else the exception's Modbus name."""
+    if exception_code is None:
+        return "ok"
+    return EXCEPTION_NAMES.get(exception_code, f"exception_{exception_code}")
+
+
+@dataclass
+class ModbusStats:
+    requests: Counter[tuple[str, str]] = field(default_factory=Counter)  # (function, outcome) -> count
+    refused_writes: int = 0  # writes from a client not in allow_write_from / not authenticated (answered 01)
+    connections_open: int = 0
+    connections_total: int = 0  # accepted since start
+    connections_refused: int = 0  # over modbus.max_connections
+    connections_idle_closed: int = 0  # closed after modbus.idle_timeout
+    connections_slow_closed: int = 0  # closed because the client did not read its answers
+
+    def count(self, function_code: int, exception_code: int | None) -> None:
+        self.requests[(function_name(function_code), outcome_name(exception_code))] += 1
