@@ -252,6 +252,11 @@ class Topology:
         return round(UNIT_VOLTAGE * self.nominal_units * self.series, 1)
 
     @property
+    def series_units(self) -> int | None:
+        """12.8 V units in series across one string (the charged voltage scales with it)."""
+        return self.series * self.nominal_units if self.nominal_units and self.series else None
+
+    @property
     def bank_capacity_ah(self) -> int | None:
         return None if self.capacity_ah is None else self.capacity_ah * self.parallel
 

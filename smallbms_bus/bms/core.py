@@ -312,7 +312,7 @@ class BmsCore:
 
         # 4. battery monitor and history
         capacity = topo.bank_capacity_ah
-        series_units = topo.series * topo.nominal_units if topo.nominal_units and topo.series else None
+        series_units = topo.series_units
         # Count charge only from data the core trusts: started, every battery fresh, a consistent bank.
         # (Before start the bank may be partly heard; its current would be partial.)
         trusted = self.started and agg.complete and not view.issues

@@ -1,0 +1,97 @@
+"""The words a unit answers with: register maps compiled against one Snapshot, built lazily per block.
+
+A unit serves one or more maps (unit 1: native + SunSpec; the GX unit: gx). Each placed block's words
+are built on the first read after a new snapshot and reused until the next one, so a PLC polling
+block A 32 times between two decisions costs one encoding, and block E of battery 40 is only encoded
+when someone reads it.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from smallbms_bus.modbus.regmap import PlacedBlock, Register, RegisterMap, encode
+from smallbms_bus.modbus.sources import BANK, BATTERY, Snapshot
+
+Getter = Callable[[Snapshot], Any]
+
+
+def _getter(reg: Register, node: int | None) -> Getter:
+    if reg.source is None:
+        value = reg.value
+        return lambda s: value
+    if reg.source in BANK:
+        get = BANK[reg.source]
+    else:
+        battery = BATTERY[reg.source]
+        get = (lambda s: battery(s.batteries.get(node)))  # noqa: E731 - node is bound per placed block
+    if reg.index is None:
+        return get
+    index = reg.index
+    return lambda s: _element(get(s), index)
+
+
+def _element(values: Sequence[Any] | None, index: int) -> Any:
+    return None if values is None or index >= len(values) else values[index]
+
+
+class UnitImage:
+    """The address space of one unit for a given bank layout (the SunSpec part depends on the batteries)."""
+
+    def __init__(self, maps: Sequence[RegisterMap], nodes: Sequence[int]) -> None:
+        placed: list[tuple[PlacedBlock, RegisterMap]] = []
+        for regmap in maps:
+            placed += [(p, regmap) for p in regmap.layout(nodes)]
+        placed.sort(key=lambda item: item[0].start)
+        self.nodes = tuple(nodes)
+        self.blocks = [p for p, _ in placed]
+        self.starts = [p.start for p in self.blocks]
+        self._compiled: list[list[tuple[Register, Getter, str]]] = []
+        self.registers: dict[int, tuple[Register, int]] = {}  # address -> (register, block index)
+        for i, (p, regmap) in enumerate(placed):
+            base = p.start if p.block.repeat != 1 or p.block.start is None else 0
+            self._compiled.append([(reg, _getter(reg, p.node), regmap.missing) for reg in p.block.registers])
+            for reg in p.block.registers:
+                self.registers[base + reg.address] = (reg, i)
+        self._cache: list[list[int] | None] = [None] * len(self.blocks)
+        self._snapshot: Snapshot | None = None
+
+    def _words(self, i: int, snapshot: Snapshot) -> list[int]:
+        if snapshot is not self._snapshot:
+            self._cache = [None] * len(self.blocks)
+            self._snapshot = snapshot
+        words = self._cache[i]
+        if words is None:
+            words = []
+            for reg, get, missing in self._compiled[i]:
+                words += encode(reg, get(snapshot), missing)
+            self._cache[i] = words
+        return words
+
+    def read(self, snapshot: Snapshot, address: int, count: int) -> list[int] | None:
+        """`count` words from `address`, or None when any of them is not mapped (exception 02)."""
+        i = bisect_right(self.starts, address) - 1
+        out: list[int] = []
+        while count > 0:
+            if i < 0 or i >= len(self.blocks):
+                return None
+            block = self.blocks[i]
+            if not block.start <= address < block.end:
+                return None
+            take = min(count, block.end - address)
+            offset = address - block.start
+            out += self._words(i, snapshot)[offset:offset + take]
+            address += take
+            count -= take
+            i += 1
+        return out
+
+    def register_at(self, address: int) -> Register | None:
+        found = self.registers.get(address)
+        return None if found is None else found[0]
+
+    def mapped(self, address: int) -> bool:
+        i = bisect_right(self.starts, address) - 1
+        return i >= 0 and address < self.blocks[i].end

@@ -1,0 +1,308 @@
+"""Register maps as data: load register_maps/*.toml, lay them out, encode values, export them.
+
+A map is a list of blocks; a block is a list of registers at absolute addresses, or (with `repeat`)
+a template repeated at `start + k * length` once per battery slot (a fixed count) or once per battery
+in the bank (`repeat = "batteries"`, for SunSpec, whose models follow each other: `start = "next"`).
+`validate` refuses overlaps, gaps inside a block, registers outside their block, unknown types,
+unknown sources and unknown write targets, so a typo in a map file fails a test, not a PLC.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import tomllib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+# type -> (words, signed, not-available marker); strings and reserved space take `words` from the map.
+TYPES: dict[str, tuple[int, bool, int | None]] = {
+    "uint16": (1, False, 0xFFFF), "enum16": (1, False, 0xFFFF), "bitfield16": (1, False, 0xFFFF),
+    "int16": (1, True, 0x8000), "sunssf": (1, True, 0x8000),
+    "uint32": (2, False, 0xFFFFFFFF), "bitfield32": (2, False, 0xFFFFFFFF), "int32": (2, True, 0x80000000),
+    "acc32": (2, False, 0), "string": (0, False, 0), "reserved": (0, False, 0), "pad": (1, False, 0x8000),
+}
+ACCESS = ("r", "rw", "w")
+MAP_NAMES = ("native", "sunspec", "gx")
+
+
+class RegisterMapError(ValueError):
+    """A map file that does not describe a valid, gap-free, overlap-free register layout."""
+
+
+@dataclass(frozen=True)
+class Register:
+    address: int  # absolute, or the offset inside a repeated block
+    name: str
+    type: str
+    words: int
+    scale: float = 1.0
+    unit: str = ""
+    access: str = "r"
+    range: tuple[float, float] | None = None
+    source: str | None = None
+    value: Any = None  # a constant instead of a source
+    target: str | None = None  # what a write does (smallbms_bus/modbus/writes.py)
+    index: int | None = None  # element of an array source (count = n in the map file)
+    fill: int | None = None  # reserved words read as this instead of 0
+    values: str = ""  # enum / bit meanings, for the docs
+    description: str = ""
+
+    @property
+    def signed(self) -> bool:
+        return TYPES[self.type][1]
+
+    @property
+    def writable(self) -> bool:
+        return self.access in ("rw", "w")
+
+
+@dataclass(frozen=True)
+class Block:
+    name: str
+    title: str
+    start: int | None  # None = right after the previous block ("next")
+    length: int
+    registers: tuple[Register, ...]
+    repeat: int | str = 1  # a count, or "batteries": one per battery in the bank
+    item: str | None = None  # "battery" for repeated battery blocks
+
+
+@dataclass(frozen=True)
+class PlacedBlock:
+    """One block at its absolute address; `node` is the battery it shows (repeated blocks)."""
+
+    block: Block
+    start: int
+    slot: int  # 0-based repetition
+    node: int | None
+
+    @property
+    def end(self) -> int:
+        return self.start + self.block.length
+
+
+@dataclass(frozen=True)
+class RegisterMap:
+    name: str
+    title: str
+    unit_key: str  # the config key that gives this map's unit id
+    missing: str  # "sentinel" (0xFFFF...) or "zero" (the GX's "no value")
+    description: str
+    blocks: tuple[Block, ...]
+    notes: str = ""
+    dynamic: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dynamic", any(b.repeat == "batteries" for b in self.blocks))
+
+    def layout(self, nodes: Sequence[int] = ()) -> tuple[PlacedBlock, ...]:
+        """Absolute placement. Fixed repeats show nodes 1..n; "batteries" repeats one block per node in `nodes`."""
+        placed: list[PlacedBlock] = []
+        cursor = 0
+        for block in self.blocks:
+            start = cursor if block.start is None else block.start
+            if block.repeat == "batteries":
+                slots: list[int | None] = list(nodes)
+            else:
+                slots = [k + 1 if block.item else None for k in range(int(block.repeat))]
+            for k, node in enumerate(slots):
+                placed.append(PlacedBlock(block, start + k * block.length, k, node))
+            cursor = start + len(slots) * block.length
+        return tuple(placed)
+
+    def registers(self, nodes: Sequence[int] = ()) -> Iterator[tuple[int, PlacedBlock, Register]]:
+        for placed in self.layout(nodes):
+            base = placed.start if placed.block.repeat != 1 or placed.block.start is None else 0
+            for reg in placed.block.registers:
+                yield base + reg.address, placed, reg
+
+
+def _range(text: str | None, where: str) -> tuple[float, float] | None:
+    if text is None:
+        return None
+    try:
+        low, high = (float(x) for x in str(text).split("-", 1))
+    except ValueError:
+        raise RegisterMapError(f"{where}: range {text!r} is not 'min-max'") from None
+    return low, high
+
+
+def _registers(raw: list[dict[str, Any]], where: str) -> list[Register]:
+    out: list[Register] = []
+    for entry in raw:
+        entry = dict(entry)
+        name = entry.pop("name", None)
+        here = f"{where} register {name!r}"
+        if not name:
+            raise RegisterMapError(f"{where}: a register without a name")
+        kind = entry.pop("type", None)
+        if kind not in TYPES:
+            raise RegisterMapError(f"{here}: type {kind!r} is not one of {', '.join(TYPES)}")
+        words = entry.pop("words", None) or TYPES[kind][0]
+        if not words:
+            raise RegisterMapError(f"{here}: type {kind} needs words = n")
+        count = entry.pop("count", None)
+        stride = int(entry.pop("stride", 0)) or int(words)
+        access = entry.pop("access", "r")
+        if access not in ACCESS:
+            raise RegisterMapError(f"{here}: access {access!r} is not one of {', '.join(ACCESS)}")
+        try:
+            address = int(entry.pop("address"))
+            common = {
+                "type": kind, "words": int(words), "scale": float(entry.pop("scale", 1.0)),
+                "unit": entry.pop("unit", ""), "access": access, "range": _range(entry.pop("range", None), here),
+                "source": entry.pop("source", None), "value": entry.pop("value", None),
+                "target": entry.pop("target", None), "fill": entry.pop("fill", None),
+                "values": entry.pop("values", ""), "description": entry.pop("description", ""),
+            }
+        except KeyError:
+            raise RegisterMapError(f"{here}: no address") from None
+        if entry:
+            raise RegisterMapError(f"{here}: unknown keys {', '.join(sorted(entry))}")
+        if count is None:
+            out.append(Register(address, name, **common))
+        else:
+            out += [Register(address + i * stride, f"{name}_{i + 1}", index=i, **common) for i in range(count)]
+    return out
+
+
+def parse_map(text: str, where: str) -> RegisterMap:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise RegisterMapError(f"{where}: {error}") from None
+    head = data.get("map", {})
+    blocks = []
+    for raw in data.get("block", []):
+        name = raw.get("name", "?")
+        start = raw.get("start")
+        blocks.append(Block(
+            name=name, title=raw.get("title", ""), start=None if start == "next" else int(start),
+            length=int(raw["length"]), registers=tuple(_registers(raw.get("registers", []), f"{where} block {name}")),
+            repeat=raw.get("repeat", 1), item=raw.get("item"),
+        ))
+    return RegisterMap(name=head.get("name", where), title=head.get("title", ""), unit_key=head.get("unit", ""),
+                       missing=head.get("missing", "sentinel"), description=head.get("description", ""),
+                       blocks=tuple(blocks), notes=head.get("notes", ""))
+
+
+def load_map(name: str) -> RegisterMap:
+    if name not in MAP_NAMES:
+        raise RegisterMapError(f"no register map {name!r}: one of {', '.join(MAP_NAMES)}")
+    text = resources.files("smallbms_bus.register_maps").joinpath(f"{name}.toml").read_text(encoding="utf-8")
+    return parse_map(text, f"register_maps/{name}.toml")
+
+
+def load_maps() -> dict[str, RegisterMap]:
+    return {name: load_map(name) for name in MAP_NAMES}
+
+
+def validate(regmap: RegisterMap, sources: set[str], targets: set[str], nodes: Sequence[int] = (1, 2)) -> None:
+    """Every problem a map file can have, as one RegisterMapError naming the first."""
+    where = f"map {regmap.name}"
+    if regmap.missing not in ("sentinel", "zero"):
+        raise RegisterMapError(f"{where}: missing = {regmap.missing!r}: sentinel or zero")
+    for block in regmap.blocks:
+        if block.repeat != "batteries" and not (isinstance(block.repeat, int) and block.repeat >= 1):
+            raise RegisterMapError(f"{where} block {block.name}: repeat {block.repeat!r}: a count or 'batteries'")
+        base = 0 if block.repeat != 1 or block.start is None else block.start
+        used = [False] * block.length
+        for reg in block.registers:
+            here = f"{where} block {block.name} register {reg.name}"
+            first = reg.address - base
+            if first < 0 or first + reg.words > block.length:
+                raise RegisterMapError(f"{here}: address {reg.address} is outside the block")
+            for i in range(first, first + reg.words):
+                if used[i]:
+                    raise RegisterMapError(f"{here}: overlaps another register at {base + i}")
+                used[i] = True
+            if reg.source is not None and reg.source not in sources:
+                raise RegisterMapError(f"{here}: source {reg.source!r} does not exist")
+            if reg.source is None and reg.value is None and reg.type not in ("reserved", "pad"):
+                raise RegisterMapError(f"{here}: needs a source or a value")
+            if reg.writable and reg.target not in targets:
+                raise RegisterMapError(f"{here}: writable, but target {reg.target!r} does not exist")
+            if reg.writable and reg.words != 1:
+                raise RegisterMapError(f"{here}: only single-word registers may be writable")
+            if reg.target is not None and not reg.writable:
+                raise RegisterMapError(f"{here}: has a target but access {reg.access!r}")
+        if not all(used):
+            gap = base + used.index(False)
+            raise RegisterMapError(f"{where} block {block.name}: gap at address {gap} (declare it reserved)")
+    seen: list[tuple[int, int, str]] = sorted((p.start, p.end, p.block.name) for p in regmap.layout(nodes))
+    for (_, end, name), (start, _, other) in itertools.pairwise(seen):
+        if start < end:
+            raise RegisterMapError(f"{where}: block {other} at {start} overlaps block {name}")
+
+
+# -- encoding ------------------------------------------------------------------------------------------
+def encode(reg: Register, value: Any, missing: str) -> list[int]:
+    """One register's words for an engineering value (None = not available)."""
+    words, signed, marker = reg.words, *TYPES[reg.type][1:]
+    if reg.type == "reserved":
+        return [0 if reg.fill is None else reg.fill] * words
+    if reg.type == "string":
+        data = ("" if value is None else str(value)).encode("ascii", "replace")[: 2 * words].ljust(2 * words, b"\0")
+        return [data[i] << 8 | data[i + 1] for i in range(0, 2 * words, 2)]
+    if value is None:
+        raw = 0 if missing == "zero" or marker is None else marker
+    else:
+        raw = round(value / reg.scale) if reg.scale != 1.0 else round(value)
+        bits = 16 * words
+        low, high = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+        if not low <= raw <= high:
+            raw = 0 if missing == "zero" or marker is None else marker  # does not fit: not a number to trust
+        elif signed and raw < 0:
+            raw += 1 << bits
+    return [(raw >> 16) & 0xFFFF, raw & 0xFFFF] if words == 2 else [raw & 0xFFFF]
+
+
+def decode_word(reg: Register, word: int) -> float:
+    """A written word as an engineering value (writable registers are single words)."""
+    raw = word - 0x10000 if reg.signed and word & 0x8000 else word
+    return raw * reg.scale
+
+
+# -- exports ---------------------------------------------------------------------------------------------
+COLUMNS = ("map", "unit", "block", "address", "register", "name", "type", "words", "scale", "unit_of_measure",
+           "access", "range", "values", "source", "description")
+
+
+def rows(regmap: RegisterMap, nodes: Sequence[int] | None = None,
+         target_range: Callable[[str], str] | None = None) -> list[dict[str, Any]]:
+    """One row per register at its absolute address (repeated blocks expanded for every slot)."""
+    if nodes is None:
+        nodes = (1,) if regmap.dynamic else ()
+    out = []
+    for address, placed, reg in regmap.registers(nodes):
+        prefix = f"battery_{placed.node}." if placed.node is not None else ""
+        rng = ""
+        if reg.range is not None:
+            rng = f"{reg.range[0]:g}-{reg.range[1]:g}"
+        elif reg.target and target_range is not None:
+            rng = target_range(reg.target)
+        out.append({
+            "map": regmap.name, "unit": regmap.unit_key, "block": placed.block.name, "address": address,
+            "register": address + 1, "name": prefix + reg.name, "type": reg.type, "words": reg.words,
+            "scale": f"{reg.scale:g}", "unit_of_measure": reg.unit, "access": reg.access, "range": rng,
+            "values": reg.values, "source": reg.source or ("" if reg.value is None else f"constant {reg.value}"),
+            "description": reg.description,
+        })
+    return out
+
+
+def to_csv(all_rows: list[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(all_rows)
+    return buffer.getvalue()
+
+
+def to_json(all_rows: list[dict[str, Any]]) -> str:
+    return json.dumps(all_rows, indent=1, ensure_ascii=False) + "\n"

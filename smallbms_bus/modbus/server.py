@@ -1,0 +1,388 @@
+"""Modbus TCP (and Modbus/TCP Security) server: REGISTERS.md on pymodbus, bound to the running BMS.
+
+pymodbus provides the listener, the connections, MBAP framing and PDU encoding. The requests are
+answered here, synchronously on the event loop, from the register maps:
+
+- FC3 and FC4 read the same words (REGISTERS.md); FC6 and FC16 write; every other function is 01.
+- A read or write touching an unmapped address is 02, a write to a read-only register is 02, a value
+  out of range or a bad quantity is 03, a valid write the bank cannot take yet is 06; an unknown unit
+  id is 0B (as a gateway answers for a device that is not there).
+- A write is planned whole (smallbms_bus/modbus/writes.py) and applied only when every word is good;
+  the core then decides at once, so "mode off" reaches the relays within the request.
+- Writes are accepted only from `allow_write_from` and, when TLS is configured, only from clients
+  whose certificate `tls_client_ca` verified; anyone else gets 01, a log line and a metric.
+- Connections over `max_connections` are closed on accept; idle ones after `idle_timeout`; a client
+  that stops reading its answers is paused (asyncio flow control), so it never grows our buffers or
+  blocks the loop, and is closed by the idle timeout.
+
+Why not pymodbus's datastore: its request path answers a read-only live value with 02 or needs the
+application to push every value into its tables; here reads are pulled from the latest decision,
+which is also what makes one image per decision possible. pymodbus internals used here
+(ServerRequestHandler, TransactionManager.callback_data, the framer) are pinned by pyproject's
+pymodbus~=3.16.1 and exercised by tests/modbus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import ssl
+import struct
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pymodbus.constants import ExcCodes
+from pymodbus.datastore import ModbusServerContext
+from pymodbus.exceptions import ModbusIOException
+from pymodbus.pdu import ExceptionResponse, ModbusPDU
+from pymodbus.pdu.register_message import (
+    ReadHoldingRegistersResponse,
+    ReadInputRegistersResponse,
+    WriteMultipleRegistersResponse,
+    WriteSingleRegisterResponse,
+)
+from pymodbus.server import ModbusTcpServer, ModbusTlsServer
+from pymodbus.server.requesthandler import ServerRequestHandler
+from pymodbus.transaction import TransactionManager
+
+from smallbms_bus.bms.core import BmsCore, Decision
+from smallbms_bus.modbus.image import UnitImage
+from smallbms_bus.modbus.regmap import RegisterMap, decode_word, load_maps
+from smallbms_bus.modbus.sources import Snapshot
+from smallbms_bus.modbus.stats import ModbusStats
+from smallbms_bus.modbus.writes import WriteRefused, plan_writes
+
+log = logging.getLogger(__name__)
+
+READ, WRITE_SINGLE, WRITE_MULTIPLE = (3, 4), 6, 16
+MAX_READ, MAX_WRITE = 125, 123
+ILLEGAL_FUNCTION, ILLEGAL_ADDRESS, ILLEGAL_VALUE = 1, 2, 3
+GATEWAY_NO_RESPONSE = 0x0B
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class ModbusOptions:
+    host: str = "127.0.0.1"
+    port: int | None = 502  # None = no plain Modbus TCP listener (config: 0); 0 here = any free port (tests)
+    unit: int = 1
+    gx_unit: int = 225  # 0 = off
+    allow_write_from: tuple[Network, ...] = (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128"))
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    tls_port: int = 802  # Modbus/TCP Security's registered port
+    max_connections: int = 32
+    idle_timeout: float = 300.0
+
+    @classmethod
+    def from_config(cls, section: dict[str, Any]) -> ModbusOptions:
+        values = {k: v for k, v in section.items() if k in cls.__dataclass_fields__}
+        values["allow_write_from"] = tuple(ipaddress.ip_network(n) for n in section["allow_write_from"])
+        values["port"] = section["port"] or None
+        return cls(**values)
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+
+@dataclass
+class BmsAccess:
+    """What the server needs from the service: the core (writes), its latest decision (reads), a way
+    to decide again after a write, and the clock."""
+
+    core: BmsCore
+    decision: Callable[[], Decision | None]
+    decide: Callable[[], object]
+    clock: Callable[[], float]
+    started: float
+
+
+class _NoDatastore(ModbusServerContext):
+    """pymodbus wants a datastore; every request this server supports is answered before reaching it."""
+
+    def __init__(self) -> None:  # deliberately not calling the parent: its datastore is not used
+        self.old_simulator = True
+        self.simdevices = []
+
+    async def async_getValues(self, device_id: int, func_code: int, address: int, count: int = 1) -> ExcCodes:
+        return ExcCodes.ILLEGAL_FUNCTION
+
+    async def async_setValues(self, device_id: int, func_code: int, address: int, values: Any) -> ExcCodes:
+        return ExcCodes.ILLEGAL_FUNCTION
+
+    def device_ids(self) -> list[int]:
+        return []
+
+
+class _Connection(ServerRequestHandler):
+    """One client connection: who it is, whether it may write, and its requests answered in order."""
+
+    def __init__(self, listener: Any, server: ModbusServer) -> None:
+        super().__init__(listener, listener.trace_packet, listener.trace_pdu, listener.trace_connect)
+        self.app = server
+        self.peer = "?"
+        self.may_write = False
+        self.counted = False
+        self.last_activity = time.monotonic()  # I/O time, not the core's clock
+        self.refusals_logged = 0
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        app = self.app
+        peer = transport.get_extra_info("peername")
+        self.peer = str(peer[0]) if peer else "?"
+        if app.stats.connections_open >= app.options.max_connections:
+            app.stats.connections_refused += 1
+            log.warning("Modbus: refused a connection from %s: %d clients already (modbus.max_connections)",
+                        self.peer, app.options.max_connections)
+            self.close()
+            return
+        self.counted = True
+        app.stats.connections_open += 1
+        app.stats.connections_total += 1
+        app.connections.add(self)
+        self.may_write = app.may_write(self.peer, transport.get_extra_info("peercert"))
+        log.debug("Modbus: client %s connected (%s)", self.peer, "may write" if self.may_write else "read-only")
+
+    def _forget(self) -> None:
+        if self.counted:
+            self.counted = False
+            self.app.stats.connections_open -= 1
+            self.app.connections.discard(self)
+
+    def callback_disconnected(self, exc: Exception | None) -> None:
+        self._forget()
+        super().callback_disconnected(exc)
+
+    def close(self, reconnect: bool = False) -> None:
+        self._forget()
+        super().close(reconnect)
+
+    # asyncio flow control: a client that does not read its answers stops being read from.
+    def pause_writing(self) -> None:
+        if self.transport:
+            self.transport.pause_reading()  # type: ignore[attr-defined]
+
+    def resume_writing(self) -> None:
+        if self.transport:
+            self.transport.resume_reading()  # type: ignore[attr-defined]
+
+    # -- requests --------------------------------------------------------------------------------------
+    def callback_data(self, data: bytes, addr: tuple | None = None) -> int:
+        """Every complete frame in `data` (pymodbus takes one per call and would leave pipelined ones waiting)."""
+        self.last_activity = time.monotonic()
+        used = 0
+        while used < len(data):
+            try:
+                size = TransactionManager.callback_data(self, data[used:], addr)
+            except ModbusIOException:
+                size = self._undecodable(data[used:])
+            if not size:
+                break
+            used += size
+            pdu, self.last_pdu = self.last_pdu, None
+            if pdu is not None:
+                self.pdu_send(self.app.answer(self, pdu), addr)
+        return used
+
+    def _undecodable(self, frame: bytes) -> int:
+        """A frame pymodbus cannot decode (bad quantity, byte count, unknown function): answer and skip it."""
+        if len(frame) < 8:
+            return len(frame)
+        tid, _, length, unit, function = struct.unpack(">HHHBB", frame[:8])
+        code = ILLEGAL_VALUE if function in (*READ, WRITE_SINGLE, WRITE_MULTIPLE) else ILLEGAL_FUNCTION
+        self.app.stats.count(function, code)
+        self.pdu_send(ExceptionResponse(function & 0x7F, code, device_id=unit, transaction=tid))
+        return min(len(frame), 6 + length)
+
+    async def handle_request(self) -> None:  # never used: callback_data answers at once
+        return None
+
+
+class ModbusServer:
+    def __init__(self, options: ModbusOptions, access: BmsAccess, maps: dict[str, RegisterMap] | None = None) -> None:
+        self.options = options
+        self.access = access
+        self.maps = maps or load_maps()
+        self.stats = ModbusStats()
+        self.connections: set[_Connection] = set()
+        self.units: dict[int, list[RegisterMap]] = {options.unit: [self.maps["native"], self.maps["sunspec"]]}
+        if options.gx_unit:
+            self.units[options.gx_unit] = [self.maps["gx"]]
+        self._images: dict[int, UnitImage] = {}
+        self._decision: Decision | None = None
+        self._snapshot: Snapshot | None = None
+        self._listeners: list[Any] = []
+        self._reaper: asyncio.Task | None = None
+        self.bound: list[tuple[str, int]] = []  # (host, port) actually listening, for logs and tests
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        o = self.options
+        if o.port is not None:
+            await self._listen(ModbusTcpServer, o.port)
+        if o.tls:
+            await self._listen(ModbusTlsServer, o.tls_port, sslctx=self._ssl_context())
+        self._reaper = asyncio.create_task(self._reap_idle(), name="modbus-idle")
+        log.info("Modbus: serving %s; unit %d native + SunSpec at 40000%s; writes from %s%s",
+                 ", ".join(f"{h}:{p}" for h, p in self.bound), o.unit,
+                 f", unit {o.gx_unit} Victron GX" if o.gx_unit else "",
+                 ", ".join(map(str, o.allow_write_from)) or "nobody",
+                 " with a client certificate" if o.tls else "")
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        o = self.options
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(o.tls_cert, o.tls_key)  # type: ignore[arg-type]
+        if o.tls_client_ca:
+            ctx.load_verify_locations(o.tls_client_ca)
+            ctx.verify_mode = ssl.CERT_OPTIONAL  # readers need no certificate; writers do
+        else:
+            log.warning("Modbus: TLS without modbus.tls_client_ca: no client can authenticate, so nobody may write")
+        return ctx
+
+    async def _listen(self, kind: type, port: int, **extra: Any) -> None:
+        server = self
+
+        class Listener(kind):  # type: ignore[misc, valid-type]
+            def callback_new_connection(self) -> _Connection:
+                return _Connection(self, server)
+
+        listener = Listener(_NoDatastore(), address=(self.options.host, port), **extra)
+        await listener.serve_forever(background=True)
+        self._listeners.append(listener)
+        for sock in listener.transport.sockets:
+            host, bound_port = sock.getsockname()[:2]
+            self.bound.append((host, bound_port))
+
+    async def stop(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+        for listener in self._listeners:
+            await listener.shutdown()
+        self._listeners.clear()
+
+    async def _reap_idle(self) -> None:
+        timeout = self.options.idle_timeout
+        while True:
+            await asyncio.sleep(min(timeout / 4, 5.0))
+            now = time.monotonic()
+            for conn in [c for c in self.connections if now - c.last_activity > timeout]:
+                self.stats.connections_idle_closed += 1
+                log.info("Modbus: closing %s, idle for %.0f s (modbus.idle_timeout)", conn.peer,
+                         now - conn.last_activity)
+                conn.close()
+
+    # -- access ------------------------------------------------------------------------------------------------
+    def may_write(self, peer: str, peercert: Any) -> bool:
+        try:
+            address = ipaddress.ip_address(peer.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        allowed = any(address in net for net in self.options.allow_write_from)
+        if self.options.tls:
+            return allowed and bool(peercert)  # a certificate is only there when tls_client_ca verified it
+        return allowed
+
+    def snapshot(self) -> Snapshot | None:
+        decision = self.access.decision()
+        if decision is None:
+            return None
+        if decision is not self._decision:
+            self._decision = decision
+            self._snapshot = Snapshot(decision, self.access.core.settings, self.access.clock() - self.access.started,
+                                      self.options.unit)
+        return self._snapshot
+
+    def image(self, unit: int, snapshot: Snapshot) -> UnitImage:
+        nodes = tuple(sorted(snapshot.batteries))
+        image = self._images.get(unit)
+        if image is None or (image.nodes != nodes and any(m.dynamic for m in self.units[unit])):
+            image = self._images[unit] = UnitImage(self.units[unit], nodes)
+        return image
+
+    # -- answering -----------------------------------------------------------------------------------------------
+    def answer(self, conn: _Connection, pdu: ModbusPDU) -> ModbusPDU:
+        fc, unit, tid = pdu.function_code, pdu.dev_id, pdu.transaction_id
+        code: int | None
+        try:
+            response = self._answer(conn, pdu)
+            code = None
+        except WriteRefused as refused:
+            code = refused.code
+            response = ExceptionResponse(fc, code, device_id=unit, transaction=tid)
+        except Exception:  # a bug must cost one request, never the connection or the service
+            log.exception("Modbus: request fc %d unit %d failed", fc, unit)
+            code = ExcCodes.DEVICE_FAILURE
+            response = ExceptionResponse(fc, code, device_id=unit, transaction=tid)
+        self.stats.count(fc, code)
+        response.dev_id, response.transaction_id = unit, tid
+        return response
+
+    def _answer(self, conn: _Connection, pdu: ModbusPDU) -> ModbusPDU:
+        fc, unit = pdu.function_code, pdu.dev_id
+        if unit not in self.units:
+            raise WriteRefused(GATEWAY_NO_RESPONSE, f"unit {unit}")
+        if fc not in (*READ, WRITE_SINGLE, WRITE_MULTIPLE):
+            raise WriteRefused(ILLEGAL_FUNCTION, f"function {fc}")
+        snapshot = self.snapshot()
+        if snapshot is None:
+            raise WriteRefused(ExcCodes.DEVICE_BUSY, "no decision yet")
+        now = self.access.clock()
+        self.access.core.modbus_client_seen(now)  # LED-2
+        image = self.image(unit, snapshot)
+        if fc in READ:
+            if not 1 <= pdu.count <= MAX_READ:
+                raise WriteRefused(ILLEGAL_VALUE, f"quantity {pdu.count}")
+            words = image.read(snapshot, pdu.address, pdu.count)
+            if words is None:
+                raise WriteRefused(ILLEGAL_ADDRESS, f"{pdu.address}+{pdu.count}")
+            cls = ReadHoldingRegistersResponse if fc == 3 else ReadInputRegistersResponse
+            return cls(registers=words)
+        values = list(pdu.registers)
+        if fc == WRITE_MULTIPLE and not 1 <= len(values) <= MAX_WRITE:
+            raise WriteRefused(ILLEGAL_VALUE, f"quantity {len(values)}")
+        if not conn.may_write:
+            self._refuse_write(conn, unit, pdu.address, len(values))
+        self._write(conn, image, unit, pdu.address, values, now)
+        if fc == WRITE_SINGLE:
+            return WriteSingleRegisterResponse(address=pdu.address, registers=values)
+        return WriteMultipleRegistersResponse(address=pdu.address, count=len(values))
+
+    def _refuse_write(self, conn: _Connection, unit: int, address: int, count: int) -> None:
+        self.stats.refused_writes += 1
+        level = logging.WARNING if conn.refusals_logged < 3 else logging.DEBUG  # no log flood from one client
+        conn.refusals_logged += 1
+        log.log(level, "Modbus: refused a write from %s (unit %d, %d register(s) at %d): not in "
+                "modbus.allow_write_from%s", conn.peer, unit, count, address,
+                " or no verified client certificate" if self.options.tls else "")
+        raise WriteRefused(ILLEGAL_FUNCTION, "write not allowed")
+
+    def _write(self, conn: _Connection, image: UnitImage, unit: int, address: int, values: Sequence[int],
+               now: float) -> None:
+        writes: list[tuple[str, str, float]] = []
+        for offset, word in enumerate(values):
+            reg = image.register_at(address + offset)
+            if reg is None or not reg.writable or reg.target is None:
+                raise WriteRefused(ILLEGAL_ADDRESS, f"{address + offset} is not a writable register")
+            value = decode_word(reg, word)
+            if reg.range is not None and not reg.range[0] <= value <= reg.range[1]:
+                raise WriteRefused(ILLEGAL_VALUE, f"{reg.name} = {value:g}")
+            writes.append((reg.name, reg.target, value))
+        try:
+            steps = plan_writes(self.access.core, writes, now)
+        except WriteRefused as refused:
+            log.info("Modbus: refused a write from %s: %s", conn.peer, refused)
+            raise
+        for step in steps:
+            step.apply()
+            log.info("Modbus: %s (written by %s, unit %d)", step.describe, conn.peer, unit)
+        self.access.decide()  # takes effect now: outputs, BMS_STATE, and the store on its next tick

@@ -1,0 +1,336 @@
+"""The fields a register can show: every `source` named in register_maps/ is a key of BANK or BATTERY.
+
+A register map says *where* a value lives and how it is encoded; this module says *what* the value
+is, read from one `Snapshot` (the core's latest Decision plus the settings), in engineering units.
+None means "the service does not have this value" and is encoded as the map's not-available marker.
+A test fails when a map names a source that is not defined here.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from smallbms_bus import __version__
+from smallbms_bus.bank import FLAG_FIELDS, BatteryView
+from smallbms_bus.bms.alarms import AtdState, BalancerStatus, BmsAlarm, BmsWarning, Led
+from smallbms_bus.bms.core import Decision
+from smallbms_bus.bms.settings import Settings
+
+STATE_WAITING, STATE_ON, STATE_OFF, STATE_FIRMWARE_UPDATE, STATE_FAULT = range(5)
+LED_CODES = {Led.OFF: 0, Led.BLINKING: 1, Led.SOLID: 2}
+BALANCER_CODES = {BalancerStatus.UNKNOWN: 0, BalancerStatus.BALANCED: 1, BalancerStatus.BALANCING: 2,
+                  BalancerStatus.IMBALANCED: 3}
+PRESENCE_ABSENT, PRESENCE_FRESH, PRESENCE_STALE = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What one register image is built from: taken on the event loop, never mutated afterwards."""
+
+    decision: Decision
+    settings: Settings
+    uptime_s: float
+    modbus_unit: int = 1
+    batteries: dict[int, BatteryView] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "batteries", {b.node: b for b in self.decision.bank.batteries})
+
+    @property
+    def series_units(self) -> int | None:
+        return self.decision.bank.topology.series_units
+
+
+def state(s: Snapshot) -> int:
+    d = s.decision
+    if d.firmware_update:
+        return STATE_FIRMWARE_UPDATE
+    if d.waiting_for_batteries or not d.started:
+        return STATE_WAITING
+    if not d.mode_on or not d.remote_on:
+        return STATE_OFF
+    if d.alarms:
+        return STATE_FAULT
+    return STATE_ON
+
+
+def _outputs(s: Snapshot) -> int:
+    o = s.decision.outputs
+    return int(o.load_disconnect) | int(o.charge_disconnect) << 1 | int(o.pre_alarm) << 2
+
+
+def _charged_voltage(s: Snapshot) -> float | None:
+    units = s.series_units
+    return None if units is None else s.settings.charged_voltage_per_unit * units
+
+
+def _cell_voltage(ref: Any) -> float | None:
+    return None if ref is None else ref.voltage
+
+
+def _time_remaining(s: Snapshot) -> float | None:
+    return s.decision.time_remaining_s  # None = infinite (not discharging) or unknown
+
+
+def _history_since_full(s: Snapshot) -> float | None:
+    return s.decision.history.time_since_full_charge(s.decision.wall)
+
+
+BANK: dict[str, Callable[[Snapshot], Any]] = {
+    "state": state,
+    "voltage": lambda s: s.decision.bank.aggregates.voltage,
+    "soc": lambda s: s.decision.soc,
+    "current": lambda s: s.decision.bank.aggregates.current,
+    "power": lambda s: s.decision.bank.aggregates.power,
+    "consumed_ah": lambda s: s.decision.consumed_ah if s.decision.soc is not None else None,
+    "time_remaining": _time_remaining,
+    "battery_temperature": lambda s: s.decision.bank.aggregates.max_battery_temperature,
+    "min_battery_temperature": lambda s: s.decision.bank.aggregates.min_battery_temperature,
+    "min_cell_voltage": lambda s: _cell_voltage(s.decision.bank.aggregates.min_cell),
+    "max_cell_voltage": lambda s: _cell_voltage(s.decision.bank.aggregates.max_cell),
+    "min_cell_temperature": lambda s: s.decision.bank.aggregates.min_cell_temperature,
+    "max_cell_temperature": lambda s: s.decision.bank.aggregates.max_cell_temperature,
+    "allowed_to_charge": lambda s: int(s.decision.atc),
+    "allowed_to_discharge": lambda s: int(AtdState(s.decision.atd_state)),
+    "pre_alarm": lambda s: int(s.decision.pre_alarm),
+    "outputs": _outputs,
+    "alarms": lambda s: int(s.decision.alarms),
+    "warnings": lambda s: int(s.decision.warnings),
+    "remote": lambda s: int(s.decision.remote_on),
+    "error_led": lambda s: LED_CODES[s.decision.error_led],
+    "status_led": lambda s: LED_CODES[s.decision.status_led],
+    "balancer_status": lambda s: BALANCER_CODES[s.decision.balancer],
+    "batteries": lambda s: s.decision.bank.topology.batteries,
+    "cells": lambda s: s.decision.bank.topology.cells,
+    "batteries_in_series": lambda s: s.decision.bank.topology.series,
+    "batteries_in_parallel": lambda s: s.decision.bank.topology.parallel,
+    "capacity": lambda s: s.decision.bank.topology.bank_capacity_ah,
+    "nominal_voltage": lambda s: s.decision.bank.topology.nominal_voltage,
+    "stale_batteries": lambda s: len(s.decision.bank.stale_nodes),
+    "modbus_unit": lambda s: s.modbus_unit,
+    "heartbeat": lambda s: int(s.uptime_s) & 0xFFFF,
+    "uptime": lambda s: int(s.uptime_s),
+    # settings and mode (block B), reported in the map's units
+    "charged_voltage": _charged_voltage,
+    "tail_current": lambda s: s.settings.tail_current_pct,
+    "charged_detection_time": lambda s: s.settings.charged_detection_time_min,
+    "low_soc_warning": lambda s: s.settings.low_soc_warning_pct,
+    "discharge_floor": lambda s: s.settings.discharge_floor_pct,
+    "mode": lambda s: int(s.decision.mode_on),
+    # history (block D)
+    "history.deepest_discharge": lambda s: s.decision.history.deepest_discharge_ah,
+    "history.cumulative_ah_drawn": lambda s: s.decision.history.cumulative_ah_drawn,
+    "history.discharged_energy": lambda s: s.decision.history.discharged_energy_kwh,
+    "history.charged_energy": lambda s: s.decision.history.charged_energy_kwh,
+    "history.synchronisations": lambda s: s.decision.history.synchronisations,
+    "history.charge_cycles": lambda s: s.decision.history.charge_cycles,
+    "history.full_discharges": lambda s: s.decision.history.full_discharges,
+    "history.time_since_last_full_charge": _history_since_full,
+    "history.min_voltage": lambda s: s.decision.history.min_bank_voltage,
+    "history.max_voltage": lambda s: s.decision.history.max_bank_voltage,
+    "history.min_cell_voltage": lambda s: s.decision.history.min_cell_voltage,
+    "history.max_cell_voltage": lambda s: s.decision.history.max_cell_voltage,
+    "history.min_temperature": lambda s: s.decision.history.min_battery_temperature,
+    "history.max_temperature": lambda s: s.decision.history.max_battery_temperature,
+}
+
+
+def _fresh(b: BatteryView | None) -> BatteryView | None:
+    """Measurements of a stale battery are not shown as if current: they read as not available."""
+    return b if b is not None and b.fresh else None
+
+
+def _presence(b: BatteryView | None) -> int:
+    if b is None:
+        return PRESENCE_ABSENT
+    return PRESENCE_FRESH if b.fresh else PRESENCE_STALE
+
+
+def _flags(b: BatteryView | None) -> int | None:
+    b = _fresh(b)
+    if b is None or b.status is None:
+        return None
+    return sum(1 << bit for bit, name in enumerate(FLAG_FIELDS) if getattr(b.status, name))
+
+
+def _status(name: str) -> Callable[[BatteryView | None], Any]:
+    def get(b: BatteryView | None) -> Any:
+        b = _fresh(b)
+        return None if b is None or b.status is None else getattr(b.status, name)
+    return get
+
+
+def _temps(name: str) -> Callable[[BatteryView | None], Any]:
+    def get(b: BatteryView | None) -> Any:
+        b = _fresh(b)
+        return None if b is None or b.temps is None else getattr(b.temps, name)
+    return get
+
+
+def _info(get: Callable[[Any], Any]) -> Callable[[BatteryView | None], Any]:
+    return lambda b: None if b is None or b.info is None else get(b.info)
+
+
+def _cells(b: BatteryView | None) -> tuple[float | None, ...] | None:
+    b = _fresh(b)
+    return None if b is None else b.cells
+
+
+def _cell_stat(get: Callable[[Any], Any]) -> Callable[[BatteryView | None], Any]:
+    def stat(b: BatteryView | None) -> Any:
+        cells = [v for v in (_cells(b) or ()) if v is not None]
+        return get(cells) if cells else None
+    return stat
+
+
+# Battery sources take the battery's view (None when the node is not in the bank).
+BATTERY: dict[str, Callable[[BatteryView | None], Any]] = {
+    "battery.serial": lambda b: None if b is None else b.serial,
+    "battery.presence": _presence,
+    "battery.node": lambda b: None if b is None else b.node,
+    "battery.nominal_voltage": _info(lambda i: i.nominal_voltage),
+    "battery.nominal_capacity": _info(lambda i: i.nominal_capacity_ah),
+    "battery.firmware_major": _info(lambda i: i.firmware[0]),
+    "battery.firmware_minor": _info(lambda i: i.firmware[1]),
+    "battery.firmware_patch": _info(lambda i: i.firmware[2]),
+    "battery.string_index": _info(lambda i: i.string_index),
+    "battery.series_index": _info(lambda i: i.series_index),
+    "battery.cell_count": _info(lambda i: i.cell_count),
+    "battery.voltage": _status("voltage"),
+    "battery.current": _status("current"),
+    "battery.temperature": _status("temperature"),
+    "battery.min_cell_temperature": _temps("cell_temp_min"),
+    "battery.max_cell_temperature": _temps("cell_temp_max"),
+    "battery.flags": _flags,
+    "battery.cells": _cells,
+    "battery.min_cell_voltage": _cell_stat(min),
+    "battery.max_cell_voltage": _cell_stat(max),
+    "battery.average_cell_voltage": _cell_stat(lambda c: sum(c) / len(c)),
+    "battery.min_cell_index": lambda b: _cell_index(b, min),
+    "battery.max_cell_index": lambda b: _cell_index(b, max),
+    "battery.balancing_cells": lambda b: None if _fresh(b) is None or b.status is None  # type: ignore[union-attr]
+    else (b.info.cell_count if b.status.balancing and b.info else 0),  # type: ignore[union-attr]
+    "battery.data_age": lambda b: None if b is None else b.status_age,
+}
+
+
+def _cell_index(b: BatteryView | None, pick: Callable[..., Any]) -> int | None:
+    cells = [(v, i) for i, v in enumerate(_cells(b) or (), start=1) if v is not None]
+    return pick(cells)[1] if cells else None
+
+
+# -- SunSpec model 802 (battery base) ---------------------------------------------------------------------
+# Our alarms and warnings as SunSpec Evt1 bits; the exact bit fields stay readable in EvtVnd1/EvtVnd2.
+EVT1_ALARMS = {
+    BmsAlarm.BATTERY_COMMS_LOST: 0, BmsAlarm.HIGH_TEMPERATURE_CHARGE: 1, BmsAlarm.LOW_TEMPERATURE_CHARGE: 3,
+    BmsAlarm.CELL_HIGH_VOLTAGE: 9, BmsAlarm.CELL_LOW_VOLTAGE: 11, BmsAlarm.LOW_SOC: 13, BmsAlarm.RELAY_FAULT: 20,
+    BmsAlarm.BATTERY_FAULT: 25, BmsAlarm.FIRMWARE_UPDATE_FAILED: 25, BmsAlarm.BANK_CONFIGURATION: 28,
+}
+EVT1_WARNINGS = {
+    BmsWarning.HIGH_CHARGE_CURRENT: 6, BmsWarning.HIGH_DISCHARGE_CURRENT: 8, BmsWarning.PRE_ALARM: 12,
+    BmsWarning.LOW_SOC_WARNING: 14, BmsWarning.CELL_IMBALANCE: 17, BmsWarning.SOC_UNKNOWN: 26,
+    BmsWarning.FIRMWARE_UPDATE_IN_PROGRESS: 26, BmsWarning.NOT_FULLY_CHARGED_30_DAYS: 26,
+}
+EVT1_OVER_TEMP_WARNING, EVT1_UNDER_TEMP_WARNING = 2, 4
+DISCHARGE_TEMPERATURE_HIGH = 50.0  # DISCHARGE_TEMPERATURE is "outside -20..50 degC": which side decides the bit
+CHA_ST_OFF, CHA_ST_EMPTY, CHA_ST_DISCHARGING, CHA_ST_CHARGING, CHA_ST_FULL, CHA_ST_HOLDING = 1, 2, 3, 4, 5, 6
+SS_STATE_INITIALIZING, SS_STATE_CONNECTED, SS_STATE_STANDBY, SS_STATE_SOC_PROTECTION = 2, 3, 4, 5
+SS_STATE_SUSPENDING, SS_STATE_FAULT = 6, 99
+IDLE_CURRENT_A = 0.5  # below this the bank is neither charging nor discharging (ChaSt holding)
+
+
+def sunspec_evt1(s: Snapshot) -> int:
+    d = s.decision
+    bits = 0
+    for flag, bit in EVT1_ALARMS.items():
+        if flag in d.alarms:
+            bits |= 1 << bit
+    for flag, bit in EVT1_WARNINGS.items():
+        if flag in d.warnings:
+            bits |= 1 << bit
+    if BmsWarning.DISCHARGE_TEMPERATURE in d.warnings:
+        hottest = d.bank.aggregates.max_battery_temperature
+        hot = hottest is not None and hottest > DISCHARGE_TEMPERATURE_HIGH
+        bits |= 1 << (EVT1_OVER_TEMP_WARNING if hot else EVT1_UNDER_TEMP_WARNING)
+    return bits
+
+
+def sunspec_state(s: Snapshot) -> int:
+    code = state(s)
+    if code == STATE_FAULT:
+        return SS_STATE_SOC_PROTECTION if s.decision.alarms == BmsAlarm.LOW_SOC else SS_STATE_FAULT
+    return {STATE_WAITING: SS_STATE_INITIALIZING, STATE_ON: SS_STATE_CONNECTED, STATE_OFF: SS_STATE_STANDBY,
+            STATE_FIRMWARE_UPDATE: SS_STATE_SUSPENDING}[code]
+
+
+def sunspec_charge_status(s: Snapshot) -> int:
+    d = s.decision
+    if not d.atc and not d.atd:
+        return CHA_ST_OFF
+    current = d.bank.aggregates.current
+    if d.soc is not None and d.soc <= 0.0:
+        return CHA_ST_EMPTY
+    if current is not None and current < -IDLE_CURRENT_A:
+        return CHA_ST_DISCHARGING
+    if current is not None and current > IDLE_CURRENT_A:
+        return CHA_ST_CHARGING
+    if d.soc is not None and d.soc >= 100.0:
+        return CHA_ST_FULL
+    return CHA_ST_HOLDING
+
+
+def _one_c_power(s: Snapshot) -> float | None:
+    """1C (the Lithium NG continuous limit, MON-7) at nominal voltage."""
+    topo = s.decision.bank.topology
+    if topo.bank_capacity_ah is None or topo.nominal_voltage is None:
+        return None
+    return topo.bank_capacity_ah * topo.nominal_voltage
+
+
+def _allowed_current(allowed: Callable[[Decision], bool]) -> Callable[[Snapshot], float | None]:
+    """SunSpec's way to tell an inverter "do not charge/discharge": a maximum current of 0; else 1C."""
+    def get(s: Snapshot) -> float | None:
+        capacity = s.decision.bank.topology.bank_capacity_ah
+        if not allowed(s.decision):
+            return 0.0
+        return None if capacity is None else float(capacity)
+    return get
+
+
+def _battery_with(ref_of: Callable[[Any], Any], what: str) -> Callable[[Snapshot], int | None]:
+    def get(s: Snapshot) -> int | None:
+        ref = ref_of(s.decision.bank.aggregates)
+        if ref is None:
+            return None
+        battery = s.batteries.get(ref.node)
+        if what == "node":
+            return int(ref.node)
+        return None if battery is None or battery.info is None else battery.info.string_index
+    return get
+
+
+BANK.update({
+    "software_version": lambda s: __version__,
+    "instance_name": lambda s: socket.gethostname(),
+    "energy_rating": lambda s: None if s.decision.bank.topology.bank_capacity_ah is None
+    or s.decision.bank.topology.nominal_voltage is None
+    else s.decision.bank.topology.bank_capacity_ah * s.decision.bank.topology.nominal_voltage,
+    "one_c_power": _one_c_power,
+    "max_charge_current": _allowed_current(lambda d: d.atc),
+    "max_discharge_current": _allowed_current(lambda d: d.atd),
+    "sunspec.charge_status": sunspec_charge_status,
+    "sunspec.state": sunspec_state,
+    "sunspec.evt1": sunspec_evt1,
+    "sunspec.set_operation": lambda s: 1 if s.decision.mode_on else 2,
+    "max_cell_string": _battery_with(lambda a: a.max_cell, "string"),
+    "max_cell_battery": _battery_with(lambda a: a.max_cell, "node"),
+    "min_cell_string": _battery_with(lambda a: a.min_cell, "string"),
+    "min_cell_battery": _battery_with(lambda a: a.min_cell, "node"),
+})
+
+
+def known_sources() -> set[str]:
+    return set(BANK) | set(BATTERY)
