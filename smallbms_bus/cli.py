@@ -8,6 +8,8 @@ import sys
 
 from smallbms_bus import __version__, demo
 from smallbms_bus.config import Config, ConfigError, load_config
+from smallbms_bus.modbus import cli as regmap
+from smallbms_bus.modbus import status
 from smallbms_bus.sim import cli as simulate
 
 
@@ -50,7 +52,8 @@ def run_service(args: argparse.Namespace) -> int:
     return asyncio.run(service.run())
 
 
-COMMANDS = {"demo": demo.run, "simulate": simulate.run, "check-config": check_config, "run": run_service}
+COMMANDS = {"demo": demo.run, "simulate": simulate.run, "check-config": check_config, "run": run_service,
+            "regmap": regmap.run, "status": status.run}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo.add_parser(subparsers)
     simulate.add_parser(subparsers)
+    regmap.add_parser(subparsers)
+    status.add_parser(subparsers)
     checker = subparsers.add_parser("check-config", help="validate a configuration file and exit (2 = invalid)")
     checker.add_argument("file", help="TOML configuration file")
     runner = subparsers.add_parser("run", help="run the BMS service")

@@ -13,6 +13,7 @@ import csv
 import io
 import itertools
 import json
+import math
 import tomllib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -249,7 +250,7 @@ def encode(reg: Register, value: Any, missing: str) -> list[int]:
     if reg.type == "string":
         data = ("" if value is None else str(value)).encode("ascii", "replace")[: 2 * words].ljust(2 * words, b"\0")
         return [data[i] << 8 | data[i + 1] for i in range(0, 2 * words, 2)]
-    if value is None:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):  # inf: "not discharging"
         raw = 0 if missing == "zero" or marker is None else marker
     else:
         raw = round(value / reg.scale) if reg.scale != 1.0 else round(value)
@@ -306,3 +307,69 @@ def to_csv(all_rows: list[dict[str, Any]]) -> str:
 
 def to_json(all_rows: list[dict[str, Any]]) -> str:
     return json.dumps(all_rows, indent=1, ensure_ascii=False) + "\n"
+
+
+def to_markdown(maps: Sequence[RegisterMap], target_range: Callable[[str], str] | None = None) -> str:
+    """docs/registers.md: every map, block by block, as the data files define them."""
+    out = ["# Modbus registers", "",
+           "Generated from `register_maps/*.toml` by `smallbms-bus regmap --format md` (do not edit by hand;",
+           "tests/modbus/test_regmap.py fails when this file is stale). Conventions, exceptions and write",
+           "rules: ../shared/spec/REGISTERS.md and docs/modbus.md. Addresses are 0-based PDU addresses; a",
+           "1-based PLC register number is address + 1. Scale = the value of one count (0.01 = hundredths).", ""]
+    for regmap in maps:
+        out += [f"## {regmap.title} (`{regmap.name}`, unit from `{regmap.unit_key}`)", "", regmap.description, ""]
+        if regmap.missing == "zero":
+            out += ["Values the service does not have read as 0 (the GX's \"no value\").", ""]
+        else:
+            out += ["Values the service does not have read as 0xFFFF (uint16), 0x8000 (int16), "
+                    "0xFFFFFFFF (uint32), 0x80000000 (int32).", ""]
+        placed = regmap.layout((1,))
+        for block in regmap.blocks:
+            first = next(p for p in placed if p.block is block)
+            relative = block.repeat != 1
+            shift = first.start if block.start is None and not relative else 0  # "next" blocks: show absolute
+            if block.repeat == "batteries":
+                where = (f"at {first.start} with one battery; one block of {block.length} registers per battery "
+                         "in the bank, in node order; the blocks after it move down accordingly")
+            elif block.repeat != 1:
+                where = f"battery n at {first.start} + {block.length} x (n - 1), n = 1..{block.repeat}"
+            else:
+                where = f"{first.start}-{first.end - 1}"
+            out += [f"### {block.name}: {block.title} ({where})", "",
+                    f"| {'offset' if relative else 'address'} | name | type | scale | unit | access | range "
+                    "| values / description | source |",
+                    "|---|---|---|---|---|---|---|---|---|"]
+            for reg in block.registers:
+                at = reg.address + shift
+                span = f"{at}" if reg.words == 1 else f"{at}-{at + reg.words - 1}"
+                rng = (f"{reg.range[0]:g}-{reg.range[1]:g}" if reg.range else
+                       target_range(reg.target) if reg.target and target_range else "")
+                text = "; ".join(t for t in (reg.values, reg.description) if t)
+                source = reg.source or ("" if reg.value is None else f"constant {reg.value}")
+                scale = "" if reg.scale == 1.0 else f"{reg.scale:g}"
+                out.append(f"| {span} | {reg.name} | {reg.type} | {scale} | {reg.unit} | {reg.access} | {rng} "
+                           f"| {text} | {source} |")
+            out.append("")
+    return "\n".join(out).rstrip("\n") + "\n"
+
+
+def decode(reg: Register, words: Sequence[int], missing: str = "sentinel") -> Any:
+    """The inverse of `encode`: an engineering value, or None for the not-available marker."""
+    if reg.type == "string":
+        data = b"".join(w.to_bytes(2, "big") for w in words)
+        return data.rstrip(b"\0").decode("ascii", "replace")
+    raw = words[0] << 16 | words[1] if reg.words == 2 else words[0]
+    marker = TYPES[reg.type][2]
+    if missing == "sentinel" and raw == marker and reg.type not in ("reserved", "acc32"):
+        return None
+    if reg.signed and raw & (1 << (16 * reg.words - 1)):
+        raw -= 1 << (16 * reg.words)
+    return raw * reg.scale if reg.scale != 1.0 else raw
+
+
+def decode_block(regmap: RegisterMap, block_name: str, words: Sequence[int]) -> dict[str, Any]:
+    """Register name -> value for one non-repeated block read whole (what `smallbms-bus status` prints)."""
+    block = next(b for b in regmap.blocks if b.name == block_name)
+    base = block.start or 0
+    return {reg.name: decode(reg, words[reg.address - base:reg.address - base + reg.words], regmap.missing)
+            for reg in block.registers if reg.type != "reserved"}

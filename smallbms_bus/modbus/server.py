@@ -221,6 +221,7 @@ class ModbusServer:
         self._listeners: list[Any] = []
         self._reaper: asyncio.Task | None = None
         self.bound: list[tuple[str, int]] = []  # (host, port) actually listening, for logs and tests
+        self._ssl = self._ssl_context() if options.tls else None
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -228,7 +229,7 @@ class ModbusServer:
         if o.port is not None:
             await self._listen(ModbusTcpServer, o.port)
         if o.tls:
-            await self._listen(ModbusTlsServer, o.tls_port, sslctx=self._ssl_context())
+            await self._listen(ModbusTlsServer, o.tls_port, sslctx=self._ssl)
         self._reaper = asyncio.create_task(self._reap_idle(), name="modbus-idle")
         log.info("Modbus: serving %s; unit %d native + SunSpec at 40000%s; writes from %s%s",
                  ", ".join(f"{h}:{p}" for h, p in self.bound), o.unit,
@@ -237,11 +238,19 @@ class ModbusServer:
                  " with a client certificate" if o.tls else "")
 
     def _ssl_context(self) -> ssl.SSLContext:
+        """Checked at start-up, so a wrong path is a configuration error naming the key (exit 2)."""
         o = self.options
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(o.tls_cert, o.tls_key)  # type: ignore[arg-type]
+        try:
+            ctx.load_cert_chain(o.tls_cert, o.tls_key)  # type: ignore[arg-type]
+        except (OSError, ssl.SSLError) as error:
+            raise ValueError(f"modbus.tls_cert / modbus.tls_key: cannot load {o.tls_cert} with {o.tls_key}: "
+                             f"{error}") from None
         if o.tls_client_ca:
-            ctx.load_verify_locations(o.tls_client_ca)
+            try:
+                ctx.load_verify_locations(o.tls_client_ca)
+            except (OSError, ssl.SSLError) as error:
+                raise ValueError(f"modbus.tls_client_ca: cannot load {o.tls_client_ca}: {error}") from None
             ctx.verify_mode = ssl.CERT_OPTIONAL  # readers need no certificate; writers do
         else:
             log.warning("Modbus: TLS without modbus.tls_client_ca: no client can authenticate, so nobody may write")
@@ -267,6 +276,7 @@ class ModbusServer:
         for listener in self._listeners:
             await listener.shutdown()
         self._listeners.clear()
+        self.bound.clear()
 
     async def _reap_idle(self) -> None:
         timeout = self.options.idle_timeout
