@@ -29,6 +29,7 @@ from smallbms_bus.sim.bank import DEFAULT_BANK, BankShape
 from smallbms_bus.sim.runner import Simulator
 from smallbms_bus.sim.scenarios import DEFAULT_SCENARIO, SCENARIOS
 
+METRICS_PORT = 9108  # the [metrics] port default
 ROLES = {"load_disconnect": "load", "charge_disconnect": "charge", "pre_alarm": "pre-alarm"}
 
 
@@ -41,14 +42,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--speed", type=float, default=1.0, help="physics speed-up of the virtual batteries")
     parser.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: Ctrl-C)")
     parser.add_argument("--every", type=float, default=2.0, help="seconds between readouts (default 2)")
+    parser.add_argument("--metrics-port", type=int, default=METRICS_PORT,
+                        help=f"Prometheus /metrics on 127.0.0.1:PORT (default {METRICS_PORT}, 0 = off)")
+    parser.add_argument("--soc", type=float, default=None,
+                        help="set the SoC to this %% once the bank is learned, as an installer would (MON-6); "
+                             "default: unknown until the first full charge, as at a real first start")
     return parser
 
 
-def demo_config(channel: str, store: str) -> str:
+def demo_config(channel: str, store: str, metrics_port: int = 0) -> str:
     return (f'[bus]\ninterface = "virtual"\nchannel = "{channel}"\n'
             f'[store]\npath = "{store}"\n'
             '[outputs]\nbackend = "memory"\n'
-            '[metrics]\nport = 0\n')
+            f'[metrics]\nhost = "127.0.0.1"\nport = {metrics_port}\n')
 
 
 def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
@@ -60,10 +66,14 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     if args.speed <= 0 or args.every <= 0 or (args.duration is not None and args.duration <= 0):
         print("demo: --speed, --every and --duration must be positive", file=sys.stderr)
         return 2
+    if not 0 <= args.metrics_port <= 65535 or (args.soc is not None and not 0 <= args.soc <= 100):
+        print("demo: --metrics-port must be 0..65535 and --soc 0..100", file=sys.stderr)
+        return 2
     channel = f"smallbms-demo-{os.getpid()}"
     with tempfile.TemporaryDirectory(prefix="smallbms-demo-") as tmp:
         board = MemoryBoard()
-        service = Service(parse_config(demo_config(channel, f"{tmp}/state.db"), "<demo>"), board=board)
+        service = Service(parse_config(demo_config(channel, f"{tmp}/state.db", args.metrics_port), "<demo>"),
+                          board=board)
         simulator = Simulator.from_scenario(args.scenario, shape, speed=args.speed)
         sim_bus = can.Bus(interface="virtual", channel=channel)
         sim_stop = threading.Event()
@@ -72,6 +82,9 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         print(f"smallbms-bus demo: {shape.describe()}, scenario {args.scenario}, bus virtual:{channel},\n"
               "  memory relay board (channel 1 load, 2 charge, 3 pre-alarm), a throwaway store. Ctrl-C stops.",
               file=out, flush=True)
+        if args.metrics_port:
+            print(f"metrics: http://127.0.0.1:{args.metrics_port}/metrics (curl it, or point Prometheus at it: "
+                  "deploy/prometheus/)", file=out, flush=True)
         sim_thread.start()
         try:
             return asyncio.run(_serve(service, board, args, out))
@@ -97,7 +110,14 @@ async def _serve(service: Service, board: MemoryBoard, args: argparse.Namespace,
             print(_readout(service, board, time.monotonic() - started), file=out, flush=True)
             stop.set()
 
-    tasks = [asyncio.create_task(readouts()), asyncio.create_task(deadline())]
+    async def set_soc() -> None:
+        while args.soc is not None:  # MON-6 needs the bank capacity: wait until the bank is learned
+            await asyncio.sleep(0.2)
+            if service.decision is not None and service.decision.started:
+                service.core.set_soc(args.soc)
+                return
+
+    tasks = [asyncio.create_task(readouts()), asyncio.create_task(deadline()), asyncio.create_task(set_soc())]
     try:
         return await service.run(stop)
     finally:

@@ -39,6 +39,7 @@ from smallbms_bus.bms.core import BmsCore, Decision, bms_state_report
 from smallbms_bus.config import Config
 from smallbms_bus.link.bus import BusConfig, Link
 from smallbms_bus.link.codec import FrameDecoder, FrameEncoder, load_dbc
+from smallbms_bus.metrics import MetricsServer
 from smallbms_bus.outputs import make_board
 from smallbms_bus.outputs.base import RelayBoard
 from smallbms_bus.outputs.controller import Outputs
@@ -114,6 +115,7 @@ class Service:
         self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="outputs")
         self._db = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store")
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.metrics: MetricsServer | None = None  # the Prometheus endpoint, started by run() when configured
 
     # -- the decision path ------------------------------------------------------------------------
     def _on_reports(self, reports: list[Report]) -> None:
@@ -252,6 +254,9 @@ class Service:
         receiver = threading.Thread(target=self._receive_thread, name="bus-receive", daemon=True)
         receiver.start()
         tick = asyncio.create_task(self._supervise("tick", self._tick))
+        if self.config["metrics"]["port"]:  # metrics: [metrics] port 0 = no endpoint; a busy port never stops the BMS
+            self.metrics = MetricsServer(self, self.config["metrics"]["host"], self.config["metrics"]["port"])
+            await self.metrics.start()
         sd_notify("READY=1")
         log.info("running: bus %s, outputs %s, store %s", self.link.config.describe(),
                  self.config["outputs"]["backend"], self.config["store"]["path"])
@@ -280,4 +285,6 @@ class Service:
         await loop.run_in_executor(self._db, self.store.close)
         self._db.shutdown(wait=True)
         self.board.close()
+        if self.metrics is not None:  # metrics: served until the end, so a scrape during shutdown still answers
+            await self.metrics.close()
         log.info("stopped: outputs off, state saved")
