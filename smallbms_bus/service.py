@@ -29,6 +29,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -40,6 +41,7 @@ from smallbms_bus.config import Config
 from smallbms_bus.link.bus import BusConfig, Link
 from smallbms_bus.link.codec import FrameDecoder, FrameEncoder, load_dbc
 from smallbms_bus.metrics import MetricsServer
+from smallbms_bus.modbus.server import BmsAccess, ModbusOptions, ModbusServer
 from smallbms_bus.outputs import make_board
 from smallbms_bus.outputs.base import RelayBoard
 from smallbms_bus.outputs.controller import Outputs
@@ -51,6 +53,7 @@ log = logging.getLogger(__name__)
 TICK_S = 0.1  # evaluation tick and BMS_STATE period (PROTOCOL.md)
 POLL_S = 0.05
 RESTART_PAUSE_S = 1.0
+MODBUS_RETRY_S = 5.0
 OFF = {"load_disconnect": False, "charge_disconnect": False, "pre_alarm": False, "error_led": "off",
        "status_led": "off"}
 
@@ -115,6 +118,11 @@ class Service:
         self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="outputs")
         self._db = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store")
         self._loop: asyncio.AbstractEventLoop | None = None
+        modbus = ModbusOptions.from_config(config["modbus"])
+        self.modbus: ModbusServer | None = None  # the Modbus TCP server; None when [modbus] serves no port
+        if modbus.port is not None or modbus.tls:
+            self.modbus = ModbusServer(modbus, BmsAccess(core=self.core, decision=lambda: self.decision,
+                                                         decide=self._decide, clock=clock, started=now))
         self.metrics: MetricsServer | None = None  # the Prometheus endpoint, started by run() when configured
 
     # -- the decision path ------------------------------------------------------------------------
@@ -232,6 +240,20 @@ class Service:
                 next_watchdog = now + 1.0
             await asyncio.sleep(TICK_S)
 
+    async def _serve_modbus(self) -> None:
+        """Modbus is how PLCs watch the bank, but the BMS protects it without: a port that cannot be bound
+        is logged and retried, never a reason to stop protecting the batteries (and never outputs off)."""
+        assert self.modbus is not None
+        while True:
+            try:
+                await self.modbus.start()
+                return
+            except (OSError, RuntimeError, ssl.SSLError) as error:
+                await self.modbus.stop()
+                log.error("Modbus: cannot serve on %s:%s (%s); retrying in %.0f s", self.modbus.options.host,
+                          self.modbus.options.port, error, MODBUS_RETRY_S)
+                await asyncio.sleep(MODBUS_RETRY_S)
+
     async def _supervise(self, name: str, factory: Callable[[], Awaitable[None]]) -> None:
         while True:
             try:
@@ -254,6 +276,7 @@ class Service:
         receiver = threading.Thread(target=self._receive_thread, name="bus-receive", daemon=True)
         receiver.start()
         tick = asyncio.create_task(self._supervise("tick", self._tick))
+        modbus = asyncio.create_task(self._serve_modbus()) if self.modbus is not None else None
         if self.config["metrics"]["port"]:  # metrics: [metrics] port 0 = no endpoint; a busy port never stops the BMS
             self.metrics = MetricsServer(self, self.config["metrics"]["host"], self.config["metrics"]["port"])
             await self.metrics.start()
@@ -265,13 +288,17 @@ class Service:
         finally:
             sd_notify("STOPPING=1")
             tick.cancel()
-            await asyncio.gather(tick, return_exceptions=True)
+            if modbus is not None:
+                modbus.cancel()
+            await asyncio.gather(tick, *([modbus] if modbus else []), return_exceptions=True)
             await self.shutdown(receiver)
         return 0
 
     async def shutdown(self, receiver: threading.Thread | None = None) -> None:
         """OUT-4: every output off before exit; then the state is saved and everything closed."""
         loop = asyncio.get_running_loop()
+        if self.modbus is not None:  # first: no write may change anything while the state is being saved
+            await self.modbus.stop()
         with self._pending_lock:
             self._stopping.set()  # from here no decision reaches the board
         if receiver is not None:

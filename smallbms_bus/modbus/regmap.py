@@ -184,7 +184,9 @@ def parse_map(text: str, where: str) -> RegisterMap:
         start = raw.get("start")
         blocks.append(Block(
             name=name, title=raw.get("title", ""), start=None if start == "next" else int(start),
-            length=int(raw["length"]), registers=tuple(_registers(raw.get("registers", []), f"{where} block {name}")),
+            length=int(raw["length"]),
+            registers=tuple(sorted(_registers(raw.get("registers", []), f"{where} block {name}"),
+                                   key=lambda r: r.address)),  # arrays with a stride interleave
             repeat=raw.get("repeat", 1), item=raw.get("item"),
         ))
     return RegisterMap(name=head.get("name", where), title=head.get("title", ""), unit_key=head.get("unit", ""),

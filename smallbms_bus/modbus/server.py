@@ -56,9 +56,12 @@ from smallbms_bus.modbus.stats import ModbusStats
 from smallbms_bus.modbus.writes import WriteRefused, plan_writes
 
 log = logging.getLogger(__name__)
+# pymodbus logs a WARNING per undecodable frame: a misbehaving client would fill the journal. Ours are counted.
+logging.getLogger("pymodbus.logging").setLevel(logging.ERROR)
 
 READ, WRITE_SINGLE, WRITE_MULTIPLE = (3, 4), 6, 16
 MAX_READ, MAX_WRITE = 125, 123
+BATCH = 32  # pipelined requests answered per turn of the event loop, per connection
 ILLEGAL_FUNCTION, ILLEGAL_ADDRESS, ILLEGAL_VALUE = 1, 2, 3
 GATEWAY_NO_RESPONSE = 0x0B
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -130,6 +133,9 @@ class _Connection(ServerRequestHandler):
         self.counted = False
         self.last_activity = time.monotonic()  # I/O time, not the core's clock
         self.refusals_logged = 0
+        self.paused = False  # the client stopped reading its answers (asyncio flow control)
+        self.unanswered = b""  # received bytes not yet part of an answered frame
+        self.reading_held = False  # reading paused by us while a batch of pipelined requests is answered
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -166,42 +172,71 @@ class _Connection(ServerRequestHandler):
 
     # asyncio flow control: a client that does not read its answers stops being read from.
     def pause_writing(self) -> None:
+        self.paused = True
         if self.transport:
             self.transport.pause_reading()  # type: ignore[attr-defined]
 
     def resume_writing(self) -> None:
-        if self.transport:
+        self.paused = False
+        if self.transport and not self.reading_held:
             self.transport.resume_reading()  # type: ignore[attr-defined]
 
     # -- requests --------------------------------------------------------------------------------------
-    def callback_data(self, data: bytes, addr: tuple | None = None) -> int:
-        """Every complete frame in `data` (pymodbus takes one per call and would leave pipelined ones waiting)."""
+    def data_received(self, data: bytes) -> None:
+        """Frames are cut by their MBAP length and answered in order, at most BATCH per turn of the event
+        loop: a client that pipelines thousands of requests waits for its own answers, everyone else does
+        not. (pymodbus's own path takes one frame per read, drops its buffer past 260 bytes and clears it
+        on every send, which loses pipelined requests.)"""
         self.last_activity = time.monotonic()
-        used = 0
-        while used < len(data):
-            try:
-                size = TransactionManager.callback_data(self, data[used:], addr)
-            except ModbusIOException:
-                size = self._undecodable(data[used:])
-            if not size:
-                break
-            used += size
-            pdu, self.last_pdu = self.last_pdu, None
-            if pdu is not None:
-                self.pdu_send(self.app.answer(self, pdu), addr)
-        return used
+        self.unanswered += data
+        self._answer_some()
 
-    def _undecodable(self, frame: bytes) -> int:
-        """A frame pymodbus cannot decode (bad quantity, byte count, unknown function): answer and skip it."""
+    def _answer_some(self) -> None:
+        buffer, used, answered = self.unanswered, 0, 0
+        while answered < BATCH and len(buffer) - used >= 6 and self.transport:
+            _, protocol, length = struct.unpack_from(">HHH", buffer, used)
+            if protocol != 0 or not 2 <= length <= 254:  # not Modbus/TCP, or framing lost: trust nothing after
+                self.app.stats.connections_bad_frame_closed += 1
+                log.debug("Modbus: closing %s: not a Modbus/TCP frame (%s)", self.peer, buffer[used:used + 8].hex())
+                self.close()
+                self.unanswered = b""
+                return
+            if len(buffer) - used < 6 + length:
+                break  # a partial frame: wait for the rest
+            self._answer_frame(buffer[used:used + 6 + length])
+            used += 6 + length
+            answered += 1
+        self.unanswered = buffer[used:]
+        if answered == BATCH and self.transport:  # more may be waiting: let the loop breathe first
+            if not self.reading_held:
+                self.reading_held = True
+                self.transport.pause_reading()  # type: ignore[attr-defined]
+            asyncio.get_running_loop().call_soon(self._answer_some)
+        elif self.reading_held and self.transport:
+            self.reading_held = False
+            if not self.paused:
+                self.transport.resume_reading()  # type: ignore[attr-defined]
+
+    def _answer_frame(self, frame: bytes) -> None:
+        try:
+            TransactionManager.callback_data(self, frame)
+        except ModbusIOException:
+            self._undecodable(frame)
+            return
+        pdu, self.last_pdu = self.last_pdu, None
+        if pdu is not None:
+            self.pdu_send(self.app.answer(self, pdu))
+
+    def _undecodable(self, frame: bytes) -> None:
+        """A frame pymodbus cannot decode (bad quantity, byte count, unknown function): its exception."""
         if len(frame) < 8:
-            return len(frame)
-        tid, _, length, unit, function = struct.unpack(">HHHBB", frame[:8])
+            return  # a unit id and no function code: nothing to answer
+        tid, _, _, unit, function = struct.unpack(">HHHBB", frame[:8])
         code = ILLEGAL_VALUE if function in (*READ, WRITE_SINGLE, WRITE_MULTIPLE) else ILLEGAL_FUNCTION
         self.app.stats.count(function, code)
         self.pdu_send(ExceptionResponse(function & 0x7F, code, device_id=unit, transaction=tid))
-        return min(len(frame), 6 + length)
 
-    async def handle_request(self) -> None:  # never used: callback_data answers at once
+    async def handle_request(self) -> None:  # never used: data_received answers at once
         return None
 
 
@@ -231,7 +266,7 @@ class ModbusServer:
         if o.tls:
             await self._listen(ModbusTlsServer, o.tls_port, sslctx=self._ssl)
         self._reaper = asyncio.create_task(self._reap_idle(), name="modbus-idle")
-        log.info("Modbus: serving %s; unit %d native + SunSpec at 40000%s; writes from %s%s",
+        log.info("Modbus: serving %s; unit %d native + SunSpec%s; writes from %s%s",
                  ", ".join(f"{h}:{p}" for h, p in self.bound), o.unit,
                  f", unit {o.gx_unit} Victron GX" if o.gx_unit else "",
                  ", ".join(map(str, o.allow_write_from)) or "nobody",
@@ -284,9 +319,12 @@ class ModbusServer:
             await asyncio.sleep(min(timeout / 4, 5.0))
             now = time.monotonic()
             for conn in [c for c in self.connections if now - c.last_activity > timeout]:
-                self.stats.connections_idle_closed += 1
-                log.info("Modbus: closing %s, idle for %.0f s (modbus.idle_timeout)", conn.peer,
-                         now - conn.last_activity)
+                if conn.paused:
+                    self.stats.connections_slow_closed += 1
+                else:
+                    self.stats.connections_idle_closed += 1
+                log.info("Modbus: closing %s, %s for %.0f s (modbus.idle_timeout)", conn.peer,
+                         "not reading its answers" if conn.paused else "idle", now - conn.last_activity)
                 conn.close()
 
     # -- access ------------------------------------------------------------------------------------------------
@@ -358,8 +396,9 @@ class ModbusServer:
             cls = ReadHoldingRegistersResponse if fc == 3 else ReadInputRegistersResponse
             return cls(registers=words)
         values = list(pdu.registers)
-        if fc == WRITE_MULTIPLE and not 1 <= len(values) <= MAX_WRITE:
-            raise WriteRefused(ILLEGAL_VALUE, f"quantity {len(values)}")
+        if fc == WRITE_MULTIPLE and not (1 <= pdu.count <= MAX_WRITE and pdu.byte_count == 2 * pdu.count
+                                         == getattr(pdu, "_payload_byte_count", None) == 2 * len(values)):
+            raise WriteRefused(ILLEGAL_VALUE, f"quantity {pdu.count} / byte count {pdu.byte_count}")
         if not conn.may_write:
             self._refuse_write(conn, unit, pdu.address, len(values))
         self._write(conn, image, unit, pdu.address, values, now)

@@ -95,6 +95,7 @@ BANK: dict[str, Callable[[Snapshot], Any]] = {
     "max_cell_temperature": lambda s: s.decision.bank.aggregates.max_cell_temperature,
     "allowed_to_charge": lambda s: int(s.decision.atc),
     "allowed_to_discharge": lambda s: int(AtdState(s.decision.atd_state)),
+    "allowed_to_discharge_gx": lambda s: int(s.decision.atd),  # the GX knows only yes/no
     "pre_alarm": lambda s: int(s.decision.pre_alarm),
     "outputs": _outputs,
     "alarms": lambda s: int(s.decision.alarms),
@@ -329,6 +330,94 @@ BANK.update({
     "max_cell_battery": _battery_with(lambda a: a.max_cell, "node"),
     "min_cell_string": _battery_with(lambda a: a.min_cell, "string"),
     "min_cell_battery": _battery_with(lambda a: a.min_cell, "node"),
+})
+
+
+# -- Victron GX (com.victronenergy.battery) -----------------------------------------------------------------
+GX_OK, GX_WARNING, GX_ALARM = 0, 1, 2
+# GX alarm register source -> (alarms that make it 2, warnings that make it 1)
+GX_ALARMS: dict[str, tuple[BmsAlarm, BmsWarning]] = {
+    "gx.alarm.low_voltage": (BmsAlarm.CELL_LOW_VOLTAGE, BmsWarning.PRE_ALARM),
+    "gx.alarm.high_voltage": (BmsAlarm.CELL_HIGH_VOLTAGE, BmsWarning(0)),
+    "gx.alarm.low_soc": (BmsAlarm.LOW_SOC, BmsWarning.LOW_SOC_WARNING),
+    "gx.alarm.low_temperature": (BmsAlarm.LOW_TEMPERATURE_CHARGE, BmsWarning(0)),
+    "gx.alarm.high_temperature": (BmsAlarm.HIGH_TEMPERATURE_CHARGE, BmsWarning(0)),
+    "gx.alarm.high_charge_current": (BmsAlarm(0), BmsWarning.HIGH_CHARGE_CURRENT),
+    "gx.alarm.high_discharge_current": (BmsAlarm(0), BmsWarning.HIGH_DISCHARGE_CURRENT),
+    "gx.alarm.cell_imbalance": (BmsAlarm(0), BmsWarning.CELL_IMBALANCE),
+    "gx.alarm.internal_failure": (BmsAlarm.BATTERY_FAULT, BmsWarning(0)),
+    "gx.alarm.high_charge_temperature": (BmsAlarm.HIGH_TEMPERATURE_CHARGE, BmsWarning(0)),
+    "gx.alarm.low_charge_temperature": (BmsAlarm.LOW_TEMPERATURE_CHARGE, BmsWarning(0)),
+    "gx.alarm.low_cell_voltage": (BmsAlarm.CELL_LOW_VOLTAGE, BmsWarning.PRE_ALARM),
+    "gx.alarm.bms_cable": (BmsAlarm.BATTERY_COMMS_LOST, BmsWarning(0)),
+    "gx.alarm.contactor": (BmsAlarm.RELAY_FAULT, BmsWarning(0)),
+    "gx.alarm.high_current": (BmsAlarm(0), BmsWarning.HIGH_CHARGE_CURRENT | BmsWarning.HIGH_DISCHARGE_CURRENT),
+}
+# /ErrorCode (1283): the first of our alarms in this order, as the Lynx BMS error it resembles most
+GX_ERRORS = ((BmsAlarm.BANK_CONFIGURATION, 5), (BmsAlarm.BATTERY_COMMS_LOST, 23), (BmsAlarm.BATTERY_FAULT, 17),
+             (BmsAlarm.CELL_HIGH_VOLTAGE, 13), (BmsAlarm.CELL_LOW_VOLTAGE, 14),
+             (BmsAlarm.HIGH_TEMPERATURE_CHARGE, 15), (BmsAlarm.LOW_TEMPERATURE_CHARGE, 16),
+             (BmsAlarm.RELAY_FAULT, 26), (BmsAlarm.FIRMWARE_UPDATE_FAILED, 28))
+# /State (1282) from our state register
+GX_STATES = {STATE_WAITING: 4, STATE_ON: 9, STATE_OFF: 14, STATE_FIRMWARE_UPDATE: 13, STATE_FAULT: 10}
+GX_MODE_ON, GX_MODE_STANDBY = 3, 252
+
+
+def _gx_alarm(alarms: BmsAlarm, warnings: BmsWarning) -> Callable[[Snapshot], int]:
+    def level(s: Snapshot) -> int:
+        if s.decision.alarms & alarms:
+            return GX_ALARM
+        return GX_WARNING if s.decision.warnings & warnings else GX_OK
+    return level
+
+
+def _gx_error(s: Snapshot) -> int:
+    return next((code for flag, code in GX_ERRORS if flag in s.decision.alarms), 0)
+
+
+def _negative(get: Callable[[Snapshot], float | None]) -> Callable[[Snapshot], float | None]:
+    """Victron reports Ah drawn as negative numbers (the sign of a discharge current)."""
+    def value(s: Snapshot) -> float | None:
+        v = get(s)
+        return None if v is None else -v
+    return value
+
+
+def _cells_per_battery(s: Snapshot) -> int | None:
+    topo = s.decision.bank.topology
+    return None if topo.nominal_units is None else 4 * topo.nominal_units
+
+
+def _cell_id(which: str) -> Callable[[Snapshot], str | None]:
+    def ident(s: Snapshot) -> str | None:
+        ref = getattr(s.decision.bank.aggregates, which)
+        return None if ref is None else f"B{ref.node}C{ref.cell}"
+    return ident
+
+
+def _nodes_flagged(*flags: str) -> Callable[[Snapshot], int]:
+    return lambda s: len({n for f in flags for n in s.decision.bank.flags.get(f, ())})
+
+
+BANK.update({name: _gx_alarm(*levels) for name, levels in GX_ALARMS.items()})
+BANK.update({
+    "gx.consumed_ah": _negative(BANK["consumed_ah"]),
+    "gx.deepest_discharge": _negative(BANK["history.deepest_discharge"]),
+    "gx.total_ah_drawn": _negative(BANK["history.cumulative_ah_drawn"]),
+    "gx.state": lambda s: GX_STATES[state(s)],
+    "gx.error": _gx_error,
+    "gx.mode": lambda s: GX_MODE_ON if s.decision.mode_on else GX_MODE_STANDBY,
+    "gx.balancing": lambda s: int(s.decision.balancer is BalancerStatus.BALANCING),
+    "gx.cells_per_battery": _cells_per_battery,
+    "gx.modules_online": lambda s: len(s.batteries) - len(s.decision.bank.stale_nodes),
+    "gx.modules_blocking_charge": _nodes_flagged("cell_high_voltage", "hardware_fault", "firmware_updating"),
+    "gx.modules_blocking_discharge": _nodes_flagged("cell_low_voltage", "hardware_fault"),
+    "gx.min_voltage_cell_id": _cell_id("min_cell"),
+    "gx.max_voltage_cell_id": _cell_id("max_cell"),
+    "gx.error_communication": lambda s: int(BmsAlarm.BATTERY_COMMS_LOST in s.decision.alarms),
+    "gx.error_voltage": lambda s: int(bool(s.decision.alarms & (BmsAlarm.CELL_HIGH_VOLTAGE
+                                                                 | BmsAlarm.CELL_LOW_VOLTAGE))),
+    "gx.error_battery_number": lambda s: int(BmsAlarm.BANK_CONFIGURATION in s.decision.alarms),
 })
 
 

@@ -33,7 +33,8 @@ class ModbusStats:
     connections_total: int = 0  # accepted since start
     connections_refused: int = 0  # over modbus.max_connections
     connections_idle_closed: int = 0  # closed after modbus.idle_timeout
-    connections_slow_closed: int = 0  # closed because the client did not read its answers
+    connections_slow_closed: int = 0  # closed by the idle timeout while paused: the client did not read its answers
+    connections_bad_frame_closed: int = 0  # closed because the stream was not Modbus/TCP (bad MBAP header)
 
     def count(self, function_code: int, exception_code: int | None) -> None:
         self.requests[(function_name(function_code), outcome_name(exception_code))] += 1

@@ -52,7 +52,8 @@ def _target(args: argparse.Namespace) -> tuple[str, int, int] | str:
     return args.host or host, args.port or port, args.unit or unit
 
 
-def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
     target = _target(args)
     if isinstance(target, str):
         print(f"status: {target}", file=sys.stderr)

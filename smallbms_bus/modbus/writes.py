@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from smallbms_bus.bms.core import BmsCore
 from smallbms_bus.bms.settings import SPEC_BY_NAME, SettingError
+from smallbms_bus.modbus.sources import GX_MODE_ON, GX_MODE_STANDBY
 
 ILLEGAL_VALUE = 3  # Modbus exception 03
 BUSY = 6  # Modbus exception 06: valid, but not possible yet (the bank is not learned)
@@ -27,7 +28,6 @@ SETTING_TARGETS = {
 }
 COMMANDS = {1: "synchronise SoC", 2: "reset history", 3: "reset settings", 4: "re-learn bank",
             5: "begin firmware update", 6: "firmware update completed", 7: "abort firmware update"}
-GX_MODE_ON, GX_MODE_STANDBY = 3, 252
 TARGETS = frozenset({*SETTING_TARGETS, "mode", "command", "set_soc", "gx_mode"})
 
 

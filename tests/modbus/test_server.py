@@ -186,7 +186,7 @@ def test_writes_to_read_only_registers_are_exception_02(server, client, address)
     (bytes([0x41]), 1),  # no such function
     (struct.pack(">BHH", 3, 0, 126), 3),  # over 125 registers
     (struct.pack(">BHH", 4, 0, 0), 3),  # zero registers
-    (struct.pack(">BHHB", 16, 100, 124, 248) + bytes(248), 3),  # over 123 registers
+    (struct.pack(">BHHB", 16, 100, 124, 240) + bytes(240), 3),  # over 123 registers (248 bytes exceed an ADU)
     (struct.pack(">BHHB", 16, 100, 2, 3) + bytes(4), 3),  # byte count does not match
 ])
 def test_every_bad_request_class_gets_its_exception(server, pdu, code):
@@ -195,21 +195,32 @@ def test_every_bad_request_class_gets_its_exception(server, pdu, code):
     assert server.rig.core.settings == DEFAULT_SETTINGS and server.rig.core.mode_on
 
 
+@pytest.mark.parametrize("header", [struct.pack(">HHHB", 1, 0, 300, 1), struct.pack(">HHHB", 1, 5, 6, 1),
+                                    struct.pack(">HHHB", 1, 0, 0, 1)])
+def test_a_stream_that_is_not_modbus_tcp_is_hung_up_and_others_are_served(server, client, header):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=3) as s:
+        s.sendall(header + bytes(10))
+        assert s.recv(16) == b""
+    assert server.server.stats.connections_bad_frame_closed == 1
+    assert read(client, 0, 1) == [1]
+
+
 def test_an_unknown_unit_is_exception_0b_and_the_gx_unit_answers(client):
     assert exception_of(client.read_holding_registers(0, count=1, device_id=7)) == 0x0B
     assert not client.read_holding_registers(259, count=1, device_id=225).isError()
 
 
-def test_pipelined_requests_in_one_segment_all_get_answers(server):
-    frames = b"".join(struct.pack(">HHHBBHH", tid, 0, 6, 1, 3, 0, 2) for tid in (1, 2, 3))
+def test_pipelined_requests_in_one_segment_all_get_answers_in_order(server):
+    tids = range(1, 101)  # 1200 bytes at once: more than pymodbus's own 260-byte receive buffer
+    frames = b"".join(struct.pack(">HHHBBHH", tid, 0, 6, 1, 3, 0, 2) for tid in tids)
     with socket.create_connection(("127.0.0.1", server.port), timeout=3) as s:
         s.sendall(frames)
         data = b""
-        while len(data) < 3 * 13:
-            chunk = s.recv(1024)
+        while len(data) < len(tids) * 13:
+            chunk = s.recv(4096)
             assert chunk
             data += chunk
-    assert [struct.unpack(">H", data[i * 13:i * 13 + 2])[0] for i in range(3)] == [1, 2, 3]
+    assert [struct.unpack(">H", data[i * 13:i * 13 + 2])[0] for i in range(len(tids))] == list(tids)
 
 
 # -- who may write, and how many may connect ----------------------------------------------------------
@@ -264,24 +275,37 @@ def test_idle_connections_are_closed_after_the_idle_timeout():
         running.close()
 
 
-def test_a_client_that_never_reads_its_answers_does_not_stall_the_others(server):
+def test_a_client_that_never_reads_its_answers_does_not_stall_the_others_and_is_closed():
+    running = RunningServer(Rig(), ModbusOptions(port=0, idle_timeout=1.0))
+    try:
+        _flood_without_reading(running)
+        stats = running.server.stats
+        assert stats.connections_slow_closed + stats.connections_idle_closed == 1
+    finally:
+        running.close()
+
+
+def _flood_without_reading(server: RunningServer) -> None:
     request = struct.pack(">HHHBBHH", 1, 0, 6, 1, 3, 1000, 125)
-    hog = socket.create_connection(("127.0.0.1", server.port), timeout=3)
+    hog = socket.create_connection(("127.0.0.1", server.port), timeout=0.5)
     hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    hog.setblocking(False)
     sent = 0
     try:
-        for _ in range(20000):  # ~ 5 MB of answers it never reads
-            try:
-                sent += hog.send(request * 16)
-            except BlockingIOError:
-                break
+        try:
+            for _ in range(20000):  # ~ 50 MB of answers it never reads; stops when the server stops reading
+                hog.sendall(request * 16)
+                sent += 1
+        except TimeoutError:
+            pass  # the server paused reading from it (its answers are not being read)
         other = server.client()
         started = time.perf_counter()
         for _ in range(20):
             assert read(other, 0, 40)[0] == 1
         assert time.perf_counter() - started < 2.0
         other.close()
+        deadline = time.monotonic() + 3.0  # past the 1 s idle timeout, the hog still connected
+        while server.server.stats.connections_open > 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
     finally:
         hog.close()
     assert sent > 0

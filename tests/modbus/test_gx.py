@@ -1,0 +1,74 @@
+"""The Victron-GX-compatible unit (225): what a SCADA template written for a GX battery reads and writes."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.modbus.harness import s32, signed, u32
+
+GX = 225
+
+
+def gx_read(client, address: int, count: int) -> list[int]:
+    reply = client.read_holding_registers(address, count=count, device_id=GX)
+    assert not reply.isError(), reply
+    return reply.registers
+
+
+def test_gx_blocks_read_whole_with_victrons_types_and_scales(server, client):
+    server.on_loop(server.rig.core.set_soc, 80.0)
+    server.on_loop(server.rig.set_current, -12.0)
+    server.tick(60.0)  # a minute of discharge: Ah consumed
+    d = server.rig.last
+    low = gx_read(client, 256, 76)
+    at = lambda a: low[a - 256]  # noqa: E731
+    assert s32(low, 0) == round(d.bank.aggregates.power) and signed(at(258)) == round(d.bank.aggregates.power)
+    assert at(259) == round(d.bank.aggregates.voltage * 100)  # x100
+    assert signed(at(261)) == -120  # x10, signed, negative = discharging
+    assert at(262) == 210
+    assert d.consumed_ah > 0.1
+    assert at(265) == round(d.consumed_ah * 10)  # the sheet's -10 on a negative D-Bus value: a positive word
+    assert u32(low, 330 - 256) == round(d.consumed_ah)
+    assert at(266) == round(d.soc * 10)
+    assert at(307) == 2000 and at(308) == 2000  # 200 A (1C) x10 while allowed
+    assert at(309) == 2000  # 200 Ah x10
+    assert [at(a) for a in range(268, 280)] == [0] * 12  # no alarms
+    high = gx_read(client, 1282, 62)
+    hat = lambda a: high[a - 1282]  # noqa: E731
+    assert hat(1282) == 9  # running
+    assert (hat(1286), hat(1287), hat(1288), hat(1289)) == (4, 2, 2, 4)
+    assert hat(1290) == 330 and hat(1291) == 330  # x100
+    assert (hat(1297), hat(1298)) == (1, 1)
+    assert hat(1322) == 3  # on
+    assert high[1336 - 1282:] == [0xFFFF] * 8
+
+
+def test_gx_alarm_enums_and_allow_flags_follow_the_bms(server, client):
+    server.on_loop(server.rig.battery(3).flags.__setitem__, "cell_high_voltage", True)
+    server.tick(0.5)
+    assert gx_read(client, 269, 1) == [2]  # high voltage alarm
+    assert gx_read(client, 1297, 2) == [0, 1]  # not allowed to charge, allowed to discharge
+    assert gx_read(client, 307, 2) == [0, 2000]
+    assert gx_read(client, 1283, 1) == [13]  # over voltage
+    assert gx_read(client, 1282, 1) == [10]  # error
+
+
+def test_gx_mode_is_the_only_writable_register(server, client):
+    assert not client.write_register(1322, 252, device_id=GX).isError()
+    assert not server.rig.core.mode_on and gx_read(client, 1322, 1) == [252]
+    assert client.read_holding_registers(105, count=1, device_id=1).registers == [0]  # the same mode
+    assert client.write_register(1322, 4, device_id=GX).exception_code == 3
+    assert not client.write_register(1322, 3, device_id=GX).isError()
+    assert server.rig.core.mode_on
+    assert client.write_register(280, 1, device_id=GX).exception_code == 2  # the BMV relay: read-only here
+    assert client.write_register(259, 1, device_id=GX).exception_code == 2
+
+
+@pytest.mark.parametrize(("address", "count"), [(255, 1), (332, 1), (330, 3), (1281, 2), (1343, 2), (0, 1)])
+def test_gx_addresses_outside_victrons_blocks_are_exception_02(client, address, count):
+    assert client.read_holding_registers(address, count=count, device_id=GX).exception_code == 2
+
+
+def test_the_native_blocks_are_not_on_the_gx_unit_and_vice_versa(client):
+    assert client.read_holding_registers(300, count=1, device_id=1).exception_code == 2
+    assert client.read_holding_registers(100, count=1, device_id=GX).exception_code == 2
