@@ -232,7 +232,8 @@ MODBUS_ACCEPTED = _m("modbus_connections_accepted_total", "counter", (), "Connec
 MODBUS_REFUSED_CONN = _m("modbus_connections_refused_total", "counter", (), "Connections refused over "
                          "max_connections.")
 MODBUS_CLOSED = _m("modbus_connections_closed_total", "counter", ("reason",),
-                   "Connections closed by the server: idle_timeout, or slow_client (did not read its answers).")
+                   "Connections closed by the server: idle_timeout, slow_client (did not read its answers), bad_frame "
+                   "(not Modbus/TCP).")
 del B
 
 
@@ -493,6 +494,9 @@ class BmsCollector(Collector):
         family = _family(MODBUS_CLOSED)
         family.add_metric(("idle_timeout",), stats.connections_idle_closed)
         family.add_metric(("slow_client",), stats.connections_slow_closed)
+        bad_frame = getattr(stats, "connections_bad_frame_closed", None)  # newer ModbusStats
+        if bad_frame is not None:
+            family.add_metric(("bad_frame",), bad_frame)
         yield family
 
 

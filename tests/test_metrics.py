@@ -17,7 +17,7 @@ from prometheus_client.exposition import generate_latest
 from smallbms_bus import metrics
 from smallbms_bus.bms.alarms import BmsAlarm, BmsWarning
 from smallbms_bus.modbus.stats import ModbusStats
-from tests.metrics_rig import RunningBms
+from tests.metrics_rig import RunningBms, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PER_BATTERY = ("smallbms_battery_up", "smallbms_battery_status_age_seconds", "smallbms_battery_info",
@@ -159,10 +159,36 @@ def test_stale_battery_readings_disappear_and_up_says_why(tmp_path):
         assert not s.series("smallbms_battery_stale_reason")
 
 
+def test_modbus_requests_by_function_and_outcome(tmp_path):
+    from pymodbus.client import ModbusTcpClient
+
+    with RunningBms(tmp_path, "1s1p-12v100", modbus_port=free_port()) as run:
+        run.started()
+        assert run.service.modbus is not None
+        port = run.config["modbus"]["port"]
+        run.wait_for(lambda: run.scrape().value("smallbms_modbus_enabled") == 1, 5, "modbus metrics")
+        client = ModbusTcpClient("127.0.0.1", port=port, timeout=5)
+        assert client.connect()
+        try:
+            client.read_holding_registers(0, count=1, device_id=run.config["modbus"]["unit"])
+            client.read_coils(0, count=1, device_id=run.config["modbus"]["unit"])
+            s = run.scrape()
+            assert s.value("smallbms_modbus_connections") == 1
+        finally:
+            client.close()
+        requests = {(labels["function"], labels["outcome"]): v
+                    for labels, v in s.series("smallbms_modbus_requests_total")}
+        assert sum(v for (function, _), v in requests.items() if function == "read_holding_registers") == 1
+        assert sum(v for (function, _), v in requests.items() if function == "read_coils") == 1
+        assert s.value("smallbms_modbus_connections_accepted_total") >= 1
+
+
 def test_modbus_counters_map_one_to_one(bms):
     """Every ModbusStats counter reaches its metric (the collector reads service.modbus.stats)."""
     stats = ModbusStats(refused_writes=3, connections_open=2, connections_total=9, connections_refused=4,
                         connections_idle_closed=5, connections_slow_closed=6)
+    if hasattr(stats, "connections_bad_frame_closed"):
+        stats.connections_bad_frame_closed = 7
     stats.count(16, 3)
     stats.count(3, None)
     stats.count(3, None)
@@ -178,6 +204,8 @@ def test_modbus_counters_map_one_to_one(bms):
     assert values[("smallbms_modbus_connections_refused_total", ())] == 4
     assert values[("smallbms_modbus_connections_closed_total", (("reason", "idle_timeout"),))] == 5
     assert values[("smallbms_modbus_connections_closed_total", (("reason", "slow_client"),))] == 6
+    if hasattr(stats, "connections_bad_frame_closed"):
+        assert values[("smallbms_modbus_connections_closed_total", (("reason", "bad_frame"),))] == 7
 
 
 def test_a_busy_port_never_stops_the_bms_and_stop_closes_the_endpoint(tmp_path, caplog):
