@@ -30,6 +30,7 @@ from smallbms_bus.sim.runner import Simulator
 from smallbms_bus.sim.scenarios import DEFAULT_SCENARIO, SCENARIOS
 
 METRICS_PORT = 9108  # the [metrics] port default
+MODBUS_PORT = 5020  # not 502: the demo runs without the privilege to bind below 1024
 ROLES = {"load_disconnect": "load", "charge_disconnect": "charge", "pre_alarm": "pre-alarm"}
 
 
@@ -44,17 +45,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--every", type=float, default=2.0, help="seconds between readouts (default 2)")
     parser.add_argument("--metrics-port", type=int, default=METRICS_PORT,
                         help=f"Prometheus /metrics on 127.0.0.1:PORT (default {METRICS_PORT}, 0 = off)")
+    parser.add_argument("--modbus-port", type=int, default=MODBUS_PORT,
+                        help=f"Modbus TCP on 127.0.0.1:PORT (default {MODBUS_PORT}, 0 = off)")
     parser.add_argument("--soc", type=float, default=None,
                         help="set the SoC to this %% once the bank is learned, as an installer would (MON-6); "
                              "default: unknown until the first full charge, as at a real first start")
     return parser
 
 
-def demo_config(channel: str, store: str, metrics_port: int = 0) -> str:
+def demo_config(channel: str, store: str, metrics_port: int = 0, modbus_port: int = 0) -> str:
     return (f'[bus]\ninterface = "virtual"\nchannel = "{channel}"\n'
             f'[store]\npath = "{store}"\n'
             '[outputs]\nbackend = "memory"\n'
-            f'[metrics]\nhost = "127.0.0.1"\nport = {metrics_port}\n')
+            f'[metrics]\nhost = "127.0.0.1"\nport = {metrics_port}\n'
+            f'[modbus]\nhost = "127.0.0.1"\nport = {modbus_port}\n')
 
 
 def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
@@ -66,13 +70,15 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     if args.speed <= 0 or args.every <= 0 or (args.duration is not None and args.duration <= 0):
         print("demo: --speed, --every and --duration must be positive", file=sys.stderr)
         return 2
-    if not 0 <= args.metrics_port <= 65535 or (args.soc is not None and not 0 <= args.soc <= 100):
-        print("demo: --metrics-port must be 0..65535 and --soc 0..100", file=sys.stderr)
+    if (not 0 <= args.metrics_port <= 65535 or not 0 <= args.modbus_port <= 65535
+            or (args.soc is not None and not 0 <= args.soc <= 100)):
+        print("demo: --metrics-port and --modbus-port must be 0..65535, --soc 0..100", file=sys.stderr)
         return 2
     channel = f"smallbms-demo-{os.getpid()}"
     with tempfile.TemporaryDirectory(prefix="smallbms-demo-") as tmp:
         board = MemoryBoard()
-        service = Service(parse_config(demo_config(channel, f"{tmp}/state.db", args.metrics_port), "<demo>"),
+        text = demo_config(channel, f"{tmp}/state.db", args.metrics_port, args.modbus_port)
+        service = Service(parse_config(text, "<demo>"),
                           board=board)
         simulator = Simulator.from_scenario(args.scenario, shape, speed=args.speed)
         sim_bus = can.Bus(interface="virtual", channel=channel)
@@ -85,6 +91,12 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         if args.metrics_port:
             print(f"metrics: http://127.0.0.1:{args.metrics_port}/metrics (curl it, or point Prometheus at it: "
                   "deploy/prometheus/)", file=out, flush=True)
+        if args.modbus_port:
+            print(f"modbus:  127.0.0.1:{args.modbus_port}, unit 1 (native map and SunSpec), unit 225 (Victron "
+                  f"GX); try `smallbms-bus status --port {args.modbus_port}` or\n"
+                  f"         `mbpoll -m tcp -a 1 -0 -r 0 -c 40 -p {args.modbus_port} 127.0.0.1 -1` "
+                  "(docs/registers.md)",
+                  file=out, flush=True)
         sim_thread.start()
         try:
             return asyncio.run(_serve(service, board, args, out))

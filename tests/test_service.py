@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 import uuid
 
 import can
 import pytest
+from pymodbus.client import ModbusTcpClient
 
 from smallbms_bus.bms.alarms import BmsAlarm
 from smallbms_bus.config import parse_config
@@ -22,7 +24,8 @@ LOAD, CHARGE, PRE = 1, 2, 3
 
 def config_text(store: str, channel: str, extra: str = "", bms: str = "") -> str:
     return (f'[bus]\ninterface = "virtual"\nchannel = "{channel}"\n[bms]\ndiscovery_window = 1.0\n{bms}'
-            f'[store]\npath = "{store}"\n[outputs]\nbackend = "memory"\n{extra}')
+            f'[store]\npath = "{store}"\n[outputs]\nbackend = "memory"\n{extra}'
+            + ("" if "[modbus]" in extra else "[modbus]\nport = 0\n"))  # no Modbus unless a test asks for it
 
 
 class Running:
@@ -202,3 +205,37 @@ def test_cold_charge_scenario_stops_charging_and_keeps_the_loads(tmp_path):
         decision = run.service.decision
         assert BmsAlarm.LOW_TEMPERATURE_CHARGE in decision.alarms and run.board.relays[LOAD]  # ATC-2 only
         assert "lowest cell temperature" in decision.reasons["LOW_TEMPERATURE_CHARGE"]
+
+
+def test_modbus_is_served_by_the_running_service_and_mode_off_reaches_the_relays(tmp_path):
+    port = _free_port()
+    with Running(tmp_path, extra=f'[modbus]\nhost = "127.0.0.1"\nport = {port}\n') as run:
+        run.wait_for(lambda: run.board.relays[LOAD] and run.board.relays[CHARGE], 10, "load and charge on")
+        client = ModbusTcpClient("127.0.0.1", port=port, timeout=3)
+        assert client.connect()
+        block_a = client.read_holding_registers(0, count=40, device_id=1).registers
+        assert block_a[0] == 1 and block_a[1] == 1 and block_a[26] == 2  # map 1, on, 2 batteries
+        assert not client.write_register(105, 0, device_id=1).isError()
+        run.wait_for(lambda: not run.board.relays[LOAD] and not run.board.relays[CHARGE], 1.0, "both off")
+        assert run.service.modbus is not None and run.service.modbus.stats.connections_open == 1
+        client.close()
+        assert run.shutdown() == 0
+    with Store.open(tmp_path / "state.db") as store:
+        assert store.load_state()["mode_on"] is False
+
+
+def test_a_busy_modbus_port_is_logged_and_the_bms_keeps_protecting(tmp_path, caplog):
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        with Running(tmp_path, extra=f'[modbus]\nhost = "127.0.0.1"\nport = {port}\n') as run:
+            run.wait_for(lambda: run.board.relays[LOAD] and run.board.relays[CHARGE], 10, "load and charge on")
+            assert any("Modbus: cannot serve on 127.0.0.1" in r.getMessage() for r in caplog.records)
+            assert run.shutdown() == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -4,13 +4,16 @@ the same bus (SLCAN adapters on a pseudo-terminal wire), relays on a Modbus TCP 
 from __future__ import annotations
 
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from pymodbus.client import ModbusTcpClient
 
 from smallbms_bus.sim.relay_boards import VirtualModbusTcpModule
 from smallbms_bus.sim.slcan_hub import SlcanHub
@@ -20,7 +23,7 @@ CMD = [sys.executable, "-m", "smallbms_bus.cli"]
 LOAD, CHARGE = 1, 2
 
 
-def write_config(path: Path, bus: str, store: Path, module_port: int) -> Path:
+def write_config(path: Path, bus: str, store: Path, module_port: int, modbus_port: int = 0) -> Path:
     path.write_text(f"""
 [bus]
 interface = "slcan"
@@ -38,6 +41,9 @@ port = {module_port}
 unit = 1
 [metrics]
 port = 0
+[modbus]
+host = "127.0.0.1"
+port = {modbus_port}
 """)
     return path
 
@@ -56,7 +62,8 @@ def wait_for(predicate, timeout: float, what: str, process: subprocess.Popen | N
 @pytest.fixture
 def rig(tmp_path):
     with SlcanHub() as hub, VirtualModbusTcpModule(unit=1) as module:
-        config = write_config(tmp_path / "smallbms-bus.toml", hub.path("slcan1"), tmp_path / "state.db", module.port)
+        config = write_config(tmp_path / "smallbms-bus.toml", hub.path("slcan1"), tmp_path / "state.db", module.port,
+                              free_port())
         simulator = subprocess.Popen([*CMD, "simulate", "--interface", "slcan", "--channel", hub.path("slcan0"),
                                       "--bank", "2s1p-12v100", "--scenario", "steady"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -89,36 +96,47 @@ def test_run_drives_the_relays_and_sigterm_switches_them_off(rig):
         assert len(s.load_state()["learned_bank"]["batteries"]) == 2
 
 
-def test_kill_9_and_restart_keeps_settings_mode_and_soc(rig):
+def test_kill_9_after_modbus_writes_keeps_settings_mode_and_soc(rig):
+    """A PLC writes mode, a setting and the SoC over Modbus; kill -9 a moment later loses none of it."""
     config, module, store = rig
+    port = int(config.read_text().split("[modbus]")[1].split("port = ")[1].split()[0])
     service = start(config)
     try:
         wait_for(lambda: module.relays[LOAD], 20, "load relay on", service)
+        client = ModbusTcpClient("127.0.0.1", port=port, timeout=3)
+        assert client.connect()
+        assert not client.write_register(104, 150, device_id=1).isError()  # discharge floor 15.0 %
+        assert not client.write_register(121, 500, device_id=1).isError()  # SoC 50.0 %
+        assert not client.write_register(105, 0, device_id=1).isError()  # mode off
+        client.close()
+        wait_for(lambda: not module.relays[LOAD], 2, "mode off reached the load relay", service)
+        time.sleep(0.5)  # a state change is written at the next 100 ms tick
     finally:
         service.kill()
         service.wait(timeout=10)
-    # Change the persisted state the way a PLC would (through the core), then kill -9 again mid-run.
-    with Store.open(store) as s:
-        state = s.load_state()
-    state["mode_on"] = False
-    state["settings"]["discharge_floor_pct"] = 15.0
-    state["monitor"].update(soc_known=True, consumed_ah=50.0)
-    with Store.open(store) as s:
-        s.save_state(state, time.time())
-    service = start(config)
-    try:
-        time.sleep(4)
-        assert not module.relays[LOAD]  # mode off came back from the store
-        service.kill()
-        service.wait(timeout=10)
-    finally:
-        if service.poll() is None:
-            service.kill()
     with Store.open(store) as s:
         assert s.pragma("integrity_check") == "ok"
-        again = s.load_state()
-    assert again["mode_on"] is False and again["settings"]["discharge_floor_pct"] == 15.0
-    assert again["monitor"]["soc_known"] and again["monitor"]["consumed_ah"] == pytest.approx(50.0, abs=1.0)
+        saved = s.load_state()
+    assert saved["mode_on"] is False and saved["settings"]["discharge_floor_pct"] == 15.0
+    assert saved["monitor"]["soc_known"] and saved["monitor"]["consumed_ah"] == pytest.approx(50.0, abs=0.5)
+    service = start(config)
+    try:
+        time.sleep(3)
+        assert not module.relays[LOAD]  # mode off came back from the store
+        status = subprocess.run([*CMD, "status", "--config", str(config)], capture_output=True, text=True,
+                                timeout=20)
+        assert status.returncode == 0, status.stderr
+        assert "off (mode or remote)" in status.stdout
+        assert re.search(r"state of charge\s+(49\.\d|50\.0) %", status.stdout), status.stdout
+    finally:
+        service.kill()
+        service.wait(timeout=10)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_bad_config_exits_2_naming_the_key(tmp_path):
