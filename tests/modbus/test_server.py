@@ -309,3 +309,11 @@ def _flood_without_reading(server: RunningServer) -> None:
     finally:
         hog.close()
     assert sent > 0
+
+
+def test_a_modbus_request_makes_the_status_led_solid(server, client):
+    """LED-2: blinking until a Modbus client is seen, solid afterwards."""
+    assert read(client, 24, 1) == [1]  # this very request is the first one the core hears of
+    server.tick(0.1)
+    assert read(client, 24, 1) == [2]
+    assert server.rig.last.status_led.value == "solid"
