@@ -38,9 +38,9 @@ SPECS: tuple[SettingSpec, ...] = (
                 "of bank capacity; charge current below it counts as charged (MON-2)"),
     SettingSpec("charged_detection_time_min", "charged detection time", "min", 3.0, 1.0, 50.0, 1.0,
                 "how long voltage and tail current must hold before synchronising (MON-2)"),
-    SettingSpec("low_soc_warning_pct", "low-SoC warning level", "%", 20.0, 0.0, 99.0, 1.0,
+    SettingSpec("low_soc_warning_pct", "low-SoC warning level", "%", 20.0, 0.0, 99.0, 0.1,
                 "pre-alarm and warning LOW_SOC_WARNING at or below it (PRE-2); must be >= the discharge floor"),
-    SettingSpec("discharge_floor_pct", "discharge floor", "%", 10.0, 0.0, 99.0, 1.0,
+    SettingSpec("discharge_floor_pct", "discharge floor", "%", 10.0, 0.0, 99.0, 0.1,
                 "allowed-to-discharge off at or below it (ATD-2); 0 disables"),
 )
 SPEC_BY_NAME = {s.name: s for s in SPECS}

@@ -157,3 +157,17 @@ def test_sunspec_models_match_pysunspec2_definitions(model_id):
     for reg, (_, _, sf) in zip(ours, expected, strict=True):
         if isinstance(sf, str) and constants.get(sf) != -32768 and reg.source is not None:
             assert reg.scale == pytest.approx(10.0 ** constants[sf]), f"{reg.name} scale vs {sf}"
+
+
+def test_setting_registers_use_the_resolution_of_the_core_specs():
+    """The register scale is the step a PLC can set; the core's SPECS must agree on it."""
+    from smallbms_bus.bms.settings import SPEC_BY_NAME
+    from smallbms_bus.modbus.writes import SETTING_TARGETS
+
+    native = load_maps()["native"]
+    checked = 0
+    for _, _, reg in native.registers():
+        if reg.target in SETTING_TARGETS:
+            assert reg.scale == SPEC_BY_NAME[SETTING_TARGETS[reg.target]].resolution, reg.name
+            checked += 1
+    assert checked == len(SETTING_TARGETS)
