@@ -43,7 +43,7 @@ def test_values_are_normalised():
     ('[bus]\ninterface = ""', "bus.interface", "non-empty"),
     ("[bms]\ncomm_timeout = 0.5", "bms.comm_timeout", "1..60"),
     ("[bms]\ncomm_timeout = true", "bms.comm_timeout", "a number"),
-    ("[modbus]\nport = 70000", "modbus.port", "1..65535"),
+    ("[modbus]\nport = 70000", "modbus.port", "0..65535"),
     ('[modbus]\nallow_write_from = ["everyone"]', "modbus.allow_write_from", "IPv4/IPv6"),
     ("[modbus]\nallow_write_from = []", "modbus.allow_write_from", "non-empty list"),
     ("[modbus]\ngx_unit = 1", "modbus.gx_unit", "other than modbus.unit"),

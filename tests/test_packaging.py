@@ -21,7 +21,7 @@ print("ok", path)
 """
 
 
-def test_non_editable_install_ships_the_dbc(tmp_path):
+def test_non_editable_install_ships_the_dbc_and_the_register_maps(tmp_path):
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-compile",
                     "--target", str(target), str(REPO)], check=True, timeout=240,
@@ -37,3 +37,7 @@ def test_non_editable_install_ships_the_dbc(tmp_path):
     cli = subprocess.run([sys.executable, "-m", "smallbms_bus.cli", "--version"], cwd=elsewhere, env=env,
                          capture_output=True, text=True, timeout=60)
     assert cli.stdout.strip() == f"smallbms-bus {smallbms_bus.__version__}"
+    regmap = subprocess.run([sys.executable, "-m", "smallbms_bus.cli", "regmap", "--map", "gx"], cwd=elsewhere,
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert regmap.returncode == 0, regmap.stderr
+    assert "gx,modbus.gx_unit,gx_1282,1322,1323,mode,uint16" in regmap.stdout
