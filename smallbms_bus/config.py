@@ -82,6 +82,14 @@ def _optional(inner: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
     return check
 
 
+def _gpio_line(key: str, value: Any) -> int | str | None:
+    if value == "" or value is None:
+        return None
+    if (isinstance(value, int) and not isinstance(value, bool) and value >= 0) or (isinstance(value, str) and value):
+        return value
+    raise ConfigError(key, value, 'a line offset (17) or a line name ("GPIO17")')
+
+
 def _table(key: str, value: Any) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ConfigError(key, value, "a table of backend options")
@@ -89,8 +97,9 @@ def _table(key: str, value: Any) -> dict[str, Any]:
 
 
 def _networks(key: str, value: Any) -> tuple[str, ...]:
-    if not isinstance(value, list) or not value:
-        raise ConfigError(key, value, 'a non-empty list of addresses or networks, e.g. ["127.0.0.1", "10.0.0.0/24"]')
+    if not isinstance(value, list):
+        raise ConfigError(key, value, 'a list of addresses or networks, e.g. ["127.0.0.1", "10.0.0.0/24"] '
+                          "([] = nobody may write)")
     out = []
     for item in value:
         try:
@@ -146,7 +155,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "remote": {
         "source": Key("none", _text("none", "board", "gpio"), "remote on/off input (REM-1); none = always on"),
-        "channel": Key(0, _number(0, 64, integer=True), "board input or GPIO line of the remote input"),
+        "channel": Key(0, _number(0, 64, integer=True), "source board: the relay board's input (1..64)"),
+        "chip": Key("/dev/gpiochip0", _text(), "source gpio: the GPIO chip's device"),
+        "line": Key(None, _gpio_line, "source gpio: the line, an offset (17) or a name (\"GPIO17\")"),
+        "bias": Key("as_is", _text("as_is", "pull_up", "pull_down", "disabled"), "source gpio: the line's bias"),
         "inverted": Key(False, _flag, "true when the input reads 1 for 'off'"),
     },
     "store": {
@@ -218,14 +230,13 @@ def _cross_check(s: dict[str, dict[str, Any]], source: str) -> None:
             raise ConfigError(f"outputs.{role}", 0, "a board channel: the BMS cannot protect the bank without it",
                               source)
     remote = s["remote"]
-    if remote["source"] != "none" and remote["channel"] == 0:
-        raise ConfigError("remote.channel", 0, f"the {remote['source']} input of the remote on/off (1..64)", source)
+    if remote["source"] == "board" and remote["channel"] == 0:
+        raise ConfigError("remote.channel", 0, "the relay board's input of the remote on/off (1..64)", source)
     if remote["source"] == "board" and outputs["backend"] in ("lcus",):
         raise ConfigError("remote.source", "board", "gpio or none: LCUS relay boards have no inputs", source)
-    if remote["source"] == "gpio" and outputs["backend"] != "gpiod":
-        raise ConfigError("remote.source", "gpio", 'board or none: a GPIO remote input is read through the gpiod '
-                          'outputs backend (outputs.backend = "gpiod", its inputs option); this version reads '
-                          "the remote from the relay board that drives the outputs", source)
+    if remote["source"] == "gpio" and remote["line"] is None:
+        raise ConfigError("remote.line", "", 'the GPIO line of the remote on/off: an offset (17) or a name ("GPIO17")',
+                          source)
     modbus = s["modbus"]
     if (modbus["tls_cert"] is None) != (modbus["tls_key"] is None):
         raise ConfigError("modbus.tls_key" if modbus["tls_key"] is None else "modbus.tls_cert", "",

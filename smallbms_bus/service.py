@@ -45,6 +45,8 @@ from smallbms_bus.modbus.server import BmsAccess, ModbusOptions, ModbusServer
 from smallbms_bus.outputs import make_board
 from smallbms_bus.outputs.base import RelayBoard
 from smallbms_bus.outputs.controller import Outputs
+from smallbms_bus.outputs.gpiod import GpiodBoard
+from smallbms_bus.outputs.remote import RemoteInput
 from smallbms_bus.reports import Report
 from smallbms_bus.store import Persister, Store
 
@@ -103,10 +105,14 @@ class Service:
         # the controller's back-off re-open succeeds, not an exit (bad options still raise ValueError).
         self.board = board or make_board(out["backend"], **out["options"])
         remote = config["remote"]
+        remote_input = None
+        if remote["source"] == "gpio":  # its own device: the outputs may be on any board
+            remote_input = RemoteInput(GpiodBoard(remote["chip"], inputs=[remote["line"]], input_bias=remote["bias"],
+                                                  consumer="smallbms-bus remote"), inverted=remote["inverted"])
         self.outputs = Outputs(self.board, config.output_channels(), reassert_every=out["reassert_every"],
                                blink_leds=out["blink_leds"], clock=clock,
-                               remote_channel=remote["channel"] if remote["source"] != "none" else None,
-                               remote_inverted=remote["inverted"])
+                               remote_channel=remote["channel"] if remote["source"] == "board" else None,
+                               remote_inverted=remote["inverted"], remote_input=remote_input)
         self.decision: Decision | None = None
         self._alive = 0
         self._last_sent_state: tuple | None = None
@@ -312,6 +318,8 @@ class Service:
         await loop.run_in_executor(self._db, self.store.close)
         self._db.shutdown(wait=True)
         self.board.close()
+        if self.outputs.remote_input is not None:
+            self.outputs.remote_input.close()
         if self.metrics is not None:  # metrics: served until the end, so a scrape during shutdown still answers
             await self.metrics.close()
         log.info("stopped: outputs off, state saved")

@@ -45,15 +45,17 @@ def test_values_are_normalised():
     ("[bms]\ncomm_timeout = true", "bms.comm_timeout", "a number"),
     ("[modbus]\nport = 70000", "modbus.port", "0..65535"),
     ('[modbus]\nallow_write_from = ["everyone"]', "modbus.allow_write_from", "IPv4/IPv6"),
-    ("[modbus]\nallow_write_from = []", "modbus.allow_write_from", "non-empty list"),
+    ("[modbus]\nallow_write_from = 3", "modbus.allow_write_from", "a list of addresses"),
     ("[modbus]\ngx_unit = 1", "modbus.gx_unit", "other than modbus.unit"),
     ('[modbus]\ntls_cert = "/etc/c.pem"', "modbus.tls_key", "both a certificate and its key"),
     ('[outputs]\nbackend = "usb-magic"', "outputs.backend", "memory, modbus, lcus, gpiod"),
     ("[outputs]\npre_alarm = 1", "outputs.pre_alarm", "not already used by outputs.load_disconnect"),
     ("[outputs]\nload_disconnect = 0", "outputs.load_disconnect", "cannot protect the bank"),
     ("[outputs]\noptions = 3", "outputs.options", "a table"),
-    ('[remote]\nsource = "gpio"\n[outputs]\nbackend = "gpiod"', "remote.channel", "the gpio input"),
-    ('[remote]\nsource = "gpio"\nchannel = 1', "remote.source", "through the gpiod outputs backend"),
+    ('[remote]\nsource = "gpio"', "remote.line", "the GPIO line"),
+    ('[remote]\nsource = "gpio"\nline = -1', "remote.line", "a line offset"),
+    ('[remote]\nsource = "gpio"\nline = 17\nbias = "up"', "remote.bias", "pull_up"),
+    ('[remote]\nsource = "board"', "remote.channel", "the relay board's input"),
     ('[remote]\nsource = "board"\nchannel = 1\n[outputs]\nbackend = "lcus"', "remote.source", "no inputs"),
     ('[log]\nlevel = "chatty"', "log.level", "DEBUG, INFO"),
     ("[bus]\nbitrat = 500000", "bus.bitrat", "one of the keys of [bus]"),
@@ -81,3 +83,15 @@ def test_check_config_command_exits_2_naming_the_key(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "smallbms_bus.cli", "check-config", str(tmp_path / "no.toml")],
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "a readable file" in missing.stderr
+
+
+def test_an_empty_allow_write_from_means_nobody_may_write_over_modbus():
+    assert parse_config("[modbus]\nallow_write_from = []\n")["modbus"]["allow_write_from"] == ()
+
+
+def test_a_gpio_remote_input_beside_any_relay_board():
+    config = parse_config('[outputs]\nbackend = "modbus"\n[outputs.options]\nport = "/dev/ttyUSB0"\n'
+                          '[remote]\nsource = "gpio"\nline = "GPIO17"\nbias = "pull_up"\ninverted = true\n')
+    remote = config["remote"]
+    assert (remote["source"], remote["chip"], remote["line"], remote["bias"]) == ("gpio", "/dev/gpiochip0",
+                                                                                 "GPIO17", "pull_up")

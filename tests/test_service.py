@@ -239,3 +239,19 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_a_gpio_remote_input_that_cannot_be_read_keeps_loads_and_chargers_off(tmp_path):
+    """REM-1 and fail-safe: here there is no GPIO chip (nor, usually, the gpiod module), so the remote input
+    on its own GPIO line cannot be read: it reads as off, the relay board (memory) is fine, both disconnects
+    stay open and RELAY_FAULT names the remote input."""
+    remote = '[remote]\nsource = "gpio"\nchip = "/dev/gpiochip-none"\nline = 17\n'
+    with Running(tmp_path, extra=remote) as run:
+        run.wait_for(lambda: run.service.decision is not None and run.service.decision.started, 10, "bank learned")
+        run.wait_for(lambda: bool(run.service.decision.alarms & BmsAlarm.RELAY_FAULT), 3, "RELAY_FAULT")
+        d = run.service.decision
+        assert not d.remote_on
+        assert "remote input gpiod /dev/gpiochip-none" in d.reasons["RELAY_FAULT"]
+        time.sleep(0.5)
+        assert not run.board.relays[LOAD] and not run.board.relays[CHARGE]
+        assert run.shutdown() == 0

@@ -39,6 +39,7 @@ from typing import Any
 
 from smallbms_bus.link.bus import Backoff
 from smallbms_bus.outputs.base import OutputError, RelayBoard
+from smallbms_bus.outputs.remote import RemoteInput
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,8 @@ class OutputsStatus:
 class Outputs:
     def __init__(self, board: RelayBoard, channel_map: Mapping[str, int | None], *, reassert_every: float = 5.0,
                  backoff: Backoff | None = None, clock: Callable[[], float] = time.monotonic,
-                 blink_leds: bool = False, remote_channel: int | None = None, remote_inverted: bool = False) -> None:
+                 blink_leds: bool = False, remote_channel: int | None = None, remote_inverted: bool = False,
+                 remote_input: RemoteInput | None = None) -> None:
         self.board = board
         self.channel_map = self._check_map(board, channel_map)
         if remote_channel is not None:
@@ -78,6 +80,10 @@ class Outputs:
             if not isinstance(remote_channel, int) or not 1 <= remote_channel <= board.input_channels:
                 raise ValueError(f"remote_channel={remote_channel!r}: {board.describe()} has inputs "
                                  f"1..{board.input_channels}")
+        if remote_channel is not None and remote_input is not None:
+            raise ValueError("the remote input is either a board input (remote_channel) or its own device "
+                             "(remote_input), not both")
+        self.remote_input = remote_input
         if not reassert_every > 0:
             raise ValueError(f"reassert_every={reassert_every!r}: allowed seconds > 0")
         self.remote_channel = remote_channel
@@ -240,9 +246,12 @@ class Outputs:
 
     def remote(self, now: float | None = None) -> bool | None:
         """The remote on/off input: None = not configured (always on); False on any I/O trouble."""
+        now = self.clock() if now is None else now
+        if self.remote_input is not None:
+            self._remote = self.remote_input.read(now)
+            return self._remote
         if self.remote_channel is None:
             return None
-        now = self.clock() if now is None else now
         self._remote = False
         if not self._ensure_open(now):
             return False
@@ -258,6 +267,8 @@ class Outputs:
     @property
     def fault(self) -> str | None:
         parts = ([self._io_fault] if self._io_fault else []) + list(self._mismatch.values())
+        if self.remote_input is not None and self.remote_input.fault:
+            parts.append(self.remote_input.fault)
         return "; ".join(parts) or None
 
     def status(self) -> OutputsStatus:

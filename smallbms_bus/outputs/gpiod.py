@@ -62,9 +62,9 @@ def line_plan(lines: Sequence[int | str], active_low: bool | Sequence[bool], inp
               input_active_low: bool | Sequence[bool] = False, input_bias: str = "as_is") -> tuple[LineSpec, ...]:
     """Validate the options and say exactly which lines are requested how (pure: no kernel, no gpiod)."""
     outputs = _lines("lines", lines)
-    if not outputs:
-        raise ValueError("gpiod board option lines=[]: at least one output line")
     ins = _lines("inputs", inputs)
+    if not outputs and not ins:  # inputs only: a GPIO remote input beside another relay board
+        raise ValueError("gpiod board option lines=[]: at least one output line (or input line)")
     if input_bias not in BIASES:
         raise ValueError(f"gpiod board option input_bias={input_bias!r}: allowed {', '.join(BIASES)}")
     seen: set[int | str] = set()
