@@ -10,6 +10,7 @@ import time
 import pytest
 
 from smallbms_bus.bms.settings import DEFAULT_SETTINGS
+from smallbms_bus.modbus.regmap import load_maps
 from smallbms_bus.modbus.server import ModbusOptions
 from tests.bms.rig import Rig
 from tests.modbus.conftest import raw_request
@@ -317,3 +318,20 @@ def test_a_modbus_request_makes_the_status_led_solid(server, client):
     server.tick(0.1)
     assert read(client, 24, 1) == [2]
     assert server.rig.last.status_led.value == "solid"
+
+
+def test_the_whole_map_of_both_units_reads_without_exceptions(server, client):
+    """Every placed block of every map, in chunks of up to 125, by FC3 and FC4 (SunSpec laid out for 4 batteries)."""
+    maps = load_maps()
+    nodes = (1, 2, 3, 4)
+    units = {1: [maps["native"], maps["sunspec"]], 225: [maps["gx"]]}
+    total = 0
+    for unit, unit_maps in units.items():
+        for regmap in unit_maps:
+            for placed in regmap.layout(nodes):
+                for start in range(placed.start, placed.end, 125):
+                    count = min(125, placed.end - start)
+                    words = read(client, start, count, unit=unit, fc=3)
+                    assert words == read(client, start, count, unit=unit, fc=4)
+                    total += count
+    assert total == 40 + 6 + 2 + 22 + 50 * 40 + 2 + 68 + 64 + 4 * 108 + 2 + 76 + 62
