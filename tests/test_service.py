@@ -18,6 +18,7 @@ from smallbms_bus.outputs.memory import MemoryBoard
 from smallbms_bus.service import Service
 from smallbms_bus.sim.runner import Simulator
 from smallbms_bus.store import Store
+from tests.ports import free_port
 
 LOAD, CHARGE, PRE = 1, 2, 3
 
@@ -208,7 +209,7 @@ def test_cold_charge_scenario_stops_charging_and_keeps_the_loads(tmp_path):
 
 
 def test_modbus_is_served_by_the_running_service_and_mode_off_reaches_the_relays(tmp_path):
-    port = _free_port()
+    port = free_port()
     with Running(tmp_path, extra=f'[modbus]\nhost = "127.0.0.1"\nport = {port}\n') as run:
         run.wait_for(lambda: run.board.relays[LOAD] and run.board.relays[CHARGE], 10, "load and charge on")
         client = ModbusTcpClient("127.0.0.1", port=port, timeout=3)
@@ -234,11 +235,6 @@ def test_a_busy_modbus_port_is_logged_and_the_bms_keeps_protecting(tmp_path, cap
             assert any("Modbus: cannot serve on 127.0.0.1" in r.getMessage() for r in caplog.records)
             assert run.shutdown() == 0
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_gpio_remote_input_that_cannot_be_read_keeps_loads_and_chargers_off(tmp_path):

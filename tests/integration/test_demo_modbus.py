@@ -14,14 +14,10 @@ import time
 import pytest
 from pymodbus.client import ModbusTcpClient
 
+from tests.ports import free_port
+
 CMD = [sys.executable, "-m", "smallbms_bus.cli"]
 MBPOLL = shutil.which("mbpoll")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from pymodbus.client import ModbusTcpClient
 from smallbms_bus.sim.relay_boards import VirtualModbusTcpModule
 from smallbms_bus.sim.slcan_hub import SlcanHub
 from smallbms_bus.store import Store
+from tests.ports import free_port
 
 CMD = [sys.executable, "-m", "smallbms_bus.cli"]
 LOAD, CHARGE = 1, 2
@@ -133,11 +134,6 @@ def test_kill_9_after_modbus_writes_keeps_settings_mode_and_soc(rig):
         service.wait(timeout=10)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_bad_config_exits_2_naming_the_key(tmp_path):
     bad = tmp_path / "bad.toml"
@@ -153,7 +149,6 @@ def test_bad_config_exits_2_naming_the_key(tmp_path):
 
 def test_systemd_notify_ready_watchdog_and_stopping(rig, tmp_path):
     """Type=notify: READY=1 once serving, WATCHDOG=1 while ticking, STOPPING=1 on SIGTERM."""
-    import socket
 
     config, _module, _ = rig
     address = str(tmp_path / "notify.sock")

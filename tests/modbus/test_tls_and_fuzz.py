@@ -16,6 +16,7 @@ from pymodbus.client import ModbusTlsClient
 from smallbms_bus.modbus.server import ModbusOptions, ModbusServer
 from tests.bms.rig import Rig
 from tests.modbus.harness import RunningServer
+from tests.ports import free_port
 
 EVERYONE = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
 
@@ -50,7 +51,7 @@ def _tls_client(pki: Path, port: int, with_certificate: bool) -> ModbusTlsClient
 
 
 def test_over_tls_only_clients_with_a_verified_certificate_may_write(pki):
-    options = ModbusOptions(port=0, tls_port=_free_port(), allow_write_from=EVERYONE, tls_cert=str(pki / "server.pem"),
+    options = ModbusOptions(port=0, tls_port=free_port(), allow_write_from=EVERYONE, tls_cert=str(pki / "server.pem"),
                             tls_key=str(pki / "server.key"), tls_client_ca=str(pki / "ca.pem"))
     running = RunningServer(Rig(series=2), options)
     try:
@@ -76,11 +77,6 @@ def test_an_unreadable_tls_certificate_is_a_configuration_error_naming_the_key(t
     with pytest.raises(ValueError, match=r"modbus\.tls_cert"):
         ModbusServer(options, access=None)  # type: ignore[arg-type]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _state(core) -> tuple:
