@@ -3,6 +3,8 @@ rules: every dashboard expression and every alert rule's selector returns data."
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -38,6 +40,17 @@ def dashboard_queries() -> list[tuple[str, str]]:
     return [(f"{p['title']}/{t['refId']}", t["expr"]) for p in dashboard["panels"] for t in p.get("targets", [])]
 
 
+def _demo_has_option(option: str) -> bool:
+    from smallbms_bus.cli import build_parser
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # argparse's usage message for an unknown option
+            build_parser().parse_args(["demo", option, "1"])
+    except SystemExit:
+        return False
+    return True
+
+
 def promql(base: str, query: str) -> list[dict]:
     url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": query})
     with urllib.request.urlopen(url, timeout=10) as response:
@@ -60,9 +73,11 @@ def demo(tmp_path_factory):
     port = free_port()
     logs = tmp_path_factory.mktemp("demo")
     out, err = (logs / "stdout").open("w+"), (logs / "stderr").open("w+")
-    process = subprocess.Popen([sys.executable, "-m", "smallbms_bus.cli", "demo", "--metrics-port", str(port),
-                                "--soc", "60", "--scenario", "discharge", "--every", "60"], stdout=out, stderr=err,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    command = [sys.executable, "-m", "smallbms_bus.cli", "demo", "--metrics-port", str(port), "--soc", "60",
+               "--scenario", "discharge", "--every", "60"]
+    if _demo_has_option("--modbus-port"):  # a free port rather than the demo's default
+        command += ["--modbus-port", str(free_port())]
+    process = subprocess.Popen(command, stdout=out, stderr=err, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}/metrics"
     try:
         deadline = time.monotonic() + 30
