@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import socket
 import threading
 import time
 import urllib.request
@@ -20,12 +19,7 @@ from smallbms_bus.config import parse_config
 from smallbms_bus.outputs.memory import MemoryBoard
 from smallbms_bus.service import Service
 from smallbms_bus.sim.runner import Simulator
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.ports import free_port
 
 
 class Scrape:

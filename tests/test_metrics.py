@@ -17,7 +17,8 @@ from prometheus_client.exposition import generate_latest
 from smallbms_bus import metrics
 from smallbms_bus.bms.alarms import BmsAlarm, BmsWarning
 from smallbms_bus.modbus.stats import ModbusStats
-from tests.metrics_rig import RunningBms, free_port
+from tests.metrics_rig import RunningBms
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PER_BATTERY = ("smallbms_battery_up", "smallbms_battery_status_age_seconds", "smallbms_battery_info",

@@ -3,8 +3,6 @@ rules: every dashboard expression and every alert rule's selector returns data."
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import re
@@ -18,7 +16,8 @@ import urllib.request
 
 import pytest
 
-from tests.metrics_rig import free_port, scrape
+from tests.metrics_rig import scrape
+from tests.ports import free_port
 from tests.test_prometheus_rules import DASHBOARD, PROMETHEUS_DIR, RULES, alert_rules
 
 PROMETHEUS = shutil.which("prometheus")
@@ -38,17 +37,6 @@ NO_DATA_IN_A_DEMO = {
 def dashboard_queries() -> list[tuple[str, str]]:
     dashboard = json.loads(DASHBOARD.read_text())
     return [(f"{p['title']}/{t['refId']}", t["expr"]) for p in dashboard["panels"] for t in p.get("targets", [])]
-
-
-def _demo_has_option(option: str) -> bool:
-    from smallbms_bus.cli import build_parser
-
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):  # argparse's usage message for an unknown option
-            build_parser().parse_args(["demo", option, "1"])
-    except SystemExit:
-        return False
-    return True
 
 
 def promql(base: str, query: str) -> list[dict]:
@@ -74,9 +62,7 @@ def demo(tmp_path_factory):
     logs = tmp_path_factory.mktemp("demo")
     out, err = (logs / "stdout").open("w+"), (logs / "stderr").open("w+")
     command = [sys.executable, "-m", "smallbms_bus.cli", "demo", "--metrics-port", str(port), "--soc", "60",
-               "--scenario", "discharge", "--every", "60"]
-    if _demo_has_option("--modbus-port"):  # a free port rather than the demo's default
-        command += ["--modbus-port", str(free_port())]
+               "--scenario", "discharge", "--every", "60", "--modbus-port", str(free_port())]
     process = subprocess.Popen(command, stdout=out, stderr=err, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}/metrics"
     try:
