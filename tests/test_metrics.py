@@ -137,7 +137,7 @@ def test_http_gzip_head_keep_alive_and_errors(bms):
 
 def test_stale_battery_readings_disappear_and_up_says_why(tmp_path):
     with RunningBms(tmp_path, "2s2p-12v100", comm_timeout=1.0) as run:
-        run.started()
+        events = run.started().scrape().value("smallbms_events_total")
         run.sim.bank.battery(2).silent = True
         run.wait_for(lambda: run.scrape().value("smallbms_battery_up", battery="2") == 0, 10, "battery 2 stale")
         s = run.scrape()
@@ -153,6 +153,8 @@ def test_stale_battery_readings_disappear_and_up_says_why(tmp_path):
         assert s.value("smallbms_bank_complete") == 0
         assert s.value("smallbms_alarm", alarm="BATTERY_COMMS_LOST") == 1
         assert s.value("smallbms_allowed_to_charge") == 0 and s.value("smallbms_allowed_to_discharge") == 0
+        assert s.value("smallbms_led_state", led="error", state="solid") == 1  # LED-1: an alarm is active
+        assert s.value("smallbms_events_total") > events  # ATC, ATD and the alarm changed: events, counted
         run.sim.bank.battery(2).silent = False
         run.wait_for(lambda: run.scrape().value("smallbms_battery_up", battery="2") == 1, 10, "battery 2 fresh")
         s = run.scrape()
