@@ -26,7 +26,8 @@ LOAD, CHARGE, PRE = 1, 2, 3
 def config_text(store: str, channel: str, extra: str = "", bms: str = "") -> str:
     return (f'[bus]\ninterface = "virtual"\nchannel = "{channel}"\n[bms]\ndiscovery_window = 1.0\n{bms}'
             f'[store]\npath = "{store}"\n[outputs]\nbackend = "memory"\n{extra}'
-            + ("" if "[modbus]" in extra else "[modbus]\nport = 0\n"))  # no Modbus unless a test asks for it
+            + ("" if "[modbus]" in extra else "[modbus]\nport = 0\n")  # no Modbus or metrics endpoint
+            + ("" if "[metrics]" in extra else "[metrics]\nport = 0\n"))  # unless a test asks for it
 
 
 class Running:

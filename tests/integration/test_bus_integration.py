@@ -70,7 +70,10 @@ def test_overcharge_flag_and_cell_voltage_reach_the_bank(bus_name):
         link = Link(t.bms_side)
         bank = Bank(time.monotonic(), discovery_window=1.0)
         try:
-            view = watch(link, bank, lambda v: bool(v.flags["cell_high_voltage"]), timeout=15)
+            # The flag (BAT_STATUS, 100 ms) can arrive before the cells that caused it (BAT_CELLS, 500 ms):
+            # wait for both, as the bank sees them in that order on a real bus too.
+            view = watch(link, bank, lambda v: bool(v.flags["cell_high_voltage"]) and v.aggregates.max_cell is not None
+                         and v.aggregates.max_cell.voltage >= 3.75, timeout=15)
         finally:
             link.close()
     assert view.flags["cell_high_voltage"] == (1,)
