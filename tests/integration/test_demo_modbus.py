@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 from pymodbus.client import ModbusTcpClient
@@ -22,22 +23,24 @@ MBPOLL = shutil.which("mbpoll")
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     log = (tmp_path_factory.mktemp("demo") / "stderr.log").open("w+")
     started = time.monotonic()
-    process = subprocess.Popen([*CMD, "demo", "--modbus-port", str(port), "--metrics-port", "0", "--duration", "120",
-                                "--every", "1000"], stdout=subprocess.PIPE, stderr=log, text=True)
+    process = subprocess.Popen([*CMD, "demo", "--modbus-port", str(port), "--metrics-port", str(metrics_port),
+                                "--duration", "120", "--every", "1000"], stdout=subprocess.PIPE, stderr=log, text=True)
     serving_after = None
     try:
-        header = "".join(process.stdout.readline() for _ in range(4))  # printed at once, before serving
+        header = "".join(process.stdout.readline() for _ in range(5))  # printed at once, before serving
         while time.monotonic() - started < 10:
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=1) as page:
+                        assert b"smallbms_" in page.read()
                     serving_after = time.monotonic() - started
                     break
             except OSError:
                 time.sleep(0.05)
-        assert serving_after is not None, "the demo did not serve Modbus within 10 s"
+        assert serving_after is not None, "the demo did not serve Modbus and metrics within 10 s"
         client = ModbusTcpClient("127.0.0.1", port=port, timeout=3)
         assert client.connect()
         deadline = time.monotonic() + 20
@@ -56,9 +59,9 @@ def demo(tmp_path_factory):
             log.close()
 
 
-def test_the_demo_serves_modbus_within_3_s_and_prints_where(demo):
+def test_the_demo_serves_modbus_and_metrics_within_3_s_and_prints_where(demo):
     port, header, serving_after = demo
-    assert serving_after < 3.0
+    assert serving_after < 3.0  # from starting the process to both answering
     assert f"modbus:  127.0.0.1:{port}, unit 1" in header and f"status --port {port}" in header
 
 
