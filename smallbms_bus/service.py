@@ -5,8 +5,10 @@ Theory of operation
 The BMS core is pure; this shell gives it time and I/O and never decides anything itself.
 
 - Receive: the link's blocking `poll` runs in its own thread and hands each batch of reports to
-  the event loop, which feeds the core and evaluates at once (a frame that sets CellHighVoltage
-  reaches the charge output without waiting for a tick).
+  the event loop, which feeds the core. A frame that moves a battery across a protective threshold
+  (a flag, a cell voltage, a temperature limit, its identity) is evaluated at once: CellHighVoltage
+  reaches the charge output without waiting for a tick. The others (50 batteries send ~750 frames/s,
+  nearly all of them "still fine") only update the readings that the next tick evaluates.
 - Tick: every 100 ms the core is evaluated even without frames (timers, staleness) and BMS_STATE is
   sent; it is also sent at once when ATC, ATD, pre-alarm, alarms or warnings change.
 - Outputs: every decision's wanted outputs go to the relay board through one worker thread (blocking
@@ -137,9 +139,11 @@ class Service:
             return
         try:
             now = self.clock()
+            urgent = False
             for report in reports:
-                self.core.on_report(report, now)
-            self._decide()
+                urgent |= self.core.on_report(report, now)
+            if urgent:  # a threshold crossed: decide now; other frames wait for the tick (<= 100 ms)
+                self._decide()
         except Exception:  # an event-loop callback is not a supervised task: fail safe here
             self._failed("frame handler")
 

@@ -252,3 +252,17 @@ def test_a_gpio_remote_input_that_cannot_be_read_keeps_loads_and_chargers_off(tm
         time.sleep(0.5)
         assert not run.board.relays[LOAD] and not run.board.relays[CHARGE]
         assert run.shutdown() == 0
+
+
+def test_frames_that_change_nothing_protective_wait_for_the_tick(tmp_path):
+    """~30 frames/s from two batteries, nearly all "still fine": the core decides about 10 times a second (the
+    tick), not once per frame; a frame that crosses a threshold is decided at once (the charge relay tests)."""
+    with Running(tmp_path) as run:
+        run.wait_for(lambda: run.board.relays[LOAD] and run.board.relays[CHARGE], 10, "load and charge on")
+        time.sleep(1.0)
+        evaluations, frames = run.service.stats.evaluations, run.service.link.counters()["frames_received"]
+        time.sleep(3.0)
+        evaluations = run.service.stats.evaluations - evaluations
+        frames = run.service.link.counters()["frames_received"] - frames
+        assert frames > 60
+        assert 15 <= evaluations <= 36, (evaluations, frames)

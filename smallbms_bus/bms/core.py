@@ -41,7 +41,15 @@ from smallbms_bus.bms.alarms import AtdState, BalancerStatus, BmsAlarm, BmsWarni
 from smallbms_bus.bms.history import History, balancer_status
 from smallbms_bus.bms.monitor import ZERO_CURRENT_A, BatteryMonitor, CurrentLimits
 from smallbms_bus.bms.settings import DEFAULT_SETTINGS, Settings
-from smallbms_bus.reports import BmsState, Report
+from smallbms_bus.reports import (
+    BatteryInfo,
+    BatteryStatus,
+    BatteryTemps,
+    BmsState,
+    CellVoltages,
+    Report,
+    SerialFragment,
+)
 
 # -- thresholds (BEHAVIOUR.md) -------------------------------------------------------------------
 CELL_HIGH_SET_V = 3.75  # ATC-1: any cell >= -> CELL_HIGH_VOLTAGE
@@ -144,10 +152,19 @@ class BmsCore:
         self.state_revision = 0  # bumps when something the store must keep changes (not counters)
         self._previous: Decision | None = None
         self._command_reasons: dict[str, str] = {}
+        self._signatures: dict[tuple, tuple] = {}  # per battery and frame kind: the last protective signature
 
     # -- inputs --------------------------------------------------------------------------------
-    def on_report(self, report: Report, now: float) -> None:
+    def on_report(self, report: Report, now: float) -> bool:
+        """Feed one report. True when it moves a battery across a protective threshold (a flag, a cell
+        voltage or a temperature limit, either way) or changes its identity: the caller should evaluate
+        at once. Any other report (most of them) only updates the readings the next tick evaluates."""
         self.bank.update(report, now)
+        key, signature = protective_signature(report)
+        if key is None or self._signatures.get(key) == signature:
+            return False
+        self._signatures[key] = signature
+        return True
 
     def set_link(self, up: bool, reason: str = "") -> None:
         """COM-4: the bus going away is a comms loss."""
@@ -517,6 +534,33 @@ class BmsCore:
         core.firmware_update_since = _since(timers["firmware_update_elapsed_s"], now)
         core.pre_alarm_since = _since(timers["pre_alarm_elapsed_s"], now)
         return core
+
+
+PROTECTIVE_FLAGS = ("cell_high_voltage", "cell_low_voltage", "cell_low_pre_alarm", "hardware_fault",
+                    "firmware_updating", "cell_imbalance")
+
+
+def _temperature_zone(celsius: float) -> tuple[bool, ...]:
+    return (celsius < CHARGE_TEMP_LOW_SET_C, celsius > CHARGE_TEMP_HIGH_SET_C, celsius < DISCHARGE_TEMP_MIN_C,
+            celsius > DISCHARGE_TEMP_MAX_C)
+
+
+def protective_signature(report: Report) -> tuple[tuple | None, tuple]:
+    """What of a report can change outputs, alarms or the bank: the thresholds are the ones `evaluate` uses."""
+    if isinstance(report, BatteryStatus):
+        return ("status", report.node), (tuple(getattr(report, f) for f in PROTECTIVE_FLAGS),
+                                         _temperature_zone(report.temperature))
+    if isinstance(report, CellVoltages):
+        cells = [v for v in report.voltages if v is not None]
+        return ("cells", report.node, report.first_cell), (any(v >= CELL_HIGH_SET_V for v in cells),
+                                                          any(v <= CELL_LOW_SET_V for v in cells),
+                                                          any(v <= PRE_ALARM_SET_V for v in cells))
+    if isinstance(report, BatteryTemps):
+        return ("temps", report.node), (_temperature_zone(report.cell_temp_min),
+                                        _temperature_zone(report.cell_temp_max))
+    if isinstance(report, BatteryInfo | SerialFragment):
+        return ("identity", report.node, type(report).__name__, getattr(report, "part", 0)), (report,)
+    return None, ()
 
 
 def _state_values(d: Decision) -> dict[str, str]:
