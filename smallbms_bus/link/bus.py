@@ -30,6 +30,7 @@ from typing import Any
 import can
 
 from smallbms_bus.link.codec import FrameDecoder
+from smallbms_bus.link.slcan import BufferedSlcanBus
 from smallbms_bus.reports import Report
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,9 @@ def open_bus(config: BusConfig) -> can.BusABC:
     if config.interface not in _NO_BITRATE:
         kwargs["bitrate"] = config.bitrate
     kwargs.update(config.options)
+    if config.interface == "slcan":
+        del kwargs["interface"]
+        return BufferedSlcanBus(**kwargs)
     return can.Bus(**kwargs)
 
 

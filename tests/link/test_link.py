@@ -144,3 +144,26 @@ def test_open_failure_keeps_the_reason():
     link = Link(slcan("/nonexistent/ttyACM9"))
     assert not link.open()
     assert not link.up and "open failed" in link.reason and "retry in 0.1 s" in link.reason
+
+
+def test_buffered_slcan_reads_every_frame_of_a_burst_and_waits_for_a_partial_line():
+    """Several frame lines arriving in one chunk, and a line split across two writes, on a real pseudo-terminal."""
+    import os
+
+    from smallbms_bus.link.slcan import BufferedSlcanBus
+
+    adapter, port = os.openpty()
+    bus = BufferedSlcanBus(channel=os.ttyname(port), bitrate=500000, sleep_after_open=0)
+    try:
+        os.read(adapter, 64)  # the bus's own set-up commands (C, S6, O)
+        os.write(adapter, b"t10180102030405060708\rt1022AABB\rt103")
+        first, second = bus.recv(1.0), bus.recv(1.0)
+        assert (first.arbitration_id, bytes(first.data)) == (0x101, bytes(range(1, 9)))
+        assert (second.arbitration_id, bytes(second.data)) == (0x102, b"\xaa\xbb")
+        assert bus.recv(0.05) is None  # "t103" is not a line yet
+        os.write(adapter, b"1CC\r")
+        third = bus.recv(1.0)
+        assert (third.arbitration_id, bytes(third.data)) == (0x103, b"\xcc")
+    finally:
+        bus.shutdown()
+        os.close(adapter)
