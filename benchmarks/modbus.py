@@ -120,8 +120,13 @@ def start_servers() -> dict[str, tuple[int, subprocess.Popen]]:
         "bare": (bare, subprocess.Popen([sys.executable, __file__, "--serve-bare", str(bare)],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)),
     }
-    for port, process in servers.values():
-        wait_serving(port, process)
+    try:
+        for port, process in servers.values():
+            wait_serving(port, process)
+    except BaseException:  # a server that did not come up: stop the other, never leave it running
+        for _, process in servers.values():
+            process.kill()
+        raise
     time.sleep(11)  # let the demo learn its bank (discovery window 10 s): measured while the BMS is running
     return servers
 

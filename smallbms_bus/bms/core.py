@@ -536,31 +536,44 @@ class BmsCore:
         return core
 
 
-PROTECTIVE_FLAGS = ("cell_high_voltage", "cell_low_voltage", "cell_low_pre_alarm", "hardware_fault",
-                    "firmware_updating", "cell_imbalance")
-
-
-def _temperature_zone(celsius: float) -> tuple[bool, ...]:
+def _temperature_zone(celsius: float) -> tuple[bool, bool, bool, bool]:
     return (celsius < CHARGE_TEMP_LOW_SET_C, celsius > CHARGE_TEMP_HIGH_SET_C, celsius < DISCHARGE_TEMP_MIN_C,
             celsius > DISCHARGE_TEMP_MAX_C)
 
 
+# Called for every frame (hundreds a second): plain attribute reads, no generators.
+def _status_signature(r: BatteryStatus) -> tuple[tuple, tuple]:
+    return ("status", r.node), (r.cell_high_voltage, r.cell_low_voltage, r.cell_low_pre_alarm, r.hardware_fault,
+                                r.firmware_updating, r.cell_imbalance, _temperature_zone(r.temperature))
+
+
+def _cells_signature(r: CellVoltages) -> tuple[tuple, tuple]:
+    cells = [v for v in r.voltages if v is not None]
+    if not cells:
+        return ("cells", r.node, r.first_cell), ()
+    low, high = min(cells), max(cells)
+    return ("cells", r.node, r.first_cell), (high >= CELL_HIGH_SET_V, low <= CELL_LOW_SET_V, low <= PRE_ALARM_SET_V)
+
+
+def _temps_signature(r: BatteryTemps) -> tuple[tuple, tuple]:
+    return ("temps", r.node), (_temperature_zone(r.cell_temp_min), _temperature_zone(r.cell_temp_max))
+
+
+def _identity_signature(r: BatteryInfo | SerialFragment) -> tuple[tuple, tuple]:
+    return ("identity", r.node, type(r).__name__, getattr(r, "part", 0)), (r,)
+
+
+_SIGNATURES: dict[type, Any] = {BatteryStatus: _status_signature, CellVoltages: _cells_signature,
+                                BatteryTemps: _temps_signature, BatteryInfo: _identity_signature,
+                                SerialFragment: _identity_signature}
+
+
 def protective_signature(report: Report) -> tuple[tuple | None, tuple]:
-    """What of a report can change outputs, alarms or the bank: the thresholds are the ones `evaluate` uses."""
-    if isinstance(report, BatteryStatus):
-        return ("status", report.node), (tuple(getattr(report, f) for f in PROTECTIVE_FLAGS),
-                                         _temperature_zone(report.temperature))
-    if isinstance(report, CellVoltages):
-        cells = [v for v in report.voltages if v is not None]
-        return ("cells", report.node, report.first_cell), (any(v >= CELL_HIGH_SET_V for v in cells),
-                                                          any(v <= CELL_LOW_SET_V for v in cells),
-                                                          any(v <= PRE_ALARM_SET_V for v in cells))
-    if isinstance(report, BatteryTemps):
-        return ("temps", report.node), (_temperature_zone(report.cell_temp_min),
-                                        _temperature_zone(report.cell_temp_max))
-    if isinstance(report, BatteryInfo | SerialFragment):
-        return ("identity", report.node, type(report).__name__, getattr(report, "part", 0)), (report,)
-    return None, ()
+    """What of a report can change outputs, alarms or the bank: the thresholds are the ones `evaluate` uses
+    (flags, cell voltages at CELL_HIGH_SET_V / PRE_ALARM_SET_V / CELL_LOW_SET_V, the temperature limits,
+    identity)."""
+    signature = _SIGNATURES.get(type(report))
+    return (None, ()) if signature is None else signature(report)
 
 
 def _state_values(d: Decision) -> dict[str, str]:
