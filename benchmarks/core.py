@@ -15,12 +15,12 @@ of the size (the issue's 800-cell target). A benchmark, not a test.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import statistics
 import sys
 import time
+
+from common import pin, write_json
 
 from smallbms_bus.bms.core import BmsCore
 from smallbms_bus.reports import BatteryInfo, BatteryStatus, BatteryTemps, CellVoltages, SerialFragment
@@ -83,8 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--json")
     args = parser.parse_args(argv)
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+    pin()
     print(f"core benchmark: python {platform.python_version()}, {platform.machine()}, one core, "
           f"median of {args.repeats} x 200 evaluations")
     print("| bank | all cells new | status only | evaluations/s (all cells new) | vs 0.5 ms target | alarms |")
@@ -96,9 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {r['all_cells_new_ms']} ms | {r['status_only_ms']} ms | "
               f"{1000 / r['all_cells_new_ms']:,.0f} | {TARGET_MS / r['all_cells_new_ms']:.2f}x | "
               f"{', '.join(r['alarms']) or 'none'} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"python": sys.version, "results": out}, f, indent=2)
+    write_json(args.json, out)
     return 0
 
 

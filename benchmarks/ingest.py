@@ -18,14 +18,13 @@ A benchmark, not a test: nothing here fails on a slow machine.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import statistics
 import sys
 import time
 
 import can
+from common import pin, write_json
 
 from smallbms_bus.bank import Bank
 from smallbms_bus.bms.core import BmsCore
@@ -137,8 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+    pin()
     results = [measure(shape, args.seconds, args.repeats) | {"name": name} for name, shape in WORKLOADS.items()]
     print(f"ingest benchmark: python {platform.python_version()}, {platform.machine()}, one core, "
           f"median of {args.repeats} runs over {args.seconds:g} s of bus traffic")
@@ -150,9 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['name']} | {r['frames']} | {r['decode_frames_per_s']:,} | {r['bank_update_reports_per_s']:,} | "
               f"{r['decode_plus_bank_frames_per_s']:,} | {core:,} | {core / TARGET_FRAMES_PER_S:.1f}x | "
               f"{r['bank_evaluate_ms']} ms |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"python": sys.version, "results": results}, f, indent=2)
+    write_json(args.json, results)
     return 0
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import statistics
@@ -36,6 +35,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from common import write_json
 from prometheus_client import start_http_server
 
 from smallbms_bus.config import parse_config
@@ -230,9 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| serving | p99 | max |\n|---|---|---|")
     for name, stall in r["stall"].items():
         print(f"| {name} | {fmt(stall['p99_ms'])} ms | {fmt(stall['max_ms'])} ms |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"python": sys.version, "results": r}, f, indent=2)
+    write_json(args.json, r)
     return 0
 
 

@@ -27,21 +27,11 @@ import subprocess
 import sys
 import time
 
+from common import free_port, pin, write_json
+
 CLIENTS = (1, 8, 32)
 BLOCK_A = struct.pack(">BHH", 3, 0, 40)
 ANSWER = 7 + 2 + 80  # MBAP + function + byte count + 40 registers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def pin(core_index: int) -> None:
-    if hasattr(os, "sched_setaffinity"):
-        cores = sorted(os.sched_getaffinity(0))
-        os.sched_setaffinity(0, {cores[min(core_index, len(cores) - 1)]})
 
 
 # -- the bare server ------------------------------------------------------------------------------------
@@ -170,10 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{clients:>7} | {o['requests_per_s']:>18,.0f} {o['p50_ms']:>7.2f} {o['p99_ms']:>7.2f} | "
               f"{b['requests_per_s']:>10,.0f} {b['p50_ms']:>7.2f} {b['p99_ms']:>7.2f} | "
               f"{o['requests_per_s'] / b['requests_per_s']:.2f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"python": sys.version, "seconds": args.seconds, "repeats": args.repeats, "results": results},
-                      f, indent=2)
+    write_json(args.json, results, seconds=args.seconds, repeats=args.repeats)
     return 0
 
 

@@ -48,6 +48,7 @@ import urllib.request
 from pathlib import Path
 
 import can
+from common import free_port, pin, write_json
 
 from smallbms_bus.config import parse_config
 from smallbms_bus.demo import demo_config
@@ -64,12 +65,6 @@ STATUS_ID = 0x100 + NODE
 CELL_HIGH_BIT, CELL_LOW_BIT = 0x01, 0x02  # BAT_STATUS flags byte (PROTOCOL.md)
 BLOCK_A = struct.pack(">BHH", 3, 0, 40)
 CPU_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def percentile(samples: list[float], p: float) -> float:
@@ -143,9 +138,7 @@ def run_load(modbus_port: int, metrics_port: int, clients: int, poll_period: flo
                              _scrape(f"http://127.0.0.1:{metrics_port}/metrics", scrape_period, stop_at, counts))
         return counts
 
-    if hasattr(os, "sched_setaffinity"):
-        cores = sorted(os.sched_getaffinity(0))
-        os.sched_setaffinity(0, {cores[-1]})
+    pin(-1)
     print(json.dumps(dict(zip(("modbus_requests", "scrapes"), asyncio.run(main()), strict=True))))
 
 
@@ -425,8 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"nominal load over SLCAN: {n['cpu_percent_of_one_core']} % of one core, peak RSS {n['peak_rss_mb']} MB "
           f"over {n['seconds']:g} s (targets <= 10 %, <= 80 MB); {n['workload']}")
     print(f"nominal load, virtual bus: {v['cpu_percent_of_one_core']} % of one core; {v['workload']}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    write_json(args.json, results)
     return 0
 
 
