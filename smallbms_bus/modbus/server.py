@@ -170,7 +170,8 @@ class _Connection(ServerRequestHandler):
         self._forget()
         super().close(reconnect)
 
-    # asyncio flow control: a client that does not read its answers stops being read from.
+    # asyncio flow control: a client that does not read its answers stops being read from, and the requests
+    # already received wait unanswered, so its answers never pile up beyond the transport's high-water mark.
     def pause_writing(self) -> None:
         self.paused = True
         if self.transport:
@@ -178,7 +179,12 @@ class _Connection(ServerRequestHandler):
 
     def resume_writing(self) -> None:
         self.paused = False
-        if self.transport and not self.reading_held:
+        if not self.transport:
+            return
+        if self.unanswered or self.reading_held:  # answer what was received first; _answer_some resumes reading
+            self.reading_held = True
+            asyncio.get_running_loop().call_soon(self._answer_some)
+        else:
             self.transport.resume_reading()  # type: ignore[attr-defined]
 
     # -- requests --------------------------------------------------------------------------------------
@@ -193,7 +199,7 @@ class _Connection(ServerRequestHandler):
 
     def _answer_some(self) -> None:
         buffer, used, answered = self.unanswered, 0, 0
-        while answered < BATCH and len(buffer) - used >= 6 and self.transport:
+        while answered < BATCH and not self.paused and len(buffer) - used >= 6 and self.transport:
             _, protocol, length = struct.unpack_from(">HHH", buffer, used)
             if protocol != 0 or not 2 <= length <= 254:  # not Modbus/TCP, or framing lost: trust nothing after
                 self.app.stats.connections_bad_frame_closed += 1
@@ -207,15 +213,16 @@ class _Connection(ServerRequestHandler):
             used += 6 + length
             answered += 1
         self.unanswered = buffer[used:]
-        if answered == BATCH and self.transport:  # more may be waiting: let the loop breathe first
+        if self.paused or not self.transport:  # the client is not reading its answers: resume_writing carries on
+            return
+        if answered == BATCH:  # more may be waiting: let the loop breathe first
             if not self.reading_held:
                 self.reading_held = True
                 self.transport.pause_reading()  # type: ignore[attr-defined]
             asyncio.get_running_loop().call_soon(self._answer_some)
-        elif self.reading_held and self.transport:
+        elif self.reading_held:
             self.reading_held = False
-            if not self.paused:
-                self.transport.resume_reading()  # type: ignore[attr-defined]
+            self.transport.resume_reading()  # type: ignore[attr-defined]
 
     def _answer_frame(self, frame: bytes) -> None:
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import struct
+import threading
 import time
 
 import pytest
@@ -310,6 +311,55 @@ def _flood_without_reading(server: RunningServer) -> None:
     finally:
         hog.close()
     assert sent > 0
+
+
+def test_a_client_that_does_not_read_its_answers_costs_at_most_the_high_water_mark_and_loses_nothing():
+    """Flow control holds for requests already received, too: once the client stops reading, the server
+    stops answering (not only reading), so at most asyncio's 64 KiB high-water mark (plus one answer) of its
+    answers waits in the service, whatever it pipelined; when it reads again every answer comes, in order."""
+    running = RunningServer(Rig())
+    total = 30_000  # x 259-byte answers = 7.8 MB: far more than the socket buffers hold
+    hog = socket.socket()
+    hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    hog.connect(("127.0.0.1", running.port))
+    try:
+        data = b"".join(struct.pack(">HHHBBHH", i & 0xFFFF, 0, 6, 1, 3, 40000, 125) for i in range(total))
+        hog.setblocking(False)
+        sent = 0
+        try:
+            while sent < len(data):
+                sent += hog.send(data[sent:])
+        except BlockingIOError:
+            pass
+        time.sleep(1.0)
+
+        def buffered() -> list[int]:
+            return [c.transport.get_write_buffer_size() for c in running.server.connections if c.transport]
+
+        assert max(running.on_loop(buffered)) <= 64 * 1024 + 259
+        answered = sum(running.server.stats.requests.values())
+        assert answered < total // 2  # it stopped answering a client that does not read
+        hog.setblocking(True)
+        hog.settimeout(5)
+        if sent < len(data):
+            threading.Thread(target=hog.sendall, args=(data[sent:],), daemon=True).start()
+        for i in range(total):
+            head = _recv_exact(hog, 9)
+            tid, _, length, unit, fc, count = struct.unpack(">HHHBBB", head)
+            assert (tid, length, unit, fc, count) == (i & 0xFFFF, 253, 1, 3, 250), f"answer {i}: {head.hex()}"
+            _recv_exact(hog, 250)
+    finally:
+        hog.close()
+        running.close()
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        assert chunk, "closed by the server"
+        data += chunk
+    return data
 
 
 def test_a_modbus_request_makes_the_status_led_solid(server, client):
