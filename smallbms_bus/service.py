@@ -19,7 +19,8 @@ The BMS core is pure; this shell gives it time and I/O and never decides anythin
   fsync'd write runs on the store thread. Events travel with the state in the same transaction.
 - Supervision: every task runs under `_supervise`: a crash is logged, the outputs are switched off
   and the task restarts after a pause. SIGTERM/SIGINT stop cleanly: outputs off, state saved, exit 0.
-- systemd: READY=1 once the loop runs, WATCHDOG=1 from the tick while it keeps ticking.
+- systemd: READY=1 once the loop runs and the Modbus and metrics listeners are bound (or their first bind
+  failed and is retried in the background), WATCHDOG=1 from the tick while it keeps ticking.
 """
 
 from __future__ import annotations
@@ -126,6 +127,7 @@ class Service:
         self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="outputs")
         self._db = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store")
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready = False  # READY=1 sent
         modbus = ModbusOptions.from_config(config["modbus"])
         self.modbus: ModbusServer | None = None  # the Modbus TCP server; None when [modbus] serves no port
         if modbus.port is not None or modbus.tls:
@@ -245,14 +247,15 @@ class Service:
             save = self.persister.collect(self.core, now, self.wall())
             if save is not None:
                 self._db.submit(self.persister.write, save)
-            if watchdog and now >= next_watchdog:
+            if watchdog and self._ready and now >= next_watchdog:  # systemd hears READY=1 first
                 sd_notify("WATCHDOG=1")
                 next_watchdog = now + 1.0
             await asyncio.sleep(TICK_S)
 
-    async def _serve_modbus(self) -> None:
+    async def _serve_modbus(self, tried: asyncio.Event) -> None:
         """Modbus is how PLCs watch the bank, but the BMS protects it without: a port that cannot be bound
-        is logged and retried, never a reason to stop protecting the batteries (and never outputs off)."""
+        is logged and retried, never a reason to stop protecting the batteries (and never outputs off).
+        `tried` is set after the first attempt, so READY=1 is not sent before a client could connect."""
         assert self.modbus is not None
         while True:
             try:
@@ -262,7 +265,10 @@ class Service:
                 await self.modbus.stop()
                 log.error("Modbus: cannot serve on %s:%s (%s); retrying in %.0f s", self.modbus.options.host,
                           self.modbus.options.port, error, MODBUS_RETRY_S)
+                tried.set()
                 await asyncio.sleep(MODBUS_RETRY_S)
+            finally:
+                tried.set()  # also when start() raised something unexpected: READY=1 must not wait forever
 
     async def _supervise(self, name: str, factory: Callable[[], Awaitable[None]]) -> None:
         while True:
@@ -286,11 +292,15 @@ class Service:
         receiver = threading.Thread(target=self._receive_thread, name="bus-receive", daemon=True)
         receiver.start()
         tick = asyncio.create_task(self._supervise("tick", self._tick))
-        modbus = asyncio.create_task(self._serve_modbus()) if self.modbus is not None else None
+        modbus_tried = asyncio.Event()
+        modbus = asyncio.create_task(self._serve_modbus(modbus_tried)) if self.modbus is not None else None
         if self.config["metrics"]["port"]:  # metrics: [metrics] port 0 = no endpoint; a busy port never stops the BMS
             self.metrics = MetricsServer(self, self.config["metrics"]["host"], self.config["metrics"]["port"])
             await self.metrics.start()
+        if modbus is not None:  # READY=1 means a PLC can connect now (unless the port is taken: then it is retried)
+            await modbus_tried.wait()
         sd_notify("READY=1")
+        self._ready = True
         log.info("running: bus %s, outputs %s, store %s", self.link.config.describe(),
                  self.config["outputs"]["backend"], self.config["store"]["path"])
         try:

@@ -169,3 +169,27 @@ def test_systemd_notify_ready_watchdog_and_stopping(rig, tmp_path):
         finally:
             if service.poll() is None:
                 service.kill()
+
+
+def test_ready_means_modbus_answers(tmp_path):
+    """READY=1 (systemd) is sent once the Modbus listener is bound: a PLC that connects at once is served."""
+    port = free_port()
+    config = tmp_path / "smallbms-bus.toml"
+    config.write_text(f'[bus]\ninterface = "virtual"\nchannel = "ready"\n[store]\npath = "{tmp_path / "state.db"}"\n'
+                      f'[outputs]\nbackend = "memory"\n[metrics]\nport = 0\n[modbus]\nhost = "127.0.0.1"\n'
+                      f"port = {port}\n")
+    address = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(address)
+        sock.settimeout(20)
+        for _ in range(3):
+            service = subprocess.Popen([*CMD, "run", "--config", str(config)], stderr=subprocess.DEVNULL,
+                                       env={**os.environ, "NOTIFY_SOCKET": address})
+            try:
+                while sock.recv(256) != b"READY=1":
+                    pass
+                with socket.create_connection(("127.0.0.1", port), timeout=2):
+                    pass
+            finally:
+                service.kill()
+                service.wait(timeout=10)
