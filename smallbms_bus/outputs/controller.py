@@ -16,7 +16,9 @@ apply(wanted, now)
      hand, or a board that rebooted with its relays released, comes back).
   4. Where the board can read back, each written role is read back: a mismatch is a fault naming role,
      channel and both states. The role is written again when the back-off allows (or at once when its
-     target changes); the fault clears when its read-back agrees.
+     target changes); the fault clears when its read-back agrees. Between writes one role is read back
+     every `probe_every` s (1 s, round robin), so a board that went away or a relay flipped by hand is a
+     fault within about a second rather than at the next re-assert.
   5. Any OutputError is a fault naming role and channel: the board is closed and re-opened with
      back-off (the link's `Backoff`: 0.1 s doubling to 5 s), then everything is re-asserted. The
      back-off resets only after a clean full re-assert, so a board that opens but fails at once does
@@ -47,6 +49,7 @@ ROLES = ("load_disconnect", "charge_disconnect", "pre_alarm", "error_led", "stat
 LED_ROLES = frozenset({"error_led", "status_led"})
 LED_STATES = ("off", "blinking", "solid")
 BLINK_PERIOD = 1.0  # s: 1 Hz, on for the first half of each second
+PROBE_EVERY = 1.0  # s between read-back probes while nothing is written (one Modbus request: ~20 ms at 9600 baud)
 
 
 def _onoff(value: bool | None) -> str:
@@ -71,7 +74,7 @@ class Outputs:
     def __init__(self, board: RelayBoard, channel_map: Mapping[str, int | None], *, reassert_every: float = 5.0,
                  backoff: Backoff | None = None, clock: Callable[[], float] = time.monotonic,
                  blink_leds: bool = False, remote_channel: int | None = None, remote_inverted: bool = False,
-                 remote_input: RemoteInput | None = None) -> None:
+                 remote_input: RemoteInput | None = None, probe_every: float = PROBE_EVERY) -> None:
         self.board = board
         self.channel_map = self._check_map(board, channel_map)
         if remote_channel is not None:
@@ -89,6 +92,7 @@ class Outputs:
         self.remote_channel = remote_channel
         self.remote_inverted = remote_inverted
         self.reassert_every = reassert_every
+        self.probe_every = probe_every
         self.backoff = backoff or Backoff()
         self.clock = clock
         self.blink_leds = blink_leds
@@ -105,6 +109,8 @@ class Outputs:
         self._next_open_at = -math.inf
         self._next_reassert = -math.inf
         self._next_retry_at = -math.inf
+        self._next_probe = -math.inf
+        self._probe_index = 0
 
     @staticmethod
     def _check_map(board: RelayBoard, channel_map: Mapping[str, int | None]) -> dict[str, int]:
@@ -192,7 +198,9 @@ class Outputs:
         roles = [role for role in self.channel_map
                  if full or self._written.get(role) != target[role] or (retry and role in self._mismatch)]
         if not roles:
+            self._probe(now)
             return self.status()
+        self._next_probe = now + self.probe_every  # the writes below are read back: that is this period's proof
         role = roles[0]
         try:
             for role in roles:  # every write first: a slow read-back must not delay another output
@@ -215,6 +223,19 @@ class Outputs:
         if self._io_fault is None and not self._mismatch:
             self.backoff.reset()
         return self.status()
+
+    def _probe(self, now: float) -> None:
+        """Read one written role back (round robin) every `probe_every` s while nothing is written."""
+        if not self.board.can_read_back or now < self._next_probe or not self._written:
+            return
+        self._next_probe = now + self.probe_every
+        roles = [r for r in self.channel_map if r in self._written]
+        role = roles[self._probe_index % len(roles)]
+        self._probe_index += 1
+        try:
+            self._verify(role, self._written[role])
+        except OutputError as exc:
+            self._take_down(f"{role} (channel {self.channel_map[role]}): {exc}", now)
 
     def _verify(self, role: str, wanted: bool) -> None:
         channel = self.channel_map[role]

@@ -132,6 +132,31 @@ def test_unplugged_board_faults_and_recovers_with_backoff_reasserting_everything
     assert [rtu_board.relays[n] for n in range(1, 6)] == [True, True, False, False, True]
 
 
+def test_a_board_unplugged_while_nothing_changes_is_a_fault_at_the_next_probe(rtu_board, rtu_client, clock):
+    """Between writes one output is read back every second: a board that went away is RELAY_FAULT within
+    about a second, not only at the next 5 s re-assert (issue 7: RELAY_FAULT within 2 s)."""
+    out = Outputs(rtu_client, MAP, reassert_every=5.0, clock=clock)
+    out.apply(RUNNING, 100.0)
+    requests = rtu_board.requests
+    assert out.apply(RUNNING, 100.5).fault is None and rtu_board.requests == requests  # nothing due: no traffic
+    assert out.apply(RUNNING, 101.0).fault is None and rtu_board.requests == requests + 1  # one probe
+    rtu_board.unplug()
+    assert out.apply(RUNNING, 101.5).fault is None  # the next probe is at 102.0
+    status = out.apply(RUNNING, 102.0)
+    assert status.fault.startswith("charge_disconnect (channel 2): modbus rtu ")  # round robin: the 2nd role
+    assert not status.board_up
+
+
+def test_a_relay_flipped_by_hand_is_found_by_a_probe_and_written_again(clock):
+    board, out = memory_outputs(clock)
+    out.apply(RUNNING, 100.0)
+    board.relays[1] = False  # someone flips load_disconnect by hand
+    status = out.apply(RUNNING, 101.0)
+    assert status.fault == "load_disconnect (channel 1): commanded on, read back off"
+    status = out.apply(RUNNING, 101.1)  # the mismatch is retried at once: written and read back
+    assert board.relays[1] is True and status.fault is None
+
+
 def test_backoff_doubles_and_resets_after_a_clean_reassert(clock):
     board, out = memory_outputs(clock, backoff=Backoff(initial=0.5, maximum=2.0))
     out.apply(RUNNING, 100.0)
