@@ -24,7 +24,7 @@ from smallbms_bus.sim.slcan_hub import SlcanHub
 
 ALL = ("virtual", "slcan", "socketcan:vcan0")
 NO_VCAN = ("no SocketCAN vcan0 on this kernel (CONFIG_CAN not set: `ip link add vcan0 type vcan` fails); "
-           "the vcan suite runs natively where vcan0 exists; running it in a VM is the vcan CI issue, not built yet")
+           "the vcan suite runs natively where vcan0 exists, and here in a VM: bash tests/vcan/run-in-vm")
 
 
 def selected() -> list:
