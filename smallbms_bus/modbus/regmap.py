@@ -268,7 +268,7 @@ def encode(reg: Register, value: Any, missing: str) -> list[int]:
 def decode_word(reg: Register, word: int) -> float:
     """A written word as an engineering value (writable registers are single words)."""
     raw = word - 0x10000 if reg.signed and word & 0x8000 else word
-    return raw * reg.scale
+    return round(raw * reg.scale, 9)  # 222 x 0.1 is 22.2, not 22.200000000000003 (stored and shown as written)
 
 
 # -- exports ---------------------------------------------------------------------------------------------

@@ -385,3 +385,9 @@ def test_the_whole_map_of_both_units_reads_without_exceptions(server, client):
                     assert words == read(client, start, count, unit=unit, fc=4)
                     total += count
     assert total == 40 + 6 + 2 + 22 + 50 * 40 + 2 + 68 + 64 + 4 * 108 + 2 + 76 + 62
+
+
+def test_a_setting_written_in_tenths_is_stored_as_written(server, client):
+    assert not client.write_register(103, 222, device_id=1).isError()
+    assert server.rig.core.settings.low_soc_warning_pct == 22.2
+    assert repr(server.rig.core.settings.to_dict()["low_soc_warning_pct"]) == "22.2"
