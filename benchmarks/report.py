@@ -61,7 +61,8 @@ def run_faults() -> dict[str, Any]:
                               capture_output=True, text=True)
         sys.stdout.write(done.stdout[-6000:])
         report = json.loads(figures.read_text()) if figures.exists() else None
-    summary = next((line for line in reversed(done.stdout.splitlines()) if " in " in line and "=" in line), "")
+    summary = next((line for line in reversed(done.stdout.splitlines())
+                    if " in " in line and (" passed" in line or " failed" in line or " error" in line)), "")
     return {"command": shlex.join(FAULTS_COMMAND[1:]), "exit_status": done.returncode,
             "summary": summary.strip("= "), "seconds": round(time.monotonic() - started, 1), "figures": report}
 
