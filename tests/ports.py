@@ -1,4 +1,4 @@
-"""A free TCP port on loopback for a test server (bound and released: fine for tests on one machine)."""
+"""Socket helpers for tests: a free TCP port on loopback (bound and released: fine on one machine), exact reads."""
 
 from __future__ import annotations
 
@@ -9,3 +9,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    """Exactly n bytes from a stream socket (a Modbus answer), or ConnectionError when the peer hangs up."""
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("closed by the server")
+        data += chunk
+    return data

@@ -30,6 +30,7 @@ import pytest
 
 from tests.faults.campaign import CAMPAIGN
 from tests.faults.rigs import CHARGE, LOAD, ProcessRig, metric, rss_kib, wait_until
+from tests.ports import recv_exact
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(CAMPAIGN.timeout_s)]
 
@@ -44,15 +45,6 @@ WRITABLE = (100, 101, 102, 103, 104, 105, 120, 121)
 INTERESTING = [0, 1, 36, 39, 40, 99, 100, 103, 105, 106, 120, 121, 122, 200, 221, 999, 1000, 2999, 3000, 39999,
                40000, 40069, 40070, 65535]
 
-
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise ConnectionError("closed by the server")
-        data += chunk
-    return data
 
 
 def ask(sock: socket.socket, tid: int, unit: int, pdu: bytes) -> bytes:

@@ -8,6 +8,7 @@ import pytest
 
 from tests.bms.rig import Rig
 from tests.modbus.harness import RunningServer
+from tests.ports import recv_exact
 
 
 @pytest.fixture
@@ -31,20 +32,11 @@ def raw_request(port: int, pdu: bytes, unit: int = 1, tid: int = 7, sock: socket
     s = sock or socket.create_connection(("127.0.0.1", port), timeout=3)
     try:
         s.sendall(struct.pack(">HHHB", tid, 0, len(pdu) + 1, unit) + pdu)
-        head = _recv_exact(s, 7)
+        head = recv_exact(s, 7)
         rtid, _, length, runit = struct.unpack(">HHHB", head)
         assert (rtid, runit) == (tid, unit)
-        return _recv_exact(s, length - 1)
+        return recv_exact(s, length - 1)
     finally:
         if own:
             s.close()
 
-
-def _recv_exact(s: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = s.recv(n - len(data))
-        if not chunk:
-            raise ConnectionError("closed by the server")
-        data += chunk
-    return data

@@ -16,6 +16,7 @@ from smallbms_bus.modbus.server import ModbusOptions
 from tests.bms.rig import Rig
 from tests.modbus.conftest import raw_request
 from tests.modbus.harness import RunningServer, s32, signed, u32
+from tests.ports import recv_exact
 
 
 def read(client, address: int, count: int, unit: int = 1, fc: int = 3) -> list[int]:
@@ -344,22 +345,13 @@ def test_a_client_that_does_not_read_its_answers_costs_at_most_the_high_water_ma
         if sent < len(data):
             threading.Thread(target=hog.sendall, args=(data[sent:],), daemon=True).start()
         for i in range(total):
-            head = _recv_exact(hog, 9)
+            head = recv_exact(hog, 9)
             tid, _, length, unit, fc, count = struct.unpack(">HHHBBB", head)
             assert (tid, length, unit, fc, count) == (i & 0xFFFF, 253, 1, 3, 250), f"answer {i}: {head.hex()}"
-            _recv_exact(hog, 250)
+            recv_exact(hog, 250)
     finally:
         hog.close()
         running.close()
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        assert chunk, "closed by the server"
-        data += chunk
-    return data
 
 
 def test_a_modbus_request_makes_the_status_led_solid(server, client):

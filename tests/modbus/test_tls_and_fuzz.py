@@ -16,7 +16,7 @@ from pymodbus.client import ModbusTlsClient
 from smallbms_bus.modbus.server import ModbusOptions, ModbusServer
 from tests.bms.rig import Rig
 from tests.modbus.harness import RunningServer
-from tests.ports import free_port
+from tests.ports import free_port, recv_exact
 
 EVERYONE = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
 
@@ -123,11 +123,11 @@ def test_fuzz_random_and_truncated_requests_never_kill_the_server_and_refusals_c
                 sock = socket.create_connection(("127.0.0.1", running.port), timeout=3)
                 continue
             try:
-                head = _recv_exact(sock, 7)
+                head = recv_exact(sock, 7)
             except TimeoutError:
                 raise AssertionError(f"no answer to unit {unit} {pdu.hex()}") from None
             rtid, _, length, _ = struct.unpack(">HHHB", head)
-            answer = _recv_exact(sock, length - 1)
+            answer = recv_exact(sock, length - 1)
             assert rtid == tid
             if answer[0] & 0x80:
                 refused += 1
@@ -144,12 +144,3 @@ def test_fuzz_random_and_truncated_requests_never_kill_the_server_and_refusals_c
     c.close()
     running.close()
 
-
-def _recv_exact(s: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = s.recv(n - len(data))
-        if not chunk:
-            raise ConnectionError("the server closed the connection")
-        data += chunk
-    return data
