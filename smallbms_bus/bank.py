@@ -32,6 +32,27 @@ Discovery and learning (BANK-2, BANK-4). The phases are:
 `Bank.learned` is what the service must persist; `Bank.learned_revision` changes whenever it
 does. `Bank.relearn(now)` accepts the bank as it is now (BANK-4).
 
+Protective memory (project decision, COM-6). A flag, a cell extreme, an unmeasured cell or a cell
+temperature counts for protection for `PROTECTIVE_MEMORY_S` (2 s) after the frame that carried it:
+`BankView.flags` and the `recent_*` aggregates are the worst of each fresh battery's frames in that
+time, not of its latest frame alone. A second sender that interleaves clean frames with a battery
+reporting CellHighVoltage therefore cannot make the battery look clean, not even between two
+evaluations, and a latch in the core releases only once every frame of the last 2 s is clean.
+
+Two senders on one node (COM-6). The frames that carry an identity are BAT_SERIAL (two halves) and
+BAT_INFO (nominal voltage, capacity, string, position; not the firmware, which an update changes).
+A node is *conflicted* from the first conflicting frame until `comm_timeout` after the last one:
+  - a learned node: a serial half or BAT_INFO that differs from the learned identity;
+  - a node not (yet) learned: a serial half or BAT_INFO that differs from another value of it seen
+    on the node within `identity_memory` (comm_timeout, but at least 2.5 s: longer than the 2 s a
+    serial half takes to come round, so a 1 s comm_timeout cannot let two senders slip through);
+  - any node: its AliveCounter going backwards twice within `identity_memory` while BAT_STATUS keeps
+    arriving (two interleaved counters do that on every other frame; one reboot does it once; a
+    repeated value is not evidence: a frozen counter is COM-1, a duplicated frame is harmless).
+A conflicted node is issue `learned_mismatch` naming the node and the serials seen, in every phase;
+the bank is not learned while a node is conflicted, and a re-learn keeps the learned identity of a
+node with two senders (or leaves it out) instead of taking whichever frame came last.
+
 Aggregates (BANK-5) are computed over fresh batteries: bank voltage = mean over complete strings
 of the sum of their series voltages; bank current = sum over strings of the mean current of the
 string's fresh batteries; capacity = strings x battery capacity. They are `complete` only when
@@ -40,8 +61,10 @@ every known battery is fresh (otherwise the BMS is already in comms-loss).
 
 from __future__ import annotations
 
-from collections import Counter
+import math
+from collections import Counter, deque
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
 from smallbms_bus.reports import (
@@ -66,6 +89,20 @@ CELLS_PER_FRAME = 4
 # jitter does not trip the minimum 1 s timeout.
 CELLS_PERIOD = 0.5
 TEMPS_PERIOD = 1.0
+
+# COM-6 and defence in depth: how long a protective reading counts after its frame. Longer than the
+# slowest protective frame's period (BAT_TEMPS, 1 s) with room for jitter, so every sender's latest
+# frame of each kind is inside it.
+PROTECTIVE_MEMORY_S = 2.0
+TIME_EPSILON_S = 1e-9  # float noise of subtracting monotonic seconds: a frame 2 s old is exactly 2 s old
+# COM-6: "two different serials within comm_timeout", but never less than this (a serial half comes
+# round every 2 s per sender).
+IDENTITY_MEMORY_MIN_S = 2.5
+COUNTER_REGRESSIONS = 2  # AliveCounter steps backwards within the identity memory that mean two senders
+SERIAL_PART_CHARS = 7
+
+FLAG_FIELDS = ("cell_high_voltage", "cell_low_voltage", "cell_low_pre_alarm", "balancing",
+               "cell_imbalance", "hardware_fault", "firmware_updating")
 
 DEFAULT_COMM_TIMEOUT = 5.0
 COMM_TIMEOUT_RANGE = (1.0, 60.0)
@@ -121,9 +158,10 @@ class BankIssue:
 class BatteryState:
     """Mutable latest readings of one battery. Written on every frame: keep it flat."""
 
-    __slots__ = ("_summary", "_summary_key", "alive_changed_at", "cells", "cells_at", "cells_revision",
-                 "first_seen_at", "info", "info_at", "node", "serial_parts", "status", "status_at", "temps",
-                 "temps_at")
+    __slots__ = ("_summary", "_summary_key", "alive_changed_at", "any_flag_at", "cells", "cells_at",
+                 "cells_revision", "conflict_at", "first_seen_at", "flag_at", "highs", "info", "info_at", "lows",
+                 "node", "notes", "regressions", "seen", "serial_parts", "status", "status_at", "temps", "temps_at",
+                 "tmaxs", "tmins", "unmeasured_at")
 
     def __init__(self, node: int, now: float) -> None:
         self.node = node
@@ -141,6 +179,21 @@ class BatteryState:
         self.info: BatteryInfo | None = None
         self.info_at = -1.0
         self.serial_parts: list[str | None] = [None, None]
+        # Protective memory: when each flag was last reported, and sliding-window extremes as monotonic
+        # deques of (time, value, cell number): the front is the extreme of the window, O(1) to read.
+        self.flag_at = [-math.inf] * len(FLAG_FIELDS)
+        self.any_flag_at = -math.inf
+        self.highs: deque[tuple[float, float, int]] = deque()
+        self.lows: deque[tuple[float, float, int]] = deque()
+        self.tmins: deque[tuple[float, float, int]] = deque()
+        self.tmaxs: deque[tuple[float, float, int]] = deque()
+        self.unmeasured_at: dict[int, float] = {}  # cell number -> last frame that read it "not present"
+        # COM-6 evidence: identity values seen (serial half 0/1, "info") -> value -> [first, last] time seen,
+        # times the AliveCounter went backwards, the last conflicting frame and what it showed.
+        self.seen: dict[Any, dict[Any, list[float]]] = {0: {}, 1: {}, "info": {}}
+        self.regressions: deque[float] = deque()
+        self.conflict_at = -math.inf
+        self.notes: dict[Any, dict[Any, None]] = {}  # evidence kind -> values involved, in order seen
 
     @property
     def serial(self) -> str | None:
@@ -186,6 +239,57 @@ class BatteryState:
         return None
 
 
+    def recent(self, now: float) -> tuple[CellRef | None, CellRef | None, float | None, float | None,
+                                          tuple[int, ...]]:
+        """Protective memory: the lowest and highest cell, the lowest and highest cell temperature and the
+        unmeasured cells over this battery's frames of the last PROTECTIVE_MEMORY_S, its latest ones included."""
+        since = now - PROTECTIVE_MEMORY_S + TIME_EPSILON_S
+        summary = self.cell_summary()
+        low = _front(self.lows, since)
+        high = _front(self.highs, since)
+        low_ref = high_ref = None
+        if summary.low is not None:
+            low_ref = CellRef(self.node, summary.low_cell, summary.low)
+            high_ref = CellRef(self.node, summary.high_cell, summary.high)  # type: ignore[arg-type]
+        if low is not None and (low_ref is None or low[1] < low_ref.voltage):
+            low_ref = CellRef(self.node, low[2], low[1])
+        if high is not None and (high_ref is None or high[1] > high_ref.voltage):
+            high_ref = CellRef(self.node, high[2], high[1])
+        tmin = tmax = None
+        if self.temps is not None:
+            tmin, tmax = self.temps.cell_temp_min, self.temps.cell_temp_max
+            if (entry := _front(self.tmins, since)) is not None and entry[1] < tmin:
+                tmin = entry[1]
+            if (entry := _front(self.tmaxs, since)) is not None and entry[1] > tmax:
+                tmax = entry[1]
+        unmeasured = summary.unmeasured
+        if self.unmeasured_at:
+            count = len(summary.cells)
+            recent = {c for c, at in self.unmeasured_at.items() if at > since and c <= count}
+            if not recent.issubset(unmeasured):
+                unmeasured = tuple(sorted(recent.union(unmeasured)))
+        return low_ref, high_ref, tmin, tmax, unmeasured
+
+
+def _front(window: deque[tuple[float, float, int]], since: float) -> tuple[float, float, int] | None:
+    """The extreme of a monotonic window after dropping what is not newer than `since`."""
+    while window and window[0][0] <= since:
+        window.popleft()
+    return window[0] if window else None
+
+
+def _push_max(window: deque[tuple[float, float, int]], entry: tuple[float, float, int]) -> None:
+    while window and window[-1][1] <= entry[1]:
+        window.pop()
+    window.append(entry)
+
+
+def _push_min(window: deque[tuple[float, float, int]], entry: tuple[float, float, int]) -> None:
+    while window and window[-1][1] >= entry[1]:
+        window.pop()
+    window.append(entry)
+
+
 @dataclass(frozen=True, slots=True)
 class CellRef:
     node: int
@@ -226,6 +330,8 @@ class BatteryView:
     fresh: bool
     stale_reason: str | None
     status_age: float | None  # seconds since the last BAT_STATUS, None if never
+    unmeasured: tuple[int, ...] = ()  # cells read "not present" in a frame of the last PROTECTIVE_MEMORY_S (fresh)
+    conflicted: bool = False  # COM-6: two senders on this node, or an identity other than the learned one
 
     @property
     def cells(self) -> tuple[float | None, ...]:
@@ -273,6 +379,11 @@ class Aggregates:
     min_battery_temperature: float | None
     max_battery_temperature: float | None
     complete: bool  # every known battery fresh
+    # Protective memory: the same extremes over every frame of the last PROTECTIVE_MEMORY_S (the latches use these)
+    recent_min_cell: CellRef | None = None
+    recent_max_cell: CellRef | None = None
+    recent_min_cell_temperature: float | None = None
+    recent_max_cell_temperature: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,12 +395,9 @@ class BankView:
     topology: Topology
     issues: tuple[BankIssue, ...]
     aggregates: Aggregates
-    flags: dict[str, tuple[int, ...]]  # flag -> fresh nodes reporting it
+    flags: dict[str, tuple[int, ...]]  # flag -> fresh nodes that reported it in the last PROTECTIVE_MEMORY_S
     waiting_for_batteries: bool  # BANK-2: a state, not an alarm, until the learned bank or the grace ends
-
-
-FLAG_FIELDS = ("cell_high_voltage", "cell_low_voltage", "cell_low_pre_alarm", "balancing",
-               "cell_imbalance", "hardware_fault", "firmware_updating")
+    conflicted: tuple[int, ...] = ()  # COM-6: nodes held as learned_mismatch (two senders or a foreign identity)
 
 
 class Bank:
@@ -307,15 +415,29 @@ class Bank:
             raise ValueError(f"comm_timeout {comm_timeout} s is outside {lo:g}-{hi:g} s")
         self.started_at = now
         self.comm_timeout = comm_timeout
+        # COM-6: how long an identity value is remembered when looking for a second one on the same node
+        self.identity_memory = max(comm_timeout, IDENTITY_MEMORY_MIN_S)
         self.discovery_window = discovery_window
         self.waiting_grace = waiting_grace
+        self._identity_revision = 0  # bumps when anything topology/validation depends on changes
+        self.conflict_revision = 0  # bumps when a node's COM-6 evidence grows: worth an evaluation at once
         self.learned = learned
         self.learned_revision = 0
         self.batteries: dict[int, BatteryState] = {}
         self.first_frame_at: float | None = None
-        self._identity_revision = 0  # bumps when anything topology/validation depends on changes
-        self._cache_key: tuple[int, int, bool, str] | None = None
+        self._noted: set[int] = set()  # nodes with COM-6 notes (held now, or until the next evaluation)
+        self._cache_key: tuple[int, int, bool, str, tuple[int, ...]] | None = None
         self._cached: tuple[Topology, tuple[BankIssue, ...]] | None = None
+
+    @property
+    def learned(self) -> LearnedBank | None:
+        return self._learned
+
+    @learned.setter
+    def learned(self, learned: LearnedBank | None) -> None:
+        self._learned = learned
+        self._learned_nodes = {} if learned is None else learned.by_node()
+        self._identity_revision += 1
 
     # -- ingest (hot path) ---------------------------------------------------------------------
     def update(self, report: Report, now: float) -> None:
@@ -333,24 +455,167 @@ class Bank:
             previous = state.status
             if previous is None or previous.alive_counter != report.alive_counter:
                 state.alive_changed_at = now
+                # COM-6: a counter that steps backwards (by 1..128) while BAT_STATUS keeps coming
+                if previous is not None and (report.alive_counter - previous.alive_counter) & 0xFF >= 128 \
+                        and now - state.status_at < self.comm_timeout:
+                    self._regression(state, now)
             state.status = report
             state.status_at = now
+            if (report.cell_high_voltage or report.cell_low_voltage or report.cell_low_pre_alarm or report.balancing
+                    or report.cell_imbalance or report.hardware_fault or report.firmware_updating):
+                flag_at = state.flag_at
+                for i, name in enumerate(FLAG_FIELDS):
+                    if getattr(report, name):
+                        flag_at[i] = now
+                state.any_flag_at = now
         elif kind is CellVoltages:
             first = report.first_cell - 1
-            state.cells[first:first + CELLS_PER_FRAME] = report.voltages
+            voltages = report.voltages
+            state.cells[first:first + CELLS_PER_FRAME] = voltages
             state.cells_at[first // CELLS_PER_FRAME] = now
             state.cells_revision += 1
+            info = state.info
+            if info is None or first < info.cell_count:  # cells a battery of its size does not have: not data
+                self._remember_cells(state, first, voltages, now)
         elif kind is BatteryTemps:
             state.temps = report
             state.temps_at = now
+            _push_min(state.tmins, (now, report.cell_temp_min, 0))
+            _push_max(state.tmaxs, (now, report.cell_temp_max, 0))
         elif kind is BatteryInfo:
             if state.info != report:
                 self._identity_revision += 1
             state.info = report
             state.info_at = now
-        elif kind is SerialFragment and state.serial_parts[report.part] != report.chars:
-            state.serial_parts[report.part] = report.chars
+            self._identity_frame(state, "info", _info_key(report), now)
+        elif kind is SerialFragment:
+            if state.serial_parts[report.part] != report.chars:
+                state.serial_parts[report.part] = report.chars
+                self._identity_revision += 1
+            self._identity_frame(state, report.part, report.chars, now)
+
+    @staticmethod
+    def _remember_cells(state: BatteryState, first: int, voltages: tuple[float | None, ...], now: float) -> None:
+        low = high = None
+        low_cell = high_cell = 0
+        for i, v in enumerate(voltages, first + 1):
+            if v is None:
+                state.unmeasured_at[i] = now
+            else:
+                if low is None or v < low:
+                    low, low_cell = v, i
+                if high is None or v > high:
+                    high, high_cell = v, i
+        if low is not None:
+            _push_min(state.lows, (now, low, low_cell))
+            _push_max(state.highs, (now, high, high_cell))  # type: ignore[arg-type]
+
+    # -- COM-6: two senders on one node ----------------------------------------------------------
+    def _expected(self, node: int, key: Any) -> Any:
+        """What the learned identity says a serial half (key 0, 1) or BAT_INFO ("info") of `node` is."""
+        learned = self._learned_nodes.get(node)
+        if learned is None:
+            return None
+        if key == "info":
+            return (learned.nominal_units, learned.capacity_ah, learned.string_index, learned.series_index)
+        return _serial_halves(learned.serial)[key]
+
+    def _identity_frame(self, state: BatteryState, key: Any, value: Any, now: float) -> None:
+        seen = state.seen[key]
+        memory = self.identity_memory
+        others = [v for v, (_, last) in seen.items() if v != value and now - last < memory]
+        if value in seen and now - seen[value][1] < memory:
+            seen[value][1] = now
+        else:
+            seen[value] = [now, now]
+        if len(seen) > len(others) + 1:  # forget values not seen within the memory
+            state.seen[key] = {v: seen[v] for v in [*others, value]}
+        expected = self._expected(state.node, key)
+        conflicting = value != expected if expected is not None else bool(others)
+        if conflicting:
+            involved = ([expected] if expected is not None else []) + others + [value]
+            self._conflict(state, now, key, involved)
+
+    def _regression(self, state: BatteryState, now: float) -> None:
+        regressions = state.regressions
+        regressions.append(now)
+        while regressions[0] <= now - self.identity_memory:
+            regressions.popleft()
+        if len(regressions) >= COUNTER_REGRESSIONS:
+            self._conflict(state, now, "counter", [True])
+
+    def _conflict(self, state: BatteryState, now: float, key: Any, values: list[Any]) -> None:
+        state.conflict_at = now
+        notes = state.notes.setdefault(key, {})
+        grew = False
+        for v in values:
+            if v not in notes:
+                notes[v] = None
+                grew = True
+        if grew:
+            self._noted.add(state.node)
             self._identity_revision += 1
+            self.conflict_revision += 1
+
+    def _two_senders(self, state: BatteryState, now: float) -> bool:
+        """Two interleaved identities (each seen again after the other appeared) or two interleaved
+        AliveCounters on the node within the identity memory. A battery swapped for another one shows
+        its serial only after the old one's last frame: that is a new battery, not two senders."""
+        since = now - self.identity_memory
+        for seen in state.seen.values():
+            spans = sorted(span for span in seen.values() if span[1] > since)
+            if any(later[0] < earlier[1] for earlier, later in pairwise(spans)):
+                return True
+        return sum(1 for at in state.regressions if at > since) >= COUNTER_REGRESSIONS
+
+    def conflicted(self, now: float) -> tuple[int, ...]:
+        """COM-6: nodes with a conflicting frame less than comm_timeout ago. Forgets the evidence of the others."""
+        held = []
+        for node in sorted(self._noted):
+            state = self.batteries[node]
+            if now - state.conflict_at < self.comm_timeout - TIME_EPSILON_S:
+                held.append(node)
+            else:
+                state.notes.clear()
+                self._noted.discard(node)
+                self._identity_revision += 1
+        return tuple(held)
+
+    def _conflict_issue(self, state: BatteryState, now: float) -> BankIssue:
+        node, notes = state.node, state.notes
+        learned = self._learned_nodes.get(node)
+        parts: list[str] = []
+        if 0 in notes or 1 in notes:
+            reference = _serial_halves(learned.serial) if learned is not None else (None, None)
+            halves = []
+            for part in (0, 1):
+                values = list(notes.get(part, ()))
+                ref = reference[part] if reference[part] is not None else (
+                    values[0] if values else state.serial_parts[part])
+                halves.append((ref, [v for v in values if v != ref]))
+            first = "".join(ref or "?" for ref, _ in halves)
+            count = max(len(o) for _, o in halves)
+            others = ["".join(o[min(i, len(o) - 1)] if o else (ref or "?") for ref, o in halves) for i in range(count)]
+            if learned is not None:
+                parts.append(f"serial {' and '.join(others)} instead of the learned {first}")
+            else:
+                parts.append(f"serials {' and '.join([first, *others])} within {self.identity_memory:g} s")
+        if "info" in notes:
+            infos = list(notes["info"])
+            if learned is not None:
+                expected = self._expected(node, "info")
+                parts.append("BAT_INFO " + " and ".join(_describe_info(i) for i in infos if i != expected)
+                             + f" instead of the learned {_describe_info(expected)}")
+            else:
+                parts.append("BAT_INFO " + " and ".join(_describe_info(i) for i in infos)
+                             + f" within {self.identity_memory:g} s")
+        if "counter" in notes:
+            parts.append("its AliveCounter jumps back and forth")
+        who = f"battery {node}" + (f" (learned serial {learned.serial})" if learned is not None else "")
+        verdict = (f"two senders on node {node}" if self._two_senders(state, now)
+                   else "not the learned battery")
+        return BankIssue("learned_mismatch", f"{who}: {'; '.join(parts)}: {verdict} (held until "
+                                             f"{self.comm_timeout:g} s after the last conflicting frame)", (node,))
 
     # -- learning ------------------------------------------------------------------------------
     def phase(self, now: float) -> str:
@@ -360,16 +625,27 @@ class Bank:
             return "discovering"
         return "learned" if self.learned is not None else "learning"
 
-    def _try_learn(self, now: float) -> None:
-        if self.phase(now) != "learning":
+    def _try_learn(self, now: float, conflicted: tuple[int, ...]) -> None:
+        # COM-6: a node with two senders is not learned as one battery, whichever frame came last
+        if conflicted or self.phase(now) != "learning":
             return
         identities = [s.identity() for s in self.batteries.values()]
         if all(i is not None for i in identities):
             self._set_learned(LearnedBank(tuple(sorted(identities, key=lambda i: i.node))))  # type: ignore[arg-type]
 
     def relearn(self, now: float) -> LearnedBank:
-        """BANK-4: accept the batteries with a complete identity as the bank from now on."""
-        identities = [i for s in self.batteries.values() if (i := s.identity()) is not None]
+        """BANK-4: accept the batteries with a complete identity as the bank from now on. A node with two
+        senders (COM-6) keeps the identity learned before (or stays out): which one is real is not known."""
+        identities = []
+        for node, state in self.batteries.items():
+            if self._two_senders(state, now):
+                if node in self._learned_nodes:
+                    identities.append(self._learned_nodes[node])
+                continue
+            identity = state.identity()
+            if identity is not None:
+                identities.append(identity)
+                state.conflict_at = -math.inf  # what differed from the old learned identity is now accepted
         learned = LearnedBank(tuple(sorted(identities, key=lambda i: i.node)))
         self._set_learned(learned)
         return learned
@@ -381,7 +657,8 @@ class Bank:
 
     # -- evaluation ----------------------------------------------------------------------------
     def evaluate(self, now: float) -> BankView:
-        self._try_learn(now)
+        conflicted = self.conflicted(now)
+        self._try_learn(now, conflicted)
         timeout = self.comm_timeout
         views: list[BatteryView] = []
         stale: list[int] = []
@@ -391,19 +668,28 @@ class Bank:
             if reason is not None:
                 stale.append(node)
             views.append(BatteryView(node, s.serial, s.info, s.status, s.temps, s.cell_summary(), reason is None,
-                                     reason, None if s.status is None else now - s.status_at))
+                                     reason, None if s.status is None else now - s.status_at,
+                                     conflicted=node in conflicted))
         past_grace = now - self.started_at >= self.waiting_grace
         phase = self.phase(now)
-        key = (self._identity_revision, self.learned_revision, past_grace, phase)
+        key = (self._identity_revision, self.learned_revision, past_grace, phase, conflicted)
         if self._cache_key != key or self._cached is None:
-            self._cached = (self.topology(), tuple(self._validate(phase, past_grace)))
+            self._cached = (self.topology(), tuple(self._validate(phase, past_grace, conflicted, now)))
             self._cache_key = key
         topology, issues = self._cached
         fresh = [v for v in views if v.fresh]
-        flags = {f: tuple(v.node for v in fresh if getattr(v.status, f)) for f in FLAG_FIELDS}
-        aggregates = self._aggregates(fresh, topology.series, complete=not stale and bool(views))
+        since = now - PROTECTIVE_MEMORY_S + TIME_EPSILON_S
+        flagged: dict[str, list[int]] = {f: [] for f in FLAG_FIELDS}
+        for v in fresh:
+            s = self.batteries[v.node]
+            if s.any_flag_at > since:
+                for i, name in enumerate(FLAG_FIELDS):
+                    if s.flag_at[i] > since:
+                        flagged[name].append(v.node)
+        flags = {f: tuple(nodes) for f, nodes in flagged.items()}
+        aggregates = self._aggregates(fresh, topology.series, now, complete=not stale and bool(views))
         return BankView(now, phase, tuple(views), tuple(stale), topology, issues, aggregates,
-                        flags, waiting_for_batteries=phase != "learned" and not past_grace)
+                        flags, waiting_for_batteries=phase != "learned" and not past_grace, conflicted=conflicted)
 
     def _infos(self) -> list[BatteryInfo]:
         return [s.info for s in self.batteries.values() if s.info is not None]
@@ -424,7 +710,7 @@ class Bank:
             capacity_ah=caps.pop() if len(caps) == 1 else None,
         )
 
-    def _validate(self, phase: str, past_grace: bool) -> list[BankIssue]:
+    def _validate(self, phase: str, past_grace: bool, conflicted: tuple[int, ...], now: float) -> list[BankIssue]:
         issues: list[BankIssue] = []
         if not self.batteries:
             if past_grace:
@@ -439,7 +725,9 @@ class Bank:
                                         + _nodes(incomplete), incomplete))
         issues += self._validate_shape()
         if phase == "learned" and self.learned is not None:
-            issues += self._validate_against_learned(self.learned)
+            issues += self._validate_against_learned(self.learned, conflicted, now)
+        else:  # COM-6 in every phase: discovery must not learn two senders as one battery
+            issues += [self._conflict_issue(self.batteries[n], now) for n in conflicted]
         return issues
 
     def _validate_shape(self) -> list[BankIssue]:
@@ -495,7 +783,8 @@ class Bank:
                                         f"{MAX_SERIES_UNITS} x {UNIT_VOLTAGE:.1f} V"))
         return issues
 
-    def _validate_against_learned(self, learned: LearnedBank) -> list[BankIssue]:
+    def _validate_against_learned(self, learned: LearnedBank, conflicted: tuple[int, ...],
+                                  now: float) -> list[BankIssue]:
         issues: list[BankIssue] = []
         known = learned.by_node()
         missing = tuple(n for n in sorted(known) if n not in self.batteries)
@@ -509,6 +798,11 @@ class Bank:
                 issues.append(BankIssue("unknown_battery",
                                         f"battery {node} is not part of the learned bank "
                                         "(re-learn the bank after a deliberate change)", (node,)))
+                if node in conflicted:
+                    issues.append(self._conflict_issue(state, now))
+                continue
+            if node in conflicted:
+                issues.append(self._conflict_issue(state, now))
                 continue
             current = state.identity()
             if current is not None and current != expected:
@@ -516,12 +810,24 @@ class Bank:
                                         f"learned {expected.describe()}, now {current.describe()}", (node,)))
         return issues
 
-    def _aggregates(self, fresh: list[BatteryView], series: int, *, complete: bool) -> Aggregates:
+    def _aggregates(self, fresh: list[BatteryView], series: int, now: float, *, complete: bool) -> Aggregates:
         strings: dict[int, list[BatteryView]] = {}
         low: BatteryView | None = None
         high: BatteryView | None = None
         tmin = tmax = bmin = bmax = None
+        recent_low: CellRef | None = None
+        recent_high: CellRef | None = None
+        recent_tmin = recent_tmax = None
         for v in fresh:
+            r_low, r_high, r_tmin, r_tmax, v.unmeasured = self.batteries[v.node].recent(now)
+            if r_low is not None and (recent_low is None or r_low.voltage < recent_low.voltage):
+                recent_low = r_low
+            if r_high is not None and (recent_high is None or r_high.voltage > recent_high.voltage):
+                recent_high = r_high
+            if r_tmin is not None and (recent_tmin is None or r_tmin < recent_tmin):
+                recent_tmin = r_tmin
+            if r_tmax is not None and (recent_tmax is None or r_tmax > recent_tmax):
+                recent_tmax = r_tmax
             strings.setdefault(v.info.string_index, []).append(v)  # type: ignore[union-attr]
             summary = v.summary
             if summary.low is not None:
@@ -543,8 +849,24 @@ class Bank:
         current = (round(sum(sum(b.status.current for b in m) / len(m) for m in strings.values()), 2)  # type: ignore[union-attr]
                    if strings else None)
         power = round(voltage * current, 1) if voltage is not None and current is not None else None
-        return Aggregates(voltage, current, power, min_cell, max_cell, tmin, tmax, bmin, bmax, complete)
+        return Aggregates(voltage, current, power, min_cell, max_cell, tmin, tmax, bmin, bmax, complete,
+                          recent_low, recent_high, recent_tmin, recent_tmax)
 
 
 def _nodes(nodes: tuple[int, ...]) -> str:
     return ", ".join(str(n) for n in nodes)
+
+
+def _serial_halves(serial: str) -> tuple[str, str]:
+    """A learned serial number as the two BAT_SERIAL halves that carry it (PROTOCOL.md: 7 + 7 characters)."""
+    return serial[:SERIAL_PART_CHARS], serial[SERIAL_PART_CHARS:]
+
+
+def _info_key(info: BatteryInfo) -> tuple[int, int, int, int]:
+    """What of BAT_INFO is identity (the learned bank keeps it); firmware is not: an update changes it."""
+    return info.nominal_units, info.nominal_capacity_ah, info.string_index, info.series_index
+
+
+def _describe_info(key: tuple[int, int, int, int]) -> str:
+    units, capacity, string, series = key
+    return f"{UNIT_VOLTAGE * units:.1f} V {capacity} Ah string {string} position {series}"

@@ -299,5 +299,6 @@ def test_bms_state_frames_do_not_create_batteries():
 def test_changed_info_is_revalidated():
     bank = bank_of([(1, 1), (1, 2)])
     assert bank.evaluate(0.5).issues == ()
-    bank.update(replace(bank.batteries[2].info, series_index=1), 0.6)
-    assert codes(bank.evaluate(0.7)) == ["duplicate_position"]
+    # later than the identity memory (5 s): a battery re-positioned, not a second sender (COM-6)
+    bank.update(replace(bank.batteries[2].info, series_index=1), 5.1)
+    assert codes(bank.evaluate(5.2)) == ["duplicate_position"]

@@ -153,6 +153,8 @@ class BmsCore:
         self._previous: Decision | None = None
         self._command_reasons: dict[str, str] = {}
         self._signatures: dict[tuple, tuple] = {}  # per battery and frame kind: the last protective signature
+        self._conflict_revision = 0  # the bank's COM-6 evidence as of the last report
+        self._frozen = False  # COM-6: a node has two senders, no latch may clear
 
     # -- inputs --------------------------------------------------------------------------------
     def on_report(self, report: Report, now: float) -> bool:
@@ -160,9 +162,11 @@ class BmsCore:
         voltage or a temperature limit, either way) or changes its identity: the caller should evaluate
         at once. Any other report (most of them) only updates the readings the next tick evaluates."""
         self.bank.update(report, now)
+        conflict = self.bank.conflict_revision != self._conflict_revision  # COM-6: a second sender, decide at once
+        self._conflict_revision = self.bank.conflict_revision
         key, signature = protective_signature(report)
         if key is None or self._signatures.get(key) == signature:
-            return False
+            return conflict
         self._signatures[key] = signature
         return True
 
@@ -242,10 +246,14 @@ class BmsCore:
         waiting = view.waiting_for_batteries
         fresh = [b for b in view.batteries if b.fresh]
 
-        # 2. latched cell and temperature conditions (fresh data only; no data keeps the latch)
+        # 2. latched cell and temperature conditions (fresh data only; no data keeps the latch). They decide on
+        # the worst frame of each battery in the last 2 s (the bank's protective memory), and nothing clears
+        # while a node has two senders (COM-6): no frame of such a node may switch an output on.
         flags = view.flags
-        min_cell = agg.min_cell.voltage if agg.min_cell is not None else None
-        max_cell = agg.max_cell.voltage if agg.max_cell is not None else None
+        self._frozen = bool(view.conflicted)
+        min_ref, max_ref = agg.recent_min_cell, agg.recent_max_cell
+        min_cell = min_ref.voltage if min_ref is not None else None
+        max_cell = max_ref.voltage if max_ref is not None else None
         self._latch("cell_high", flags["cell_high_voltage"], max_cell is not None and max_cell >= CELL_HIGH_SET_V,
                     max_cell is not None and max_cell <= CELL_HIGH_CLEAR_V)
         self._latch("undervoltage", flags["cell_low_voltage"], min_cell is not None and min_cell <= CELL_LOW_SET_V,
@@ -253,7 +261,7 @@ class BmsCore:
         self._latch("cell_pre_alarm", flags["cell_low_pre_alarm"],
                     min_cell is not None and min_cell <= PRE_ALARM_SET_V,
                     min_cell is not None and min_cell >= PRE_ALARM_CLEAR_V)
-        tmin, tmax = agg.min_cell_temperature, agg.max_cell_temperature
+        tmin, tmax = agg.recent_min_cell_temperature, agg.recent_max_cell_temperature
         self._latch("temp_low", (), tmin is not None and tmin < CHARGE_TEMP_LOW_SET_C,
                     tmin is not None and tmin >= CHARGE_TEMP_LOW_CLEAR_C)
         self._latch("temp_high", (), tmax is not None and tmax > CHARGE_TEMP_HIGH_SET_C,
@@ -265,7 +273,7 @@ class BmsCore:
                     and tmin >= DISCHARGE_TEMP_MIN_C + DISCHARGE_TEMP_HYSTERESIS_C
                     and tmax <= DISCHARGE_TEMP_MAX_C - DISCHARGE_TEMP_HYSTERESIS_C)
         if latched["cell_high"]:
-            reasons["CELL_HIGH_VOLTAGE"] = _cell_reason(flags["cell_high_voltage"], "CellHighVoltage", agg.max_cell,
+            reasons["CELL_HIGH_VOLTAGE"] = _cell_reason(flags["cell_high_voltage"], "CellHighVoltage", max_ref,
                                                         f">= {CELL_HIGH_SET_V} V, clears at <= {CELL_HIGH_CLEAR_V} V")
         if latched["temp_low"]:
             reasons["LOW_TEMPERATURE_CHARGE"] = (
@@ -299,13 +307,13 @@ class BmsCore:
         bank_fault = not waiting and bool(view.issues)
         if bank_fault:
             reasons["BANK_CONFIGURATION"] = "; ".join(i.reason for i in view.issues)
-        faulty = [f"battery {b.node} reports HardwareFault"
-                  for b in fresh if b.status.hardware_fault]  # type: ignore[union-attr]
+        faulty = [f"battery {n} reports HardwareFault" for n in flags["hardware_fault"]]
         faulty += [f"battery {b.node} cell {i} not measured"  # project decision: it cannot be protected
-                   for b in fresh for i in b.summary.unmeasured]
+                   for b in fresh for i in b.unmeasured]
         if faulty:
             reasons["BATTERY_FAULT"] = "; ".join(faulty)
-        battery_updating = [b.node for b in view.batteries if b.status is not None and b.status.firmware_updating]
+        battery_updating = sorted(set(flags["firmware_updating"]).union(
+            b.node for b in stale if b.status is not None and b.status.firmware_updating))
         updating = self.firmware_update_command or bool(battery_updating)
         if updating:
             if self.firmware_update_since is None:
@@ -378,7 +386,7 @@ class BmsCore:
 
         # 5. pre-alarm and the undervoltage lead (PRE-1..3, COM-2)
         if latched["cell_pre_alarm"]:
-            reasons["PRE_ALARM"] = _cell_reason(flags["cell_low_pre_alarm"], "CellLowPreAlarm", agg.min_cell,
+            reasons["PRE_ALARM"] = _cell_reason(flags["cell_low_pre_alarm"], "CellLowPreAlarm", min_ref,
                                                 f"<= {PRE_ALARM_SET_V} V, clears at >= {PRE_ALARM_CLEAR_V} V")
         pre_causes = [name for name, on in (("cell pre-alarm", latched["cell_pre_alarm"]),
                                             ("low-SoC warning level", latched["low_soc_warning"]),
@@ -396,7 +404,7 @@ class BmsCore:
             and now - self.pre_alarm_since >= PRE_ALARM_LEAD_S
         if undervoltage_disconnect:
             reasons["CELL_LOW_VOLTAGE"] = _cell_reason(
-                flags["cell_low_voltage"], "CellLowVoltage", agg.min_cell,
+                flags["cell_low_voltage"], "CellLowVoltage", min_ref,
                 f"<= {CELL_LOW_SET_V} V, clears at >= {CELL_LOW_CLEAR_V} V") + \
                 f"; loads off {PRE_ALARM_LEAD_S:g} s after the pre-alarm"
 
@@ -466,10 +474,11 @@ class BmsCore:
         return decision
 
     def _latch(self, name: str, flagged: tuple[int, ...], set_by_value: bool, clear_by_value: bool) -> None:
-        """Set on a battery flag or a value past the set level; clear only when no flag and the value is back."""
+        """Set on a battery flag or a value past the set level; clear only when no flag and the value is back,
+        and no node has two senders (COM-6)."""
         if flagged or set_by_value:
             self.latched[name] = True
-        elif self.latched[name] and clear_by_value:
+        elif self.latched[name] and clear_by_value and not self._frozen:
             self.latched[name] = False
 
     def _events(self, d: Decision) -> list[Event]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from smallbms_bus.bank import PROTECTIVE_MEMORY_S
 from smallbms_bus.bms.alarms import AtdState, BmsAlarm, BmsWarning, Led
 from tests.bms.rig import Rig
 
@@ -65,8 +66,24 @@ def test_cell_high_voltage_clear_level(volts, cleared):
     rig.battery(1).cells[0] = 3.76
     rig.tick()
     rig.battery(1).cells[0] = volts
-    d = rig.tick()
+    d = rig.run(PROTECTIVE_MEMORY_S)  # the 3.76 V frame counts for 2 s (protective memory)
     assert (A.CELL_HIGH_VOLTAGE not in d.alarms) is cleared and d.atc is cleared
+
+
+def test_a_latch_releases_only_once_every_frame_of_the_last_2_s_is_clean():
+    """Protective memory (COM-6 defence): the release waits until the last frame past the set level is
+    PROTECTIVE_MEMORY_S old, so a clean frame from a second sender between two of the battery's cannot release it."""
+    rig = started()
+    rig.battery(1).cells[0] = 3.76
+    assert not rig.tick().atc
+    last_high = rig.t
+    rig.battery(1).cells[0] = 3.40
+    d = rig.run(PROTECTIVE_MEMORY_S - 0.1)
+    assert not d.atc and d.bank.aggregates.max_cell.voltage == 3.40  # the latest frame alone would release
+    assert d.bank.aggregates.recent_max_cell.voltage == 3.76
+    d = rig.tick()
+    assert rig.t - last_high == pytest.approx(PROTECTIVE_MEMORY_S) and d.atc
+    assert A.CELL_HIGH_VOLTAGE not in d.alarms
 
 
 def test_cell_high_voltage_flag_alone_and_it_holds_until_the_flag_clears():
@@ -76,6 +93,7 @@ def test_cell_high_voltage_flag_alone_and_it_holds_until_the_flag_clears():
     assert A.CELL_HIGH_VOLTAGE in d.alarms and not d.atc
     assert "battery 2 reports CellHighVoltage" in d.reasons["CELL_HIGH_VOLTAGE"]
     rig.battery(2).flags["cell_high_voltage"] = False
+    assert not rig.run(PROTECTIVE_MEMORY_S - 0.1).atc  # the flag counts for 2 s after the last frame with it
     assert rig.tick().atc
     assert {("CELL_HIGH_VOLTAGE", "raised"), ("CELL_HIGH_VOLTAGE", "cleared")} <= set(rig.event_names())
 
@@ -96,7 +114,7 @@ def test_low_temperature_charge_clear(low, cleared):
     rig.battery(1).temps = (4.0, 20.0)
     rig.tick()
     rig.battery(1).temps = (low, 20.0)
-    assert rig.tick().atc is cleared
+    assert rig.run(PROTECTIVE_MEMORY_S).atc is cleared
 
 
 @pytest.mark.parametrize(("high", "blocked"), [(49.9, False), (50.0, False), (50.1, True)])
@@ -113,7 +131,7 @@ def test_high_temperature_charge_clear(high, cleared):
     rig.battery(1).temps = (20.0, 51.0)
     rig.tick()
     rig.battery(1).temps = (20.0, high)
-    assert rig.tick().atc is cleared
+    assert rig.run(PROTECTIVE_MEMORY_S).atc is cleared
 
 
 def test_discharge_temperature_warning_with_hysteresis():
@@ -121,9 +139,9 @@ def test_discharge_temperature_warning_with_hysteresis():
     rig.battery(1).temps = (-20.1, 10.0)
     assert W.DISCHARGE_TEMPERATURE in rig.tick().warnings
     rig.battery(1).temps = (-19.5, 10.0)
-    assert W.DISCHARGE_TEMPERATURE in rig.tick().warnings  # inside, but not 1 K inside
+    assert W.DISCHARGE_TEMPERATURE in rig.run(PROTECTIVE_MEMORY_S).warnings  # inside, but not 1 K inside
     rig.battery(1).temps = (-19.0, 10.0)
-    assert W.DISCHARGE_TEMPERATURE not in rig.tick().warnings
+    assert W.DISCHARGE_TEMPERATURE not in rig.run(PROTECTIVE_MEMORY_S).warnings
     rig.battery(1).temps = (20.0, 50.1)
     assert W.DISCHARGE_TEMPERATURE in rig.tick().warnings
 
@@ -152,7 +170,7 @@ def test_a_battery_reporting_firmware_updating_is_an_update():
     rig.core.firmware_update("abort")  # aborting the command does not override the battery's own flag
     assert not rig.tick().atc
     rig.battery(2).flags["firmware_updating"] = False
-    assert rig.tick().atc
+    assert rig.run(PROTECTIVE_MEMORY_S).atc
 
 
 def test_firmware_update_action_is_checked():
@@ -242,9 +260,9 @@ def test_pre_alarm_clears_at_3_20():
     rig.set_cells(3.05)
     rig.tick()
     rig.set_cells(3.199)
-    assert rig.tick().pre_alarm
+    assert rig.run(PROTECTIVE_MEMORY_S).pre_alarm
     rig.set_cells(3.20)
-    assert not rig.tick().pre_alarm
+    assert not rig.run(PROTECTIVE_MEMORY_S).pre_alarm
 
 
 def test_undervoltage_disconnects_loads_30_s_after_the_pre_alarm_went_high():
@@ -286,9 +304,9 @@ def test_undervoltage_latches_until_every_cell_is_back_at_3_20():
     assert not rig.last.atd
     rig.battery(1).flags["cell_low_voltage"] = False
     rig.set_cells(3.199)
-    assert not rig.tick().atd
+    assert not rig.run(PROTECTIVE_MEMORY_S).atd
     rig.set_cells(3.20)
-    d = rig.tick()
+    d = rig.run(PROTECTIVE_MEMORY_S)
     assert d.atd and A.CELL_LOW_VOLTAGE not in d.alarms
 
 
