@@ -539,7 +539,7 @@ class Bank:
     def _regression(self, state: BatteryState, now: float) -> None:
         regressions = state.regressions
         regressions.append(now)
-        while regressions[0] <= now - self.identity_memory:
+        while regressions[0] <= now - self.identity_memory + TIME_EPSILON_S:
             regressions.popleft()
         if len(regressions) >= COUNTER_REGRESSIONS:
             self._conflict(state, now, "counter", [True])

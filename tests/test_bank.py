@@ -302,3 +302,175 @@ def test_changed_info_is_revalidated():
     # later than the identity memory (5 s): a battery re-positioned, not a second sender (COM-6)
     bank.update(replace(bank.batteries[2].info, series_index=1), 5.1)
     assert codes(bank.evaluate(5.2)) == ["duplicate_position"]
+
+
+# -- COM-6: two senders on one node ----------------------------------------------------------------
+
+def serial_halves(bank: Bank, node: int, serial: str, now: float) -> None:
+    bank.update(SerialFragment(node, 0, serial[:7]), now)
+    bank.update(SerialFragment(node, 1, serial[7:]), now)
+
+
+def test_two_serials_on_one_node_during_discovery_are_not_learned_as_one_battery():
+    bank = Bank(0.0, discovery_window=10.0)
+    for second in range(12):  # the real battery and a second sender on node 1, interleaved, for 12 s
+        feed_battery(bank, 1, second, alive=second)
+        serial_halves(bank, 1, "HQ000000000077", second + 0.5)
+    view = bank.evaluate(12.0)
+    assert view.phase == "learning" and bank.learned is None and view.conflicted == (1,)
+    assert view.waiting_for_batteries  # outputs off, no alarm yet (BANK-2): but nothing is learned either
+    assert codes(view) == ["learned_mismatch"]
+    assert "battery 1: serials HQ000000000001 and HQ000000000077 within 5 s: two senders on node 1" \
+        in view.issues[0].reason
+    for second in range(12, 20):  # the second sender is gone; its serial is remembered 5 s, then held 5 s
+        feed_battery(bank, 1, second, alive=second)
+    assert bank.evaluate(19.0).conflicted == (1,) and bank.learned is None
+    # the last conflicting frame: the real battery's halves at 16.0, less than 5 s after the other's at 11.5
+    view = bank.evaluate(20.99)
+    assert view.conflicted == (1,)
+    view = bank.evaluate(21.0)
+    assert view.conflicted == () and view.issues == () and view.phase == "learned"
+    assert bank.learned.batteries[0].serial == "HQ000000000001"
+
+
+def test_past_the_grace_a_node_with_two_senders_is_bank_configuration():
+    bank = Bank(0.0, discovery_window=10.0, waiting_grace=60.0)
+    for second in range(61):
+        feed_battery(bank, 1, second, alive=second)
+        bank.update(BatteryInfo(1, 1, 200, (1, 2, 3), 1, 1), second + 0.5)  # 200 Ah between the 100 Ah frames
+    view = bank.evaluate(60.5)
+    assert not view.waiting_for_batteries and bank.learned is None and codes(view) == ["learned_mismatch"]
+    assert "BAT_INFO 12.8 V 100 Ah string 1 position 1 and 12.8 V 200 Ah string 1 position 1 within 5 s" \
+        in view.issues[0].reason
+
+
+def test_two_serials_are_remembered_for_2_5_s_even_with_a_1_s_comm_timeout():
+    """Each serial half comes round every 2 s per sender: with memory = comm_timeout = 1 s two senders whose
+    halves fall 1 s apart would never be "within comm_timeout" of each other."""
+    bank = Bank(0.0, comm_timeout=1.0, discovery_window=10.0)
+    assert bank.identity_memory == 2.5
+    bank.update(SerialFragment(1, 1, "0000001"), 0.0)
+    bank.update(SerialFragment(1, 1, "0000077"), 1.0)
+    view = bank.evaluate(1.5)
+    assert view.conflicted == (1,) and "within 2.5 s" in view.issues[0].reason
+    assert bank.evaluate(1.99).conflicted == (1,)
+    assert bank.evaluate(2.0).conflicted == ()  # held comm_timeout (1 s) after the last conflicting frame
+    bank.update(SerialFragment(1, 1, "0000077"), 3.6)  # 3.6 s after the other value: forgotten
+    assert bank.evaluate(3.7).conflicted == ()
+
+
+def test_a_restart_with_a_learned_bank_needs_the_learned_identity():
+    stored = LearnedBank((BatteryIdentity(1, "HQ000000000001", 1, 100, 1, 1),
+                          BatteryIdentity(2, "HQ000000000002", 1, 100, 1, 2)))
+    restart = Bank(100.0, learned=stored, discovery_window=10.0)
+    for second in range(100, 112):
+        feed_battery(restart, 1, second, alive=second)
+        feed_battery(restart, 2, second, series=2, alive=second)
+        serial_halves(restart, 2, "HQ000000000077", second + 0.5)
+    view = restart.evaluate(105.0)
+    assert view.phase == "discovering" and view.conflicted == (2,) and codes(view) == ["learned_mismatch"]
+    view = restart.evaluate(112.0)
+    assert view.phase == "learned" and codes(view) == ["learned_mismatch"] and view.issues[0].nodes == (2,)
+    assert view.issues[0].reason.startswith(
+        "battery 2 (learned serial HQ000000000002): serial HQ000000000077 instead of the learned "
+        "HQ000000000002: two senders on node 2")
+
+    swapped = Bank(100.0, learned=stored, discovery_window=10.0)  # node 2 is another battery now
+    for second in range(100, 112):
+        feed_battery(swapped, 1, second, alive=second)
+        feed_battery(swapped, 2, second, series=2, alive=second, serial="HQ000000000077")
+    view = swapped.evaluate(112.0)
+    assert codes(view) == ["learned_mismatch"] and view.conflicted == (2,)
+    assert "serial HQ000000000077 instead of the learned HQ000000000002: not the learned battery" \
+        in view.issues[0].reason
+
+
+def test_relearn_keeps_the_learned_identity_of_a_node_with_two_senders():
+    bank = bank_of([(1, 1), (1, 2)])
+    bank.evaluate(20.0)
+    for second in range(20, 24):
+        feed_battery(bank, 1, second, alive=second)
+        feed_battery(bank, 2, second, series=2, alive=second)
+        serial_halves(bank, 2, "HQ000000000077", second + 0.5)
+    learned = bank.relearn(24.0)  # BANK-4 pressed while a second sender is on node 2
+    assert [b.serial for b in learned.batteries] == ["HQ000000000001", "HQ000000000002"]
+    assert bank.evaluate(24.0).conflicted == (2,)
+
+
+def test_relearn_accepts_a_swapped_battery_at_once():
+    bank = bank_of([(1, 1), (1, 2)])
+    bank.evaluate(20.0)
+    feed_battery(bank, 2, 20.0, series=2, alive=1)  # the old battery's last frames
+    feed_battery(bank, 2, 21.0, series=2, alive=0, serial="HQ000000000077")  # then the new one's
+    assert bank.evaluate(21.0).conflicted == (2,)
+    learned = bank.relearn(21.5)
+    assert learned.by_node()[2].serial == "HQ000000000077"
+    view = bank.evaluate(21.5)
+    assert view.conflicted == () and view.issues == ()
+
+
+def statuses(bank: Bank, node: int, counters: list[int], start: float, period: float = 0.1) -> float:
+    for i, counter in enumerate(counters):
+        bank.update(status(node, alive=counter), round(start + i * period, 6))
+    return round(start + len(counters) * period, 6)
+
+
+@pytest.mark.parametrize("counters", [
+    [1, 2, 3, 0, 1, 2],  # a reboot: the counter restarts once
+    [1, 1, 2, 2, 3, 3, 4, 4],  # every frame received twice
+    [1] * 20 + [2, 3],  # frozen, then going again (COM-1's business)
+    [1, 2, 30, 3, 4],  # one frame from elsewhere (a bit error the CRC missed, a stray sender): one step back
+    [1, 2, 3, 5, 9, 10],  # frames lost
+], ids=["reboot", "duplicates", "frozen", "one-stray", "lost"])
+def test_a_counter_that_steps_back_once_repeats_or_skips_is_not_two_senders(counters):
+    bank = bank_of([(1, 1)])
+    t = statuses(bank, 1, counters, 0.1)
+    assert bank.evaluate(t).conflicted == ()
+
+
+def test_two_interleaved_alive_counters_are_two_senders():
+    bank = bank_of([(1, 1)])
+    t = statuses(bank, 1, [1, 2, 200, 3, 201], 0.1)
+    view = bank.evaluate(t)
+    assert view.conflicted == (1,) and "AliveCounter jumps back and forth" in view.issues[0].reason
+
+
+def test_counter_steps_back_further_apart_than_the_identity_memory_are_not_two_senders():
+    bank = bank_of([(1, 1)])
+    statuses(bank, 1, [10, 0], 0.1)  # a reboot
+    statuses(bank, 1, [1, 0], 5.1)  # 5 s later: another one
+    assert bank.evaluate(5.3).conflicted == ()
+
+
+def test_a_conflict_is_held_comm_timeout_after_the_last_conflicting_frame():
+    bank = bank_of([(1, 1)], discovery_window=0.5)
+    assert bank.evaluate(1.0).phase == "learned"
+    bank.update(SerialFragment(1, 1, "0000077"), 2.0)
+    bank.update(SerialFragment(1, 1, "0000001"), 2.5)  # the real battery's half: not a conflicting frame
+    bank.update(SerialFragment(1, 1, "0000077"), 3.0)
+    assert bank.evaluate(7.99).conflicted == (1,)
+    assert bank.evaluate(8.0).conflicted == () and bank.evaluate(8.0).issues[0].code == "learned_mismatch"
+    # ...because the latest half is still the foreign one (identity check); the next real half ends it
+    bank.update(SerialFragment(1, 1, "0000001"), 8.1)
+    assert bank.evaluate(8.1).issues == ()
+
+
+# -- protective memory -------------------------------------------------------------------------------
+
+def test_flags_and_extremes_are_remembered_for_2_s():
+    bank = bank_of([(1, 1)])
+    bank.update(status(1, alive=1, cell_high_voltage=True), 0.1)
+    bank.update(CellVoltages(1, 1, (3.3, 3.8, None, 3.3)), 0.1)
+    bank.update(BatteryTemps(1, 4.0, 21.0), 0.1)
+    bank.update(status(1, alive=2), 0.2)
+    bank.update(CellVoltages(1, 1, (3.3, 3.3, 3.3, 3.3)), 0.2)
+    bank.update(BatteryTemps(1, 19.0, 21.0), 0.2)
+    view = bank.evaluate(2.09)
+    assert view.flags["cell_high_voltage"] == (1,)
+    a = view.aggregates
+    assert (a.max_cell.voltage, a.recent_max_cell.voltage, a.recent_max_cell.cell) == (3.3, 3.8, 2)
+    assert (a.min_cell_temperature, a.recent_min_cell_temperature) == (19.0, 4.0)
+    assert view.batteries[0].unmeasured == (3,) and view.batteries[0].summary.unmeasured == ()
+    view = bank.evaluate(2.1)
+    assert view.flags["cell_high_voltage"] == () and view.aggregates.recent_max_cell.voltage == 3.3
+    assert view.aggregates.recent_min_cell_temperature == 19.0 and view.batteries[0].unmeasured == ()
