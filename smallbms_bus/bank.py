@@ -238,44 +238,12 @@ class BatteryState:
                 return "cells_timeout"
         return None
 
-
-    def recent(self, now: float) -> tuple[CellRef | None, CellRef | None, float | None, float | None,
-                                          tuple[int, ...]]:
-        """Protective memory: the lowest and highest cell, the lowest and highest cell temperature and the
-        unmeasured cells over this battery's frames of the last PROTECTIVE_MEMORY_S, its latest ones included."""
-        since = now - PROTECTIVE_MEMORY_S + TIME_EPSILON_S
-        summary = self.cell_summary()
-        low = _front(self.lows, since)
-        high = _front(self.highs, since)
-        low_ref = high_ref = None
-        if summary.low is not None:
-            low_ref = CellRef(self.node, summary.low_cell, summary.low)
-            high_ref = CellRef(self.node, summary.high_cell, summary.high)  # type: ignore[arg-type]
-        if low is not None and (low_ref is None or low[1] < low_ref.voltage):
-            low_ref = CellRef(self.node, low[2], low[1])
-        if high is not None and (high_ref is None or high[1] > high_ref.voltage):
-            high_ref = CellRef(self.node, high[2], high[1])
-        tmin = tmax = None
-        if self.temps is not None:
-            tmin, tmax = self.temps.cell_temp_min, self.temps.cell_temp_max
-            if (entry := _front(self.tmins, since)) is not None and entry[1] < tmin:
-                tmin = entry[1]
-            if (entry := _front(self.tmaxs, since)) is not None and entry[1] > tmax:
-                tmax = entry[1]
-        unmeasured = summary.unmeasured
-        if self.unmeasured_at:
-            count = len(summary.cells)
-            recent = {c for c, at in self.unmeasured_at.items() if at > since and c <= count}
-            if not recent.issubset(unmeasured):
-                unmeasured = tuple(sorted(recent.union(unmeasured)))
-        return low_ref, high_ref, tmin, tmax, unmeasured
-
-
-def _front(window: deque[tuple[float, float, int]], since: float) -> tuple[float, float, int] | None:
-    """The extreme of a monotonic window after dropping what is not newer than `since`."""
-    while window and window[0][0] <= since:
-        window.popleft()
-    return window[0] if window else None
+    def recently_unmeasured(self, since: float, summary: CellSummary) -> tuple[int, ...]:
+        """Cells read "not present" in the latest frames or in any frame after `since` (protective memory)."""
+        count = len(summary.cells)
+        recent = {c for c, at in self.unmeasured_at.items() if at > since and c <= count}
+        return tuple(sorted(recent.union(summary.unmeasured))) if not recent.issubset(summary.unmeasured) \
+            else summary.unmeasured
 
 
 def _push_max(window: deque[tuple[float, float, int]], entry: tuple[float, float, int]) -> None:
@@ -437,6 +405,12 @@ class Bank:
     def learned(self, learned: LearnedBank | None) -> None:
         self._learned = learned
         self._learned_nodes = {} if learned is None else learned.by_node()
+        # COM-6: what each identity frame of a learned node must carry, looked up on every such frame
+        self._expected: dict[tuple[int, Any], Any] = {}
+        for b in self._learned_nodes.values():
+            half_0, half_1 = _serial_halves(b.serial)
+            self._expected |= {(b.node, 0): half_0, (b.node, 1): half_1,
+                               (b.node, "info"): (b.nominal_units, b.capacity_ah, b.string_index, b.series_index)}
         self._identity_revision += 1
 
     # -- ingest (hot path) ---------------------------------------------------------------------
@@ -475,7 +449,7 @@ class Bank:
             state.cells_at[first // CELLS_PER_FRAME] = now
             state.cells_revision += 1
             info = state.info
-            if info is None or first < info.cell_count:  # cells a battery of its size does not have: not data
+            if info is None or first < CELLS_PER_UNIT * info.nominal_units:  # cells it does not have: not data
                 self._remember_cells(state, first, voltages, now)
         elif kind is BatteryTemps:
             state.temps = report
@@ -496,41 +470,41 @@ class Bank:
 
     @staticmethod
     def _remember_cells(state: BatteryState, first: int, voltages: tuple[float | None, ...], now: float) -> None:
-        low = high = None
-        low_cell = high_cell = 0
-        for i, v in enumerate(voltages, first + 1):
-            if v is None:
-                state.unmeasured_at[i] = now
-            else:
-                if low is None or v < low:
-                    low, low_cell = v, i
-                if high is None or v > high:
-                    high, high_cell = v, i
-        if low is not None:
-            _push_min(state.lows, (now, low, low_cell))
-            _push_max(state.highs, (now, high, high_cell))  # type: ignore[arg-type]
+        if None in voltages:  # rare: "not present" slots are remembered, the others feed the windows
+            for i, v in enumerate(voltages, first + 1):
+                if v is None:
+                    state.unmeasured_at[i] = now
+            present = [v for v in voltages if v is not None]
+            if not present:
+                return
+        else:
+            present = voltages  # type: ignore[assignment]
+        low, high = min(present), max(present)  # type: ignore[type-var]
+        window = state.lows  # _push_min and _push_max inlined: this runs for every cell frame
+        while window and window[-1][1] >= low:
+            window.pop()
+        window.append((now, low, first + 1 + voltages.index(low)))
+        window = state.highs
+        while window and window[-1][1] <= high:
+            window.pop()
+        window.append((now, high, first + 1 + voltages.index(high)))
 
     # -- COM-6: two senders on one node ----------------------------------------------------------
-    def _expected(self, node: int, key: Any) -> Any:
-        """What the learned identity says a serial half (key 0, 1) or BAT_INFO ("info") of `node` is."""
-        learned = self._learned_nodes.get(node)
-        if learned is None:
-            return None
-        if key == "info":
-            return (learned.nominal_units, learned.capacity_ah, learned.string_index, learned.series_index)
-        return _serial_halves(learned.serial)[key]
-
     def _identity_frame(self, state: BatteryState, key: Any, value: Any, now: float) -> None:
         seen = state.seen[key]
         memory = self.identity_memory
+        expected = self._expected.get((state.node, key))
+        span = seen.get(value)
+        if span is not None and len(seen) == 1 and now - span[1] < memory and (expected is None or value == expected):
+            span[1] = now  # the common case: the same value again, and the learned one
+            return
         others = [v for v, (_, last) in seen.items() if v != value and now - last < memory]
-        if value in seen and now - seen[value][1] < memory:
-            seen[value][1] = now
+        if span is not None and now - span[1] < memory:
+            span[1] = now
         else:
             seen[value] = [now, now]
         if len(seen) > len(others) + 1:  # forget values not seen within the memory
             state.seen[key] = {v: seen[v] for v in [*others, value]}
-        expected = self._expected(state.node, key)
         conflicting = value != expected if expected is not None else bool(others)
         if conflicting:
             involved = ([expected] if expected is not None else []) + others + [value]
@@ -603,7 +577,7 @@ class Bank:
         if "info" in notes:
             infos = list(notes["info"])
             if learned is not None:
-                expected = self._expected(node, "info")
+                expected = self._expected[(node, "info")]
                 parts.append("BAT_INFO " + " and ".join(_describe_info(i) for i in infos if i != expected)
                              + f" instead of the learned {_describe_info(expected)}")
             else:
@@ -811,23 +785,19 @@ class Bank:
         return issues
 
     def _aggregates(self, fresh: list[BatteryView], series: int, now: float, *, complete: bool) -> Aggregates:
+        # Called on every evaluation for up to 50 batteries: plain loops, no per-battery allocation.
         strings: dict[int, list[BatteryView]] = {}
         low: BatteryView | None = None
         high: BatteryView | None = None
         tmin = tmax = bmin = bmax = None
-        recent_low: CellRef | None = None
-        recent_high: CellRef | None = None
-        recent_tmin = recent_tmax = None
+        # protective memory: (value, node, cell) of the worst frame of the last PROTECTIVE_MEMORY_S
+        since = now - PROTECTIVE_MEMORY_S + TIME_EPSILON_S
+        r_low = r_high = (None, 0, 0)
+        r_tmin = r_tmax = None
+        batteries = self.batteries
         for v in fresh:
-            r_low, r_high, r_tmin, r_tmax, v.unmeasured = self.batteries[v.node].recent(now)
-            if r_low is not None and (recent_low is None or r_low.voltage < recent_low.voltage):
-                recent_low = r_low
-            if r_high is not None and (recent_high is None or r_high.voltage > recent_high.voltage):
-                recent_high = r_high
-            if r_tmin is not None and (recent_tmin is None or r_tmin < recent_tmin):
-                recent_tmin = r_tmin
-            if r_tmax is not None and (recent_tmax is None or r_tmax > recent_tmax):
-                recent_tmax = r_tmax
+            node = v.node
+            s = batteries[node]
             strings.setdefault(v.info.string_index, []).append(v)  # type: ignore[union-attr]
             summary = v.summary
             if summary.low is not None:
@@ -835,14 +805,47 @@ class Bank:
                     low = v
                 if high is None or summary.high > high.summary.high:  # type: ignore[operator]
                     high = v
+                if r_low[0] is None or summary.low < r_low[0]:
+                    r_low = (summary.low, node, summary.low_cell)
+                if r_high[0] is None or summary.high > r_high[0]:  # type: ignore[operator]
+                    r_high = (summary.high, node, summary.high_cell)
+            window = s.lows
+            while window and window[0][0] <= since:
+                window.popleft()
+            if window and (r_low[0] is None or window[0][1] < r_low[0]):
+                r_low = (window[0][1], node, window[0][2])
+            window = s.highs
+            while window and window[0][0] <= since:
+                window.popleft()
+            if window and (r_high[0] is None or window[0][1] > r_high[0]):
+                r_high = (window[0][1], node, window[0][2])
             t = v.temps
-            tmin = t.cell_temp_min if tmin is None else min(tmin, t.cell_temp_min)  # type: ignore[union-attr]
-            tmax = t.cell_temp_max if tmax is None else max(tmax, t.cell_temp_max)  # type: ignore[union-attr]
+            t_lo, t_hi = t.cell_temp_min, t.cell_temp_max  # type: ignore[union-attr]
+            tmin = t_lo if tmin is None or t_lo < tmin else tmin
+            tmax = t_hi if tmax is None or t_hi > tmax else tmax
+            window = s.tmins
+            while window and window[0][0] <= since:
+                window.popleft()
+            if window and window[0][1] < t_lo:
+                t_lo = window[0][1]
+            window = s.tmaxs
+            while window and window[0][0] <= since:
+                window.popleft()
+            if window and window[0][1] > t_hi:
+                t_hi = window[0][1]
+            r_tmin = t_lo if r_tmin is None or t_lo < r_tmin else r_tmin
+            r_tmax = t_hi if r_tmax is None or t_hi > r_tmax else r_tmax
             bt = v.status.temperature  # type: ignore[union-attr]
-            bmin = bt if bmin is None else min(bmin, bt)
-            bmax = bt if bmax is None else max(bmax, bt)
+            bmin = bt if bmin is None or bt < bmin else bmin
+            bmax = bt if bmax is None or bt > bmax else bmax
+            if s.unmeasured_at:  # rare: a cell read "not present" at some point
+                v.unmeasured = s.recently_unmeasured(since, summary)
+            else:
+                v.unmeasured = summary.unmeasured
         min_cell = None if low is None else CellRef(low.node, low.summary.low_cell, low.summary.low)  # type: ignore[arg-type]
         max_cell = None if high is None else CellRef(high.node, high.summary.high_cell, high.summary.high)  # type: ignore[arg-type]
+        recent_low = None if r_low[0] is None else CellRef(r_low[1], r_low[2], r_low[0])
+        recent_high = None if r_high[0] is None else CellRef(r_high[1], r_high[2], r_high[0])
         sums = [sum(b.status.voltage for b in members)  # type: ignore[union-attr]
                 for members in strings.values() if series and len(members) == series]
         voltage = round(sum(sums) / len(sums), 3) if sums else None
@@ -850,7 +853,7 @@ class Bank:
                    if strings else None)
         power = round(voltage * current, 1) if voltage is not None and current is not None else None
         return Aggregates(voltage, current, power, min_cell, max_cell, tmin, tmax, bmin, bmax, complete,
-                          recent_low, recent_high, recent_tmin, recent_tmax)
+                          recent_low, recent_high, r_tmin, r_tmax)
 
 
 def _nodes(nodes: tuple[int, ...]) -> str:
