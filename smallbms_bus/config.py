@@ -33,6 +33,16 @@ MAX_CONFIG_BYTES = 1 << 20  # a config is a few kB; anything near this is the wr
 SHOWN = 80  # characters of a bad value shown in an error (a 100 kB string stays one readable line)
 
 
+class _NotSet:
+    """The value of a required key or option that is absent (TOML has no null)."""
+
+    def __repr__(self) -> str:
+        return "(not set)"
+
+
+NOT_SET: Any = _NotSet()
+
+
 def shown(value: Any) -> str:
     """A value as an error line shows it: repr, cut short."""
     text = repr(value)
@@ -258,11 +268,11 @@ def _cross_check(s: dict[str, dict[str, Any]], source: str) -> None:
     if remote["source"] == "board" and outputs["backend"] in ("lcus",):
         raise ConfigError("remote.source", "board", "gpio or none: LCUS relay boards have no inputs", source)
     if remote["source"] == "gpio" and remote["line"] is None:
-        raise ConfigError("remote.line", "", 'the GPIO line of the remote on/off: an offset (17) or a name ("GPIO17")',
-                          source)
+        raise ConfigError("remote.line", NOT_SET,
+                          'the GPIO line of the remote on/off: an offset (17) or a name ("GPIO17")', source)
     modbus = s["modbus"]
     if (modbus["tls_cert"] is None) != (modbus["tls_key"] is None):
-        raise ConfigError("modbus.tls_key" if modbus["tls_key"] is None else "modbus.tls_cert", "",
+        raise ConfigError("modbus.tls_key" if modbus["tls_key"] is None else "modbus.tls_cert", NOT_SET,
                           "set together with the other: TLS needs both a certificate and its key", source)
     if modbus["gx_unit"] == modbus["unit"]:
         raise ConfigError("modbus.gx_unit", modbus["gx_unit"], f"a unit id other than modbus.unit ({modbus['unit']})",
