@@ -36,9 +36,9 @@ def _listing(d: Path) -> set[str]:
     return {str(p.relative_to(d)) for p in d.rglob("*") if p.parent.name != "cases"}
 
 
-def _refusal(case: Case, d: Path) -> str | None:
+def _refusal(case: Case, d: Path, n: int) -> str | None:
     """Run both commands on the case; None when both refused it as they must, else what went wrong."""
-    path = d / "cases" / f"{abs(hash(case.name))}.toml"
+    path = d / "cases" / f"{n}.toml"
     path.write_bytes(case.content)
     before = _listing(d)
     lines = []
@@ -68,7 +68,7 @@ def _all_refused(cases: list[Case], d: Path) -> None:
         if case.setup is not None:
             case.setup(d)
     with ThreadPoolExecutor(WORKERS) as pool:
-        failures = [f for f in pool.map(lambda c: _refusal(c, d), cases) if f is not None]
+        failures = [f for f in pool.map(lambda n: _refusal(cases[n], d, n), range(len(cases))) if f is not None]
     assert not failures, f"{len(failures)} of {len(cases)} cases:\n" + "\n".join(failures)
 
 
@@ -301,7 +301,7 @@ def good_cases(d: Path) -> dict[str, bytes]:
 def test_good_configs_pass_check_config_and_run_starts_on_them(tmp_path):
     cases = good_cases(tmp_path)
     with ThreadPoolExecutor(WORKERS) as pool:
-        results = dict(zip(cases, pool.map(lambda c: _accepted(c, tmp_path / f"run-{abs(hash(c))}"),
-                                           cases.values()), strict=True))
+        results = dict(zip(cases, pool.map(lambda n, c: _accepted(c, tmp_path / f"run-{n}"),
+                                           range(len(cases)), cases.values()), strict=True))
     failures = [f"{name}: {why}" for name, why in results.items() if why is not None]
     assert not failures, "\n".join(failures)
