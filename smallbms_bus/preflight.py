@@ -79,7 +79,8 @@ def _check_bus(bus: dict[str, Any]) -> None:
         if rates and bus["bitrate"] not in rates:
             raise ConfigError("bus.bitrate", bus["bitrate"], "a bit rate SLCAN adapters can set: "
                               + ", ".join(map(str, rates)) + " (Lithium NG batteries: 500000)")
-    if interface == "socketcan" and (not _IFNAME.fullmatch(channel) or channel in (".", "..")):
+    if interface == "socketcan" and (not _IFNAME.fullmatch(channel) or channel in (".", "..")
+                                     or len(channel.encode()) > 15):
         raise ConfigError("bus.channel", channel, "a network interface name such as can0 or vcan0 (1..15 "
                           "characters, no '/', ':' or spaces; a serial SLCAN adapter is interface = \"slcan\")")
     if bus["dbc"] is not None:  # the shipped DBC is checked when the package is built and tested
