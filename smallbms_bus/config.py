@@ -3,10 +3,13 @@
 Theory of operation
 -------------------
 Every key is declared once in SCHEMA with its type, default, allowed values and a one-line help.
-`load_config(path)` parses the file, rejects unknown sections and keys (a typo must not silently
-fall back to a default on a BMS), checks every value, and returns a frozen `Config`. Any problem
-raises `ConfigError` naming the key, the bad value and what is allowed; the CLI turns that into
-exit status 2 before anything is started. `smallbms-bus check-config FILE` does only this.
+`load_config(path)` reads the file (UTF-8, at most 1 MiB), parses it, rejects unknown sections and
+keys (a typo must not silently fall back to a default on a BMS), checks every value and the values
+against each other, and returns a frozen `Config`. Any problem raises `ConfigError` naming the key,
+the bad value and what is allowed, in one line. What needs more than the file (the relay backend's
+options, the store path, the DBC, the TLS files) is checked by `smallbms_bus.preflight`, which
+`check-config` and `run` both call: the CLI turns any ConfigError into exit status 2 before anything
+is opened.
 
 BMS settings (charged voltage, tail current, ...) are not configuration: they are written over
 Modbus, validated by `smallbms_bus.bms.settings` and persisted in the store.
@@ -26,13 +29,40 @@ from smallbms_bus.bank import COMM_TIMEOUT_RANGE, DEFAULT_COMM_TIMEOUT
 
 OUTPUT_ROLES = ("load_disconnect", "charge_disconnect", "pre_alarm", "error_led", "status_led")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few kB; anything near this is the wrong file
+SHOWN = 80  # characters of a bad value shown in an error (a 100 kB string stays one readable line)
+
+
+class _NotSet:
+    """The value of a required key or option that is absent (TOML has no null)."""
+
+    def __repr__(self) -> str:
+        return "(not set)"
+
+
+NOT_SET: Any = _NotSet()
+
+
+def shown(value: Any) -> str:
+    """A value as an error line shows it: repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= SHOWN else f"{text[:SHOWN - 20]}... ({len(text)} characters)"
+
+
+def key_name(key: str) -> str:
+    """A TOML key as an error line names it (a quoted key may hold anything, newlines included)."""
+    return key if key.isprintable() and key.strip() == key and 0 < len(key) <= 64 else shown(key)
 
 
 class ConfigError(ValueError):
     def __init__(self, key: str, value: Any, allowed: str, source: str = "") -> None:
         where = f"{source}: " if source else ""
-        super().__init__(f"{where}{key} = {value!r} is not allowed: {allowed}")
-        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"{where}{key} = {shown(value)} is not allowed: {allowed}")
+        self.key, self.value, self.allowed, self.source = key, value, allowed, source
+
+    def at(self, source: str) -> ConfigError:
+        """The same error naming the file it is in."""
+        return self if self.source else ConfigError(self.key, self.value, self.allowed, source)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +133,8 @@ def _networks(key: str, value: Any) -> tuple[str, ...]:
     out = []
     for item in value:
         try:
+            if not isinstance(item, str):  # ip_network(1) would be 0.0.0.1: a number here is a mistake
+                raise TypeError(item)
             out.append(str(ipaddress.ip_network(item, strict=False)))
         except (TypeError, ValueError):
             raise ConfigError(key, item, "an IPv4/IPv6 address or network, e.g. 192.168.1.0/24") from None
@@ -110,7 +142,7 @@ def _networks(key: str, value: Any) -> tuple[str, ...]:
 
 
 def _channel(key: str, value: Any) -> int | None:
-    if value == 0:
+    if value == 0 and type(value) is int:  # not 0.0 nor false: those are mistakes, not "not mapped"
         return None  # 0 = not mapped
     return _number(1, 64, integer=True)(key, value)
 
@@ -192,24 +224,25 @@ def defaults() -> Config:
 def parse_config(text: str, source: str = "<text>") -> Config:
     try:
         raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError("(file)", "not TOML", f"valid TOML: {error}", source) from None
+    except (ValueError, RecursionError) as error:  # TOMLDecodeError; an integer of 5000 digits; [[[[...]]]]
+        reason = "nested too deeply" if isinstance(error, RecursionError) else str(error)[:200]
+        raise ConfigError("(file)", "not TOML", f"valid TOML: {reason}", source) from None
     sections = defaults().sections
     for name, table in raw.items():
         if name not in SCHEMA:
-            raise ConfigError(f"[{name}]", table if not isinstance(table, dict) else "section",
+            raise ConfigError(f"[{key_name(name)}]", table if not isinstance(table, dict) else "section",
                               "one of the sections " + ", ".join(f"[{s}]" for s in SCHEMA), source)
         if not isinstance(table, dict):
             raise ConfigError(name, table, f"a [{name}] table", source)
         for key, value in table.items():
             spec = SCHEMA[name].get(key)
             if spec is None:
-                raise ConfigError(f"{name}.{key}", value, f"one of the keys of [{name}]: " + ", ".join(SCHEMA[name]),
-                                  source)
+                raise ConfigError(f"{name}.{key_name(key)}", value,
+                                  f"one of the keys of [{name}]: " + ", ".join(SCHEMA[name]), source)
             try:
                 sections[name][key] = spec.check(f"{name}.{key}", value)
             except ConfigError as error:
-                raise ConfigError(error.key, error.value, error.allowed, source) from None
+                raise error.at(source) from None
     _cross_check(sections, source)
     return Config(sections, source)
 
@@ -235,11 +268,11 @@ def _cross_check(s: dict[str, dict[str, Any]], source: str) -> None:
     if remote["source"] == "board" and outputs["backend"] in ("lcus",):
         raise ConfigError("remote.source", "board", "gpio or none: LCUS relay boards have no inputs", source)
     if remote["source"] == "gpio" and remote["line"] is None:
-        raise ConfigError("remote.line", "", 'the GPIO line of the remote on/off: an offset (17) or a name ("GPIO17")',
-                          source)
+        raise ConfigError("remote.line", NOT_SET,
+                          'the GPIO line of the remote on/off: an offset (17) or a name ("GPIO17")', source)
     modbus = s["modbus"]
     if (modbus["tls_cert"] is None) != (modbus["tls_key"] is None):
-        raise ConfigError("modbus.tls_key" if modbus["tls_key"] is None else "modbus.tls_cert", "",
+        raise ConfigError("modbus.tls_key" if modbus["tls_key"] is None else "modbus.tls_cert", NOT_SET,
                           "set together with the other: TLS needs both a certificate and its key", source)
     if modbus["gx_unit"] == modbus["unit"]:
         raise ConfigError("modbus.gx_unit", modbus["gx_unit"], f"a unit id other than modbus.unit ({modbus['unit']})",
@@ -247,9 +280,23 @@ def _cross_check(s: dict[str, dict[str, Any]], source: str) -> None:
 
 
 def load_config(path: str | Path) -> Config:
+    """The file's configuration (schema and cross-checks only: `preflight.load` is what check-config and run use)."""
     p = Path(path)
     try:
-        text = p.read_text()
+        with p.open("rb") as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)
     except OSError as error:
         raise ConfigError("(file)", str(p), f"a readable file ({error.strerror})") from None
+    except ValueError:  # a NUL in the path
+        raise ConfigError("(file)", str(p), "a file path") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError("(file)", f"more than {MAX_CONFIG_BYTES} bytes", "a configuration file (a few kB): is "
+                          "this the right file?", str(p))
+    try:
+        text = data.decode("utf-8-sig")  # a byte-order mark (Windows editors) is not an error
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+        raise ConfigError("(file)", f"byte 0x{data[error.start]:02x} at line {line}, column {column}",
+                          "UTF-8 text (TOML files are UTF-8: save the file as UTF-8)", str(p)) from None
     return parse_config(text, str(p))

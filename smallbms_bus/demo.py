@@ -23,6 +23,7 @@ import can
 
 from smallbms_bus.config import parse_config
 from smallbms_bus.outputs.memory import MemoryBoard
+from smallbms_bus.preflight import check
 from smallbms_bus.readout import format_bank, format_decision
 from smallbms_bus.service import Service
 from smallbms_bus.sim.bank import DEFAULT_BANK, BankShape
@@ -78,8 +79,9 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     with tempfile.TemporaryDirectory(prefix="smallbms-demo-") as tmp:
         board = MemoryBoard()
         text = demo_config(channel, f"{tmp}/state.db", args.metrics_port, args.modbus_port)
-        service = Service(parse_config(text, "<demo>"),
-                          board=board)
+        config = parse_config(text, "<demo>")
+        check(config)  # what run checks: a demo config is held to the same rules
+        service = Service(config, board=board)
         simulator = Simulator.from_scenario(args.scenario, shape, speed=args.speed)
         sim_bus = can.Bus(interface="virtual", channel=channel)
         sim_stop = threading.Event()

@@ -24,12 +24,12 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     maps = load_maps()
     selected = [maps[args.map]] if args.map else list(maps.values())
-    if args.format == "md":
-        out.write(to_markdown(selected, target_range))
-        return 0
     if args.batteries is not None and not 1 <= args.batteries <= 50:
         print("regmap: --batteries must be 1..50", file=sys.stderr)
         return 2
+    if args.format == "md":
+        out.write(to_markdown(selected, target_range))
+        return 0
     nodes = None if args.batteries is None else tuple(range(1, args.batteries + 1))
     table = [row for m in selected for row in rows(m, nodes if m.dynamic else None, target_range)]
     out.write(to_csv(table) if args.format == "csv" else to_json(table))

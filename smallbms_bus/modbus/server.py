@@ -53,6 +53,7 @@ from smallbms_bus.modbus.image import UnitImage
 from smallbms_bus.modbus.regmap import RegisterMap, decode_word, load_maps
 from smallbms_bus.modbus.sources import Snapshot
 from smallbms_bus.modbus.stats import ModbusStats
+from smallbms_bus.modbus.tls import tls_context
 from smallbms_bus.modbus.writes import WriteRefused, plan_writes
 
 log = logging.getLogger(__name__)
@@ -280,21 +281,12 @@ class ModbusServer:
                  " with a client certificate" if o.tls else "")
 
     def _ssl_context(self) -> ssl.SSLContext:
-        """Checked at start-up, so a wrong path is a configuration error naming the key (exit 2)."""
+        """Checked at start-up (and by check-config, through the same function): a file that cannot be used is
+        a ConfigError naming its key (exit 2)."""
         o = self.options
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        try:
-            ctx.load_cert_chain(o.tls_cert, o.tls_key)  # type: ignore[arg-type]
-        except (OSError, ssl.SSLError) as error:
-            raise ValueError(f"modbus.tls_cert / modbus.tls_key: cannot load {o.tls_cert} with {o.tls_key}: "
-                             f"{error}") from None
-        if o.tls_client_ca:
-            try:
-                ctx.load_verify_locations(o.tls_client_ca)
-            except (OSError, ssl.SSLError) as error:
-                raise ValueError(f"modbus.tls_client_ca: cannot load {o.tls_client_ca}: {error}") from None
-            ctx.verify_mode = ssl.CERT_OPTIONAL  # readers need no certificate; writers do
-        else:
+        assert o.tls_cert is not None  # self.options.tls
+        ctx = tls_context(o.tls_cert, o.tls_key, o.tls_client_ca)
+        if not o.tls_client_ca:
             log.warning("Modbus: TLS without modbus.tls_client_ca: no client can authenticate, so nobody may write")
         return ctx
 

@@ -3,16 +3,22 @@
 Reads block A (the manual's status page) and block D (history) of the native map and prints them;
 the addresses and scales come from register_maps/native.toml, so this command is also a check that
 the map and the server agree.
+
+The two requests are plain Modbus TCP (MBAP + function 3) on one socket with one deadline each, read
+and checked here rather than through a client library: whatever the other end does (refuses, resets,
+closes, never answers, trickles, speaks HTTP, answers short) the command says so in one line and
+exits 1, and a bad argument or config exits 2 naming it. No traceback reaches an installer.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import socket
+import struct
 import sys
+import time
 from typing import Any, TextIO
-
-from pymodbus.client import ModbusTcpClient
-from pymodbus.exceptions import ModbusException
 
 from smallbms_bus.bms.alarms import BmsAlarm, BmsWarning
 from smallbms_bus.config import ConfigError, load_config
@@ -24,6 +30,16 @@ ATD = {0: "no", 1: "yes", 2: "pre-alarm"}
 LEDS = {0: "off", 1: "blinking", 2: "solid"}
 BALANCER = {0: "unknown", 1: "balanced", 2: "balancing", 3: "imbalanced"}
 OUTPUT_BITS = ("load", "charge", "pre-alarm")
+READ_HOLDING = 3
+MODBUS_EXCEPTIONS = {1: "illegal function", 2: "illegal data address", 3: "illegal data value",
+                     4: "device failure", 6: "device busy", 11: "gateway target did not respond"}
+
+
+RESET = "connection reset by the server (it refused this client: its connection limit, or a firewall?)"
+
+
+class StatusError(Exception):
+    """What went wrong talking to the service, as the one line the command prints (exit 1)."""
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -37,7 +53,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
+def _arguments(args: argparse.Namespace) -> str | None:
+    """The first bad argument, named (argparse checks the types, not the ranges)."""
+    if args.port is not None and not 1 <= args.port <= 65535:
+        return f"--port {args.port}: allowed 1..65535"
+    if args.unit is not None and not 0 <= args.unit <= 255:
+        return f"--unit {args.unit}: allowed 0..255"
+    if not (math.isfinite(args.timeout) and 0 < args.timeout <= 3600):
+        return f"--timeout {args.timeout}: allowed seconds, more than 0 up to 3600"
+    return None
+
+
 def _target(args: argparse.Namespace) -> tuple[str, int, int] | str:
+    if (bad := _arguments(args)) is not None:
+        return bad
     host, port, unit = "127.0.0.1", 502, 1
     if args.config:
         try:
@@ -61,28 +90,83 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     host, port, unit = target
     regmap = load_map("native")
     blocks = {b.name: b for b in regmap.blocks}
-    client = ModbusTcpClient(host, port=port, timeout=args.timeout, retries=1)
+    values: dict[str, Any] = {}
     try:
-        if not client.connect():
-            print(f"status: no Modbus server at {host}:{port} (is smallbms-bus running? see --config/--port)",
-                  file=sys.stderr)
-            return 1
-        values: dict[str, Any] = {}
-        for name in ("A", "D"):
-            block = blocks[name]
-            reply = client.read_holding_registers(block.start or 0, count=block.length, device_id=unit)
-            if reply.isError():
-                print(f"status: {host}:{port} unit {unit} answered block {name} with {reply}", file=sys.stderr)
-                return 1
-            values |= {(k if name == "A" else f"history.{k}"): v
-                       for k, v in decode_block(regmap, name, reply.registers).items()}
-    except ModbusException as error:
-        print(f"status: {host}:{port}: {error}", file=sys.stderr)
+        with _connect(host, port, args.timeout) as sock:
+            for tid, name in enumerate(("A", "D"), 1):
+                block = blocks[name]
+                words = read_registers(sock, tid, unit, block.start or 0, block.length, args.timeout,
+                                       f"{host}:{port}", f"block {name}")
+                values |= {(k if name == "A" else f"history.{k}"): v
+                           for k, v in decode_block(regmap, name, words).items()}
+    except StatusError as error:
+        print(f"status: {error}", file=sys.stderr)
         return 1
-    finally:
-        client.close()
     print(format_status(values, f"{host}:{port} unit {unit}"), file=out)
     return 0
+
+
+def _connect(host: str, port: int, timeout: float) -> socket.socket:
+    where = f"{host}:{port}"
+    try:
+        return socket.create_connection((host, port), timeout=timeout)
+    except ConnectionRefusedError:
+        raise StatusError(f"no Modbus server at {where} (connection refused: is smallbms-bus running? "
+                          "see --config/--port)") from None
+    except ConnectionResetError:
+        raise StatusError(f"{where}: {RESET}") from None
+    except TimeoutError:
+        raise StatusError(f"no Modbus server at {where}: no answer within {timeout:g} s to connect") from None
+    except (socket.gaierror, UnicodeError) as error:  # idna refuses names like "a..b" with UnicodeError
+        raise StatusError(f"cannot resolve --host {host!r}: {error}") from None
+    except OSError as error:
+        raise StatusError(f"no Modbus server at {where}: {error.strerror or error}") from None
+
+
+def read_registers(sock: socket.socket, tid: int, unit: int, start: int, count: int, timeout: float, where: str,
+                   what: str) -> list[int]:
+    """Function 3 over MBAP: the `count` words from `start`, or StatusError saying what the server did."""
+    deadline = time.monotonic() + timeout
+    pdu = struct.pack(">BHH", READ_HOLDING, start, count)
+    try:
+        sock.sendall(struct.pack(">HHHB", tid, 0, len(pdu) + 1, unit) + pdu)
+        header = _receive(sock, 7, deadline, where, timeout)
+        rtid, protocol, length, runit = struct.unpack(">HHHB", header)
+        if protocol != 0 or rtid != tid or not 3 <= length <= 254:
+            raise StatusError(f"{where}: not a Modbus answer to {what} (header {header.hex(' ')}: wrong "
+                              f"{'protocol id' if protocol else 'transaction id' if rtid != tid else 'length'})")
+        body = _receive(sock, length - 1, deadline, where, timeout)
+    except ConnectionResetError:
+        raise StatusError(f"{where}: {RESET} ({what})") from None
+    except OSError as error:  # a broken pipe on send, and the like
+        raise StatusError(f"{where}: {what}: {error.strerror or error}") from None
+    if runit != unit:
+        raise StatusError(f"{where}: not a Modbus answer to {what} (unit {runit}, asked {unit})")
+    fc = body[0]
+    if fc == READ_HOLDING | 0x80 and len(body) == 2:
+        raise StatusError(f"{where} unit {unit} answered {what} with Modbus exception {body[1]:02d} "
+                          f"({MODBUS_EXCEPTIONS.get(body[1], 'unknown')})")
+    if fc != READ_HOLDING or len(body) != 2 + 2 * count or body[1] != 2 * count:
+        raise StatusError(f"{where}: not a Modbus answer to {what} (function {fc}, {len(body) - 2} data bytes, "
+                          f"{2 * count} expected)")
+    return list(struct.unpack(f">{count}H", body[2:]))
+
+
+def _receive(sock: socket.socket, n: int, deadline: float, where: str, timeout: float) -> bytes:
+    data = b""
+    while len(data) < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise StatusError(f"{where}: no answer within {timeout:g} s (got {len(data)} of {n} bytes)")
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(n - len(data))
+        except TimeoutError:
+            continue  # the loop reports it with what arrived
+        if not chunk:
+            raise StatusError(f"{where}: the server closed the connection without answering")
+        data += chunk
+    return data
 
 
 def _v(value: Any, fmt: str, unit: str, unknown: str = "unknown") -> str:

@@ -9,17 +9,22 @@ controller.py  `Outputs`: roles -> channels, read-back verification, re-assert, 
 
 A backend is looked up by name, the way python-can maps interface names to bus classes:
 `open_board("modbus", transport="tcp", host="10.0.0.5")`. Options are the backend class's keyword
-arguments; an unknown backend or option is a `ValueError` that lists what is allowed. Adding a board
-is one file plus one line in `BACKENDS`.
+arguments, type-checked against its constructor's annotations (they come from a TOML file: a string
+where a number belongs must be a clear error, not a TypeError deep inside); an unknown, missing,
+mistyped or out-of-range option is an `OptionError` (a ValueError) naming it and what is allowed.
+Adding a board is one file plus one line in `BACKENDS`; its annotations are its option schema.
 """
 
 from __future__ import annotations
 
+import collections.abc
 import importlib
 import inspect
+import types
+import typing
 from typing import Any
 
-from smallbms_bus.outputs.base import OutputError, RelayBoard
+from smallbms_bus.outputs.base import OptionError, OutputError, RelayBoard
 
 # name -> "module:Class", imported on use so a backend's dependencies load only when it is chosen.
 BACKENDS: dict[str, str] = {
@@ -37,23 +42,70 @@ def board_class(backend: str) -> type[RelayBoard]:
     return getattr(importlib.import_module(module), name)
 
 
-def make_board(backend: str, **options: Any) -> RelayBoard:
-    """Build a board from its backend name and options, without any I/O (the controller opens it)."""
+def make_board(backend: str, /, **options: Any) -> RelayBoard:
+    """Build a board from its backend name and options, without any I/O (the controller opens it).
+
+    ValueError for an unknown backend; OptionError for an unknown, missing, mistyped or out-of-range option."""
     cls = board_class(backend)
-    allowed = [p.name for p in inspect.signature(cls).parameters.values()
-               if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ValueError(f"relay board backend {backend!r} has no option {', '.join(map(repr, unknown))}: "
-                         f"allowed {', '.join(allowed)}")
+    parameters = [p for p in inspect.signature(cls).parameters.values()
+                  if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    allowed = [p.name for p in parameters]
+    for name in sorted(set(options) - set(allowed)):
+        raise OptionError(backend, name, options[name], f"not an option of the {backend} backend: allowed "
+                          f"{', '.join(allowed)}")
+    for p in parameters:
+        if p.default is p.empty and p.name not in options:
+            raise OptionError(backend, p.name, None, "a required option")
+    hints = typing.get_type_hints(cls.__init__)
+    for name, value in options.items():
+        hint = hints.get(name, Any)
+        if not _fits(value, hint):
+            raise OptionError(backend, name, value, f"allowed {_kind(hint)}")
     return cls(**options)
 
 
-def open_board(backend: str, **options: Any) -> RelayBoard:
+def _fits(value: Any, hint: Any) -> bool:
+    """Does a TOML value have the annotated type (bool is not an int here: `channels = true` is a mistake)?"""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in typing.get_args(hint))
+    if isinstance(origin, type) and issubclass(origin, collections.abc.Iterable) and origin is not str:
+        item = (typing.get_args(hint) or (Any,))[0]
+        return isinstance(value, list | tuple) and all(_fits(v, item) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return not isinstance(hint, type) or isinstance(value, hint)
+
+
+_KINDS = {bool: ("true/false", "true/false values"), int: ("an integer", "integers"),
+          float: ("a number", "numbers"), str: ("a string", "strings")}
+
+
+def _kind(hint: Any, plural: bool = False) -> str:
+    """What an annotation allows, in words for a config file's reader."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_kind(arg, plural) for arg in typing.get_args(hint) if arg is not type(None))
+    if isinstance(origin, type) and issubclass(origin, collections.abc.Iterable) and origin is not str:
+        return f"{'lists' if plural else 'a list'} of {_kind((typing.get_args(hint) or (Any,))[0], True)}"
+    if hint in _KINDS:
+        return _KINDS[hint][plural]
+    return "values" if plural else "a value"
+
+
+def open_board(backend: str, /, **options: Any) -> RelayBoard:
     """Build and open a board. ValueError for a bad backend or option, OutputError when it cannot be opened."""
     board = make_board(backend, **options)
     board.open()
     return board
 
 
-__all__ = ["BACKENDS", "OutputError", "RelayBoard", "board_class", "make_board", "open_board"]
+__all__ = ["BACKENDS", "OptionError", "OutputError", "RelayBoard", "board_class", "make_board", "open_board"]

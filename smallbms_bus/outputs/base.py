@@ -37,6 +37,18 @@ class OutputError(Exception):
         super().__init__(f"{where}: {what}")
 
 
+class OptionError(ValueError):
+    """A backend option (`[outputs.options]`) is unknown, missing, of the wrong type or out of range.
+
+    Raised by `make_board` and the backends' constructors, before any I/O; the configuration check turns
+    it into the ConfigError naming `outputs.options.<option>`.
+    """
+
+    def __init__(self, backend: str, option: str, value: object, allowed: str) -> None:
+        self.backend, self.option, self.value, self.allowed = backend, option, value, allowed
+        super().__init__(f"{backend} board option {option}={value!r}: {allowed}")
+
+
 class RelayBoard(abc.ABC):
     """A relay board (or GPIO bank): switch channels, read them back, read discrete inputs."""
 

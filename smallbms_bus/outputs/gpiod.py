@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from smallbms_bus.outputs.base import OutputError, RelayBoard
+from smallbms_bus.outputs.base import OptionError, OutputError, RelayBoard
 
 BIASES = ("as_is", "pull_up", "pull_down", "disabled")
 INSTALL_HINT = "pip install 'smallbms-bus[gpio]' (PyPI gpiod 2.x, the libgpiod v2 bindings)"
@@ -43,8 +43,8 @@ def _lines(option: str, value: object) -> tuple[int | str, ...]:
     if not isinstance(value, list | tuple) or not all(
             (isinstance(x, int) and not isinstance(x, bool) and x >= 0) or (isinstance(x, str) and x)
             for x in value):
-        raise ValueError(f"gpiod board option {option}={value!r}: allowed a list of line offsets (17) or line "
-                         "names (\"GPIO17\"), channel 1 first")
+        raise OptionError("gpiod", option, value, 'allowed a list of line offsets (17) or line names ("GPIO17"), '
+                          "channel 1 first")
     return tuple(value)
 
 
@@ -54,8 +54,7 @@ def per_line(option: str, value: bool | Sequence[bool], count: int) -> tuple[boo
         return (value,) * count
     if isinstance(value, list | tuple) and len(value) == count and all(isinstance(x, bool) for x in value):
         return tuple(value)
-    raise ValueError(f"gpiod board option {option}={value!r}: allowed true/false or a list of {count} of them "
-                     "(one per line)")
+    raise OptionError("gpiod", option, value, f"allowed true/false or a list of {count} of them (one per line)")
 
 
 def line_plan(lines: Sequence[int | str], active_low: bool | Sequence[bool], inputs: Sequence[int | str] = (),
@@ -64,13 +63,14 @@ def line_plan(lines: Sequence[int | str], active_low: bool | Sequence[bool], inp
     outputs = _lines("lines", lines)
     ins = _lines("inputs", inputs)
     if not outputs and not ins:  # inputs only: a GPIO remote input beside another relay board
-        raise ValueError("gpiod board option lines=[]: at least one output line (or input line)")
+        raise OptionError("gpiod", "lines", [], "at least one output line (or input line)")
     if input_bias not in BIASES:
-        raise ValueError(f"gpiod board option input_bias={input_bias!r}: allowed {', '.join(BIASES)}")
+        raise OptionError("gpiod", "input_bias", input_bias, f"allowed {', '.join(BIASES)}")
     seen: set[int | str] = set()
     for line in outputs + ins:
         if line in seen:
-            raise ValueError(f"gpiod board option lines/inputs: line {line!r} is used twice")
+            raise OptionError("gpiod", "inputs" if line in ins else "lines", line,
+                              f"line {line!r} is used twice: each line once, in lines or inputs")
         seen.add(line)
     out_low = per_line("active_low", active_low, len(outputs))
     in_low = per_line("input_active_low", input_active_low, len(ins))
@@ -98,7 +98,7 @@ class GpiodBoard(RelayBoard):
                  input_active_low: bool | Sequence[bool] = False, input_bias: str = "as_is",
                  consumer: str = "smallbms-bus") -> None:
         if not isinstance(chip, str) or not chip:
-            raise ValueError(f"gpiod board option chip={chip!r}: the chip's device path, e.g. \"/dev/gpiochip0\"")
+            raise OptionError("gpiod", "chip", chip, 'the chip\'s device path, e.g. "/dev/gpiochip0"')
         self.chip = chip
         self.consumer = consumer
         self.plan = line_plan(lines, active_low, inputs, input_active_low, input_bias)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import serial
 
-from smallbms_bus.outputs.base import OutputError, RelayBoard
+from smallbms_bus.outputs.base import OptionError, OutputError, RelayBoard
 
 LCUS_BAUDRATE = 9600
 LCUS_START = 0xA0
@@ -36,11 +36,11 @@ class LcusBoard(RelayBoard):
 
     def __init__(self, port: str | None = None, *, channels: int = 1, timeout: float = 1.0) -> None:
         if not isinstance(port, str) or not port:
-            raise ValueError(f"lcus board option port={port!r}: the serial port path, e.g. port = \"/dev/ttyUSB0\"")
+            raise OptionError("lcus", "port", port, 'the serial port path, e.g. port = "/dev/ttyUSB0" (required)')
         if channels not in LCUS_SIZES or isinstance(channels, bool):
-            raise ValueError(f"lcus board option channels={channels!r}: allowed 1, 2, 4 or 8 (LCUS-1/2/4/8)")
+            raise OptionError("lcus", "channels", channels, "allowed 1, 2, 4 or 8 (LCUS-1/2/4/8)")
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= 30:
-            raise ValueError(f"lcus board option timeout={timeout!r}: allowed seconds, more than 0 up to 30")
+            raise OptionError("lcus", "timeout", timeout, "allowed seconds, more than 0 up to 30")
         self.port = port
         self.channels = channels
         self.timeout = float(timeout)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from smallbms_bus.outputs.base import OutputError, RelayBoard
+from smallbms_bus.outputs.base import OptionError, OutputError, RelayBoard
 
 
 class MemoryBoard(RelayBoard):
@@ -27,7 +27,7 @@ class MemoryBoard(RelayBoard):
                  name: str = "memory") -> None:
         for option, value, low in (("channels", channels, 1), ("inputs", inputs, 0)):
             if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= 64:
-                raise ValueError(f"memory board option {option}={value!r}: allowed {low}..64")
+                raise OptionError("memory", option, value, f"allowed {low}..64")
         self.channels = channels
         self.input_channels = inputs
         self.name = name

@@ -25,7 +25,7 @@ from pymodbus import FramerType, ModbusException
 from pymodbus.client import ModbusSerialClient, ModbusTcpClient
 from pymodbus.pdu import ModbusPDU
 
-from smallbms_bus.outputs.base import OutputError, RelayBoard
+from smallbms_bus.outputs.base import OptionError, OutputError, RelayBoard
 
 MODBUS_EXCEPTIONS = {1: "illegal function", 2: "illegal data address", 3: "illegal data value",
                      4: "device failure", 6: "device busy", 10: "gateway path unavailable",
@@ -34,7 +34,7 @@ MODBUS_EXCEPTIONS = {1: "illegal function", 2: "illegal data address", 3: "illeg
 
 def _integer(option: str, value: object, low: int, high: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise ValueError(f"modbus board option {option}={value!r}: allowed an integer {low}..{high}")
+        raise OptionError("modbus", option, value, f"allowed an integer {low}..{high}")
     return value
 
 
@@ -47,22 +47,22 @@ class ModbusBoard(RelayBoard):
                  channels: int = 8, inputs: int = 8, coil_offset: int = 0, input_offset: int = 0,
                  timeout: float = 0.5, retries: int = 1) -> None:
         if transport not in ("rtu", "tcp"):
-            raise ValueError(f"modbus board option transport={transport!r}: allowed 'rtu' (serial) or 'tcp'")
+            raise OptionError("modbus", "transport", transport, "allowed 'rtu' (serial) or 'tcp'")
         if transport == "rtu":
             if not isinstance(port, str) or not port:
-                raise ValueError(f"modbus board option port={port!r}: transport 'rtu' needs the serial port path, "
-                                 "e.g. port = \"/dev/ttyUSB0\"")
+                raise OptionError("modbus", "port", port, "transport 'rtu' needs the serial port path, "
+                                  'e.g. port = "/dev/ttyUSB0"')
             if host is not None:
-                raise ValueError(f"modbus board option host={host!r}: only for transport 'tcp'")
+                raise OptionError("modbus", "host", host, "only for transport 'tcp'")
             if parity not in ("N", "E", "O"):
-                raise ValueError(f"modbus board option parity={parity!r}: allowed 'N', 'E' or 'O'")
+                raise OptionError("modbus", "parity", parity, "allowed 'N', 'E' or 'O'")
             _integer("baudrate", baudrate, 300, 1_000_000)
             _integer("stopbits", stopbits, 1, 2)
             _integer("bytesize", bytesize, 7, 8)
             _integer("unit", unit, 1, 247)  # 0 is broadcast on a serial line: nobody answers
         else:
             if not isinstance(host, str) or not host:
-                raise ValueError(f"modbus board option host={host!r}: transport 'tcp' needs the module's address")
+                raise OptionError("modbus", "host", host, "transport 'tcp' needs the module's address")
             port = 502 if port is None else _integer("port", port, 1, 65535)
             _integer("unit", unit, 0, 255)  # TCP modules often ignore the unit id or want 0 or 255
         self.channels = _integer("channels", channels, 1, 256)
@@ -71,7 +71,7 @@ class ModbusBoard(RelayBoard):
         self.coil_offset = _integer("coil_offset", coil_offset, 0, 65536 - channels)
         self.input_offset = _integer("input_offset", input_offset, 0, 65536 - max(inputs, 1))
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= 30:
-            raise ValueError(f"modbus board option timeout={timeout!r}: allowed seconds, more than 0 up to 30")
+            raise OptionError("modbus", "timeout", timeout, "allowed seconds, more than 0 up to 30")
         _integer("retries", retries, 0, 10)
         self.transport, self.port, self.host, self.unit = transport, port, host, unit
         self.timeout, self.retries = float(timeout), retries

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from smallbms_bus.outputs import BACKENDS, OutputError, RelayBoard, board_class, make_board, open_board
+from smallbms_bus.outputs import BACKENDS, OptionError, OutputError, RelayBoard, board_class, make_board, open_board
 
 
 def test_every_backend_is_a_relay_board():
@@ -21,7 +21,8 @@ def test_unknown_backend_names_it_and_the_allowed_ones():
 
 
 def test_unknown_option_names_it_and_the_allowed_ones():
-    with pytest.raises(ValueError, match=r"'lcus' has no option 'baud': allowed port, channels, timeout"):
+    with pytest.raises(ValueError, match=r"lcus board option baud=9600: not an option of the lcus backend: "
+                                         r"allowed port, channels, timeout"):
         make_board("lcus", port="/dev/ttyUSB0", baud=9600)
 
 
@@ -63,3 +64,21 @@ def test_capabilities_are_declared():
     assert (lcus.can_read_back, lcus.has_inputs, lcus.channels) == (False, False, 2)
     modbus = make_board("modbus", transport="tcp", host="127.0.0.1", inputs=0)
     assert (modbus.can_read_back, modbus.has_inputs, modbus.channels) == (True, False, 8)
+
+
+@pytest.mark.parametrize(("backend", "options", "option", "allowed"), [
+    ("memory", {"stuck": 3}, "stuck", "a list of integers"),  # was set(3): a TypeError
+    ("memory", {"channels": "8"}, "channels", "an integer"),
+    ("memory", {"fail_open": 1}, "fail_open", "true/false"),
+    ("lcus", {"port": "/dev/ttyUSB0", "timeout": "1"}, "timeout", "a number"),
+    ("modbus", {"transport": "tcp", "host": "h", "port": 1.5}, "port", "a string or an integer"),
+    ("gpiod", {"lines": [17], "active_low": "yes"}, "active_low", "true/false or a list of true/false values"),
+    ("gpiod", {"lines": [{"a": 1}]}, "lines", "a list of integers or strings"),
+    ("lcus", {}, "port", "required"),
+    ("memory", {"backend": "memory"}, "backend", "not an option of the memory backend"),
+])
+def test_options_are_type_checked_against_the_constructor_naming_the_option(backend, options, option, allowed):
+    with pytest.raises(OptionError) as info:
+        make_board(backend, **options)
+    assert info.value.option == option and allowed in info.value.allowed
+    assert isinstance(info.value, ValueError)
