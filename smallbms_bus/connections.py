@@ -37,10 +37,13 @@ Owner: the event loop's thread; nothing here is touched from another thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import fcntl
 import logging
 import os
 import resource
+import socket
 import struct
 import termios
 import time
@@ -56,11 +59,17 @@ RESERVE_FDS = 128  # descriptors kept for the service itself (bus, relay board, 
 # asyncio accepts up to its `backlog` connections per turn of the loop, and each holds a descriptor for a few turns
 # (accept, transport, connection_made, eviction, close) before a flood's newcomer-evicts-oldest settles: measured
 # 888 descriptors in flight with backlog 1024 under a re-connecting flood. So asyncio gets a small batch, and the
-# kernel's queue (where a waiting connection costs no descriptor) is made deep with listen() afterwards: a burst
-# waits there instead of having its SYNs dropped, which would cost a poller a 1 s retransmission.
+# kernel's queue (where a waiting connection costs no descriptor) is deep: a burst waits there instead of having
+# its SYNs dropped, which would cost a poller a 1 s retransmission.
 ACCEPT_BATCH = 64
 ACCEPT_QUEUE = 1024
 IN_FLIGHT_FDS = 4 * ACCEPT_BATCH  # per listener
+REFUSALS_PER_ACCEPT = 16  # newcomers GuardedSocket.accept may hang up before it lets the loop run again
+# Modbus, HTTP and TLS clients speak first. With TCP_DEFER_ACCEPT the kernel hands a connection over when its first
+# bytes arrive, or after this long without them: a poller is accepted with its request already readable (so it is
+# never mistaken for a silent newcomer), while a connect-and-hold flood waits in the kernel, costing no descriptor.
+DEFER_ACCEPT_S = 1
+_LINGER_RESET = struct.pack("ii", 1, 0)
 SELECT_LIMIT = 1024  # select()-based libraries (pyserial) cannot use a descriptor at or above FD_SETSIZE
 
 
@@ -123,6 +132,15 @@ class ConnectionPolicy:
         self._polled[slot] = self.clock()
         self._polled.move_to_end(slot)
 
+    def crowded(self, address: str) -> bool:
+        """A newcomer from `address` that has sent nothing would only displace its equal: the address holds its
+        full share and one of its connections never asked anything and has nothing waiting either. Such a
+        newcomer is refused on accept (GuardedSocket), for a tenth of what taking and evicting costs."""
+        same = self._by_address.get(address)
+        per_address = min(self.limits.max_connections_per_address, self.limits.max_connections)
+        return same is not None and len(same) >= per_address and \
+            any(slot in self._fresh and not slot.waiting() for slot in same)
+
     def forget(self, slot: Slot) -> None:
         if slot in self:
             self._forget(slot)
@@ -168,14 +186,79 @@ class ConnectionPolicy:
 
 
 def bytes_waiting(transport: Any) -> int:
-    """Bytes in the kernel's receive buffer of a transport's socket, not yet read (FIONREAD: one syscall)."""
+    """Bytes in the kernel's receive buffer of a transport's socket, not yet read."""
     sock = transport.get_extra_info("socket") if transport is not None else None
-    if sock is None:
-        return 0
+    return 0 if sock is None else fd_bytes_waiting(sock.fileno())
+
+
+def abort_with_reset(transport: Any) -> None:
+    """Hang up now, with a reset rather than a FIN: the service keeps no TIME_WAIT entry for a connection it
+    dropped (a re-connecting flood leaves tens of thousands, and a poller's new port from the same address could
+    meet one and wait for a SYN retransmission), and answers a client never read cannot hold the descriptor."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    transport.abort()
+
+
+def fd_bytes_waiting(fd: int) -> int:
+    """FIONREAD: one syscall."""
     try:
-        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+        return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
     except (OSError, ValueError):
         return 0
+
+
+class GuardedSocket(socket.socket):
+    """A listening socket whose accept() hangs up, before asyncio builds a transport and a protocol for it, a
+    newcomer that `refuse(address)` says is crowded out and that has sent nothing yet. Under a re-connecting
+    flood that is what most newcomers are; taking each and evicting its equal cost ~10x more, and a poller
+    waits in the kernel's accept queue behind all of them. asyncio calls accept() on this object (it is the
+    `sock` given to create_server), and its listen(ACCEPT_BATCH) keeps the queue ACCEPT_QUEUE deep."""
+
+    def __init__(self, family: int, refuse: Callable[[str], bool]) -> None:
+        super().__init__(family, socket.SOCK_STREAM)
+        self.refuse = refuse
+
+    def listen(self, backlog: int = ACCEPT_QUEUE) -> None:
+        super().listen(max(backlog, ACCEPT_QUEUE))
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        for _ in range(REFUSALS_PER_ACCEPT):
+            fd, peer = self._accept()  # type: ignore[attr-defined]  # BlockingIOError when the queue is empty
+            sock = socket.socket(self.family, self.type, self.proto, fileno=fd)
+            if fd_bytes_waiting(fd) == 0 and self.refuse(address_of(peer)):
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)  # see abort_with_reset
+                sock.close()
+                continue
+            return sock, peer
+        raise BlockingIOError(errno.EAGAIN, "more to refuse: next turn of the loop")
+
+
+async def guarded_sockets(host: str, port: int, refuse: Callable[[str], bool]) -> list[GuardedSocket]:
+    """Bound GuardedSockets for every address `host` resolves to, as asyncio's create_server binds them
+    (SO_REUSEADDR; IPv6 sockets IPv6-only)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)
+    sockets: list[GuardedSocket] = []
+    try:
+        for family, address in dict.fromkeys((info[0], info[4]) for info in infos):
+            sock = GuardedSocket(family, refuse)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if hasattr(socket, "TCP_DEFER_ACCEPT"):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT_S)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.setblocking(False)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
 
 
 def address_of(peername: Any) -> str:
@@ -261,14 +344,6 @@ def fd_budget(owner: object, key: str, wanted: int, listeners: int = 1) -> int:
 
 def release_fds(owner: object) -> None:
     _granted.pop(id(owner), None)
-
-
-def deepen_accept_queue(sockets: Any) -> None:
-    """listen() again on asyncio's listening sockets (created with backlog=ACCEPT_BATCH): the kernel queue
-    becomes ACCEPT_QUEUE deep (capped by net.core.somaxconn), asyncio still takes ACCEPT_BATCH per turn."""
-    for listening in sockets:
-        with listening.dup() as sock:  # the same socket; asyncio's TransportSocket has no listen()
-            sock.listen(ACCEPT_QUEUE)
 
 
 _ACCEPT_FAILED = "socket.accept() out of system resource"

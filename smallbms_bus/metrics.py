@@ -54,10 +54,11 @@ from smallbms_bus.connections import (
     ConnectionPolicy,
     Limits,
     RateLimitedLog,
+    abort_with_reset,
     address_of,
     bytes_waiting,
-    deepen_accept_queue,
     fd_budget,
+    guarded_sockets,
     quiet_accept_errors,
     release_fds,
 )
@@ -132,8 +133,9 @@ ENDPOINT_CONNECTIONS = _m("metrics_connections", "gauge", (), "Open HTTP connect
                           "included).")
 ENDPOINT_CLOSED = _m("metrics_connections_closed_total", "counter", ("reason",),
                      "HTTP connections to this endpoint closed by the service: evicted (the longest-idle, for a "
-                     "newcomer over [metrics] max_connections or max_connections_per_address), no_request (nothing "
-                     "within first_request_timeout), idle_timeout.")
+                     "newcomer over [metrics] max_connections or max_connections_per_address), refused (on accept: a "
+                     "newcomer that sent nothing from an address whose share is full with one that never asked "
+                     "either), no_request (nothing within first_request_timeout), idle_timeout.")
 # -- states -----------------------------------------------------------------------------------------
 _group = "state"
 ATC = _m("allowed_to_charge", "gauge", (), "1 = allowed to charge (ATC).")
@@ -249,9 +251,9 @@ MODBUS_REFUSED = _m("modbus_refused_writes_total", "counter", (),
                     "Writes refused because the client may not write (allow_write_from / TLS client certificate).")
 MODBUS_CONNECTIONS = _m("modbus_connections", "gauge", (), "Open Modbus TCP connections.")
 MODBUS_ACCEPTED = _m("modbus_connections_accepted_total", "counter", (), "Connections accepted.")
-MODBUS_REFUSED_CONN = _m("modbus_connections_refused_total", "counter", (), "Connections refused on accept: "
-                         "always 0 since a full server evicts the longest-idle connection instead (closed_total "
-                         "reason evicted); kept for dashboards.")
+MODBUS_REFUSED_CONN = _m("modbus_connections_refused_total", "counter", (), "Connections hung up on accept: a "
+                         "newcomer that had sent nothing, from an address already holding max_connections_per_address "
+                         "with one that never sent a request either (it would only displace its equal).")
 MODBUS_CLOSED = _m("modbus_connections_closed_total", "counter", ("reason",),
                    "Connections closed by the server: evicted (the longest-idle, for a newcomer over max_connections "
                    "or max_connections_per_address), no_request (nothing within first_request_timeout), "
@@ -641,7 +643,7 @@ SLICE_S = 0.0005  # encode this long, then pause: the GIL goes to whoever waits 
 PAUSE_S = 0.0001
 MAX_HEAD_BYTES = 16_384
 RETRY_BIND_S = 10.0
-CLOSE_REASONS = ("evicted", "no_request", "idle_timeout")
+CLOSE_REASONS = ("evicted", "refused", "no_request", "idle_timeout")
 
 
 class _HttpConnection:
@@ -712,7 +714,7 @@ class MetricsServer:
         self.extra = process_metrics()  # a registry of its own, not prometheus-client's global one
         self.scrapes = 0
         self.encode_seconds = 0.0
-        self._server: asyncio.base_events.Server | None = None
+        self._servers: list[asyncio.base_events.Server] = []  # one per address the host resolves to
         self._retry: asyncio.Task[None] | None = None
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="metrics")
         if limits is None:  # the service's [metrics] keys, or their defaults
@@ -728,9 +730,9 @@ class MetricsServer:
     @property
     def bound(self) -> tuple[str, int] | None:
         """(host, port) actually listened on, or None while not bound."""
-        if self._server is None or not self._server.sockets:
+        if not self._servers or not self._servers[0].sockets:
             return None
-        host, port = self._server.sockets[0].getsockname()[:2]
+        host, port = self._servers[0].sockets[0].getsockname()[:2]
         return host, port
 
     @property
@@ -757,9 +759,17 @@ class MetricsServer:
             self._retry = asyncio.get_running_loop().create_task(self._keep_binding())
 
     async def _bind(self) -> None:
-        self._server = await asyncio.start_server(self._connection, self.host, self.port, limit=MAX_HEAD_BYTES,
-                                                  reuse_address=True, backlog=ACCEPT_BATCH)
-        deepen_accept_queue(self._server.sockets)
+        sockets = await guarded_sockets(self.host, self.port, self._refuse)
+        try:
+            while sockets:
+                self._servers.append(await asyncio.start_server(self._connection, sock=sockets[0], limit=MAX_HEAD_BYTES,
+                                                                backlog=ACCEPT_BATCH))
+                sockets.pop(0)
+        except OSError:
+            for sock in sockets:
+                sock.close()
+            await self._close_servers()
+            raise
         log.info("metrics: serving %s", self.url)
 
     async def _keep_binding(self) -> None:
@@ -777,13 +787,27 @@ class MetricsServer:
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+        await self._close_servers()
         for conn in list(self.policy):  # idle keep-alive connections: their handlers end on the close
             conn.writer.close()  # type: ignore[attr-defined]
         release_fds(self)
         await asyncio.get_running_loop().run_in_executor(None, self._pool.shutdown, True)
+
+    async def _close_servers(self) -> None:
+        for server in self._servers:
+            server.close()
+            await server.wait_closed()
+        self._servers.clear()
+
+    def _refuse(self, address: str) -> bool:
+        """GuardedSocket's question for a newcomer that has sent nothing: hang it up on accept?"""
+        if not self.policy.crowded(address):
+            return False
+        self.closed["refused"] += 1
+        self._quiet("refused", logging.WARNING, "metrics: refused a connection from %s that sent nothing: it already "
+                    "holds its share and one of them never sent a request either (metrics.max_connections_per_address)",
+                    address)
+        return True
 
     # -- HTTP ------------------------------------------------------------------------------------------------
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -807,16 +831,15 @@ class MetricsServer:
             writer.close()
 
     def _drop(self, conn: _HttpConnection, reason: str, detail: str) -> None:
-        """Hang up at once (abort: an answer the client is not reading cannot keep the descriptor)."""
+        """Hang up at once (the policy already forgot it)."""
         self.closed[reason] += 1
         key = {"evicted": "max_connections / max_connections_per_address", "no_request": "first_request_timeout",
                "idle_timeout": "idle_timeout"}[reason]
         self._quiet(reason, logging.WARNING if reason == "evicted" else logging.INFO,
                     "metrics: closing a connection from %s: %s %s (metrics.%s)", conn.address,
                     reason.replace("_", " "), detail, key)
-        transport = conn.writer.transport
-        if transport is not None:
-            transport.abort()
+        if conn.writer.transport is not None:
+            abort_with_reset(conn.writer.transport)
 
     async def _reap(self) -> None:
         limits = self.policy.limits

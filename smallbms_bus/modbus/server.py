@@ -57,10 +57,11 @@ from smallbms_bus.connections import (
     ConnectionPolicy,
     Limits,
     RateLimitedLog,
+    abort_with_reset,
     address_of,
     bytes_waiting,
-    deepen_accept_queue,
     fd_budget,
+    guarded_sockets,
     quiet_accept_errors,
     release_fds,
 )
@@ -179,8 +180,7 @@ class _Connection(ServerRequestHandler):
         return bool(self.unanswered) or bytes_waiting(self.transport) > 0
 
     def drop(self, why: str, detail: str) -> None:
-        """Hang up at once (the policy already forgot it): abort, not close, so answers a client never read
-        cannot keep the descriptor open."""
+        """Hang up at once (the policy already forgot it)."""
         stats, app = self.app.stats, self.app
         if why == "evicted":
             stats.connections_evicted += 1
@@ -199,7 +199,7 @@ class _Connection(ServerRequestHandler):
             stats.connections_idle_closed += 1
             app.quiet("idle", logging.INFO, "Modbus: closing %s: idle %s (modbus.idle_timeout)", self.peer, detail)
         if self.transport:
-            self.transport.abort()
+            abort_with_reset(self.transport)
         self.close()
 
     def callback_disconnected(self, exc: Exception | None) -> None:
@@ -358,20 +358,36 @@ class ModbusServer:
             def callback_new_connection(self) -> _Connection:
                 return _Connection(self, server)
 
-        listener = Listener(_NoDatastore(), address=(self.options.host, port), **extra)
-        # pymodbus's create_server call (a partial, pinned by pymodbus~=3.16.1) with our accept batch, and a TLS
-        # handshake bounded like a first request: a connection is only ours once the handshake is done.
-        create = listener.call_create
-        options: dict[str, Any] = {"backlog": ACCEPT_BATCH}
-        if create.keywords.get("ssl") is not None:
-            options["ssl_handshake_timeout"] = self.options.first_request_timeout
-        listener.call_create = functools.partial(create.func, *create.args, **{**create.keywords, **options})
-        await listener.serve_forever(background=True)
-        deepen_accept_queue(listener.transport.sockets)
-        self._listeners.append(listener)
-        for sock in listener.transport.sockets:
-            host, bound_port = sock.getsockname()[:2]
-            self.bound.append((host, bound_port))
+        sockets = await guarded_sockets(self.options.host, port, self._refuse)
+        try:
+            while sockets:
+                listener = Listener(_NoDatastore(), address=(self.options.host, port), **extra)
+                # pymodbus's create_server call (a partial, pinned by pymodbus~=3.16.1) on our socket, with our
+                # accept batch and a TLS handshake bounded like a first request (a connection is only ours once
+                # the handshake is done).
+                create = listener.call_create
+                options: dict[str, Any] = {"sock": sockets[0], "backlog": ACCEPT_BATCH, "ssl": create.keywords["ssl"],
+                                           "start_serving": True}
+                if options["ssl"] is not None:
+                    options["ssl_handshake_timeout"] = self.options.first_request_timeout
+                listener.call_create = functools.partial(create.func, create.args[0], **options)
+                await listener.serve_forever(background=True)
+                host, bound_port = sockets.pop(0).getsockname()[:2]
+                self._listeners.append(listener)
+                self.bound.append((host, bound_port))
+        finally:
+            for sock in sockets:
+                sock.close()
+
+    def _refuse(self, address: str) -> bool:
+        """GuardedSocket's question for a newcomer that has sent nothing: hang it up on accept?"""
+        if not self.policy.crowded(address):
+            return False
+        self.stats.connections_refused += 1
+        self.quiet("refused", logging.WARNING, "Modbus: refused a connection from %s that sent nothing: it already "
+                   "holds %d connections and one of them never sent a request either "
+                   "(modbus.max_connections_per_address)", address, self.options.max_connections_per_address)
+        return True
 
     async def stop(self) -> None:
         if self._reaper is not None:

@@ -19,7 +19,7 @@ from smallbms_bus.modbus.server import ModbusOptions
 from tests.bms.rig import Rig
 from tests.modbus.conftest import raw_request
 from tests.modbus.harness import RunningServer
-from tests.ports import free_port
+from tests.ports import free_port, hung_up
 
 FLOOD = 1000
 CONTRACT_S = 1.0  # the issue's contract; measured times are in the milliseconds
@@ -82,15 +82,17 @@ def running():
 def test_a_poller_is_answered_within_1_s_while_another_address_holds_1000_idle_connections(running):
     held = flood(running.port, FLOOD, "127.0.0.2")
     try:
+        early = poll_once(running.port)  # the flood still waits in the kernel (TCP_DEFER_ACCEPT)
         wait_accepted(running, FLOOD)
-        elapsed = [poll_once(running.port) for _ in range(5)]
+        elapsed = [early, *(poll_once(running.port) for _ in range(5))]
         assert max(elapsed) < CONTRACT_S, elapsed
         stats = running.server.stats
-        # The flood keeps at most its per-address share; everything above it was evicted, counted.
+        # The flood keeps at most its per-address share; everything above it was evicted or, once its share was
+        # full of connections that never asked anything, refused on accept: counted either way.
         options = running.server.options
         settle(lambda: stats.connections_open <= options.max_connections_per_address)  # the pollers' closes
-        assert stats.connections_evicted >= FLOOD - options.max_connections_per_address
-        assert stats.connections_refused == 0
+        assert stats.connections_evicted + stats.connections_refused == FLOOD - options.max_connections_per_address
+        assert stats.connections_refused > 0
     finally:
         close_all(held)
 
@@ -126,12 +128,12 @@ def test_when_the_total_is_full_the_longest_idle_connection_goes_and_never_a_rec
         wait_accepted(running, 4)
         newcomer = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=("127.0.0.3", 0))
         poll_once(port, sock=newcomer)
-        assert silent[0].recv(10) == b""  # evicted, though pollers[0] has been idle for longer: it never asked
+        assert hung_up(silent[0])  # evicted, though pollers[0] has been idle for longer: it never asked
         for sock in (*pollers[1:], newcomer):
             poll_once(port, sock=sock)  # pollers[0] is now the longest-idle
         second = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=("127.0.0.4", 0))
         poll_once(port, sock=second)  # everyone has polled: the longest-idle goes
-        assert pollers[0].recv(10) == b"", "the longest-idle poller was not the one evicted"
+        assert hung_up(pollers[0]), "the longest-idle poller was not the one evicted"
         for sock in (*pollers[1:], newcomer, second):
             poll_once(port, sock=sock)
         assert running.server.stats.connections_evicted == 2
@@ -149,7 +151,7 @@ def test_a_connection_that_never_sends_a_request_is_closed_after_the_first_reque
         with socket.create_connection(("127.0.0.1", port), timeout=5) as silent:
             silent.sendall(READ_BLOCK_A[:3])  # a partial frame is not a request
             started = time.monotonic()
-            assert silent.recv(10) == b""
+            assert hung_up(silent)
             assert 0.9 <= time.monotonic() - started < 5.0
         poll_once(port, sock=polling)  # idle for longer than 1 s, but it has polled: idle_timeout applies
         assert running.server.stats.connections_no_request_closed == 1
@@ -171,7 +173,7 @@ def test_a_tls_connection_that_never_completes_its_handshake_is_closed_after_the
     try:
         with socket.create_connection(("127.0.0.1", options.tls_port), timeout=10) as silent:
             started = time.monotonic()
-            assert silent.recv(10) == b""
+            assert hung_up(silent)
             assert 0.9 <= time.monotonic() - started < 5.0
     finally:
         running.close()

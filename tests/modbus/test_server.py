@@ -16,7 +16,7 @@ from smallbms_bus.modbus.server import ModbusOptions
 from tests.bms.rig import Rig
 from tests.modbus.conftest import raw_request
 from tests.modbus.harness import RunningServer, s32, signed, u32
-from tests.ports import recv_exact
+from tests.ports import hung_up, recv_exact
 
 
 def read(client, address: int, count: int, unit: int = 1, fc: int = 3) -> list[int]:
@@ -254,7 +254,7 @@ def test_a_connection_over_the_cap_is_served_and_the_longest_idle_one_makes_room
         assert read(second, 0, 2)[0] == 1  # first is now the longest-idle
         third = running.client()
         assert read(third, 0, 1) == [1]
-        assert first.recv(10) == b""  # evicted
+        assert hung_up(first)  # evicted
         assert running.server.stats.connections_evicted == 1 and running.server.stats.connections_refused == 0
         assert read(second, 0, 2)[0] == 1
         first.close()
@@ -274,7 +274,7 @@ def test_idle_connections_are_closed_after_the_idle_timeout():
             while time.monotonic() < deadline:
                 assert read(busy, 0, 1) == [1]
                 time.sleep(0.2)
-            assert idle.recv(10) == b""  # the server closed it
+            assert hung_up(idle)  # the server closed it
             assert read(busy, 0, 1) == [1]  # the active client stays
             busy.close()
         assert running.server.stats.connections_idle_closed == 1
