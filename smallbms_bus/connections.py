@@ -218,7 +218,9 @@ class GuardedSocket(socket.socket):
     `sock` given to create_server), and its listen(ACCEPT_BATCH) keeps the queue ACCEPT_QUEUE deep."""
 
     def __init__(self, family: int, refuse: Callable[[str], bool]) -> None:
-        super().__init__(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP, not 0: accepted sockets inherit it, and asyncio sets TCP_NODELAY only on proto 6 (without
+        # it Nagle and delayed ACKs stall pipelined answers for 40 ms at a time)
+        super().__init__(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.refuse = refuse
 
     def listen(self, backlog: int = ACCEPT_QUEUE) -> None:

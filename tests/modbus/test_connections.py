@@ -177,3 +177,12 @@ def test_a_tls_connection_that_never_completes_its_handshake_is_closed_after_the
             assert 0.9 <= time.monotonic() - started < 5.0
     finally:
         running.close()
+
+
+def test_accepted_connections_have_tcp_nodelay_as_asyncio_sets_it(running):
+    """Our listening sockets must be IPPROTO_TCP ones: asyncio only sets TCP_NODELAY on those, and without it
+    pipelined answers wait for delayed ACKs (a slow-reader campaign took 4x longer to settle)."""
+    with socket.create_connection(("127.0.0.1", running.port), timeout=5) as sock:
+        poll_once(running.port, sock=sock)
+        (conn,) = running.server.connections
+        assert conn.transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
