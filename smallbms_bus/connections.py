@@ -1,8 +1,8 @@
 """Who keeps a connection slot when a server is full: the policy of the Modbus server and of /metrics.
 
 A refused newcomer is the operator locked out: before this policy 32 idle connections made every new
-Modbus poller get "connection reset" for as long as the attacker kept them. Now a newcomer is always
-taken, and someone else's slot is given up instead:
+Modbus poller get "connection reset" for as long as the attacker kept them. Now a newcomer is taken,
+and someone else's slot is given up instead:
 
 - per address: an address already holding `max_connections_per_address` loses its own longest-idle
   connection to its newcomer (a flood from one host only ever displaces that host's connections; a PLC
@@ -17,6 +17,14 @@ the time of their last complete request. A connect-and-hold attacker therefore o
 connections that never asked anything, and a poller that polls keeps its connection through any
 flood. Bytes that do not complete a request do not count (a slowloris stays idle).
 
+The one newcomer not taken: one that has sent nothing, from an address whose share is full and holds a
+connection that never asked anything either. Taking it would only evict its equal, for ten times the
+work of hanging it up in `GuardedSocket.accept` before asyncio builds anything (counted as refused).
+The listening sockets also set TCP_DEFER_ACCEPT (Modbus, HTTP and TLS clients speak first): a poller
+is handed over with its request already readable, a connect-and-hold flood waits in the kernel for a
+second without costing a descriptor, and a flood that re-opens what we drop is slowed tenfold.
+Dropped connections are reset, not closed with a FIN, so no TIME_WAIT piles up on our side.
+
 Timeouts: a connection with no complete request `first_request_timeout` after connecting is closed (a
 connect-and-hold attacker costs little); one that has polled is closed `idle_timeout` after its last
 complete request.
@@ -25,11 +33,12 @@ What it cannot do: an attacker on more addresses than max_connections / max_conn
 keeps sending valid requests more often than the operator's poller competes with it for slots. A
 firewall, or binding the server to the interface the poller is on, is the answer to that.
 
-File descriptors: every connection is one. `fd_budget` raises the process's soft RLIMIT_NOFILE toward
-its hard limit when the configured caps need it, and otherwise lowers the cap (WARNING naming the key),
-so that a flood can never take the descriptors the bus, the relay board and the store need. A failed
-accept (EMFILE: the process is out of descriptors anyway) is logged once per RATE_S by
-`quiet_accept_errors`; asyncio then pauses that listener for 1 s, the BMS keeps running.
+File descriptors: every connection is one, and asyncio holds up to IN_FLIGHT_FDS more per listener while
+it accepts and closes a flood. `fd_budget` raises the process's soft RLIMIT_NOFILE toward its hard limit
+when the configured caps need it, and otherwise lowers the cap (WARNING naming the key), so that a flood
+can never take the descriptors the bus, the relay board and the store need. A failed accept (EMFILE: the
+process is out of descriptors anyway) is logged once per RATE_S by `quiet_accept_errors`; asyncio then
+pauses that listener for 1 s, the BMS keeps running.
 
 Owner: the event loop's thread; nothing here is touched from another thread.
 """

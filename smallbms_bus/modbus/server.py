@@ -11,12 +11,13 @@ answered here, synchronously on the event loop, from the register maps:
   the core then decides at once, so "mode off" reaches the relays within the request.
 - Writes are accepted only from `allow_write_from` and, when TLS is configured, only from clients
   whose certificate `tls_client_ca` verified; anyone else gets 01, a log line and a metric.
-- Connections (smallbms_bus/connections.py): a newcomer is always taken; over
-  `max_connections_per_address` its own address's longest-idle connection goes, over `max_connections`
-  the longest-idle of all (one that never sent a request first). A connection with no request
-  `first_request_timeout` after connecting is closed, one that has polled `idle_timeout` after its last
-  request. A client that stops reading its answers is paused (asyncio flow control), so it never grows
-  our buffers or blocks the loop, and is closed by the idle timeout.
+- Connections (smallbms_bus/connections.py): a newcomer is taken; over `max_connections_per_address`
+  its own address's longest-idle connection goes, over `max_connections` the longest-idle of all (one
+  that never sent a request first); only a silent newcomer that would displace its silent equal is hung
+  up on accept. A connection with no request `first_request_timeout` after connecting is closed, one
+  that has polled `idle_timeout` after its last request. A client that stops reading its answers is
+  paused (asyncio flow control), so it never grows our buffers or blocks the loop, and is closed by the
+  idle timeout.
 
 Why not pymodbus's datastore: its request path answers a read-only live value with 02 or needs the
 application to push every value into its tables; here reads are pulled from the latest decision,
