@@ -968,7 +968,7 @@ def markdown() -> str:
              "Prometheus keeps one connection per target and scrapes on it, so it is never the longest-idle while",
              "a flood's connections have sent nothing: a scraper is answered within 1 s while another address (or",
              "its own) holds 1,000 idle connections, even when they are re-opened as fast as they are dropped",
-             "(tests/test_metrics_connections.py, tests/faults/test_connection_flood.py: worst 0.29 s with a CPU",
+             "(tests/test_metrics_connections.py, tests/faults/test_connection_flood.py: worst 0.63 s with a CPU",
              "hog beside it). The listening socket uses TCP_DEFER_ACCEPT (a connection that sends nothing waits",
              "in the kernel for a second), dropped connections are reset, closed connections are counted in",
              "`smallbms_metrics_connections_closed_total{reason}`, and evictions, refusals and timeouts are",
