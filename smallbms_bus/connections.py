@@ -33,8 +33,8 @@ What it cannot do: an attacker on more addresses than max_connections / max_conn
 keeps sending valid requests more often than the operator's poller competes with it for slots. A
 firewall, or binding the server to the interface the poller is on, is the answer to that.
 
-File descriptors: every connection is one, and asyncio holds up to IN_FLIGHT_FDS more per listener while
-it accepts and closes a flood. `fd_budget` raises the process's soft RLIMIT_NOFILE toward its hard limit
+File descriptors: every connection is one, and asyncio holds up to about IN_FLIGHT_FDS more while it
+accepts and closes a flood. `fd_budget` raises the process's soft RLIMIT_NOFILE toward its hard limit
 when the configured caps need it, and otherwise lowers the cap (WARNING naming the key), so that a flood
 can never take the descriptors the bus, the relay board and the store need. A failed accept (EMFILE: the
 process is out of descriptors anyway) is logged once per RATE_S by `quiet_accept_errors`; asyncio then
@@ -72,7 +72,9 @@ RESERVE_FDS = 128  # descriptors kept for the service itself (bus, relay board, 
 # its SYNs dropped, which would cost a poller a 1 s retransmission.
 ACCEPT_BATCH = 64
 ACCEPT_QUEUE = 1024
-IN_FLIGHT_FDS = 4 * ACCEPT_BATCH  # per listener
+# Reserved once for the process (the flood test: at most 150 descriptors in all, 17 before it, caps 32 + 16).
+IN_FLIGHT_FDS = 4 * ACCEPT_BATCH
+MIN_GRANT = 16  # connections a server keeps even when the limit is too low for its cap (then EMFILE can happen)
 REFUSALS_PER_ACCEPT = 16  # newcomers GuardedSocket.accept may hang up before it lets the loop run again
 # Modbus, HTTP and TLS clients speak first. With TCP_DEFER_ACCEPT the kernel hands a connection over when its first
 # bytes arrive, or after this long without them: a poller is accepted with its request already readable (so it is
@@ -321,13 +323,13 @@ def _open_fds() -> int:
         return 64  # no /proc: a typical count for the service
 
 
-def fd_budget(owner: object, key: str, wanted: int, listeners: int = 1) -> int:
+def fd_budget(owner: object, key: str, wanted: int) -> int:
     """How many connections `owner`, a server configured by `key` (e.g. "modbus.max_connections"), may hold:
     `wanted` if the descriptor limit allows it, after raising the soft limit toward the hard one if needed;
-    else what fits, with a WARNING naming the key. `release_fds(owner)` gives them back."""
+    else what fits but at least MIN_GRANT, with a WARNING naming the key. `release_fds(owner)` gives them back."""
     release_fds(owner)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    others = _open_fds() + RESERVE_FDS + sum(_granted.values()) + listeners * IN_FLIGHT_FDS
+    others = _open_fds() + RESERVE_FDS + sum(_granted.values()) + IN_FLIGHT_FDS
     need = others + wanted
     if soft != resource.RLIM_INFINITY and need > soft:
         target = need if hard == resource.RLIM_INFINITY else min(need, hard)
@@ -344,12 +346,12 @@ def fd_budget(owner: object, key: str, wanted: int, listeners: int = 1) -> int:
                 soft = target
             except (ValueError, OSError) as error:
                 log.debug("cannot raise the open-file limit: %s", error)
-    granted = wanted if soft == resource.RLIM_INFINITY else max(1, min(wanted, soft - others))
+    granted = wanted if soft == resource.RLIM_INFINITY else max(min(wanted, MIN_GRANT), min(wanted, soft - others))
     if granted < wanted:
         log.warning("%s = %d does not fit the open-file limit (%d, hard %s): serving at most %d connections; "
                     "raise LimitNOFILE= in the systemd unit or lower %s", key, wanted, soft,
                     "unlimited" if hard == resource.RLIM_INFINITY else hard, granted, key)
-    _granted[id(owner)] = granted + listeners * IN_FLIGHT_FDS
+    _granted[id(owner)] = granted
     return granted
 
 

@@ -12,7 +12,15 @@ import subprocess
 import sys
 import textwrap
 
-from smallbms_bus.connections import ConnectionPolicy, Limits, RateLimitedLog, address_of, fd_budget, release_fds
+from smallbms_bus.connections import (
+    MIN_GRANT,
+    ConnectionPolicy,
+    Limits,
+    RateLimitedLog,
+    address_of,
+    fd_budget,
+    release_fds,
+)
 
 
 class Conn:
@@ -177,7 +185,7 @@ def test_the_fd_budget_raises_the_soft_limit_toward_the_hard_one_or_lowers_the_c
     first = next(line for line in lines if line.startswith("granted")).split()
     assert int(first[1]) == 1000 and 1000 < int(first[3]) <= 2048
     second = [line for line in lines if line.startswith("granted")][1].split()
-    assert 1 <= int(second[1]) < 300 - 128 and int(second[3]) == 300  # what fits beside the reserve
+    assert int(second[1]) == MIN_GRANT and int(second[3]) == 300  # nothing fits beside the first: the minimum
     assert any(line.startswith("WARNING metrics.max_connections = 1000 does not fit the open-file limit (300")
                for line in lines), out
 

@@ -320,8 +320,7 @@ class ModbusServer:
     async def start(self) -> None:
         o = self.options
         quiet_accept_errors(asyncio.get_running_loop())
-        listeners = (o.port is not None) + o.tls
-        self.policy.limits = self._limits(fd_budget(self, "modbus.max_connections", o.max_connections, listeners))
+        self.policy.limits = self._limits(fd_budget(self, "modbus.max_connections", o.max_connections))
         if o.port is not None:
             await self._listen(ModbusTcpServer, o.port)
         if o.tls:

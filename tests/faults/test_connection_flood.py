@@ -11,9 +11,11 @@ by the caps.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
+import resource
 import socket
 import struct
 import subprocess
@@ -143,7 +145,7 @@ def test_connection_floods_never_lock_out_a_poller_or_a_scraper_and_the_bms_runs
                                  "attacker_reopens_per_s": attacker.counts["reopens_per_s"],
                                  "service_fds_max": most_fds}
                 # Descriptors: the caps (32 Modbus + 16 metrics), connections being accepted or closed (asyncio takes
-                # ACCEPT_BATCH per turn of its loop), the poller; never the flood's 1,000.
+                # ACCEPT_BATCH per turn of its loop: fd_budget reserves IN_FLIGHT_FDS), the poller; never the 1,000.
                 bound = fds_before + 32 + 16 + IN_FLIGHT_FDS + 8
                 assert most_fds <= bound, f"{name}: the service held {most_fds} descriptors (bound {bound})"
             values = rig.metrics()
@@ -179,3 +181,112 @@ def test_connection_floods_never_lock_out_a_poller_or_a_scraper_and_the_bms_runs
             observer_max_ms=round(worst * 1000, 1), modbus_evicted=int(evicted), modbus_refused=int(refused),
             metrics_evicted=int(scrapes_evicted), metrics_refused=int(scrapes_refused),
             log_lines_about_evictions=evictions_logged, service_fds_before=fds_before)
+
+
+class LimitedRig(ProcessRig):
+    """`smallbms-bus run` started under a given RLIMIT_NOFILE (soft, hard), with systemd's watchdog on, so
+    WATCHDOG=1 on the notify socket shows the BMS ticking."""
+
+    def __init__(self, tmp_path: Path, limits: tuple[int, int], **kwargs: object) -> None:
+        super().__init__(tmp_path, **kwargs)  # type: ignore[arg-type]
+        self.limits = limits
+
+    def start(self) -> subprocess.Popen:
+        self.starts += 1
+        self.stderr_path = self.tmp / f"service-{self.starts}.err"
+        limits = self.limits
+        with self.stderr_path.open("w") as err:
+            self.service = subprocess.Popen(
+                [sys.executable, "-m", "smallbms_bus.cli", "run", "--config", str(self.config)],
+                stdout=subprocess.DEVNULL, stderr=err,
+                env={**os.environ, "NOTIFY_SOCKET": self.notify_path, "PYTHONUNBUFFERED": "1",
+                     "WATCHDOG_USEC": "2000000"},
+                preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, limits))
+        return self.service
+
+    def watchdogs(self, seconds: float) -> int:
+        """WATCHDOG=1 messages over the next `seconds`."""
+        count, end = 0, time.monotonic() + seconds
+        while time.monotonic() < end:
+            self.notify.settimeout(max(0.01, end - time.monotonic()))
+            with contextlib.suppress(TimeoutError):
+                count += self.notify.recv(256) == b"WATCHDOG=1"
+        return count
+
+
+def open_polled(port: int, n: int, source: str, *, all_at_once: bool) -> list[socket.socket]:
+    """n connections from `source`, each answered once, then held: real clients, never the longest-idle of a
+    connect-and-hold flood. all_at_once: every request is sent before any answer is read (all n open)."""
+    held = []
+    for i in range(n):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+        sock.sendall(struct.pack(">HHHBBHH", i, 0, 6, 1, 3, 0, 2))
+        if not all_at_once:
+            assert recv_exact(sock, 13)[7] == 3
+        held.append(sock)
+    if all_at_once:
+        for sock in held:
+            assert recv_exact(sock, 13)[7] == 3
+    return held
+
+
+def soft_limit(pid: int) -> int:
+    line = next(x for x in Path(f"/proc/{pid}/limits").read_text().splitlines() if x.startswith("Max open files"))
+    return int(line.split()[3])
+
+
+@pytest.mark.skipif(resource.getrlimit(resource.RLIMIT_NOFILE)[1] not in (resource.RLIM_INFINITY,)
+                    and resource.getrlimit(resource.RLIMIT_NOFILE)[1] < 4096, reason="needs a hard limit of 4096")
+def test_the_open_file_limit_is_raised_for_the_caps_or_the_caps_lowered_and_the_bms_keeps_ticking(
+        tmp_path: Path, figures):
+    """max_connections = 1000 of real clients (each polled once, then held). Under a soft limit of 256 and a
+    hard one of 4096 the service raises its soft limit and serves all 1,000 at once (before: accept failed
+    with EMFILE at ~240 and the rest waited for ever). Under soft = hard = 512 it serves what fits, says so
+    naming the key, and a new poller is still answered within 1 s while 1,000 are held; the BMS ticks."""
+    modbus = "max_connections = 1000\nmax_connections_per_address = 1000\nidle_timeout = 600.0"
+    found: dict[str, object] = {}
+    (tmp_path / "raised").mkdir()
+    (tmp_path / "lowered").mkdir()
+    with LimitedRig(tmp_path / "raised", (256, 4096), modbus=modbus) as rig:
+        rig.start()
+        rig.wait_ready()
+        assert soft_limit(rig.service.pid) > 1000
+        assert "raised the open-file limit from 256 to" in rig.stderr()
+        started = time.monotonic()
+        held = open_polled(rig.modbus_port, FLOOD, "127.0.0.2", all_at_once=True)
+        found["raised_all_answered_s"] = round(time.monotonic() - started, 2)
+        try:
+            assert poll_modbus(rig.modbus_port) < CONTRACT_S
+            assert rig.watchdogs(2.0) >= 2
+        finally:
+            for sock in held:
+                sock.close()
+        assert rig.stop() == 0
+        found["raised_soft_limit"] = soft_limit_of_log(rig.stderr())
+    with LimitedRig(tmp_path / "lowered", (512, 512), modbus=modbus, metrics=True) as rig:
+        rig.start()
+        rig.wait_ready()
+        log = rig.stderr()
+        assert "modbus.max_connections = 1000 does not fit the open-file limit (512, hard 512)" in log, log
+        granted = int(log.split("does not fit")[1].split("serving at most ")[1].split()[0])
+        held = []
+        try:
+            held = open_polled(rig.modbus_port, FLOOD, "127.0.0.2", all_at_once=False)  # later ones evict earlier
+            latencies = [poll_modbus(rig.modbus_port) for _ in range(10)]
+            assert max(latencies) < CONTRACT_S, latencies
+            assert rig.watchdogs(2.0) >= 2
+            assert fds(rig.service.pid) < 512
+            values = rig.metrics()
+            assert metric(values, "smallbms_modbus_connections") <= granted
+            assert metric(values, "smallbms_task_restarts_total") == 0
+        finally:
+            for sock in held:
+                sock.close()
+        assert rig.stop() == 0
+        assert "cannot accept a connection" not in rig.stderr()  # no EMFILE: the cap fitted the limit
+        found.update(lowered_granted=granted, lowered_worst_ms=round(max(latencies) * 1000, 1))
+    figures(**found)
+
+
+def soft_limit_of_log(log: str) -> int:
+    return int(log.split("raised the open-file limit from 256 to ")[1].split()[0])
