@@ -92,12 +92,18 @@ def scrape(port: int) -> float:
 
 
 def dropped(values: dict[str, float], target: str) -> float:
-    """Connections the service hung up under its connection policy: evicted, refused on accept."""
+    """Connections the service hung up under its connection policy: evicted, refused on accept (a series the
+    service does not export counts 0, so that this test runs, and fails on its polls, before issue 12 too)."""
+    def value(name: str, **labels: str) -> float:
+        try:
+            return metric(values, name, **labels)
+        except (AssertionError, KeyError):
+            return 0.0
+
     if target == "modbus":
-        return metric(values, "smallbms_modbus_connections_closed_total", reason="evicted") + \
-            metric(values, "smallbms_modbus_connections_refused_total")
-    return sum(metric(values, "smallbms_metrics_connections_closed_total", reason=reason)
-               for reason in ("evicted", "refused"))
+        return value("smallbms_modbus_connections_closed_total", reason="evicted") + \
+            value("smallbms_modbus_connections_refused_total")
+    return sum(value("smallbms_metrics_connections_closed_total", reason=reason) for reason in ("evicted", "refused"))
 
 
 def fds(pid: int) -> int:
