@@ -171,10 +171,19 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "tls_port": Key(802, _number(1, 65535, integer=True), "TCP port of Modbus/TCP Security (when tls_cert is set)"),
         "max_connections": Key(32, _number(1, 1000, integer=True), "concurrent clients"),
         "idle_timeout": Key(300.0, _number(1.0, 86400.0), "s before an idle connection is closed"),
+        "max_connections_per_address": Key(8, _number(1, 1000, integer=True), "connections one client address may "
+                                           "hold; its newcomer evicts its own longest-idle one"),
+        "first_request_timeout": Key(10.0, _number(1.0, 3600.0), "s a new connection has to send its first request"),
     },
     "metrics": {
         "host": Key("127.0.0.1", _text(), "address of the Prometheus /metrics endpoint"),
         "port": Key(9108, _number(0, 65535, integer=True), "TCP port, 0 = no metrics endpoint"),
+        "max_connections": Key(16, _number(1, 1000, integer=True), "concurrent HTTP connections; when full the "
+                               "longest-idle is evicted"),
+        "max_connections_per_address": Key(4, _number(1, 1000, integer=True), "HTTP connections one client address "
+                                           "may hold"),
+        "first_request_timeout": Key(10.0, _number(1.0, 3600.0), "s a new connection has to send its request"),
+        "idle_timeout": Key(60.0, _number(1.0, 86400.0), "s before an idle keep-alive connection is closed"),
     },
     "outputs": {
         "backend": Key("memory", _text("memory", "modbus", "lcus", "gpiod"), "relay board kind"),

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import gc
 import gzip
 import itertools
@@ -47,6 +48,20 @@ from prometheus_client.utils import floatToGoString
 from smallbms_bus import __version__
 from smallbms_bus.bms.alarms import BalancerStatus, BmsAlarm, BmsWarning, Led
 from smallbms_bus.bms.core import Decision
+from smallbms_bus.config import defaults
+from smallbms_bus.connections import (
+    ACCEPT_BATCH,
+    ConnectionPolicy,
+    Limits,
+    RateLimitedLog,
+    abort_with_reset,
+    address_of,
+    bytes_waiting,
+    fd_budget,
+    guarded_sockets,
+    quiet_accept_errors,
+    release_fds,
+)
 from smallbms_bus.link.codec import MALFORMED_KINDS
 
 if TYPE_CHECKING:
@@ -114,6 +129,13 @@ EVENTS = _m("events_total", "counter", (), "Events (changes of ATC, ATD, pre-ala
 SCRAPES = _m("metrics_scrapes_total", "counter", (), "Scrapes this endpoint answered before this one.")
 ENCODE = _m("metrics_encode_seconds", "gauge", (), "Wall time the previous scrape took to build and encode "
             "(with the pauses that let the BMS run).")
+ENDPOINT_CONNECTIONS = _m("metrics_connections", "gauge", (), "Open HTTP connections to this endpoint (this scrape's "
+                          "included).")
+ENDPOINT_CLOSED = _m("metrics_connections_closed_total", "counter", ("reason",),
+                     "HTTP connections to this endpoint closed by the service: evicted (the longest-idle, for a "
+                     "newcomer over [metrics] max_connections or max_connections_per_address), refused (on accept: a "
+                     "newcomer that sent nothing from an address whose share is full with one that never asked "
+                     "either), no_request (nothing within first_request_timeout), idle_timeout.")
 # -- states -----------------------------------------------------------------------------------------
 _group = "state"
 ATC = _m("allowed_to_charge", "gauge", (), "1 = allowed to charge (ATC).")
@@ -229,11 +251,13 @@ MODBUS_REFUSED = _m("modbus_refused_writes_total", "counter", (),
                     "Writes refused because the client may not write (allow_write_from / TLS client certificate).")
 MODBUS_CONNECTIONS = _m("modbus_connections", "gauge", (), "Open Modbus TCP connections.")
 MODBUS_ACCEPTED = _m("modbus_connections_accepted_total", "counter", (), "Connections accepted.")
-MODBUS_REFUSED_CONN = _m("modbus_connections_refused_total", "counter", (), "Connections refused over "
-                         "max_connections.")
+MODBUS_REFUSED_CONN = _m("modbus_connections_refused_total", "counter", (), "Connections hung up on accept: a "
+                         "newcomer that had sent nothing, from an address already holding max_connections_per_address "
+                         "with one that never sent a request either (it would only displace its equal).")
 MODBUS_CLOSED = _m("modbus_connections_closed_total", "counter", ("reason",),
-                   "Connections closed by the server: idle_timeout, slow_client (did not read its answers), bad_frame "
-                   "(not Modbus/TCP).")
+                   "Connections closed by the server: evicted (the longest-idle, for a newcomer over max_connections "
+                   "or max_connections_per_address), no_request (nothing within first_request_timeout), "
+                   "idle_timeout, slow_client (did not read its answers), bad_frame (not Modbus/TCP).")
 del B
 
 
@@ -251,7 +275,7 @@ class Snapshot:
     store: tuple[int, int, int]  # writes, failures, pending events
     service: tuple[int, int, int]  # evaluations, task restarts, events
     modbus: tuple[dict[tuple[str, str], int], ModbusStats] | None
-    metrics: tuple[int, float] | None  # scrapes answered, seconds the last one took
+    metrics: tuple[int, float, int, dict[str, int]] | None  # scrapes, seconds the last took, connections, closed
 
     @classmethod
     def of(cls, service: Any) -> Snapshot:
@@ -268,7 +292,8 @@ class Snapshot:
                    (link.config.interface, link.config.channel), service.outputs.status(),
                    dict(service.outputs.channel_map), (persister.writes, persister.failures, persister.pending_events),
                    (stats.evaluations, stats.task_restarts, stats.events), modbus,
-                   None if endpoint is None else (endpoint.scrapes, endpoint.encode_seconds))
+                   None if endpoint is None else (endpoint.scrapes, endpoint.encode_seconds, len(endpoint.policy),
+                                                  dict(endpoint.closed)))
 
 
 def _family(name: str) -> Any:
@@ -329,6 +354,11 @@ class BmsCollector(Collector):
         if s.metrics is not None:
             yield from _value(SCRAPES, s.metrics[0])
             yield from _value(ENCODE, s.metrics[1])
+            yield from _value(ENDPOINT_CONNECTIONS, s.metrics[2])
+            family = _family(ENDPOINT_CLOSED)
+            for reason in CLOSE_REASONS:
+                family.add_metric((reason,), s.metrics[3].get(reason, 0))
+            yield family
 
     def _state(self, s: Snapshot, d: Decision) -> Iterator[Metric]:
         yield from _value(DECISION_AGE, max(0.0, s.now - d.now))
@@ -492,6 +522,8 @@ class BmsCollector(Collector):
         yield from _value(MODBUS_ACCEPTED, stats.connections_total)
         yield from _value(MODBUS_REFUSED_CONN, stats.connections_refused)
         family = _family(MODBUS_CLOSED)
+        family.add_metric(("evicted",), stats.connections_evicted)
+        family.add_metric(("no_request",), stats.connections_no_request_closed)
         family.add_metric(("idle_timeout",), stats.connections_idle_closed)
         family.add_metric(("slow_client",), stats.connections_slow_closed)
         bad_frame = getattr(stats, "connections_bad_frame_closed", None)  # newer ModbusStats
@@ -609,10 +641,28 @@ def process_metrics(registry: CollectorRegistry | None = None) -> CollectorRegis
 # -- serving ------------------------------------------------------------------------------------------------
 SLICE_S = 0.0005  # encode this long, then pause: the GIL goes to whoever waits for it (the event loop, the bus)
 PAUSE_S = 0.0001
-IDLE_TIMEOUT_S = 60.0  # an idle keep-alive connection is closed after this
-MAX_CONNECTIONS = 16
 MAX_HEAD_BYTES = 16_384
 RETRY_BIND_S = 10.0
+CLOSE_REASONS = ("evicted", "refused", "no_request", "idle_timeout")
+
+
+class _HttpConnection:
+    """One HTTP connection as the connection policy sees it."""
+
+    __slots__ = ("address", "reader", "writer")
+
+    def __init__(self, address: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.address, self.reader, self.writer = address, reader, writer
+
+    def waiting(self) -> bool:
+        # StreamReader has no public length: its buffer holds what arrived and was not yet parsed.
+        return bool(getattr(self.reader, "_buffer", b"")) or bytes_waiting(self.writer.transport) > 0
+
+
+def limits_of(section: dict[str, Any]) -> Limits:
+    """The [metrics] keys of the connection policy (config.py holds their defaults)."""
+    return Limits(section["max_connections"], section["max_connections_per_address"],
+                  section["first_request_timeout"], section["idle_timeout"])
 
 
 class MetricsServer:
@@ -646,10 +696,16 @@ class MetricsServer:
 
     A port that cannot be bound is logged and retried every RETRY_BIND_S; the BMS keeps running
     (Prometheus then reports the target down, which is what the exporter-down alert is for).
+
+    Connections follow smallbms_bus/connections.py, as Modbus does: a newcomer is taken and, over
+    `[metrics] max_connections_per_address` or `max_connections`, the longest-idle connection (one that never
+    sent a complete request head first) is hung up. A connection gets `first_request_timeout` for its first
+    request head and `idle_timeout` after each; a client that does not read its answer is hung up by the same
+    clock. `limits` defaults to the service's `[metrics]` keys.
     """
 
     def __init__(self, service: Any, host: str, port: int, *, slice_s: float = SLICE_S,
-                 pause_s: float = PAUSE_S) -> None:
+                 pause_s: float = PAUSE_S, limits: Limits | None = None) -> None:
         self.service = service
         self.host, self.port = host, port
         self.slice_s, self.pause_s = slice_s, pause_s
@@ -658,18 +714,25 @@ class MetricsServer:
         self.extra = process_metrics()  # a registry of its own, not prometheus-client's global one
         self.scrapes = 0
         self.encode_seconds = 0.0
-        self._server: asyncio.base_events.Server | None = None
+        self._servers: list[asyncio.base_events.Server] = []  # one per address the host resolves to
         self._retry: asyncio.Task[None] | None = None
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="metrics")
-        self._writers: set[asyncio.StreamWriter] = set()
+        if limits is None:  # the service's [metrics] keys, or their defaults
+            config = getattr(service, "config", None)
+            limits = limits_of(config["metrics"] if config is not None else defaults()["metrics"])
+        self.policy = ConnectionPolicy(limits)
+        self.connections_total = 0
+        self.closed: dict[str, int] = dict.fromkeys(CLOSE_REASONS, 0)
+        self._quiet = RateLimitedLog(log)
+        self._reaper: asyncio.Task[None] | None = None
         self._closing = False
 
     @property
     def bound(self) -> tuple[str, int] | None:
         """(host, port) actually listened on, or None while not bound."""
-        if self._server is None or not self._server.sockets:
+        if not self._servers or not self._servers[0].sockets:
             return None
-        host, port = self._server.sockets[0].getsockname()[:2]
+        host, port = self._servers[0].sockets[0].getsockname()[:2]
         return host, port
 
     @property
@@ -683,6 +746,11 @@ class MetricsServer:
         # took 11 ms with the GIL held, and a scrape's thousands of short-lived objects trigger collections.
         # Frozen, they are skipped: a full collection drops to microseconds (measured; benchmarks/metrics.py).
         gc.freeze()
+        quiet_accept_errors(asyncio.get_running_loop())
+        limits = self.policy.limits
+        granted = fd_budget(self, "metrics.max_connections", limits.max_connections)
+        self.policy.limits = Limits(granted, *dataclasses.astuple(limits)[1:])
+        self._reaper = asyncio.get_running_loop().create_task(self._reap())
         try:
             await self._bind()
         except OSError as error:
@@ -691,8 +759,17 @@ class MetricsServer:
             self._retry = asyncio.get_running_loop().create_task(self._keep_binding())
 
     async def _bind(self) -> None:
-        self._server = await asyncio.start_server(self._connection, self.host, self.port, limit=MAX_HEAD_BYTES,
-                                                  reuse_address=True)
+        sockets = await guarded_sockets(self.host, self.port, self._refuse)
+        try:
+            while sockets:
+                self._servers.append(await asyncio.start_server(self._connection, sock=sockets[0], limit=MAX_HEAD_BYTES,
+                                                                backlog=ACCEPT_BATCH))
+                sockets.pop(0)
+        except OSError:
+            for sock in sockets:
+                sock.close()
+            await self._close_servers()
+            raise
         log.info("metrics: serving %s", self.url)
 
     async def _keep_binding(self) -> None:
@@ -706,37 +783,80 @@ class MetricsServer:
 
     async def close(self) -> None:
         self._closing = True
-        if self._retry is not None:
-            self._retry.cancel()
-            await asyncio.gather(self._retry, return_exceptions=True)
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-        for writer in list(self._writers):  # idle keep-alive connections: their handlers end on the close
-            writer.close()
+        for task in (self._retry, self._reaper):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        await self._close_servers()
+        for conn in list(self.policy):  # idle keep-alive connections: their handlers end on the close
+            conn.writer.close()  # type: ignore[attr-defined]
+        release_fds(self)
         await asyncio.get_running_loop().run_in_executor(None, self._pool.shutdown, True)
+
+    async def _close_servers(self) -> None:
+        for server in self._servers:
+            server.close()
+            await server.wait_closed()
+        self._servers.clear()
+
+    def _refuse(self, address: str) -> bool:
+        """GuardedSocket's question for a newcomer that has sent nothing: hang it up on accept?"""
+        if not self.policy.crowded(address):
+            return False
+        self.closed["refused"] += 1
+        self._quiet("refused", logging.WARNING, "metrics: refused a connection from %s that sent nothing: it already "
+                    "holds its share and one of them never sent a request either (metrics.max_connections_per_address)",
+                    address)
+        return True
 
     # -- HTTP ------------------------------------------------------------------------------------------------
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self._writers) >= MAX_CONNECTIONS or self._closing:
+        if self._closing:
             writer.close()
             return
-        self._writers.add(writer)
+        conn = _HttpConnection(address_of(writer.get_extra_info("peername")), reader, writer)
+        for victim in self.policy.admit(conn):
+            self._drop(victim, "evicted", f"for a newcomer from {conn.address}")  # type: ignore[arg-type]
+        self.connections_total += 1
         try:
-            while not self._closing and await self._request(reader, writer):
+            while not self._closing and await self._request(conn, reader, writer):
                 pass
-        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            pass  # the client went away, sent garbage or idled out: nothing to answer
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass  # the client went away, sent garbage, or was hung up (idle, evicted): nothing to answer
         except RuntimeError:  # the encoding thread was shut down under a request: the service is stopping
             if not self._closing:
                 raise
         finally:
-            self._writers.discard(writer)
+            self.policy.forget(conn)
             writer.close()
 
-    async def _request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        """Answer one request; True to keep the connection open for the next."""
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), IDLE_TIMEOUT_S)
+    def _drop(self, conn: _HttpConnection, reason: str, detail: str) -> None:
+        """Hang up at once (the policy already forgot it)."""
+        self.closed[reason] += 1
+        key = {"evicted": "max_connections / max_connections_per_address", "no_request": "first_request_timeout",
+               "idle_timeout": "idle_timeout"}[reason]
+        self._quiet(reason, logging.WARNING if reason == "evicted" else logging.INFO,
+                    "metrics: closing a connection from %s: %s %s (metrics.%s)", conn.address,
+                    reason.replace("_", " "), detail, key)
+        if conn.writer.transport is not None:
+            abort_with_reset(conn.writer.transport)
+
+    async def _reap(self) -> None:
+        limits = self.policy.limits
+        while True:
+            await asyncio.sleep(min(limits.first_request_timeout / 4, limits.idle_timeout / 4, 1.0))
+            for conn, why in self.policy.expired():
+                reason = "no_request" if why == "no_request" else "idle_timeout"
+                timeout = limits.first_request_timeout if why == "no_request" else limits.idle_timeout
+                self._drop(conn, reason, f"for {timeout:g} s")  # type: ignore[arg-type]
+            self._quiet.flush()
+
+    async def _request(self, conn: _HttpConnection, reader: asyncio.StreamReader,
+                       writer: asyncio.StreamWriter) -> bool:
+        """Answer one request; True to keep the connection open for the next. How long the client may take
+        to send it is the connection policy's timeouts (the reaper hangs up)."""
+        head = await reader.readuntil(b"\r\n\r\n")
+        self.policy.request(conn)
         request, *lines = head.decode("latin-1").split("\r\n")
         parts = request.split()
         headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines if line)}
@@ -818,6 +938,7 @@ GROUP_TITLES = {"service": "Service", "state": "BMS state", "bank": "Bank", "bat
 
 def markdown() -> str:
     """docs/metrics.md, generated from METRICS (a test keeps the committed file equal to this)."""
+    d = defaults()["metrics"]
     lines = ["# Metrics", "",
              "<!-- generated by `python -m smallbms_bus.metrics --markdown > docs/metrics.md`; do not edit -->", "",
              "`GET /metrics` on `[metrics] host:port` (default 127.0.0.1:9108; `port = 0` turns it off) serves the",
@@ -828,7 +949,30 @@ def markdown() -> str:
              "coulombs (1 Ah = 3600 C) and energy in joules (1 kWh = 3.6e6 J), the base units Prometheus asks for.",
              "Battery labels: `battery` (node 1..50), `serial`, `string` (StringIndex), `position` (SeriesIndex).",
              "The process collectors of prometheus-client add `process_*` and `python_*`.",
-             "Alert rules: `deploy/prometheus/`; dashboard: `deploy/grafana/`.", ""]
+             "Alert rules: `deploy/prometheus/`; dashboard: `deploy/grafana/`.", "",
+             "## Connections", "",
+             "The endpoint follows the same connection policy as Modbus (docs/modbus.md, \"Connections\"), with",
+             "its own `[metrics]` keys:", "",
+             "| key | default | meaning |", "|---|---|---|",
+             f"| `max_connections` | {d['max_connections']:g} | HTTP connections in total; when all are taken, a "
+             "newcomer is still let in and the longest-idle connection is closed (one that never sent a request "
+             "head goes first; a newcomer that has sent nothing is hung up instead when it would only displace "
+             "such a one from its own address) |",
+             f"| `max_connections_per_address` | {d['max_connections_per_address']:g} | connections one client IP "
+             "address may hold; its newcomer closes that address's own longest-idle connection, so one host "
+             "cannot take every slot |",
+             f"| `first_request_timeout` | {d['first_request_timeout']:g} s | a new connection that has not sent a "
+             "complete request head by then is closed |",
+             f"| `idle_timeout` | {d['idle_timeout']:g} s | a keep-alive connection with no new request for this "
+             "long is closed; so is one whose client stops reading its answer |", "",
+             "Prometheus keeps one connection per target and scrapes on it, so it is never the longest-idle while",
+             "a flood's connections have sent nothing: a scraper is answered within 1 s while another address (or",
+             "its own) holds 1,000 idle connections, even when they are re-opened as fast as they are dropped",
+             "(tests/test_metrics_connections.py, tests/faults/test_connection_flood.py: worst 0.63 s with a CPU",
+             "hog beside it). The listening socket uses TCP_DEFER_ACCEPT (a connection that sends nothing waits",
+             "in the kernel for a second), dropped connections are reset, closed connections are counted in",
+             "`smallbms_metrics_connections_closed_total{reason}`, and evictions, refusals and timeouts are",
+             "logged at most once per 10 s each, with how many more there were.", ""]
     for group, title in GROUP_TITLES.items():
         lines += [f"## {title}", "", "| metric | type | labels | meaning |", "|---|---|---|---|"]
         for spec in METRICS.values():

@@ -58,7 +58,8 @@ class RunningBms:
     virtual batteries on the same bus, metrics on 127.0.0.1:<free port>."""
 
     def __init__(self, tmp_path: Path, bank: str = "2s2p-12v100", *, scenario: str = "steady",
-                 comm_timeout: float = 5.0, metrics_port: int | None = None, modbus_port: int = 0) -> None:
+                 comm_timeout: float = 5.0, metrics_port: int | None = None, modbus_port: int = 0,
+                 metrics_extra: str = "") -> None:
         channel = f"metrics-{uuid.uuid4().hex[:8]}"
         self.port = free_port() if metrics_port is None else metrics_port
         self.url = f"http://127.0.0.1:{self.port}/metrics"
@@ -67,7 +68,7 @@ class RunningBms:
             f"[bms]\ndiscovery_window = 1.0\ncomm_timeout = {comm_timeout}\n"
             f'[store]\npath = "{tmp_path / "state.db"}"\n[outputs]\nbackend = "memory"\n'
             f'[modbus]\nhost = "127.0.0.1"\nport = {modbus_port}\n'
-            f'[metrics]\nhost = "127.0.0.1"\nport = {self.port}\n')
+            f'[metrics]\nhost = "127.0.0.1"\nport = {self.port}\n{metrics_extra}')
         self.service = Service(self.config, board=MemoryBoard())
         self.sim = Simulator.from_scenario(scenario, bank)
         self.sim_bus = can.Bus(interface="virtual", channel=channel)

@@ -20,3 +20,12 @@ def recv_exact(sock: socket.socket, n: int) -> bytes:
             raise ConnectionError("closed by the server")
         data += chunk
     return data
+
+
+def hung_up(sock: socket.socket) -> bool:
+    """True when the peer has closed the connection: an orderly close, or a reset (the service resets the connections
+    it drops for its connection policy: evicted, refused, timed out)."""
+    try:
+        return sock.recv(16) == b""
+    except ConnectionResetError:
+        return True

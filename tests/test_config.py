@@ -91,6 +91,40 @@ def test_an_empty_allow_write_from_means_nobody_may_write_over_modbus():
     assert parse_config("[modbus]\nallow_write_from = []\n")["modbus"]["allow_write_from"] == ()
 
 
+@pytest.mark.parametrize(("text", "key", "allowed"), [
+    ("[modbus]\nmax_connections_per_address = 0", "modbus.max_connections_per_address", "an integer in 1..1000"),
+    ("[modbus]\nmax_connections_per_address = 2.5", "modbus.max_connections_per_address", "an integer"),
+    ("[modbus]\nfirst_request_timeout = 0.5", "modbus.first_request_timeout", "a number in 1..3600"),
+    ("[metrics]\nmax_connections = 0", "metrics.max_connections", "an integer in 1..1000"),
+    ("[metrics]\nmax_connections_per_address = 1001", "metrics.max_connections_per_address", "1..1000"),
+    ('[metrics]\nfirst_request_timeout = "10"', "metrics.first_request_timeout", "a number in 1..3600"),
+    ("[metrics]\nidle_timeout = 0", "metrics.idle_timeout", "a number in 1..86400"),
+])
+def test_connection_policy_keys_are_checked(text, key, allowed):
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "test.toml")
+    assert info.value.key == key and allowed in info.value.allowed
+
+
+def test_connection_policy_keys_reach_the_modbus_server_and_the_metrics_endpoint():
+    from smallbms_bus.metrics import limits_of
+    from smallbms_bus.modbus.server import ModbusOptions
+
+    assert (defaults()["metrics"]["max_connections"], defaults()["metrics"]["max_connections_per_address"],
+            defaults()["modbus"]["max_connections_per_address"], defaults()["modbus"]["first_request_timeout"]) \
+        == (16, 4, 8, 10.0)
+    config = parse_config("[modbus]\nmax_connections = 100\nmax_connections_per_address = 3\n"
+                          "first_request_timeout = 2.5\nidle_timeout = 30\n"
+                          "[metrics]\nmax_connections = 5\nmax_connections_per_address = 2\n"
+                          "first_request_timeout = 4\nidle_timeout = 20.0\n")
+    options = ModbusOptions.from_config(config["modbus"])
+    assert (options.max_connections, options.max_connections_per_address, options.first_request_timeout,
+            options.idle_timeout) == (100, 3, 2.5, 30)
+    limits = limits_of(config["metrics"])
+    assert (limits.max_connections, limits.max_connections_per_address, limits.first_request_timeout,
+            limits.idle_timeout) == (5, 2, 4, 20.0)
+
+
 def test_a_gpio_remote_input_beside_any_relay_board():
     config = parse_config('[outputs]\nbackend = "modbus"\n[outputs.options]\nport = "/dev/ttyUSB0"\n'
                           '[remote]\nsource = "gpio"\nline = "GPIO17"\nbias = "pull_up"\ninverted = true\n')

@@ -192,6 +192,7 @@ def test_modbus_counters_map_one_to_one(bms):
                         connections_idle_closed=5, connections_slow_closed=6)
     if hasattr(stats, "connections_bad_frame_closed"):
         stats.connections_bad_frame_closed = 7
+    stats.connections_evicted, stats.connections_no_request_closed = 10, 11
     stats.count(16, 3)
     stats.count(3, None)
     stats.count(3, None)
@@ -207,6 +208,8 @@ def test_modbus_counters_map_one_to_one(bms):
     assert values[("smallbms_modbus_connections_refused_total", ())] == 4
     assert values[("smallbms_modbus_connections_closed_total", (("reason", "idle_timeout"),))] == 5
     assert values[("smallbms_modbus_connections_closed_total", (("reason", "slow_client"),))] == 6
+    assert values[("smallbms_modbus_connections_closed_total", (("reason", "evicted"),))] == 10
+    assert values[("smallbms_modbus_connections_closed_total", (("reason", "no_request"),))] == 11
     if hasattr(stats, "connections_bad_frame_closed"):
         assert values[("smallbms_modbus_connections_closed_total", (("reason", "bad_frame"),))] == 7
 

@@ -11,9 +11,13 @@ answered here, synchronously on the event loop, from the register maps:
   the core then decides at once, so "mode off" reaches the relays within the request.
 - Writes are accepted only from `allow_write_from` and, when TLS is configured, only from clients
   whose certificate `tls_client_ca` verified; anyone else gets 01, a log line and a metric.
-- Connections over `max_connections` are closed on accept; idle ones after `idle_timeout`; a client
-  that stops reading its answers is paused (asyncio flow control), so it never grows our buffers or
-  blocks the loop, and is closed by the idle timeout.
+- Connections (smallbms_bus/connections.py): a newcomer is taken; over `max_connections_per_address`
+  its own address's longest-idle connection goes, over `max_connections` the longest-idle of all (one
+  that never sent a request first); only a silent newcomer that would displace its silent equal is hung
+  up on accept. A connection with no request `first_request_timeout` after connecting is closed, one
+  that has polled `idle_timeout` after its last request. A client that stops reading its answers is
+  paused (asyncio flow control), so it never grows our buffers or blocks the loop, and is closed by the
+  idle timeout.
 
 Why not pymodbus's datastore: its request path answers a read-only live value with 02 or needs the
 application to push every value into its tables; here reads are pulled from the latest decision,
@@ -25,11 +29,11 @@ pymodbus~=3.16.1 and exercised by tests/modbus.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import ssl
 import struct
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +53,19 @@ from pymodbus.server.requesthandler import ServerRequestHandler
 from pymodbus.transaction import TransactionManager
 
 from smallbms_bus.bms.core import BmsCore, Decision
+from smallbms_bus.connections import (
+    ACCEPT_BATCH,
+    ConnectionPolicy,
+    Limits,
+    RateLimitedLog,
+    abort_with_reset,
+    address_of,
+    bytes_waiting,
+    fd_budget,
+    guarded_sockets,
+    quiet_accept_errors,
+    release_fds,
+)
 from smallbms_bus.modbus.image import UnitImage
 from smallbms_bus.modbus.regmap import RegisterMap, decode_word, load_maps
 from smallbms_bus.modbus.sources import Snapshot
@@ -80,6 +97,8 @@ class ModbusOptions:
     tls_client_ca: str | None = None
     tls_port: int = 802  # Modbus/TCP Security's registered port
     max_connections: int = 32
+    max_connections_per_address: int = 8
+    first_request_timeout: float = 10.0
     idle_timeout: float = 300.0
 
     @classmethod
@@ -130,9 +149,9 @@ class _Connection(ServerRequestHandler):
         super().__init__(listener, listener.trace_packet, listener.trace_pdu, listener.trace_connect)
         self.app = server
         self.peer = "?"
+        self.address = "?"  # the per-address cap's key
         self.may_write = False
         self.counted = False
-        self.last_activity = time.monotonic()  # I/O time, not the core's clock
         self.refusals_logged = 0
         self.paused = False  # the client stopped reading its answers (asyncio flow control)
         self.unanswered = b""  # received bytes not yet part of an answered frame
@@ -144,16 +163,12 @@ class _Connection(ServerRequestHandler):
         app = self.app
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]) if peer else "?"
-        if app.stats.connections_open >= app.options.max_connections:
-            app.stats.connections_refused += 1
-            log.warning("Modbus: refused a connection from %s: %d clients already (modbus.max_connections)",
-                        self.peer, app.options.max_connections)
-            self.close()
-            return
+        self.address = address_of(peer)
+        for victim in app.policy.admit(self):
+            victim.drop("evicted", f"for a newcomer from {self.address}")
         self.counted = True
         app.stats.connections_open += 1
         app.stats.connections_total += 1
-        app.connections.add(self)
         self.may_write = app.may_write(self.peer, transport.get_extra_info("peercert"))
         log.debug("Modbus: client %s connected (%s)", self.peer, "may write" if self.may_write else "read-only")
 
@@ -161,7 +176,33 @@ class _Connection(ServerRequestHandler):
         if self.counted:
             self.counted = False
             self.app.stats.connections_open -= 1
-            self.app.connections.discard(self)
+            self.app.policy.forget(self)
+
+    def waiting(self) -> bool:
+        return bool(self.unanswered) or bytes_waiting(self.transport) > 0
+
+    def drop(self, why: str, detail: str) -> None:
+        """Hang up at once (the policy already forgot it)."""
+        stats, app = self.app.stats, self.app
+        if why == "evicted":
+            stats.connections_evicted += 1
+            app.quiet("evicted", logging.WARNING, "Modbus: evicted the longest-idle connection of %s %s "
+                      "(modbus.max_connections %d, max_connections_per_address %d)", self.peer, detail,
+                      app.policy.limits.max_connections, app.options.max_connections_per_address)
+        elif why == "no_request":
+            stats.connections_no_request_closed += 1
+            app.quiet("no_request", logging.INFO, "Modbus: closing %s: no request %s (modbus.first_request_timeout)",
+                      self.peer, detail)
+        elif self.paused:
+            stats.connections_slow_closed += 1
+            app.quiet("slow", logging.INFO, "Modbus: closing %s: not reading its answers %s (modbus.idle_timeout)",
+                      self.peer, detail)
+        else:
+            stats.connections_idle_closed += 1
+            app.quiet("idle", logging.INFO, "Modbus: closing %s: idle %s (modbus.idle_timeout)", self.peer, detail)
+        if self.transport:
+            abort_with_reset(self.transport)
+        self.close()
 
     def callback_disconnected(self, exc: Exception | None) -> None:
         self._forget()
@@ -194,7 +235,6 @@ class _Connection(ServerRequestHandler):
         loop: a client that pipelines thousands of requests waits for its own answers, everyone else does
         not. (pymodbus's own path takes one frame per read, drops its buffer past 260 bytes and clears it
         on every send, which loses pipelined requests.)"""
-        self.last_activity = time.monotonic()
         self.unanswered += data
         self._answer_some()
 
@@ -214,6 +254,8 @@ class _Connection(ServerRequestHandler):
             used += 6 + length
             answered += 1
         self.unanswered = buffer[used:]
+        if answered:  # only a complete request makes a connection active: a slowloris stays idle
+            self.app.policy.request(self)
         if self.paused or not self.transport:  # the client is not reading its answers: resume_writing carries on
             return
         if answered == BATCH:  # more may be waiting: let the loop breathe first
@@ -254,7 +296,8 @@ class ModbusServer:
         self.access = access
         self.maps = maps or load_maps()
         self.stats = ModbusStats()
-        self.connections: set[_Connection] = set()
+        self.policy = ConnectionPolicy(self._limits(options.max_connections))
+        self.quiet = RateLimitedLog(log)
         self.units: dict[int, list[RegisterMap]] = {options.unit: [self.maps["native"], self.maps["sunspec"]]}
         if options.gx_unit:
             self.units[options.gx_unit] = [self.maps["gx"]]
@@ -266,9 +309,19 @@ class ModbusServer:
         self.bound: list[tuple[str, int]] = []  # (host, port) actually listening, for logs and tests
         self._ssl = self._ssl_context() if options.tls else None
 
+    def _limits(self, max_connections: int) -> Limits:
+        o = self.options
+        return Limits(max_connections, o.max_connections_per_address, o.first_request_timeout, o.idle_timeout)
+
+    @property
+    def connections(self) -> list[_Connection]:
+        return list(self.policy)  # type: ignore[arg-type]
+
     # -- lifecycle -------------------------------------------------------------------------------------------
     async def start(self) -> None:
         o = self.options
+        quiet_accept_errors(asyncio.get_running_loop())
+        self.policy.limits = self._limits(fd_budget(self, "modbus.max_connections", o.max_connections))
         if o.port is not None:
             await self._listen(ModbusTcpServer, o.port)
         if o.tls:
@@ -297,12 +350,36 @@ class ModbusServer:
             def callback_new_connection(self) -> _Connection:
                 return _Connection(self, server)
 
-        listener = Listener(_NoDatastore(), address=(self.options.host, port), **extra)
-        await listener.serve_forever(background=True)
-        self._listeners.append(listener)
-        for sock in listener.transport.sockets:
-            host, bound_port = sock.getsockname()[:2]
-            self.bound.append((host, bound_port))
+        sockets = await guarded_sockets(self.options.host, port, self._refuse)
+        try:
+            while sockets:
+                listener = Listener(_NoDatastore(), address=(self.options.host, port), **extra)
+                # pymodbus's create_server call (a partial, pinned by pymodbus~=3.16.1) on our socket, with our
+                # accept batch and a TLS handshake bounded like a first request (a connection is only ours once
+                # the handshake is done).
+                create = listener.call_create
+                options: dict[str, Any] = {"sock": sockets[0], "backlog": ACCEPT_BATCH, "ssl": create.keywords["ssl"],
+                                           "start_serving": True}
+                if options["ssl"] is not None:
+                    options["ssl_handshake_timeout"] = self.options.first_request_timeout
+                listener.call_create = functools.partial(create.func, create.args[0], **options)
+                await listener.serve_forever(background=True)
+                host, bound_port = sockets.pop(0).getsockname()[:2]
+                self._listeners.append(listener)
+                self.bound.append((host, bound_port))
+        finally:
+            for sock in sockets:
+                sock.close()
+
+    def _refuse(self, address: str) -> bool:
+        """GuardedSocket's question for a newcomer that has sent nothing: hang it up on accept?"""
+        if not self.policy.crowded(address):
+            return False
+        self.stats.connections_refused += 1
+        self.quiet("refused", logging.WARNING, "Modbus: refused a connection from %s that sent nothing: it already "
+                   "holds %d connections and one of them never sent a request either "
+                   "(modbus.max_connections_per_address)", address, self.options.max_connections_per_address)
+        return True
 
     async def stop(self) -> None:
         if self._reaper is not None:
@@ -311,20 +388,16 @@ class ModbusServer:
             await listener.shutdown()
         self._listeners.clear()
         self.bound.clear()
+        release_fds(self)
 
     async def _reap_idle(self) -> None:
-        timeout = self.options.idle_timeout
+        limits = self.policy.limits
         while True:
-            await asyncio.sleep(min(timeout / 4, 5.0))
-            now = time.monotonic()
-            for conn in [c for c in self.connections if now - c.last_activity > timeout]:
-                if conn.paused:
-                    self.stats.connections_slow_closed += 1
-                else:
-                    self.stats.connections_idle_closed += 1
-                log.info("Modbus: closing %s, %s for %.0f s (modbus.idle_timeout)", conn.peer,
-                         "not reading its answers" if conn.paused else "idle", now - conn.last_activity)
-                conn.close()
+            await asyncio.sleep(min(limits.first_request_timeout / 4, limits.idle_timeout / 4, 1.0))
+            for conn, why in self.policy.expired():
+                timeout = limits.first_request_timeout if why == "no_request" else limits.idle_timeout
+                conn.drop(why, f"for {timeout:g} s")  # type: ignore[attr-defined]
+            self.quiet.flush()
 
     # -- access ------------------------------------------------------------------------------------------------
     def may_write(self, peer: str, peercert: Any) -> bool:

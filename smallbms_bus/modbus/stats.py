@@ -31,7 +31,9 @@ class ModbusStats:
     refused_writes: int = 0  # writes from a client not in allow_write_from / not authenticated (answered 01)
     connections_open: int = 0
     connections_total: int = 0  # accepted since start
-    connections_refused: int = 0  # over modbus.max_connections
+    connections_refused: int = 0  # hung up on accept: sent nothing, and its address's share is full of such ones
+    connections_evicted: int = 0  # the longest-idle, closed for a newcomer (modbus.max_connections[_per_address])
+    connections_no_request_closed: int = 0  # no complete request within modbus.first_request_timeout
     connections_idle_closed: int = 0  # closed after modbus.idle_timeout
     connections_slow_closed: int = 0  # closed by the idle timeout while paused: the client did not read its answers
     connections_bad_frame_closed: int = 0  # closed because the stream was not Modbus/TCP (bad MBAP header)

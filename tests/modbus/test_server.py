@@ -16,7 +16,7 @@ from smallbms_bus.modbus.server import ModbusOptions
 from tests.bms.rig import Rig
 from tests.modbus.conftest import raw_request
 from tests.modbus.harness import RunningServer, s32, signed, u32
-from tests.ports import recv_exact
+from tests.ports import hung_up, recv_exact
 
 
 def read(client, address: int, count: int, unit: int = 1, fc: int = 3) -> list[int]:
@@ -243,20 +243,23 @@ def test_writes_from_outside_allow_write_from_are_exception_01_logged_and_counte
         running.close()
 
 
-def test_connections_over_the_cap_are_closed_and_the_others_keep_being_served():
+def test_a_connection_over_the_cap_is_served_and_the_longest_idle_one_makes_room():
+    """Issue 12: refusing newcomers locked operators out; a full server now evicts the longest-idle connection
+    (tests/modbus/test_connections.py covers floods, per-address caps and timeouts)."""
     running = RunningServer(Rig(), ModbusOptions(port=0, max_connections=2))
     try:
-        first, second = running.client(), running.client()
-        with socket.create_connection(("127.0.0.1", running.port), timeout=3) as third:
-            assert third.recv(10) == b""  # closed on accept
-        assert running.server.stats.connections_refused == 1
-        assert read(first, 0, 2)[0] == 1 and read(second, 0, 2)[0] == 1
-        second.close()
-        time.sleep(0.2)
-        fourth = running.client()
-        assert read(fourth, 0, 1) == [1]
+        first = socket.create_connection(("127.0.0.1", running.port), timeout=5)
+        second = running.client()
+        assert raw_request(running.port, struct.pack(">BHH", 3, 0, 1), sock=first)[0] == 3
+        assert read(second, 0, 2)[0] == 1  # first is now the longest-idle
+        third = running.client()
+        assert read(third, 0, 1) == [1]
+        assert hung_up(first)  # evicted
+        assert running.server.stats.connections_evicted == 1 and running.server.stats.connections_refused == 0
+        assert read(second, 0, 2)[0] == 1
         first.close()
-        fourth.close()
+        second.close()
+        third.close()
     finally:
         running.close()
 
@@ -265,12 +268,13 @@ def test_idle_connections_are_closed_after_the_idle_timeout():
     running = RunningServer(Rig(), ModbusOptions(port=0, idle_timeout=1.0))
     try:
         with socket.create_connection(("127.0.0.1", running.port), timeout=5) as idle:
+            assert raw_request(running.port, struct.pack(">BHH", 3, 0, 1), sock=idle)[0] == 3  # polled once
             busy = running.client()
             deadline = time.monotonic() + 2.0
             while time.monotonic() < deadline:
                 assert read(busy, 0, 1) == [1]
                 time.sleep(0.2)
-            assert idle.recv(10) == b""  # the server closed it
+            assert hung_up(idle)  # the server closed it
             assert read(busy, 0, 1) == [1]  # the active client stays
             busy.close()
         assert running.server.stats.connections_idle_closed == 1
