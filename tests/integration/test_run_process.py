@@ -111,7 +111,6 @@ def test_kill_9_after_modbus_writes_keeps_settings_mode_and_soc(rig):
         assert not client.write_register(105, 0, device_id=1).isError()  # mode off
         client.close()
         wait_for(lambda: not module.relays[LOAD], 2, "mode off reached the load relay", service)
-        time.sleep(0.5)  # a state change is written at the next 100 ms tick
     finally:
         service.kill()
         service.wait(timeout=10)
