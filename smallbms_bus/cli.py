@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from smallbms_bus import __version__, demo
@@ -39,6 +40,10 @@ def run_service(args: argparse.Namespace) -> int:
     from smallbms_bus.service import Service
     from smallbms_bus.store import StoreError
 
+    # Until the service's own handlers take over in Service.run: a stray SIGHUP/SIGUSR1/SIGUSR2 during start-up
+    # must not kill it either (their default action would).
+    for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
     config = _load_config(args.config, "run")
     if config is None:
         return 2

@@ -220,7 +220,7 @@ STORE_WRITES = _m("store_writes_total", "counter", (), "State saves committed to
 STORE_FAILURES = _m("store_write_failures_total", "counter", (), "State saves that failed (retried).")
 STORE_PENDING = _m("store_pending_events", "gauge", (), "Events waiting for the next save.")
 STORE_UP = _m("store_up", "gauge", (), "1 = the last save committed; 0 = saving fails (settings, mode and commands "
-              "are refused, SET-3) until a save commits again.")
+              "are refused, SET-3) or a save has waited more than 10 s for the disk.")
 STORE_REFUSED = _m("store_writes_refused_total", "counter", (), "Writes (settings, mode, commands) refused because "
                    "the store could not commit them (Modbus exception 04).")
 # -- modbus ---------------------------------------------------------------------------------------------------
@@ -268,8 +268,8 @@ class Snapshot:
         server = getattr(service, "modbus", None)
         modbus = None if server is None else (dict(server.stats.requests), server.stats)
         endpoint = getattr(service, "metrics", None)
-        store = (persister.writes, persister.failures, persister.pending_events, int(persister.ok),
-                 service.writes.refused)
+        up = persister.ok and service.store_stalled_since is None  # failing, or a save stuck on the disk
+        store = (persister.writes, persister.failures, persister.pending_events, int(up), service.writes.refused)
         return cls(service.clock(), decision, link.counters(), bool(link.up),
                    (link.config.interface, link.config.channel), service.outputs.status(),
                    dict(service.outputs.channel_map), store,

@@ -74,6 +74,7 @@ TICK_S = 0.1  # evaluation tick and BMS_STATE period (PROTOCOL.md)
 POLL_S = 0.05
 RESTART_PAUSE_S = 1.0
 MODBUS_RETRY_S = 5.0
+STORE_STALL_S = 10.0  # a save waiting longer for the disk is a stalled store: ERROR, smallbms_store_up 0
 OFF = {"load_disconnect": False, "charge_disconnect": False, "pre_alarm": False, "error_led": "off",
        "status_led": "off"}
 
@@ -152,7 +153,8 @@ class Service:
         self._apply_scheduled = False
         self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="outputs")
         self._db = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store")
-        self._saves_in_flight = 0  # handed to the store thread, not yet done (loop thread only)
+        self._saves_in_flight: list[float] = []  # when each save handed to the store thread was (loop thread only)
+        self.store_stalled_since: float | None = None  # set when the oldest save in flight waited STORE_STALL_S
         self._background: set[asyncio.Future] = set()
         self.writes = WritePath(self.core, self.persister, self._save, self._decide_now, clock, wall)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -263,14 +265,26 @@ class Service:
     def _submit_save(self, save: PendingSave) -> asyncio.Future[bool]:
         """The hand-off to the store thread (loop thread only); the future says whether it committed."""
         loop = asyncio.get_running_loop()
-        self._saves_in_flight += 1
+        self._saves_in_flight.append(self.clock())
         future = loop.run_in_executor(self._db, self.persister.write, save)
 
         def done(_: asyncio.Future[bool]) -> None:
-            self._saves_in_flight -= 1
+            started = self._saves_in_flight.pop(0)  # one store thread: saves finish in the order handed over
+            if self.store_stalled_since is not None:
+                log.error("store: the disk answered again; a save had waited %.0f s", self.clock() - started)
+                self.store_stalled_since = None
 
         future.add_done_callback(done)
         return future
+
+    def _check_store_stall(self, now: float) -> None:
+        """A disk that stops answering (a hung card, a frozen file system) holds the store thread: say so once."""
+        oldest = self._saves_in_flight[0] if self._saves_in_flight else now
+        if self.store_stalled_since is None and now - oldest > STORE_STALL_S:
+            self.store_stalled_since = oldest
+            log.error("store: a save has waited %.0f s for the disk; the BMS keeps protecting the bank, writes "
+                      "(settings, mode, commands) wait for their answer until the disk answers",
+                      now - self.store_stalled_since)
 
     async def _save(self, save: PendingSave) -> bool:
         return await self._submit_save(save)
@@ -308,10 +322,12 @@ class Service:
             now = self.clock()
             # The snapshot is taken here, on the core's thread; only the fsync'd write goes to the store thread,
             # and only when the previous one is done: a stalled card holds one save, never a growing queue.
-            if self._saves_in_flight == 0:
+            if not self._saves_in_flight:
                 save = self.persister.collect(self.core, now, self.wall())
                 if save is not None:
                     self._submit_save(save)
+            else:
+                self._check_store_stall(now)
             if watchdog and self._ready and now >= next_watchdog:  # systemd hears READY=1 first
                 sd_notify("WATCHDOG=1")
                 next_watchdog = now + 1.0
@@ -398,8 +414,16 @@ class Service:
         log.info("SIGUSR1: %s", self.summary())
 
     def _on_sigusr2(self) -> None:
+        if self._stopping.is_set():
+            log.info("SIGUSR2: stopping already; the final save follows")
+            return
+
         async def save() -> None:
-            if await self.save_now():
+            try:
+                saved = await self.save_now()
+            except RuntimeError:  # the store thread shut down meanwhile: the final save has it
+                return
+            if saved:
                 log.info("SIGUSR2: state saved")
             else:
                 log.error("SIGUSR2: state NOT saved: %s", self.persister.last_error)
@@ -427,18 +451,22 @@ class Service:
         fault = self.outputs.status().fault
         parts.append(f"relay board FAULT ({fault})" if fault else "relay board ok")
         p = self.persister
-        parts.append(f"store ok ({p.writes} saves)" if p.ok else
-                     f"store FAILING since {time.strftime('%H:%M:%S', time.localtime(p.failing_since))} "
-                     f"({p.last_error})")
+        if self.store_stalled_since is not None:
+            waited = self.clock() - self.store_stalled_since
+            parts.append(f"store STALLED: a save has waited {waited:.0f} s for the disk")
+        elif p.ok:
+            parts.append(f"store ok ({p.writes} saves)")
+        else:
+            parts.append(f"store FAILING since {time.strftime('%H:%M:%S', time.localtime(p.failing_since))} "
+                         f"({p.last_error})")
         return ", ".join(parts)
 
     async def shutdown(self, receiver: threading.Thread | None = None) -> bool:
         """OUT-4: every output off before exit; then the state is saved and everything closed. True when
         the final save committed; the last log line says which."""
         loop = asyncio.get_running_loop()
-        if self.modbus is not None:  # first: no write may change anything while the state is being saved
+        if self.modbus is not None:  # first: no new write may change anything while the state is being saved
             await self.modbus.stop()
-        await self.writes.close()  # a write in flight gets its answer; later ones are refused
         with self._pending_lock:
             self._stopping.set()  # from here no decision reaches the board
         if receiver is not None:
@@ -446,6 +474,8 @@ class Service:
         await loop.run_in_executor(self._io, self.outputs.safe)  # queued after any in-flight apply
         self._io.shutdown(wait=True)
         self.link.close()
+        # The outputs are off before anything waits on the store (a stalled card must not keep them on).
+        await self.writes.close()  # a write in flight is committed and answered; later ones are refused
         saved = await self.save_now()  # queued after any save in flight
         try:
             await loop.run_in_executor(self._db, self.store.close)

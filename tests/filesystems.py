@@ -1,6 +1,6 @@
 """Real small file systems for store-failure tests: a tmpfs that can be filled up, an ext4 image whose WAL can be
-made immutable (what a card gone read-only does to SQLite). Both need root (mount); without it the test is
-skipped with the reason."""
+made immutable (what a card gone read-only does to SQLite) or that can be frozen (a card that stops answering).
+They need root (mount); without it the test is skipped with the reason."""
 
 from __future__ import annotations
 
@@ -46,7 +46,20 @@ def ext4(image: Path, mountpoint: Path, size_mb: int = 8) -> Iterator[Path]:
     try:
         yield mountpoint
     finally:
+        _run("fsfreeze", "-u", str(mountpoint))  # a test that failed while the file system was frozen
         _run("umount", "-l", str(mountpoint))
+
+
+@contextlib.contextmanager
+def frozen(mountpoint: Path) -> Iterator[None]:
+    """fsfreeze: every write to the file system blocks until it is thawed (a card that stopped answering)."""
+    froze = _run("fsfreeze", "-f", str(mountpoint))
+    if froze.returncode != 0:
+        pytest.skip(f"fsfreeze is not available here: {froze.stderr.strip() or froze.returncode}")
+    try:
+        yield
+    finally:
+        _run("fsfreeze", "-u", str(mountpoint))
 
 
 def fill(directory: Path) -> Path:

@@ -9,12 +9,13 @@ import os
 import signal
 import sqlite3
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 from smallbms_bus.store import Store
 from tests.faults.rigs import CMD, LOAD, ProcessRig, metric, wait_until
-from tests.filesystems import ext4, fill, immutable, tmpfs
+from tests.filesystems import ext4, fill, frozen, immutable, tmpfs
 
 DEVICE_FAILURE = 4
 
@@ -151,3 +152,39 @@ def test_a_stop_whose_final_save_fails_switches_off_says_so_and_exits_non_zero(t
         assert last.startswith("ERROR") and "outputs off" in last and "final save failed" in last, last
         assert "state saved" not in last
         os.unlink(fs / "filler")
+
+
+def test_a_frozen_store_holds_the_write_but_never_the_bms(tmp_path):
+    """A disk that stops answering: the write waits for its answer (it is applied, not yet durable), every other
+    client is served, the relays keep following the BMS, and after 10 s the log says the store is stalled."""
+    with ext4(tmp_path / "fs.img", tmp_path / "fs") as fs, \
+            ProcessRig(tmp_path, store_path=fs / "state.db", metrics=True) as rig:
+        rig.start()
+        rig.wait_ready()
+        wait_until(lambda: rig.module.relays[LOAD], 20, "load on")
+        writer, reader = rig.client(timeout=60), rig.client(timeout=2)
+        answers: list = []
+        with frozen(fs):
+            thread = threading.Thread(target=lambda: answers.append(writer.write_register(105, 0, device_id=1)))
+            thread.start()
+            wait_until(lambda: not rig.module.relays[LOAD], 2, "mode off in effect before it is durable")
+            worst = 0.0
+            deadline = time.monotonic() + 12.0
+            while time.monotonic() < deadline:
+                started = time.monotonic()
+                assert reader.read_holding_registers(105, count=1, device_id=1).registers == [0]
+                worst = max(worst, time.monotonic() - started)
+                time.sleep(0.1)
+            assert worst < 1.0, f"a read waited {worst:.2f} s while the store was frozen"
+            assert not answers  # not durable yet: not answered
+            assert wait_log(rig, "store: a save has waited").startswith("ERROR")
+            assert metric(rig.metrics(), "smallbms_store_up") == 0
+        thread.join(20)
+        assert answers and not answers[0].isError()  # committed once the disk answered, then acknowledged
+        assert wait_log(rig, "store: the disk answered again").startswith("ERROR")
+        assert metric(rig.metrics(), "smallbms_store_up") == 1
+        writer.close()
+        reader.close()
+        assert rig.stop() == 0
+        with Store.open(rig.store) as store:
+            assert store.load_state()["mode_on"] is False
