@@ -188,3 +188,31 @@ def test_a_frozen_store_holds_the_write_but_never_the_bms(tmp_path):
         assert rig.stop() == 0
         with Store.open(rig.store) as store:
             assert store.load_state()["mode_on"] is False
+
+
+def test_signals_during_start_up_never_leave_a_traceback_or_an_output_on(tmp_path):
+    """From the moment `run` starts on its configuration (its store lock names it: the store, the DBC and the
+    devices are being opened) until the service's own handlers take over: SIGHUP, SIGUSR1 and SIGUSR2 are
+    ignored, SIGTERM ends it quietly with status 0 and nothing switched on. (Earlier, while the interpreter
+    imports the package, nothing is open or on: a signal's default action is all there is.)"""
+    lock = Path(f"{tmp_path / 'state.db'}.lock")
+    with ProcessRig(tmp_path) as rig:
+        for delay in (0.0, 0.1, 0.3):
+            service = rig.start()
+            holder = f"pid {service.pid},"
+            wait_until(lambda: lock.exists() and holder in lock.read_text(), 30, "run holds the store")  # noqa: B023
+            time.sleep(delay)
+            for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+                service.send_signal(sig)
+            time.sleep(0.05)
+            service.send_signal(signal.SIGTERM)
+            assert service.wait(timeout=30) == 0, rig.stderr()
+            assert "Traceback" not in rig.stderr() and not rig.module.relays[LOAD]
+            assert log_lines(rig)[-1].endswith(("stopped: outputs off, state saved", "no output was switched on"))
+        service = rig.start()
+        wait_until(lambda: f"pid {service.pid}," in lock.read_text(), 30, "run holds the store")
+        for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+            service.send_signal(sig)
+        rig.wait_ready()  # the stray signals did not stop the start
+        wait_until(lambda: rig.module.relays[LOAD], 20, "load on")
+        assert rig.stop() == 0
