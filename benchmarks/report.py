@@ -36,7 +36,7 @@ SCRIPTS: dict[str, tuple[list[str], list[str]]] = {
     "modbus": (["--seconds", "3", "--repeats", "3"], ["--seconds", "1", "--repeats", "1"]),
     "metrics": (["--scrapes", "200"], ["--scrapes", "50"]),
 }
-FAULTS_COMMAND = ["bash", "tests/faults/run-long", "-q"]  # about 25 minutes; its figures go to --report FILE
+FAULTS_COMMAND = ["bash", "tests/faults/run-long", "-q"]  # about 30 minutes; its figures go to --report FILE
 
 
 def run_script(name: str, args: list[str]) -> dict[str, Any]:

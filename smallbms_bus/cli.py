@@ -12,6 +12,7 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -48,8 +49,21 @@ def check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stopped_during_start_up(signum: int, frame: object) -> None:
+    logging.getLogger("smallbms_bus.service").info("stopped by %s during start-up: no output was switched on",
+                                                   signal.Signals(signum).name)
+    raise SystemExit(0)
+
+
 def run_service(args: argparse.Namespace) -> int:
-    """`smallbms-bus run --config FILE`: exit 2 on a bad config or store, 0 after a clean stop."""
+    """`smallbms-bus run --config FILE`: exit 2 on a bad config or store (or the store held by another run), 0 after
+    a clean stop, 1 when the final save failed."""
+    # Until the service's own handlers take over in Service.run (which first switches every output off): a stray
+    # SIGHUP/SIGUSR1/SIGUSR2 during start-up must not kill it, and SIGTERM/SIGINT end it quietly with status 0.
+    for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _stopped_during_start_up)
     config = _load_config(args.config, "run")
     if config is None:
         return 2

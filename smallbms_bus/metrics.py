@@ -241,6 +241,10 @@ _group = "store"
 STORE_WRITES = _m("store_writes_total", "counter", (), "State saves committed to SQLite.")
 STORE_FAILURES = _m("store_write_failures_total", "counter", (), "State saves that failed (retried).")
 STORE_PENDING = _m("store_pending_events", "gauge", (), "Events waiting for the next save.")
+STORE_UP = _m("store_up", "gauge", (), "1 = the last save committed; 0 = saving fails (settings, mode and commands "
+              "are refused, SET-3) or a save has waited more than 10 s for the disk.")
+STORE_REFUSED = _m("store_writes_refused_total", "counter", (), "Writes (settings, mode, commands) refused because "
+                   "the store could not commit them (Modbus exception 04).")
 # -- modbus ---------------------------------------------------------------------------------------------------
 _group = "modbus"
 MODBUS_ENABLED = _m("modbus_enabled", "gauge", (), "1 = the Modbus TCP server runs (the families below exist only "
@@ -272,7 +276,7 @@ class Snapshot:
     bus: tuple[str, str]
     outputs: OutputsStatus
     channels: dict[str, int]
-    store: tuple[int, int, int]  # writes, failures, pending events
+    store: tuple[int, int, int, int, int]  # writes, failures, pending events, up, writes refused
     service: tuple[int, int, int]  # evaluations, task restarts, events
     modbus: tuple[dict[tuple[str, str], int], ModbusStats] | None
     metrics: tuple[int, float, int, dict[str, int]] | None  # scrapes, seconds the last took, connections, closed
@@ -288,9 +292,11 @@ class Snapshot:
         server = getattr(service, "modbus", None)
         modbus = None if server is None else (dict(server.stats.requests), server.stats)
         endpoint = getattr(service, "metrics", None)
+        up = persister.ok and service.store_stalled_since is None  # failing, or a save stuck on the disk
+        store = (persister.writes, persister.failures, persister.pending_events, int(up), service.writes.refused)
         return cls(service.clock(), decision, link.counters(), bool(link.up),
                    (link.config.interface, link.config.channel), service.outputs.status(),
-                   dict(service.outputs.channel_map), (persister.writes, persister.failures, persister.pending_events),
+                   dict(service.outputs.channel_map), store,
                    (stats.evaluations, stats.task_restarts, stats.events), modbus,
                    None if endpoint is None else (endpoint.scrapes, endpoint.encode_seconds, len(endpoint.policy),
                                                   dict(endpoint.closed)))
@@ -505,7 +511,8 @@ class BmsCollector(Collector):
         yield from _value(RELAY_RECONNECTS, o.reconnects)
 
     def _store(self, s: Snapshot) -> Iterator[Metric]:
-        for name, value in zip((STORE_WRITES, STORE_FAILURES, STORE_PENDING), s.store, strict=True):
+        for name, value in zip((STORE_WRITES, STORE_FAILURES, STORE_PENDING, STORE_UP, STORE_REFUSED), s.store,
+                               strict=True):
             yield from _value(name, value)
 
     def _modbus(self, s: Snapshot) -> Iterator[Metric]:

@@ -14,13 +14,25 @@ The BMS core is pure; this shell gives it time and I/O and never decides anythin
 - Outputs: every decision's wanted outputs go to the relay board through one worker thread (blocking
   serial/TCP I/O never stalls the loop, and commands stay in order). The board's fault and remote
   input are fed back to the core (OUT-5, REM-1).
-- Store: loaded at start (settings, mode, SoC, history, learned bank, latches, timers). The Persister
-  decides on the loop thread and takes the snapshot there (the core is not thread-safe); only the
-  fsync'd write runs on the store thread. Events travel with the state in the same transaction.
+- Store: held by this process alone (`StoreLock`, SET-4, taken before any device is opened), loaded
+  at start (settings, mode, SoC, history, learned bank, latches, timers). The Persister decides on the
+  loop thread and takes the snapshot there (the core is not thread-safe); only the fsync'd write runs
+  on the store thread, one save in flight at a time from the tick (a slow card never queues saves).
+  Events travel with the state in the same transaction.
+- Writes (settings, mode, commands, SoC) from any front end go through `commit` (smallbms_bus/commit.py,
+  SET-3): applied and decided on the loop, committed on the store thread, answered once on disk;
+  refused (04) and undone when the store cannot commit them, except "mode off".
 - Supervision: every task runs under `_supervise`: a crash is logged, the outputs are switched off
-  and the task restarts after a pause. SIGTERM/SIGINT stop cleanly: outputs off, state saved, exit 0.
+  and the task restarts after a pause. SIGTERM/SIGINT stop cleanly: outputs off, state saved, exit 0;
+  when the final save fails the last log line says so and the exit status is 1. SIGHUP is logged
+  (no reload: restart to apply a new configuration), SIGUSR1 logs a one-line state summary, SIGUSR2
+  saves the state now; none of them stops the service.
 - systemd: READY=1 once the loop runs and the Modbus and metrics listeners are bound (or their first bind
   failed and is retried in the background), WATCHDOG=1 from the tick while it keeps ticking.
+
+Who owns what: the event loop owns the core, the decision, the Modbus server and the metrics server;
+"bus-receive" (a thread) owns the link's receive side; "outputs" (one worker thread) owns the relay
+board; "store" (one worker thread) owns the SQLite connection.
 """
 
 from __future__ import annotations
@@ -30,9 +42,11 @@ import concurrent.futures
 import contextlib
 import logging
 import os
+import shlex
 import signal
 import socket
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -40,6 +54,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from smallbms_bus.bms.core import BmsCore, Decision, bms_state_report
+from smallbms_bus.commit import Change, Committed, WritePath
 from smallbms_bus.config import Config
 from smallbms_bus.link.bus import BusConfig, Link
 from smallbms_bus.link.codec import FrameDecoder, FrameEncoder, load_dbc
@@ -51,7 +66,7 @@ from smallbms_bus.outputs.controller import Outputs
 from smallbms_bus.outputs.gpiod import GpiodBoard
 from smallbms_bus.outputs.remote import RemoteInput
 from smallbms_bus.reports import Report
-from smallbms_bus.store import Persister, Store
+from smallbms_bus.store import PendingSave, Persister, Store, StoreLock, lock_holder_description
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +74,7 @@ TICK_S = 0.1  # evaluation tick and BMS_STATE period (PROTOCOL.md)
 POLL_S = 0.05
 RESTART_PAUSE_S = 1.0
 MODBUS_RETRY_S = 5.0
+STORE_STALL_S = 10.0  # a save waiting longer for the disk is a stalled store: ERROR, smallbms_store_up 0
 OFF = {"load_disconnect": False, "charge_disconnect": False, "pre_alarm": False, "error_led": "off",
        "status_led": "off"}
 
@@ -91,6 +107,17 @@ class Service:
         self.config = config
         self.clock, self.wall = clock, wall
         self.stats = ServiceStats()
+        # SET-4: before anything is opened, so a second instance never touches the first one's devices
+        self.lock = StoreLock.acquire(config["store"]["path"],
+                                      lock_holder_description(shlex.join(["smallbms-bus", *sys.argv[1:]])))
+        try:
+            self._open(config, board, bus)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _open(self, config: Config, board: RelayBoard | None, bus: BusConfig | None) -> None:
+        clock, wall = self.clock, self.wall
         self.store = Store.open(config["store"]["path"])
         self.persister = Persister(self.store, interval=config["store"]["persist_interval"])
         now = clock()
@@ -126,13 +153,17 @@ class Service:
         self._apply_scheduled = False
         self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="outputs")
         self._db = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store")
+        self._saves_in_flight: list[float] = []  # when each save handed to the store thread was (loop thread only)
+        self.store_stalled_since: float | None = None  # set when the oldest save in flight waited STORE_STALL_S
+        self._background: set[asyncio.Future] = set()
+        self.writes = WritePath(self.core, self.persister, self._save, self._decide_now, clock, wall)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready = False  # READY=1 sent
         modbus = ModbusOptions.from_config(config["modbus"])
         self.modbus: ModbusServer | None = None  # the Modbus TCP server; None when [modbus] serves no port
         if modbus.port is not None or modbus.tls:
             self.modbus = ModbusServer(modbus, BmsAccess(core=self.core, decision=lambda: self.decision,
-                                                         decide=self._decide, clock=clock, started=now))
+                                                         commit=self.commit, clock=clock, started=now))
         self.metrics: MetricsServer | None = None  # the Prometheus endpoint, started by run() when configured
 
     # -- the decision path ------------------------------------------------------------------------
@@ -154,6 +185,13 @@ class Service:
         self.stats.task_restarts += 1
         log.exception("%s crashed: outputs off, retrying", what)
         self._want_outputs(dict(OFF), self.clock())
+
+    def _decide_now(self) -> None:
+        """Decide at once (after a write); a failure fails safe like a frame handler's."""
+        try:
+            self._decide()
+        except Exception:
+            self._failed("decision after a write")
 
     def _decide(self) -> Decision:
         now, wall = self.clock(), self.wall()
@@ -218,6 +256,45 @@ class Service:
         if on != self.core.remote_on:
             self.core.set_remote(on)
 
+    # -- writes and the store ------------------------------------------------------------------------------
+    async def commit(self, change: Change) -> Committed:
+        """SET-3, for every front end: the change is applied now and answered once it is on disk; raises
+        WriteRefused (03 bad value, 06 not yet, 04 the store could not commit it). See smallbms_bus/commit.py."""
+        return await self.writes.commit(change)
+
+    def _submit_save(self, save: PendingSave) -> asyncio.Future[bool]:
+        """The hand-off to the store thread (loop thread only); the future says whether it committed."""
+        loop = asyncio.get_running_loop()
+        self._saves_in_flight.append(self.clock())
+        future = loop.run_in_executor(self._db, self.persister.write, save)
+
+        def done(_: asyncio.Future[bool]) -> None:
+            started = self._saves_in_flight.pop(0)  # one store thread: saves finish in the order handed over
+            if self.store_stalled_since is not None:
+                log.error("store: the disk answered again; a save had waited %.0f s", self.clock() - started)
+                self.store_stalled_since = None
+
+        future.add_done_callback(done)
+        return future
+
+    def _check_store_stall(self, now: float) -> None:
+        """A disk that stops answering (a hung card, a frozen file system) holds the store thread: say so once."""
+        oldest = self._saves_in_flight[0] if self._saves_in_flight else now
+        if self.store_stalled_since is None and now - oldest > STORE_STALL_S:
+            self.store_stalled_since = oldest
+            log.error("store: a save has waited %.0f s for the disk; the BMS keeps protecting the bank, writes "
+                      "(settings, mode, commands) wait for their answer until the disk answers",
+                      now - self.store_stalled_since)
+
+    async def _save(self, save: PendingSave) -> bool:
+        return await self._submit_save(save)
+
+    async def save_now(self) -> bool:
+        """A save outside the policy (SIGUSR2, shutdown): everything the core holds, with pending events."""
+        save = self.persister.collect(self.core, self.clock(), self.wall(), force=True)
+        assert save is not None
+        return await self._save(save)
+
     # -- tasks ----------------------------------------------------------------------------------------
     def _receive_thread(self) -> None:
         loop = self._loop
@@ -243,10 +320,14 @@ class Service:
         while True:
             self._decide()
             now = self.clock()
-            # The snapshot is taken here, on the core's thread; only the fsync'd write goes to the store thread.
-            save = self.persister.collect(self.core, now, self.wall())
-            if save is not None:
-                self._db.submit(self.persister.write, save)
+            # The snapshot is taken here, on the core's thread; only the fsync'd write goes to the store thread,
+            # and only when the previous one is done: a stalled card holds one save, never a growing queue.
+            if not self._saves_in_flight:
+                save = self.persister.collect(self.core, now, self.wall())
+                if save is not None:
+                    self._submit_save(save)
+            else:
+                self._check_store_stall(now)
             if watchdog and self._ready and now >= next_watchdog:  # systemd hears READY=1 first
                 sd_notify("WATCHDOG=1")
                 next_watchdog = now + 1.0
@@ -283,41 +364,108 @@ class Service:
 
     # -- lifecycle --------------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event | None = None) -> int:
+        """Serve until `stop` (or SIGTERM/SIGINT); 0 after a clean stop, 1 when the final save failed."""
         stop = stop or asyncio.Event()
         self._loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        handlers: dict[int, Callable[[], object]] = {
+            signal.SIGTERM: stop.set, signal.SIGINT: stop.set, signal.SIGHUP: self._on_sighup,
+            signal.SIGUSR1: self._on_sigusr1, signal.SIGUSR2: self._on_sigusr2}
+        for sig, handler in handlers.items():  # their default action would kill the service with the outputs on
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread (tests)
-                self._loop.add_signal_handler(sig, stop.set)
-        await self._loop.run_in_executor(self._io, self.outputs.safe)  # OUT-4: start from a known safe state
-        receiver = threading.Thread(target=self._receive_thread, name="bus-receive", daemon=True)
-        receiver.start()
-        tick = asyncio.create_task(self._supervise("tick", self._tick))
-        modbus_tried = asyncio.Event()
-        modbus = asyncio.create_task(self._serve_modbus(modbus_tried)) if self.modbus is not None else None
-        if self.config["metrics"]["port"]:  # metrics: [metrics] port 0 = no endpoint; a busy port never stops the BMS
-            self.metrics = MetricsServer(self, self.config["metrics"]["host"], self.config["metrics"]["port"])
-            await self.metrics.start()
-        if modbus is not None:  # READY=1 means a PLC can connect now (unless the port is taken: then it is retried)
-            await modbus_tried.wait()
-        sd_notify("READY=1")
-        self._ready = True
-        log.info("running: bus %s, outputs %s, store %s", self.link.config.describe(),
-                 self.config["outputs"]["backend"], self.config["store"]["path"])
+                self._loop.add_signal_handler(sig, handler)
+        saved = False
         try:
-            await stop.wait()
+            await self._loop.run_in_executor(self._io, self.outputs.safe)  # OUT-4: start from a known safe state
+            receiver = threading.Thread(target=self._receive_thread, name="bus-receive", daemon=True)
+            receiver.start()
+            tick = asyncio.create_task(self._supervise("tick", self._tick))
+            modbus_tried = asyncio.Event()
+            modbus = asyncio.create_task(self._serve_modbus(modbus_tried)) if self.modbus is not None else None
+            if self.config["metrics"]["port"]:  # [metrics] port 0 = no endpoint; a busy port never stops the BMS
+                self.metrics = MetricsServer(self, self.config["metrics"]["host"], self.config["metrics"]["port"])
+                await self.metrics.start()
+            if modbus is not None:  # READY=1 means a PLC can connect now (unless the port is taken: then retried)
+                await modbus_tried.wait()
+            sd_notify("READY=1")
+            self._ready = True
+            log.info("running: bus %s, outputs %s, store %s", self.link.config.describe(),
+                     self.config["outputs"]["backend"], self.config["store"]["path"])
+            try:
+                await stop.wait()
+            finally:
+                sd_notify("STOPPING=1")
+                tick.cancel()
+                if modbus is not None:
+                    modbus.cancel()
+                await asyncio.gather(tick, *([modbus] if modbus else []), return_exceptions=True)
+                saved = await self.shutdown(receiver)
         finally:
-            sd_notify("STOPPING=1")
-            tick.cancel()
-            if modbus is not None:
-                modbus.cancel()
-            await asyncio.gather(tick, *([modbus] if modbus else []), return_exceptions=True)
-            await self.shutdown(receiver)
-        return 0
+            for sig in handlers:
+                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                    self._loop.remove_signal_handler(sig)
+        return 0 if saved else 1
 
-    async def shutdown(self, receiver: threading.Thread | None = None) -> None:
-        """OUT-4: every output off before exit; then the state is saved and everything closed."""
+    # -- signals (documented in README "Operations" and docs/store.md) ---------------------------------------
+    def _on_sighup(self) -> None:
+        log.warning("SIGHUP: configuration reload is not supported; still running with %s as it was at start "
+                    "(restart the service to apply a changed configuration)", self.config.source)
+
+    def _on_sigusr1(self) -> None:
+        log.info("SIGUSR1: %s", self.summary())
+
+    def _on_sigusr2(self) -> None:
+        if self._stopping.is_set():
+            log.info("SIGUSR2: stopping already; the final save follows")
+            return
+
+        async def save() -> None:
+            try:
+                saved = await self.save_now()
+            except RuntimeError:  # the store thread shut down meanwhile: the final save has it
+                return
+            if saved:
+                log.info("SIGUSR2: state saved")
+            else:
+                log.error("SIGUSR2: state NOT saved: %s", self.persister.last_error)
+
+        task = asyncio.ensure_future(save())
+        self._background.add(task)  # a reference, so the task is not collected before it ran
+        task.add_done_callback(self._background.discard)
+
+    def summary(self) -> str:
+        """One line of state for the log (SIGUSR1)."""
+        d = self.decision
+        parts: list[str] = []
+        if d is None:
+            parts.append("no decision yet")
+        else:
+            def on(flag: bool) -> str:
+                return "on" if flag else "off"
+            o = d.outputs
+            parts += [f"mode {on(d.mode_on)}", f"remote {on(d.remote_on)}",
+                      f"load {on(o.load_disconnect)}, charge {on(o.charge_disconnect)}, pre-alarm {on(o.pre_alarm)}",
+                      "SoC unknown" if d.soc is None else f"SoC {d.soc:.1f} %",
+                      f"{len(d.bank.batteries)} batteries", f"alarms {d.alarms.name or 'none'}",
+                      f"warnings {d.warnings.name or 'none'}"]
+        parts.append("bus up" if self.link.up else f"bus DOWN ({self.link.reason})")
+        fault = self.outputs.status().fault
+        parts.append(f"relay board FAULT ({fault})" if fault else "relay board ok")
+        p = self.persister
+        if self.store_stalled_since is not None:
+            waited = self.clock() - self.store_stalled_since
+            parts.append(f"store STALLED: a save has waited {waited:.0f} s for the disk")
+        elif p.ok:
+            parts.append(f"store ok ({p.writes} saves)")
+        else:
+            parts.append(f"store FAILING since {time.strftime('%H:%M:%S', time.localtime(p.failing_since))} "
+                         f"({p.last_error})")
+        return ", ".join(parts)
+
+    async def shutdown(self, receiver: threading.Thread | None = None) -> bool:
+        """OUT-4: every output off before exit; then the state is saved and everything closed. True when
+        the final save committed; the last log line says which."""
         loop = asyncio.get_running_loop()
-        if self.modbus is not None:  # first: no write may change anything while the state is being saved
+        if self.modbus is not None:  # first: no new write may change anything while the state is being saved
             await self.modbus.stop()
         with self._pending_lock:
             self._stopping.set()  # from here no decision reaches the board
@@ -326,14 +474,25 @@ class Service:
         await loop.run_in_executor(self._io, self.outputs.safe)  # queued after any in-flight apply
         self._io.shutdown(wait=True)
         self.link.close()
-        save = self.persister.collect(self.core, self.clock(), self.wall(), force=True)
-        if save is not None:
-            await loop.run_in_executor(self._db, self.persister.write, save)
-        await loop.run_in_executor(self._db, self.store.close)
+        # The outputs are off before anything waits on the store (a stalled card must not keep them on).
+        await self.writes.close()  # a write in flight is committed and answered; later ones are refused
+        saved = await self.save_now()  # queued after any save in flight
+        try:
+            await loop.run_in_executor(self._db, self.store.close)
+        except Exception:  # the outputs are off and the save is decided: report, never a traceback
+            log.exception("closing the store failed")
         self._db.shutdown(wait=True)
+        self.lock.release()
         self.board.close()
         if self.outputs.remote_input is not None:
             self.outputs.remote_input.close()
         if self.metrics is not None:  # metrics: served until the end, so a scrape during shutdown still answers
             await self.metrics.close()
-        log.info("stopped: outputs off, state saved")
+        if saved:
+            log.info("stopped: outputs off, state saved")
+        else:
+            last = self.persister.last_saved_wall
+            log.error("stopped: outputs off, but the final save failed (%s): what changed since %s is lost",
+                      self.persister.last_error, "the start" if last is None else
+                      f"the last save at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(last))}")
+        return saved

@@ -27,20 +27,32 @@ the path and what to do: a user's store is never replaced silently.
 When to write is the `Persister`'s job (flash wear on SD cards): at once when `core.state_revision`
 moved (settings, mode, SoC set, synchronisation, history reset, learned bank), when events are
 pending (at most every `event_gap` seconds), otherwise at most every `interval` seconds for the
-counters, and always on `force` (shutdown). Time is passed in; nothing here reads a clock.
+counters, and always on `force` (a write that must be durable before it is answered, shutdown).
+Time is passed in; nothing here reads a clock. A failing store is logged once at ERROR when the
+failures start and once when saving works again (SET-4), never once per retry.
+
+One service per store (SET-4): `StoreLock` holds an flock on `<store>.lock` for the life of the
+process; the kernel drops it when the process dies (even by kill -9), so a stale file never blocks.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import fcntl
 import json
+import logging
+import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
 from smallbms_bus import __version__
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 APPLICATION_ID = int.from_bytes(b"SBMS", "big")  # PRAGMA application_id: this file is a smallbms-bus store
@@ -70,6 +82,65 @@ _SCHEMA_0_KEYS = {"snapshot", "saved_wall", "events"}
 
 class StoreError(Exception):
     """The store cannot be used; the message names the file, the reason and what to do."""
+
+
+class StoreLock:
+    """SET-4: one service per store, by an exclusive flock on `<store>.lock` that names its holder.
+
+    `acquire` raises StoreError naming the holder (its pid, command and start time, as it wrote them)
+    when another process holds the lock. The lock lives as long as the open file: `release` at a clean
+    stop, the kernel at any death. The file itself stays (deleting it could let two processes lock two
+    different files of the same name); its content is only a description, never trusted for locking.
+    """
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd: int | None = fd
+
+    @classmethod
+    def acquire(cls, store: str | Path, holder: str) -> StoreLock:
+        path = Path(f"{store}.lock")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise StoreError(f"{store}: cannot create the lock file {path}: {exc.strerror}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                os.close(fd)
+                raise StoreError(f"{store}: cannot lock {path}: {exc.strerror}") from exc
+            who = _holder(fd)
+            os.close(fd)
+            raise StoreError(f"{store}: in use by another smallbms-bus ({who}); one service per store: stop that "
+                             f"one first, or give this one another [store] path") from None
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{holder}\n".encode(), 0)
+        except OSError:  # a full disk: the lock holds all the same, only its description is missing
+            pass
+        return cls(path, fd)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the only descriptor drops the flock
+            self._fd = None
+
+
+def _holder(fd: int) -> str:
+    """What the holder wrote into the lock file; it writes right after locking, so wait a moment for it."""
+    deadline = time.monotonic() + 1.0
+    while True:
+        text = os.pread(fd, 1024, 0).decode(errors="replace").strip()
+        if text or time.monotonic() > deadline:
+            return text or "holder unknown"
+        time.sleep(0.02)
+
+
+def lock_holder_description(command: str) -> str:
+    """The lock file's content: who holds the store (pid, command, start time)."""
+    return f"pid {os.getpid()}, `{command}`, started {time.strftime('%Y-%m-%d %H:%M:%S %z')}"
 
 
 class _Event(Protocol):
@@ -359,6 +430,8 @@ class Persister:
     write (written on change); events are pending and the last write is `event_gap` s old; or the last
     write is `interval` s old (counters). A failed write (disk full, I/O error) does not raise: the BMS
     keeps protecting the bank; `failures` and `last_error` say why, and it is retried after `retry` s.
+    The first failure of a run of failures is logged at ERROR, and so is the first success after it
+    (SET-4); `ok` is False in between.
 
     Threads: `maybe_save` reads the core, so it belongs on the thread that runs the core. To keep the
     fsync off that thread, split it: `collect` there (cheap: decides and takes the snapshot), `write`
@@ -373,10 +446,14 @@ class Persister:
         self.writes = 0
         self.failures = 0
         self.last_error: str | None = None
+        self.failing_since: float | None = None  # wall time of the first failure of the current run of failures
+        self.last_saved_wall: float | None = None  # wall time of the last committed save
+        self._failures_before = 0
         self._revision: int | None = None
         self._last_write: float | None = None
         self._last_failure: float | None = None
         self._pending: list[Any] = []
+        self._pending_lock = threading.Lock()  # collect/queue on the core's thread, a failed write on the store's
 
     @property
     def pending_events(self) -> int:
@@ -396,8 +473,9 @@ class Persister:
             return None
         # the revision is read before the snapshot: a change racing with it only causes one more save
         revision = core.state_revision
-        save = PendingSave(core.snapshot(now), wall, tuple(self._pending), revision, now)
-        del self._pending[:len(save.events)]
+        with self._pending_lock:
+            save = PendingSave(core.snapshot(now), wall, tuple(self._pending), revision, now)
+            del self._pending[:len(save.events)]
         # counted as written from here on, so no second save is collected while this one is in flight
         self._revision, self._last_write = revision, now
         return save
@@ -411,17 +489,35 @@ class Persister:
             self.last_error = str(exc)
             self._last_failure = save.now
             self._revision = None  # due again once `retry` has passed
-            self._pending[:0] = save.events
-            del self._pending[:-EVENT_LOG_SIZE]  # a store that keeps failing must not grow memory
+            with self._pending_lock:
+                self._pending[:0] = save.events
+                del self._pending[:-EVENT_LOG_SIZE]  # a store that keeps failing must not grow memory
+            if self.failing_since is None:
+                self.failing_since, self._failures_before = save.wall, self.failures - 1
+                log.error("store: cannot save the state: %s; settings, mode and commands are refused until "
+                          "saving works again (retried every %.0f s)", exc, self.retry)
+            else:
+                log.debug("store: save failed again: %s", exc)
             return False
         self._last_failure = None
         self.writes += 1
+        self.last_saved_wall = save.wall
+        if self.failing_since is not None:
+            log.error("store: saving works again, after %d failed saves over %.0f s", self.failures -
+                      self._failures_before, max(0.0, save.wall - self.failing_since))
+            self.failing_since = None
         return True
+
+    @property
+    def ok(self) -> bool:
+        """False from a failed save until the next save that commits."""
+        return self.failing_since is None
 
     def queue(self, events: Iterable[_Event | Mapping[str, Any]]) -> None:
         """Hold events for the next write (`maybe_save(events=...)` does this too)."""
-        self._pending.extend(events)
-        del self._pending[:-EVENT_LOG_SIZE]  # a store that keeps failing must not grow memory
+        with self._pending_lock:
+            self._pending.extend(events)
+            del self._pending[:-EVENT_LOG_SIZE]  # a store that keeps failing must not grow memory
 
     def due(self, core: _Core, now: float) -> bool:
         """Whether `maybe_save` would write now (without `force`)."""

@@ -524,6 +524,27 @@ class BmsCore:
             },
         }
 
+    def restore_parts(self, parts: dict[str, Any], now: float, reason: str) -> None:
+        """Put back snapshot parts taken earlier (SET-3: a change the store could not commit is undone).
+
+        Only what a command changes: settings, mode_on, monitor (SoC), history, learned_bank, and of
+        `timers` the firmware update command (its timer follows at the next evaluation)."""
+        if "settings" in parts:
+            self.settings = Settings.from_dict(parts["settings"])
+        if "mode_on" in parts:
+            self.set_mode(bool(parts["mode_on"]), reason)
+        if "monitor" in parts:
+            self.monitor.restore(parts["monitor"], now)
+        if "history" in parts:
+            self.history = History.from_dict(parts["history"])
+        if "learned_bank" in parts:
+            learned = parts["learned_bank"]
+            self.bank.learned = None if learned is None else LearnedBank.from_dict(learned)
+            self.bank.learned_revision += 1
+        if "timers" in parts:
+            self.firmware_update_command = bool(parts["timers"]["firmware_update_command"])
+        self.state_revision += 1
+
     @classmethod
     def from_snapshot(cls, data: dict[str, Any], now: float, wall: float, **options: Any) -> BmsCore:
         version = data.get("version")

@@ -7,8 +7,11 @@ answered here, synchronously on the event loop, from the register maps:
 - A read or write touching an unmapped address is 02, a write to a read-only register is 02, a value
   out of range or a bad quantity is 03, a valid write the bank cannot take yet is 06; an unknown unit
   id is 0B (as a gateway answers for a device that is not there).
-- A write is planned whole (smallbms_bus/modbus/writes.py) and applied only when every word is good;
-  the core then decides at once, so "mode off" reaches the relays within the request.
+- A write is checked word by word here (addresses, ranges), then handed whole to the service's write
+  path (smallbms_bus/commit.py, SET-3): planned, applied, decided at once ("mode off" reaches the relays
+  right away), committed to the store on its thread, and only then answered; 04 when the store cannot
+  commit it. Meanwhile the loop serves every other connection; the writer's own later requests wait
+  for the write's answer, so a connection's answers stay in the order of its requests.
 - Writes are accepted only from `allow_write_from` and, when TLS is configured, only from clients
   whose certificate `tls_client_ca` verified; anyone else gets 01, a log line and a metric.
 - Connections (smallbms_bus/connections.py): a newcomer is taken; over `max_connections_per_address`
@@ -34,7 +37,7 @@ import ipaddress
 import logging
 import ssl
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +56,7 @@ from pymodbus.server.requesthandler import ServerRequestHandler
 from pymodbus.transaction import TransactionManager
 
 from smallbms_bus.bms.core import BmsCore, Decision
+from smallbms_bus.commit import Change, Committed
 from smallbms_bus.connections import (
     ACCEPT_BATCH,
     ConnectionPolicy,
@@ -71,7 +75,7 @@ from smallbms_bus.modbus.regmap import RegisterMap, decode_word, load_maps
 from smallbms_bus.modbus.sources import Snapshot
 from smallbms_bus.modbus.stats import ModbusStats
 from smallbms_bus.modbus.tls import tls_context
-from smallbms_bus.modbus.writes import WriteRefused, plan_writes
+from smallbms_bus.modbus.writes import WriteRefused
 
 log = logging.getLogger(__name__)
 # pymodbus logs a WARNING per undecodable frame: a misbehaving client would fill the journal. Ours are counted.
@@ -115,12 +119,12 @@ class ModbusOptions:
 
 @dataclass
 class BmsAccess:
-    """What the server needs from the service: the core (writes), its latest decision (reads), a way
-    to decide again after a write, and the clock."""
+    """What the server needs from the service: the core (settings, the status LED), its latest decision
+    (reads), the service's write path (`Service.commit`), and the clock."""
 
     core: BmsCore
     decision: Callable[[], Decision | None]
-    decide: Callable[[], object]
+    commit: Callable[[Change], Awaitable[Committed]]
     clock: Callable[[], float]
     started: float
 
@@ -156,6 +160,7 @@ class _Connection(ServerRequestHandler):
         self.paused = False  # the client stopped reading its answers (asyncio flow control)
         self.unanswered = b""  # received bytes not yet part of an answered frame
         self.reading_held = False  # reading paused by us while a batch of pipelined requests is answered
+        self.writing: asyncio.Future[ModbusPDU] | None = None  # a write waiting for its commit (SET-3)
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -240,7 +245,8 @@ class _Connection(ServerRequestHandler):
 
     def _answer_some(self) -> None:
         buffer, used, answered = self.unanswered, 0, 0
-        while answered < BATCH and not self.paused and len(buffer) - used >= 6 and self.transport:
+        while answered < BATCH and not self.paused and self.writing is None and len(buffer) - used >= 6 \
+                and self.transport:
             _, protocol, length = struct.unpack_from(">HHH", buffer, used)
             if protocol != 0 or not 2 <= length <= 254:  # not Modbus/TCP, or framing lost: trust nothing after
                 self.app.stats.connections_bad_frame_closed += 1
@@ -258,6 +264,11 @@ class _Connection(ServerRequestHandler):
             self.app.policy.request(self)
         if self.paused or not self.transport:  # the client is not reading its answers: resume_writing carries on
             return
+        if self.writing is not None:  # the requests behind a write wait for its answer; _written carries on
+            if not self.reading_held:
+                self.reading_held = True
+                self.transport.pause_reading()  # type: ignore[attr-defined]
+            return
         if answered == BATCH:  # more may be waiting: let the loop breathe first
             if not self.reading_held:
                 self.reading_held = True
@@ -274,8 +285,21 @@ class _Connection(ServerRequestHandler):
             self._undecodable(frame)
             return
         pdu, self.last_pdu = self.last_pdu, None
-        if pdu is not None:
-            self.pdu_send(self.app.answer(self, pdu))
+        if pdu is None:
+            return
+        response = self.app.answer(self, pdu)
+        if isinstance(response, ModbusPDU):
+            self.pdu_send(response)
+        else:  # a write: answered once committed
+            self.writing = asyncio.ensure_future(response)
+            self.writing.add_done_callback(self._written)
+
+    def _written(self, write: asyncio.Future[ModbusPDU]) -> None:
+        self.writing = None
+        if write.cancelled() or not self.transport:  # the client or the server went away: the commit stands
+            return
+        self.pdu_send(write.result())
+        self._answer_some()  # the requests that waited behind the write, then reading resumes
 
     def _undecodable(self, frame: bytes) -> None:
         """A frame pymodbus cannot decode (bad quantity, byte count, unknown function): its exception."""
@@ -430,12 +454,15 @@ class ModbusServer:
         return image
 
     # -- answering -----------------------------------------------------------------------------------------------
-    def answer(self, conn: _Connection, pdu: ModbusPDU) -> ModbusPDU:
+    def answer(self, conn: _Connection, pdu: ModbusPDU) -> ModbusPDU | Awaitable[ModbusPDU]:
+        """The answer now, or (a write that passed its checks) a coroutine that answers once it is committed."""
         fc, unit, tid = pdu.function_code, pdu.dev_id, pdu.transaction_id
         code: int | None
         try:
-            response = self._answer(conn, pdu)
-            code = None
+            answer = self._answer(conn, pdu)
+            if isinstance(answer, Change):
+                return self._answer_write(pdu, answer)
+            response, code = answer, None
         except WriteRefused as refused:
             code = refused.code
             response = ExceptionResponse(fc, code, device_id=unit, transaction=tid)
@@ -447,7 +474,28 @@ class ModbusServer:
         response.dev_id, response.transaction_id = unit, tid
         return response
 
-    def _answer(self, conn: _Connection, pdu: ModbusPDU) -> ModbusPDU:
+    async def _answer_write(self, pdu: ModbusPDU, change: Change) -> ModbusPDU:
+        fc, unit, tid = pdu.function_code, pdu.dev_id, pdu.transaction_id
+        code: int | None = None
+        response: ModbusPDU
+        try:
+            await self.access.commit(change)
+            if fc == WRITE_SINGLE:
+                response = WriteSingleRegisterResponse(address=pdu.address, registers=list(pdu.registers))
+            else:
+                response = WriteMultipleRegistersResponse(address=pdu.address, count=len(pdu.registers))
+        except WriteRefused as refused:
+            code = refused.code
+            response = ExceptionResponse(fc, code, device_id=unit, transaction=tid)
+        except Exception:  # a bug must cost one request, never the connection or the service
+            log.exception("Modbus: write fc %d unit %d failed", fc, unit)
+            code = ExcCodes.DEVICE_FAILURE
+            response = ExceptionResponse(fc, code, device_id=unit, transaction=tid)
+        self.stats.count(fc, code)
+        response.dev_id, response.transaction_id = unit, tid
+        return response
+
+    def _answer(self, conn: _Connection, pdu: ModbusPDU) -> ModbusPDU | Change:
         fc, unit = pdu.function_code, pdu.dev_id
         if unit not in self.units:
             raise WriteRefused(GATEWAY_NO_RESPONSE, f"unit {unit}")
@@ -473,10 +521,7 @@ class ModbusServer:
             raise WriteRefused(ILLEGAL_VALUE, f"quantity {pdu.count} / byte count {pdu.byte_count}")
         if not conn.may_write:
             self._refuse_write(conn, unit, pdu.address, len(values))
-        self._write(conn, image, unit, pdu.address, values, now)
-        if fc == WRITE_SINGLE:
-            return WriteSingleRegisterResponse(address=pdu.address, registers=values)
-        return WriteMultipleRegistersResponse(address=pdu.address, count=len(values))
+        return self._write(conn, image, unit, pdu.address, values)
 
     def _refuse_write(self, conn: _Connection, unit: int, address: int, count: int) -> None:
         self.stats.refused_writes += 1
@@ -487,8 +532,8 @@ class ModbusServer:
                 " or no verified client certificate" if self.options.tls else "")
         raise WriteRefused(ILLEGAL_FUNCTION, "write not allowed")
 
-    def _write(self, conn: _Connection, image: UnitImage, unit: int, address: int, values: Sequence[int],
-               now: float) -> None:
+    def _write(self, conn: _Connection, image: UnitImage, unit: int, address: int, values: Sequence[int]) -> Change:
+        """Each word checked (address, range); the change as the service's write path takes it."""
         writes: list[tuple[str, str, float]] = []
         for offset, word in enumerate(values):
             reg = image.register_at(address + offset)
@@ -498,12 +543,4 @@ class ModbusServer:
             if reg.range is not None and not reg.range[0] <= value <= reg.range[1]:
                 raise WriteRefused(ILLEGAL_VALUE, f"{reg.name} = {value:g}")
             writes.append((reg.name, reg.target, value))
-        try:
-            steps = plan_writes(self.access.core, writes, now)
-        except WriteRefused as refused:
-            log.info("Modbus: refused a write from %s: %s", conn.peer, refused)
-            raise
-        for step in steps:
-            step.apply()
-            log.info("Modbus: %s (written by %s, unit %d)", step.describe, conn.peer, unit)
-        self.access.decide()  # takes effect now: outputs, BMS_STATE, and the store on its next tick
+        return Change(tuple(writes), source=f"Modbus {conn.peer} unit {unit}", reason="Modbus write")

@@ -1,22 +1,28 @@
-"""What a Modbus write does: every writable register's `target`, applied whole or not at all.
+"""What a write does: every writable register's `target`, applied whole or not at all.
 
 `plan_writes` checks a whole request first (ranges, the core's own setting checks, whether the bank is
 known well enough) and only then returns the steps; nothing is changed when any word is refused
 (REGISTERS.md: "a multi-register write is applied whole or not at all"). Settings are checked and set
 through `BmsCore.set_settings`, the single place that knows their limits (SET-1).
+
+Each step names the snapshot parts it changes, so the write path (smallbms_bus/commit.py) can put them
+back when the store cannot commit the change (SET-3); "mode off" is `kept`: it stays in effect anyway.
+The targets are not Modbus-specific: any front end that names (name, target, value) can use them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from smallbms_bus.bms.core import BmsCore
 from smallbms_bus.bms.settings import SPEC_BY_NAME, SettingError
 from smallbms_bus.modbus.sources import GX_MODE_ON, GX_MODE_STANDBY
 
+# Refusal codes are Modbus exception numbers; other front ends map them (e.g. HTTP 400 / 503 / 409).
 ILLEGAL_VALUE = 3  # Modbus exception 03
-BUSY = 6  # Modbus exception 06: valid, but not possible yet (the bank is not learned)
+STORE_FAILED = 4  # Modbus exception 04 (SERVER_DEVICE_FAILURE): the store could not commit the change (SET-3)
+BUSY = 6  # Modbus exception 06: valid, but not possible yet (the bank is not learned, the service is stopping)
 
 # register target -> the core's setting name (block B; the GX map has no writable settings)
 SETTING_TARGETS = {
@@ -43,6 +49,8 @@ class WriteRefused(Exception):
 class Step:
     describe: str
     apply: Callable[[], object]
+    parts: tuple[str, ...]  # the snapshot parts (BmsCore.snapshot) this step changes
+    kept: bool = False  # stays in effect when the store cannot commit it ("mode off": the safe direction)
 
 
 def target_range(target: str) -> str:
@@ -59,8 +67,10 @@ def target_range(target: str) -> str:
     return ""
 
 
-def plan_writes(core: BmsCore, writes: list[tuple[str, str, float]], now: float) -> list[Step]:
-    """`writes` are (register name, target, engineering value); raises WriteRefused and changes nothing."""
+def plan_writes(core: BmsCore, writes: Sequence[tuple[str, str, float]], now: float,
+                reason: str = "Modbus write") -> list[Step]:
+    """`writes` are (register name, target, engineering value); raises WriteRefused and changes nothing.
+    `reason` is what the core's MODE event says."""
     settings: dict[str, float] = {}
     steps: list[Step] = []
     for name, target, value in writes:
@@ -74,18 +84,19 @@ def plan_writes(core: BmsCore, writes: list[tuple[str, str, float]], now: float)
             settings[SETTING_TARGETS[target]] = value
         elif target == "mode":
             on = bool(value)
-            steps.append(Step(f"mode {'on' if on else 'off'}",
-                              lambda on=on: core.set_mode(on, "Modbus write")))  # type: ignore[misc]
+            steps.append(Step(f"mode {'on' if on else 'off'}", lambda on=on: core.set_mode(on, reason),
+                              ("mode_on",), kept=not on))  # type: ignore[misc]
         elif target == "gx_mode":
             if value not in (GX_MODE_ON, GX_MODE_STANDBY):
                 raise WriteRefused(ILLEGAL_VALUE, f"{name} = {value:g}: {target_range('gx_mode')}")
             on = value == GX_MODE_ON
             steps.append(Step(f"mode {'on' if on else 'off'} (GX)",
-                              lambda on=on: core.set_mode(on, "Modbus write (GX)")))  # type: ignore[misc]
+                              lambda on=on: core.set_mode(on, f"{reason} (GX)"),  # type: ignore[misc]
+                              ("mode_on",), kept=not on))
         elif target == "set_soc":
             if not core.bank.topology().bank_capacity_ah:
                 raise WriteRefused(BUSY, f"{name}: the bank capacity is not known yet")
-            steps.append(Step(f"SoC := {value:g} %", lambda v=value: core.set_soc(v)))  # type: ignore[misc]
+            steps.append(Step(f"SoC := {value:g} %", lambda v=value: core.set_soc(v), ("monitor",)))  # type: ignore[misc]
         elif target == "command":
             steps.append(_command(core, int(value), now))
         else:  # a map names a target this module does not know: refused, and a test catches the map
@@ -96,21 +107,22 @@ def plan_writes(core: BmsCore, writes: list[tuple[str, str, float]], now: float)
         except SettingError as error:
             raise WriteRefused(ILLEGAL_VALUE, str(error)) from None
         steps.insert(0, Step("settings " + ", ".join(f"{k}={v:g}" for k, v in settings.items()),
-                             lambda: core.set_settings(**settings)))
+                             lambda: core.set_settings(**settings), ("settings",)))
     return steps
 
 
 def _command(core: BmsCore, code: int, now: float) -> Step:
-    actions: dict[int, Callable[[], object]] = {
-        1: core.synchronise_soc,
-        2: core.reset_history,
-        3: core.reset_settings,
-        4: lambda: core.relearn_bank(now),
-        5: lambda: core.firmware_update("start"),
-        6: lambda: core.firmware_update("complete"),
-        7: lambda: core.firmware_update("abort"),
+    actions: dict[int, tuple[Callable[[], object], str]] = {
+        1: (core.synchronise_soc, "monitor"),
+        2: (core.reset_history, "history"),
+        3: (core.reset_settings, "settings"),
+        4: (lambda: core.relearn_bank(now), "learned_bank"),
+        5: (lambda: core.firmware_update("start"), "timers"),
+        6: (lambda: core.firmware_update("complete"), "timers"),
+        7: (lambda: core.firmware_update("abort"), "timers"),
     }
     if code not in actions:
         raise WriteRefused(ILLEGAL_VALUE, f"command {code}: one of " +
                            ", ".join(f"{k} {v}" for k, v in COMMANDS.items()))
-    return Step(f"command {code} ({COMMANDS[code]})", actions[code])
+    action, part = actions[code]
+    return Step(f"command {code} ({COMMANDS[code]})", action, (part,))

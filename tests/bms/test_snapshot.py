@@ -70,3 +70,29 @@ def test_a_restart_inside_a_hysteresis_band_keeps_the_latch():
     assert not d.atc and BmsAlarm.CELL_HIGH_VOLTAGE in d.alarms
     rig.battery(1).cells[0] = 3.60
     assert later.run(PROTECTIVE_MEMORY_S).atc  # once the 3.70 V frames are older than the protective memory
+
+
+@pytest.mark.parametrize(("command", "parts"), [
+    (lambda core, t: core.set_settings(discharge_floor_pct=5, low_soc_warning_pct=6), ("settings",)),
+    (lambda core, t: core.reset_settings(), ("settings",)),
+    (lambda core, t: core.set_mode(True), ("mode_on",)),
+    (lambda core, t: core.set_soc(12.0), ("monitor",)),
+    (lambda core, t: core.synchronise_soc(), ("monitor",)),
+    (lambda core, t: core.reset_history(), ("history",)),
+    (lambda core, t: core.relearn_bank(t), ("learned_bank",)),
+    (lambda core, t: core.firmware_update("abort"), ("timers",)),
+])
+def test_restore_parts_undoes_a_command_exactly(command, parts):
+    """SET-3: what a write changed is put back when the store cannot commit it; the rest is not touched."""
+    rig = busy_rig()
+    before = rig.core.snapshot(rig.t)
+    revision = rig.core.state_revision
+    command(rig.core, rig.t)
+    if parts == ("learned_bank",):
+        rig.core.bank.learned = None  # relearning the same batteries changes nothing: make the undo visible
+    assert {p: rig.core.snapshot(rig.t)[p] for p in parts} != {p: before[p] for p in parts}
+    rig.core.restore_parts({p: before[p] for p in parts}, rig.t, "undone")
+    assert rig.core.snapshot(rig.t) == before
+    assert rig.core.state_revision > revision  # the undo is saved too, once the store works again
+    rig.run(1)  # and the core keeps deciding from it
+    assert rig.core.mode_on is False and rig.core.settings.discharge_floor_pct == 15

@@ -224,12 +224,13 @@ class ProcessRig:
     Modbus TCP I/O module. The simulator and the relay module outlive restarts of the service."""
 
     def __init__(self, tmp_path: Path, *, scenario: str = "steady", bank: str = "2s1p-12v100",
-                 modbus: str = "", metrics: bool = False, bms: str = "", store: str = "") -> None:
+                 modbus: str = "", metrics: bool = False, bms: str = "", store: str = "",
+                 store_path: Path | None = None) -> None:
         self.tmp = tmp_path
         self.scenario, self.bank = scenario, bank
         self.modbus_port = free_port()
         self.metrics_port = free_port() if metrics else 0
-        self.store = tmp_path / "state.db"
+        self.store = store_path or tmp_path / "state.db"
         self.hub = SlcanHub()
         self.module = VirtualModbusTcpModule(unit=1)
         outputs = (f'[outputs]\nbackend = "modbus"\n[outputs.options]\ntransport = "tcp"\nhost = "127.0.0.1"\n'

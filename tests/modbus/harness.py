@@ -2,19 +2,26 @@
 
 The server runs on its own event loop in a thread, as in the service; everything that touches the core
 (ticks, reading decisions) is marshalled onto that loop with `on_loop`, so the core is never used
-from two threads.
+from two threads. Writes go through the service's write path (smallbms_bus/commit.py) into a real
+SQLite store in a temporary directory, committed on a store thread of their own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import tempfile
 import threading
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from pymodbus.client import ModbusTcpClient
 
+from smallbms_bus.commit import WritePath
 from smallbms_bus.modbus.server import BmsAccess, ModbusOptions, ModbusServer
+from smallbms_bus.store import PendingSave, Persister, Store
 from tests.bms.rig import Rig
 
 T = TypeVar("T")
@@ -26,7 +33,13 @@ class RunningServer:
         if start:
             rig.start()
         self.decisions = 0
-        access = BmsAccess(core=rig.core, decision=lambda: rig.last, decide=self._decide, clock=lambda: rig.t,
+        self.tmp = tempfile.TemporaryDirectory(prefix="smallbms-modbus-test-")
+        self.store = Store.open(Path(self.tmp.name) / "state.db")
+        self.persister = Persister(self.store)
+        self.store_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store")
+        self.writes = WritePath(rig.core, self.persister, self._save, self._decide, clock=lambda: rig.t,
+                                wall=time.time)
+        access = BmsAccess(core=rig.core, decision=lambda: rig.last, commit=self.writes.commit, clock=lambda: rig.t,
                            started=0.0)
         self.server = ModbusServer(options or ModbusOptions(port=0, tls_port=0), access)
         self.loop = asyncio.new_event_loop()
@@ -34,6 +47,9 @@ class RunningServer:
         self.thread.start()
         self.on_loop_async(self.server.start())
         self.port = self.server.bound[0][1]
+
+    async def _save(self, save: PendingSave) -> bool:
+        return await asyncio.get_running_loop().run_in_executor(self.store_thread, self.persister.write, save)
 
     def _decide(self) -> None:
         self.decisions += 1
@@ -60,6 +76,9 @@ class RunningServer:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
         self.loop.close()
+        self.store_thread.shutdown(wait=True)
+        self.store.close()
+        self.tmp.cleanup()
 
 
 def signed(word: int) -> int:
