@@ -17,6 +17,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--map", choices=MAP_NAMES, default=None, help="only this map (default: all)")
     parser.add_argument("--batteries", type=int, default=None,
                         help="csv/json: batteries in the bank, for the SunSpec layout (default 1)")
+    parser.add_argument("--cells", type=int, choices=(4, 8, 16), default=4,
+                        help="csv/json: cells per battery (12.8 V 4, 25.6 V 8, 51.2 V 16), for the SunSpec layout: "
+                             "model 805 has one cell group per cell (default 4)")
     return parser
 
 
@@ -31,6 +34,6 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         out.write(to_markdown(selected, target_range))
         return 0
     nodes = None if args.batteries is None else tuple(range(1, args.batteries + 1))
-    table = [row for m in selected for row in rows(m, nodes if m.dynamic else None, target_range)]
+    table = [row for m in selected for row in rows(m, nodes if m.dynamic else None, target_range, args.cells)]
     out.write(to_csv(table) if args.format == "csv" else to_json(table))
     return 0

@@ -3,6 +3,11 @@
 A map is a list of blocks; a block is a list of registers at absolute addresses, or (with `repeat`)
 a template repeated at `start + k * length` once per battery slot (a fixed count) or once per battery
 in the bank (`repeat = "batteries"`, for SunSpec, whose models follow each other: `start = "next"`).
+A battery block with `cell_group = n` ends with one group of n words per cell of that battery (SunSpec
+model 805): its registers with `count = "cells"` repeat once per cell, and its length is `length` plus
+n per cell, so the layout depends on the bank's cell counts, not only on its batteries.
+A register with `sf = "X_SF"` takes its scale from the SunSpec scale factor register X_SF of its block,
+whose value may be computed from the bank (a source) rather than fixed.
 `validate` refuses overlaps, gaps inside a block, registers outside their block, unknown types,
 unknown sources and unknown write targets, so a typo in a map file fails a test, not a PLC.
 """
@@ -15,7 +20,7 @@ import itertools
 import json
 import math
 import tomllib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -29,6 +34,8 @@ TYPES: dict[str, tuple[int, bool, int | None]] = {
 }
 ACCESS = ("r", "rw", "w")
 MAP_NAMES = ("native", "sunspec", "gx")
+MAX_CELLS = 16  # cells of the largest Lithium NG battery (51.2 V); a battery whose cell count is unknown gets 16
+MODEL_LENGTH = "model.length"  # a source: the length of the placed block minus ID and L (SunSpec's L)
 
 
 class RegisterMapError(ValueError):
@@ -52,6 +59,8 @@ class Register:
     fill: int | None = None  # reserved words read as this instead of 0
     values: str = ""  # enum / bit meanings, for the docs
     description: str = ""
+    sf: str | None = None  # SunSpec: the scale factor register of the block that gives this point's scale
+    per_cell: bool = False  # one of the block's per-cell registers (count = "cells"), element `index`
 
     @property
     def signed(self) -> bool:
@@ -71,20 +80,34 @@ class Block:
     registers: tuple[Register, ...]
     repeat: int | str = 1  # a count, or "batteries": one per battery in the bank
     item: str | None = None  # "battery" for repeated battery blocks
+    cell_group: int = 0  # words per cell group after `length` (0: no per-cell groups)
 
 
 @dataclass(frozen=True)
 class PlacedBlock:
-    """One block at its absolute address; `node` is the battery it shows (repeated blocks)."""
+    """One block at its absolute address; `node` is the battery it shows (repeated blocks), `cells` the
+    cell groups it carries (blocks with `cell_group`)."""
 
     block: Block
     start: int
     slot: int  # 0-based repetition
     node: int | None
+    cells: int = 0
+
+    @property
+    def length(self) -> int:
+        return self.block.length + self.block.cell_group * self.cells
 
     @property
     def end(self) -> int:
-        return self.start + self.block.length
+        return self.start + self.length
+
+    @property
+    def registers(self) -> tuple[Register, ...]:
+        block = self.block
+        if not block.cell_group:
+            return block.registers
+        return tuple(r for r in block.registers if not r.per_cell or (r.index or 0) < self.cells)
 
 
 @dataclass(frozen=True)
@@ -101,8 +124,9 @@ class RegisterMap:
     def __post_init__(self) -> None:
         object.__setattr__(self, "dynamic", any(b.repeat == "batteries" for b in self.blocks))
 
-    def layout(self, nodes: Sequence[int] = ()) -> tuple[PlacedBlock, ...]:
-        """Absolute placement. Fixed repeats show nodes 1..n; "batteries" repeats one block per node in `nodes`."""
+    def layout(self, nodes: Sequence[int] = (), cells: Mapping[int, int] | None = None) -> tuple[PlacedBlock, ...]:
+        """Absolute placement. Fixed repeats show nodes 1..n; "batteries" repeats one block per node in `nodes`.
+        `cells`: each node's cell count, for blocks with cell groups (MAX_CELLS when not given)."""
         placed: list[PlacedBlock] = []
         cursor = 0
         for block in self.blocks:
@@ -111,15 +135,19 @@ class RegisterMap:
                 slots: list[int | None] = list(nodes)
             else:
                 slots = [k + 1 if block.item else None for k in range(int(block.repeat))]
+            at = start
             for k, node in enumerate(slots):
-                placed.append(PlacedBlock(block, start + k * block.length, k, node))
-            cursor = start + len(slots) * block.length
+                count = (cells or {}).get(node, MAX_CELLS) if block.cell_group and node is not None else 0
+                placed.append(PlacedBlock(block, at, k, node, count))
+                at = placed[-1].end
+            cursor = at
         return tuple(placed)
 
-    def registers(self, nodes: Sequence[int] = ()) -> Iterator[tuple[int, PlacedBlock, Register]]:
-        for placed in self.layout(nodes):
+    def registers(self, nodes: Sequence[int] = (), cells: Mapping[int, int] | None = None,
+                  ) -> Iterator[tuple[int, PlacedBlock, Register]]:
+        for placed in self.layout(nodes, cells):
             base = placed.start if placed.block.repeat != 1 or placed.block.start is None else 0
-            for reg in placed.block.registers:
+            for reg in placed.registers:
                 yield base + reg.address, placed, reg
 
 
@@ -148,6 +176,9 @@ def _registers(raw: list[dict[str, Any]], where: str) -> list[Register]:
         if not words:
             raise RegisterMapError(f"{here}: type {kind} needs words = n")
         count = entry.pop("count", None)
+        per_cell = count == "cells"
+        if per_cell:
+            count = MAX_CELLS
         stride = int(entry.pop("stride", 0)) or int(words)
         access = entry.pop("access", "r")
         if access not in ACCESS:
@@ -160,6 +191,7 @@ def _registers(raw: list[dict[str, Any]], where: str) -> list[Register]:
                 "source": entry.pop("source", None), "value": entry.pop("value", None),
                 "target": entry.pop("target", None), "fill": entry.pop("fill", None),
                 "values": entry.pop("values", ""), "description": entry.pop("description", ""),
+                "sf": entry.pop("sf", None), "per_cell": per_cell,
             }
         except KeyError:
             raise RegisterMapError(f"{here}: no address") from None
@@ -168,7 +200,7 @@ def _registers(raw: list[dict[str, Any]], where: str) -> list[Register]:
         if count is None:
             out.append(Register(address, name, **common))
         else:
-            out += [Register(address + i * stride, f"{name}_{i + 1}", index=i, **common) for i in range(count)]
+            out += [Register(address + i * stride, f"{name}_{i + 1}", index=i, **common) for i in range(int(count))]
     return out
 
 
@@ -187,7 +219,7 @@ def parse_map(text: str, where: str) -> RegisterMap:
             length=int(raw["length"]),
             registers=tuple(sorted(_registers(raw.get("registers", []), f"{where} block {name}"),
                                    key=lambda r: r.address)),  # arrays with a stride interleave
-            repeat=raw.get("repeat", 1), item=raw.get("item"),
+            repeat=raw.get("repeat", 1), item=raw.get("item"), cell_group=int(raw.get("cell_group", 0)),
         ))
     return RegisterMap(name=head.get("name", where), title=head.get("title", ""), unit_key=head.get("unit", ""),
                        missing=head.get("missing", "sentinel"), description=head.get("description", ""),
@@ -213,39 +245,59 @@ def validate(regmap: RegisterMap, sources: set[str], targets: set[str], nodes: S
     for block in regmap.blocks:
         if block.repeat != "batteries" and not (isinstance(block.repeat, int) and block.repeat >= 1):
             raise RegisterMapError(f"{where} block {block.name}: repeat {block.repeat!r}: a count or 'batteries'")
-        base = 0 if block.repeat != 1 or block.start is None else block.start
-        used = [False] * block.length
+        if block.cell_group and not block.item:
+            raise RegisterMapError(f"{where} block {block.name}: cell groups need a battery block (item)")
+        factors = {r.name for r in block.registers if r.type == "sunssf"}
         for reg in block.registers:
-            here = f"{where} block {block.name} register {reg.name}"
-            first = reg.address - base
-            if first < 0 or first + reg.words > block.length:
-                raise RegisterMapError(f"{here}: address {reg.address} is outside the block")
-            for i in range(first, first + reg.words):
-                if used[i]:
-                    raise RegisterMapError(f"{here}: overlaps another register at {base + i}")
-                used[i] = True
-            if reg.source is not None and reg.source not in sources:
-                raise RegisterMapError(f"{here}: source {reg.source!r} does not exist")
-            if reg.source is None and reg.value is None and reg.type not in ("reserved", "pad"):
-                raise RegisterMapError(f"{here}: needs a source or a value")
-            if reg.writable and reg.target not in targets:
-                raise RegisterMapError(f"{here}: writable, but target {reg.target!r} does not exist")
-            if reg.writable and reg.words != 1:
-                raise RegisterMapError(f"{here}: only single-word registers may be writable")
-            if reg.target is not None and not reg.writable:
-                raise RegisterMapError(f"{here}: has a target but access {reg.access!r}")
-        if not all(used):
-            gap = base + used.index(False)
-            raise RegisterMapError(f"{where} block {block.name}: gap at address {gap} (declare it reserved)")
+            _check_register(f"{where} block {block.name} register {reg.name}", reg, block, sources, targets, factors)
+        for cells in ((MAX_CELLS, 4, 1) if block.cell_group else (0,)):
+            _check_coverage(f"{where} block {block.name}", PlacedBlock(block, 0, 0, 1, cells))
     seen: list[tuple[int, int, str]] = sorted((p.start, p.end, p.block.name) for p in regmap.layout(nodes))
     for (_, end, name), (start, _, other) in itertools.pairwise(seen):
         if start < end:
             raise RegisterMapError(f"{where}: block {other} at {start} overlaps block {name}")
 
 
+def _check_register(here: str, reg: Register, block: Block, sources: set[str], targets: set[str],
+                    factors: set[str]) -> None:
+    if reg.source is not None and reg.source not in sources and reg.source != MODEL_LENGTH:
+        raise RegisterMapError(f"{here}: source {reg.source!r} does not exist")
+    if reg.source is None and reg.value is None and reg.type not in ("reserved", "pad"):
+        raise RegisterMapError(f"{here}: needs a source or a value")
+    if reg.sf is not None and reg.sf not in factors:
+        raise RegisterMapError(f"{here}: sf {reg.sf!r} is not a sunssf register of the block")
+    if reg.per_cell and not block.cell_group:
+        raise RegisterMapError(f"{here}: count = 'cells' needs cell_group on the block")
+    if reg.writable and reg.target not in targets:
+        raise RegisterMapError(f"{here}: writable, but target {reg.target!r} does not exist")
+    if reg.writable and reg.words != 1 and reg.type != "string":
+        raise RegisterMapError(f"{here}: only single-word registers and strings may be writable")
+    if reg.target is not None and not reg.writable:
+        raise RegisterMapError(f"{here}: has a target but access {reg.access!r}")
+
+
+def _check_coverage(here: str, placed: PlacedBlock) -> None:
+    """No overlap, no gap, nothing outside the block (with `placed.cells` cell groups)."""
+    block = placed.block
+    base = 0 if block.repeat != 1 or block.start is None else block.start
+    used = [False] * placed.length
+    for reg in placed.registers:
+        first = reg.address - base
+        if first < 0 or first + reg.words > placed.length:
+            raise RegisterMapError(f"{here} register {reg.name}: address {reg.address} is outside the block")
+        for i in range(first, first + reg.words):
+            if used[i]:
+                raise RegisterMapError(f"{here} register {reg.name}: overlaps another register at {base + i}")
+            used[i] = True
+    if not all(used):
+        gap = base + used.index(False)
+        raise RegisterMapError(f"{here}: gap at address {gap} (declare it reserved)")
+
+
 # -- encoding ------------------------------------------------------------------------------------------
-def encode(reg: Register, value: Any, missing: str) -> list[int]:
-    """One register's words for an engineering value (None = not available)."""
+def encode(reg: Register, value: Any, missing: str, scale: float | None = None) -> list[int]:
+    """One register's words for an engineering value (None = not available); `scale` overrides the register's
+    (SunSpec points whose scale factor is computed from the bank)."""
     words, signed, marker = reg.words, *TYPES[reg.type][1:]
     if reg.type == "reserved":
         return [0 if reg.fill is None else reg.fill] * words
@@ -255,14 +307,32 @@ def encode(reg: Register, value: Any, missing: str) -> list[int]:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):  # inf: "not discharging"
         raw = 0 if missing == "zero" or marker is None else marker
     else:
-        raw = round(value / reg.scale) if reg.scale != 1.0 else round(value)
+        scale = reg.scale if scale is None else scale
+        raw = round(value / scale) if scale != 1.0 else round(value)
         bits = 16 * words
-        low, high = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
-        if not low <= raw <= high:
-            raw = 0 if missing == "zero" or marker is None else marker  # does not fit: not a number to trust
-        elif signed and raw < 0:
-            raw += 1 << bits
+        if missing == "zero" or not (-(1 << (bits - 1)) if signed else 0) <= raw < (1 << (bits - (1 if signed else 0))):
+            low, high = limits(reg.type, words, missing)
+            raw = min(max(raw, low), high)  # does not fit: the type's limit, as Victron's converter does
+        if raw < 0:
+            raw += 1 << (16 * words)
     return [(raw >> 16) & 0xFFFF, raw & 0xFFFF] if words == 2 else [raw & 0xFFFF]
+
+
+def limits(kind: str, words: int, missing: str) -> tuple[int, int]:
+    """Where a number that does not fit this type is clamped: never to 0, never to the not-available marker.
+    On the GX map exactly Victron's dbus_modbustcp rule, qBound(min, value, max - 1), for every value; elsewhere
+    the type's range without its marker (0xFFFF, 0x8000, ...), for values outside the type (a value inside it
+    is encoded as it is, so a map's constant 0xFFFF still says "not implemented")."""
+    bits = 16 * words
+    signed, marker = TYPES[kind][1], TYPES[kind][2]
+    low, high = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    if missing == "zero":
+        return low, high - 1
+    if marker == high:
+        high -= 1
+    if signed and marker == low + (1 << bits):
+        low += 1
+    return low, high
 
 
 def decode_word(reg: Register, word: int) -> float:
@@ -277,12 +347,13 @@ COLUMNS = ("map", "unit", "block", "address", "register", "name", "type", "words
 
 
 def rows(regmap: RegisterMap, nodes: Sequence[int] | None = None,
-         target_range: Callable[[str], str] | None = None) -> list[dict[str, Any]]:
-    """One row per register at its absolute address (repeated blocks expanded for every slot)."""
+         target_range: Callable[[str], str] | None = None, cells: int = 4) -> list[dict[str, Any]]:
+    """One row per register at its absolute address (repeated blocks expanded for every slot; batteries
+    with `cells` cells each where the layout depends on it)."""
     if nodes is None:
         nodes = (1,) if regmap.dynamic else ()
     out = []
-    for address, placed, reg in regmap.registers(nodes):
+    for address, placed, reg in regmap.registers(nodes, dict.fromkeys(nodes, cells)):
         prefix = f"battery_{placed.node}." if placed.node is not None else ""
         rng = ""
         if reg.range is not None:
@@ -292,11 +363,18 @@ def rows(regmap: RegisterMap, nodes: Sequence[int] | None = None,
         out.append({
             "map": regmap.name, "unit": regmap.unit_key, "block": placed.block.name, "address": address,
             "register": address + 1, "name": prefix + reg.name, "type": reg.type, "words": reg.words,
-            "scale": f"{reg.scale:g}", "unit_of_measure": reg.unit, "access": reg.access, "range": rng,
+            "scale": _scale_text(reg) or "1", "unit_of_measure": reg.unit, "access": reg.access, "range": rng,
             "values": reg.values, "source": reg.source or ("" if reg.value is None else f"constant {reg.value}"),
             "description": reg.description,
         })
     return out
+
+
+def _scale_text(reg: Register) -> str:
+    """The scale as the docs and exports show it: `10^A_SF` for a SunSpec point, '' for 1."""
+    if reg.sf is not None:
+        return f"10^{reg.sf}"
+    return "" if reg.scale == 1.0 else f"{reg.scale:g}"
 
 
 def to_csv(all_rows: list[dict[str, Any]]) -> str:
@@ -316,8 +394,11 @@ def to_markdown(maps: Sequence[RegisterMap], target_range: Callable[[str], str] 
     out = ["# Modbus registers", "",
            "Generated from `register_maps/*.toml` by `smallbms-bus regmap --format md` (do not edit by hand;",
            "tests/modbus/test_regmap.py fails when this file is stale). Conventions, exceptions and write",
-           "rules: ../shared/spec/REGISTERS.md and docs/modbus.md. Addresses are 0-based PDU addresses; a",
-           "1-based PLC register number is address + 1. Scale = the value of one count (0.01 = hundredths).", ""]
+           "rules: [modbus.md](modbus.md). Addresses are 0-based PDU addresses; a 1-based PLC register number",
+           "is address + 1. Scale = the value of one count (0.01 = hundredths); `10^X_SF` = the SunSpec scale",
+           "factor register X_SF of the same model. A value too large (or too small) for its register reads as",
+           "the type's limit, never 0 and never the not-available marker (modbus.md, \"Values that do not",
+           "fit\").", ""]
     for regmap in maps:
         out += [f"## {regmap.title} (`{regmap.name}`, unit from `{regmap.unit_key}`)", "", regmap.description, ""]
         if regmap.missing == "zero":
@@ -325,12 +406,17 @@ def to_markdown(maps: Sequence[RegisterMap], target_range: Callable[[str], str] 
         else:
             out += ["Values the service does not have read as 0xFFFF (uint16), 0x8000 (int16), "
                     "0xFFFFFFFF (uint32), 0x80000000 (int32).", ""]
-        placed = regmap.layout((1,))
+        placed = regmap.layout((1,), {1: 4})  # "next" blocks placed after one 12.8 V battery (4 cells)
         for block in regmap.blocks:
             first = next(p for p in placed if p.block is block)
             relative = block.repeat != 1
             shift = first.start if block.start is None and not relative else 0  # "next" blocks: show absolute
-            if block.repeat == "batteries":
+            if block.repeat == "batteries" and block.cell_group:
+                where = (f"at {first.start}; one block per battery in the bank, in node order, of "
+                         f"{block.length} registers plus {block.cell_group} per cell of that battery (4, 8 or 16 "
+                         "cells); the addresses after it are those of a bank of one 4-cell battery and move down "
+                         "with every battery and cell")
+            elif block.repeat == "batteries":
                 where = (f"at {first.start} with one battery; one block of {block.length} registers per battery "
                          "in the bank, in node order; the blocks after it move down accordingly")
             elif block.repeat != 1:
@@ -342,14 +428,20 @@ def to_markdown(maps: Sequence[RegisterMap], target_range: Callable[[str], str] 
                     "| values / description | source |",
                     "|---|---|---|---|---|---|---|---|---|"]
             for reg in block.registers:
+                if reg.per_cell and reg.index:
+                    continue  # one row per per-cell register, for cell k
                 at = reg.address + shift
                 span = f"{at}" if reg.words == 1 else f"{at}-{at + reg.words - 1}"
+                name = reg.name
+                if reg.per_cell:
+                    span = f"{at} + {block.cell_group} (k - 1)" + (f", {reg.words} words" if reg.words > 1 else "")
+                    name = reg.name.rsplit("_", 1)[0] + "_k"
                 rng = (f"{reg.range[0]:g}-{reg.range[1]:g}" if reg.range else
                        target_range(reg.target) if reg.target and target_range else "")
                 text = "; ".join(t for t in (reg.values, reg.description) if t)
                 source = reg.source or ("" if reg.value is None else f"constant {reg.value}")
-                scale = "" if reg.scale == 1.0 else f"{reg.scale:g}"
-                out.append(f"| {span} | {reg.name} | {reg.type} | {scale} | {reg.unit} | {reg.access} | {rng} "
+                scale = _scale_text(reg)
+                out.append(f"| {span} | {name} | {reg.type} | {scale} | {reg.unit} | {reg.access} | {rng} "
                            f"| {text} | {source} |")
             out.append("")
     return "\n".join(out).rstrip("\n") + "\n"

@@ -70,7 +70,7 @@ from smallbms_bus.connections import (
     quiet_accept_errors,
     release_fds,
 )
-from smallbms_bus.modbus.image import UnitImage
+from smallbms_bus.modbus.image import UnitImage, layout_of
 from smallbms_bus.modbus.regmap import RegisterMap, decode_word, load_maps
 from smallbms_bus.modbus.sources import Snapshot
 from smallbms_bus.modbus.stats import ModbusStats
@@ -447,10 +447,10 @@ class ModbusServer:
         return self._snapshot
 
     def image(self, unit: int, snapshot: Snapshot) -> UnitImage:
-        nodes = tuple(sorted(snapshot.batteries))
+        layout = layout_of(snapshot)
         image = self._images.get(unit)
-        if image is None or (image.nodes != nodes and any(m.dynamic for m in self.units[unit])):
-            image = self._images[unit] = UnitImage(self.units[unit], nodes)
+        if image is None or (image.layout != layout and any(m.dynamic for m in self.units[unit])):
+            image = self._images[unit] = UnitImage(self.units[unit], layout)
         return image
 
     # -- answering -----------------------------------------------------------------------------------------------
@@ -536,7 +536,8 @@ class ModbusServer:
         """Each word checked (address, range); the change as the service's write path takes it."""
         writes: list[tuple[str, str, float]] = []
         for offset, word in enumerate(values):
-            reg = image.register_at(address + offset)
+            found = image.register_at(address + offset)
+            reg = None if found is None else found[0]
             if reg is None or not reg.writable or reg.target is None:
                 raise WriteRefused(ILLEGAL_ADDRESS, f"{address + offset} is not a writable register")
             value = decode_word(reg, word)

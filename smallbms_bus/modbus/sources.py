@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from smallbms_bus import __version__
-from smallbms_bus.bank import FLAG_FIELDS, BatteryView
+from smallbms_bus.bank import FLAG_FIELDS, BatteryView, Topology
 from smallbms_bus.bms.alarms import AtdState, BalancerStatus, BmsAlarm, BmsWarning, Led
 from smallbms_bus.bms.core import Decision
+from smallbms_bus.bms.monitor import pulse_limits
 from smallbms_bus.bms.settings import Settings
 
 STATE_WAITING, STATE_ON, STATE_OFF, STATE_FIRMWARE_UPDATE, STATE_FAULT = range(5)
@@ -210,12 +211,29 @@ BATTERY: dict[str, Callable[[BatteryView | None], Any]] = {
     "battery.min_cell_voltage": _cell_stat(min),
     "battery.max_cell_voltage": _cell_stat(max),
     "battery.average_cell_voltage": _cell_stat(lambda c: sum(c) / len(c)),
+    "battery.average_cell_temperature": lambda b: _average_temperature(b),
+    "battery.cell_temperatures": lambda b: _cell_temperatures(b),
     "battery.min_cell_index": lambda b: _cell_index(b, min),
     "battery.max_cell_index": lambda b: _cell_index(b, max),
     "battery.balancing_cells": lambda b: None if _fresh(b) is None or b.status is None  # type: ignore[union-attr]
     else (b.info.cell_count if b.status.balancing and b.info else 0),  # type: ignore[union-attr]
     "battery.data_age": lambda b: None if b is None else b.status_age,
 }
+
+
+def _average_temperature(b: BatteryView | None) -> float | None:
+    """The battery reports its lowest and highest cell temperature only: their mean stands for the average."""
+    b = _fresh(b)
+    if b is None or b.temps is None:
+        return None
+    return (b.temps.cell_temp_min + b.temps.cell_temp_max) / 2.0
+
+
+def _cell_temperatures(b: BatteryView | None) -> tuple[float, ...] | None:
+    average = _average_temperature(b)
+    if average is None or b is None or b.info is None:
+        return None
+    return (average,) * b.info.cell_count
 
 
 def _cell_index(b: BatteryView | None, pick: Callable[..., Any]) -> int | None:
@@ -283,6 +301,50 @@ def sunspec_charge_status(s: Snapshot) -> int:
     return CHA_ST_HOLDING
 
 
+# -- SunSpec scale factors, from the bank: every value the bank can carry fits its register ----------------
+UNIT_MAX_VOLTAGE = 15.0  # a 12.8 V unit with every cell at ATC-1's 3.75 V: the highest voltage the bank shows
+UINT16_MAX, INT16_MAX = 0xFFFE, 0x7FFF  # the largest numbers (0xFFFF and 0x8000 read "not implemented")
+
+
+def _fit(limit: Callable[[Topology], float | None], finest: int, largest: int) -> Callable[[Snapshot], int]:
+    """The finest scale factor (10^sf per count, from `finest` up) at which `limit` of the bank still fits
+    `largest` counts. Computed from the bank's shape, so it changes only while the bank is heard for the first
+    time or re-learned; a client reads a point and its scale factor in one request (pysunspec2 reads the model)."""
+    def sf(s: Snapshot) -> int:
+        value = limit(s.decision.bank.topology)
+        exponent = finest
+        while value is not None and value / 10.0 ** exponent > largest:
+            exponent += 1
+        return exponent
+    return sf
+
+
+def _max_current(t: Topology) -> float | None:
+    """The most the bank can carry: every string at its model's pulse limit (manual 4.1, 10 s)."""
+    if t.nominal_units is None or t.capacity_ah is None:
+        return None
+    return t.parallel * max(pulse_limits(t.nominal_units, t.capacity_ah))
+
+
+def _max_power(t: Topology) -> float | None:
+    current, units = _max_current(t), t.series_units
+    return None if current is None or units is None else current * UNIT_MAX_VOLTAGE * units
+
+
+def _energy(t: Topology) -> float | None:
+    return None if t.bank_capacity_ah is None or t.nominal_voltage is None else t.bank_capacity_ah * t.nominal_voltage
+
+
+BANK.update({
+    "sunspec.sf.capacity": _fit(lambda t: t.bank_capacity_ah, 0, UINT16_MAX),  # AHRtg
+    "sunspec.sf.energy": _fit(_energy, 0, UINT16_MAX),  # WHRtg
+    "sunspec.sf.power_rating": _fit(_energy, 0, UINT16_MAX),  # WChaRteMax, WDisChaRteMax: 1C at nominal voltage
+    "sunspec.sf.current": _fit(_max_current, -1, INT16_MAX),  # A
+    "sunspec.sf.current_limit": _fit(lambda t: t.bank_capacity_ah, -1, UINT16_MAX),  # AChaMax, ADisChaMax: 1C
+    "sunspec.sf.power": _fit(_max_power, 0, INT16_MAX),  # W
+})
+
+
 def _one_c_power(s: Snapshot) -> float | None:
     """1C (the Lithium NG continuous limit, MON-7) at nominal voltage."""
     topo = s.decision.bank.topology
@@ -316,9 +378,7 @@ def _battery_with(ref_of: Callable[[Any], Any], what: str) -> Callable[[Snapshot
 BANK.update({
     "software_version": lambda s: __version__,
     "instance_name": lambda s: socket.gethostname(),
-    "energy_rating": lambda s: None if s.decision.bank.topology.bank_capacity_ah is None
-    or s.decision.bank.topology.nominal_voltage is None
-    else s.decision.bank.topology.bank_capacity_ah * s.decision.bank.topology.nominal_voltage,
+    "energy_rating": lambda s: _energy(s.decision.bank.topology),
     "one_c_power": _one_c_power,
     "max_charge_current": _allowed_current(lambda d: d.atc),
     "max_discharge_current": _allowed_current(lambda d: d.atd),

@@ -16,6 +16,7 @@ from smallbms_bus.cli import main
 from smallbms_bus.modbus.regmap import (
     MAP_NAMES,
     TYPES,
+    PlacedBlock,
     Register,
     RegisterMapError,
     decode,
@@ -84,18 +85,22 @@ def test_native_map_addresses_are_those_of_registers_md():
 
 @given(st.sampled_from([t for t in TYPES if t not in ("string", "reserved", "pad", "acc32", "sunssf")]),
        st.integers(-(1 << 31), (1 << 32) - 1), st.sampled_from([1.0, 0.1, 0.01, 0.001, 10.0]))
-def test_encode_then_decode_gives_the_value_back_or_not_available(kind, raw, scale):
+def test_encode_then_decode_gives_the_value_back_or_the_nearer_limit(kind, raw, scale):
+    """A value that does not fit reads as the type's limit (never the not-available marker, never 0)."""
     words, signed, marker = TYPES[kind]
     reg = Register(0, "r", kind, words, scale=scale)
     bits = 16 * words
-    fits = (-(1 << (bits - 1)) <= raw < (1 << (bits - 1))) if signed else (0 <= raw < (1 << bits))
+    low, high = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
     encoded = encode(reg, raw * scale, "sentinel")
     assert len(encoded) == words and all(0 <= w <= 0xFFFF for w in encoded)
     back = decode(reg, encoded)
-    if fits and (raw if not signed or raw >= 0 else raw + (1 << bits)) != marker:
+    if low <= raw <= high and (raw if raw >= 0 else raw + (1 << bits)) != marker:
         assert back == pytest.approx(raw * scale)
+    elif low <= raw <= high:
+        assert back is None  # the marker itself, as a map's constant uses it
     else:
-        assert back is None
+        limit = (high - 1 if marker == high else high) if raw > high else (low + 1 if signed else low)
+        assert back == pytest.approx(limit * scale)
 
 
 def test_strings_are_two_ascii_characters_per_register_high_byte_first():
@@ -122,7 +127,11 @@ def test_regmap_command_exports_csv_json_and_md(capsys):
     assert main(["regmap", "--format", "json", "--map", "sunspec", "--batteries", "3"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert sum(1 for r in rows if r["name"].endswith(".ID")) == 3  # one model 805 per battery
-    assert rows[-1]["name"] == "end_L" and rows[-1]["address"] == 40000 + 2 + 68 + 64 + 3 * 108 + 1
+    assert rows[-1]["name"] == "end_L" and rows[-1]["address"] == 40000 + 2 + 68 + 64 + 3 * (44 + 4 * 4) + 1
+    assert main(["regmap", "--format", "json", "--map", "sunspec", "--batteries", "2", "--cells", "16"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[-1]["address"] == 40000 + 2 + 68 + 64 + 2 * (44 + 4 * 16) + 1
+    assert sum(1 for r in rows if r["name"].startswith("battery_2.CellV_") and r["name"][-1].isdigit()) == 16
     assert main(["regmap", "--format", "md", "--map", "gx"]) == 0
     assert "(`gx`, unit from `modbus.gx_unit`)" in capsys.readouterr().out
 
@@ -145,18 +154,21 @@ def test_sunspec_models_match_pysunspec2_definitions(model_id):
     definition = json.loads(path.read_text())
     group = definition["group"]
     expected = [(p["name"], p.get("size", 1), p.get("sf")) for p in group["points"]]
-    if model_id == 805:
-        cell = group["groups"][0]
-        expected += [(f"{p['name']}_{i + 1}", p.get("size", 1), p.get("sf")) for i in range(16)
-                     for p in cell["points"]]
     block = next(b for b in load_maps()["sunspec"].blocks if b.name == f"model_{model_id}")
-    ours = sorted(block.registers, key=lambda r: r.address)
-    assert [(r.name, r.words) for r in ours] == [(n, s) for n, s, _ in expected]
-    assert ours[1].value == block.length - 2  # L
-    constants = {r.name: r.value for r in ours if r.type == "sunssf"}
-    for reg, (_, _, sf) in zip(ours, expected, strict=True):
-        if isinstance(sf, str) and constants.get(sf) != -32768 and reg.source is not None:
-            assert reg.scale == pytest.approx(10.0 ** constants[sf]), f"{reg.name} scale vs {sf}"
+    for cells in (4, 8, 16) if model_id == 805 else (0,):
+        listed = list(expected)
+        if model_id == 805:
+            cell = group["groups"][0]
+            listed += [(f"{p['name']}_{i + 1}", p.get("size", 1), p.get("sf")) for i in range(cells)
+                       for p in cell["points"]]
+        placed = PlacedBlock(block, 0, 0, 1, cells)
+        ours = sorted(placed.registers, key=lambda r: r.address)
+        assert [(r.name, r.words) for r in ours] == [(n, s) for n, s, _ in listed]
+        assert ours[1].value == block.length - 2 if model_id != 805 else ours[1].source == "model.length"  # L
+        assert placed.length == sum(s for _, s, _ in listed)
+        for reg, (_, _, sf) in zip(ours, listed, strict=True):
+            if reg.source is not None and reg.type != "sunssf":
+                assert reg.sf == sf, f"{reg.name}: scale factor {reg.sf} vs SunSpec's {sf}"
 
 
 def test_setting_registers_use_the_resolution_of_the_core_specs():

@@ -46,8 +46,32 @@ def test_pysunspec2_discovers_model_1_802_and_one_805_per_battery(device):
     assert first.NCell.cvalue == 4 and first.SN.cvalue == running.rig.battery(1).serial
     assert first.V.cvalue == pytest.approx(13.2)
     cells = first.groups["lithium-ion-module-cell"]
-    assert [c.CellV.cvalue for c in cells[:4]] == [3.3] * 4
-    assert cells[4].CellV.cvalue is None  # a 12.8 V battery has 4 cells; the other groups are unimplemented
+    assert [c.CellV.cvalue for c in cells] == [3.3] * 4  # a 12.8 V battery has 4 cells: 4 cell groups
+
+
+@pytest.mark.parametrize("units", [1, 2, 4], ids=["12.8V", "25.6V", "51.2V"])
+def test_each_805_has_one_cell_group_per_cell_of_its_battery_and_cell_temperatures(units):
+    running = RunningServer(Rig(series=1, parallel=2, units=units))
+    d = SunSpecModbusClientDeviceTCP(slave_id=1, ipaddr="127.0.0.1", ipport=running.port, timeout=3)
+    try:
+        running.on_loop(running.rig.battery(2).__setattr__, "temps", (18.0, 24.0))
+        running.on_loop(running.rig.battery(2).cells.__setitem__, 4 * units - 1, 3.25)
+        running.tick(0.5)
+        d.scan()
+        modules = d.models[805]
+        assert len(modules) == 2
+        for module, low, high in zip(modules, (20.0, 18.0), (21.0, 24.0), strict=True):
+            cells = module.groups["lithium-ion-module-cell"]
+            assert module.NCell.cvalue == 4 * units == len(cells)
+            assert module.L.cvalue == 42 + 4 * 4 * units
+            assert (module.CellTmpMin.cvalue, module.CellTmpMax.cvalue) == (low, high)
+            assert module.CellTmpAvg.cvalue == pytest.approx((low + high) / 2)  # mandatory: no longer unimplemented
+            assert [c.CellTmp.cvalue for c in cells] == [pytest.approx((low + high) / 2)] * (4 * units)
+        assert [c.CellV.cvalue for c in modules[1].groups["lithium-ion-module-cell"]][-1] == 3.25
+        assert modules[1].CellVMinCell.cvalue == 4 * units
+    finally:
+        d.close()
+        running.close()
 
 
 def test_alarms_reach_evt1_and_charge_limits_drop_to_zero(device):
