@@ -56,7 +56,7 @@ CELL_HIGH_SET_V = 3.75  # ATC-1: any cell >= -> CELL_HIGH_VOLTAGE
 CELL_HIGH_CLEAR_V = 3.60  # ... clears when every cell <=
 CELL_LOW_SET_V = 2.80  # ATD-1: any cell <= -> undervoltage
 CELL_LOW_CLEAR_V = 3.20  # ... clears when every cell >=
-PRE_ALARM_SET_V = 3.10  # PRE-1: any cell <= -> pre-alarm
+# PRE-1: any cell <= the pre-alarm level (a setting, default 3.10 V: settings.py) -> pre-alarm
 PRE_ALARM_CLEAR_V = 3.20  # ... clears when every cell >=
 CHARGE_TEMP_LOW_SET_C = 5.0  # ATC-2: lowest cell temperature < -> LOW_TEMPERATURE_CHARGE
 CHARGE_TEMP_LOW_CLEAR_C = 6.0  # ... clears at >=
@@ -164,7 +164,7 @@ class BmsCore:
         self.bank.update(report, now)
         conflict = self.bank.conflict_revision != self._conflict_revision  # COM-6: a second sender, decide at once
         self._conflict_revision = self.bank.conflict_revision
-        key, signature = protective_signature(report)
+        key, signature = protective_signature(report, self.settings.pre_alarm_level_per_cell)
         if key is None or self._signatures.get(key) == signature:
             return conflict
         self._signatures[key] = signature
@@ -259,7 +259,7 @@ class BmsCore:
         self._latch("undervoltage", flags["cell_low_voltage"], min_cell is not None and min_cell <= CELL_LOW_SET_V,
                     min_cell is not None and min_cell >= CELL_LOW_CLEAR_V)
         self._latch("cell_pre_alarm", flags["cell_low_pre_alarm"],
-                    min_cell is not None and min_cell <= PRE_ALARM_SET_V,
+                    min_cell is not None and min_cell <= s.pre_alarm_level_per_cell,
                     min_cell is not None and min_cell >= PRE_ALARM_CLEAR_V)
         tmin, tmax = agg.recent_min_cell_temperature, agg.recent_max_cell_temperature
         self._latch("temp_low", (), tmin is not None and tmin < CHARGE_TEMP_LOW_SET_C,
@@ -387,7 +387,8 @@ class BmsCore:
         # 5. pre-alarm and the undervoltage lead (PRE-1..3, COM-2)
         if latched["cell_pre_alarm"]:
             reasons["PRE_ALARM"] = _cell_reason(flags["cell_low_pre_alarm"], "CellLowPreAlarm", min_ref,
-                                                f"<= {PRE_ALARM_SET_V} V, clears at >= {PRE_ALARM_CLEAR_V} V")
+                                                f"<= {s.pre_alarm_level_per_cell:.3f} V, clears at >= "
+                                                f"{PRE_ALARM_CLEAR_V} V")
         pre_causes = [name for name, on in (("cell pre-alarm", latched["cell_pre_alarm"]),
                                             ("low-SoC warning level", latched["low_soc_warning"]),
                                             ("cell undervoltage", latched["undervoltage"]),
@@ -572,24 +573,24 @@ def _temperature_zone(celsius: float) -> tuple[bool, bool, bool, bool]:
 
 
 # Called for every frame (hundreds a second): plain attribute reads, no generators.
-def _status_signature(r: BatteryStatus) -> tuple[tuple, tuple]:
+def _status_signature(r: BatteryStatus, _: float) -> tuple[tuple, tuple]:
     return ("status", r.node), (r.cell_high_voltage, r.cell_low_voltage, r.cell_low_pre_alarm, r.hardware_fault,
                                 r.firmware_updating, r.cell_imbalance, _temperature_zone(r.temperature))
 
 
-def _cells_signature(r: CellVoltages) -> tuple[tuple, tuple]:
+def _cells_signature(r: CellVoltages, pre_alarm_level: float) -> tuple[tuple, tuple]:
     cells = [v for v in r.voltages if v is not None]
     if not cells:
         return ("cells", r.node, r.first_cell), ()
     low, high = min(cells), max(cells)
-    return ("cells", r.node, r.first_cell), (high >= CELL_HIGH_SET_V, low <= CELL_LOW_SET_V, low <= PRE_ALARM_SET_V)
+    return ("cells", r.node, r.first_cell), (high >= CELL_HIGH_SET_V, low <= CELL_LOW_SET_V, low <= pre_alarm_level)
 
 
-def _temps_signature(r: BatteryTemps) -> tuple[tuple, tuple]:
+def _temps_signature(r: BatteryTemps, _: float) -> tuple[tuple, tuple]:
     return ("temps", r.node), (_temperature_zone(r.cell_temp_min), _temperature_zone(r.cell_temp_max))
 
 
-def _identity_signature(r: BatteryInfo | SerialFragment) -> tuple[tuple, tuple]:
+def _identity_signature(r: BatteryInfo | SerialFragment, _: float) -> tuple[tuple, tuple]:
     return ("identity", r.node, type(r).__name__, getattr(r, "part", 0)), (r,)
 
 
@@ -598,12 +599,12 @@ _SIGNATURES: dict[type, Any] = {BatteryStatus: _status_signature, CellVoltages: 
                                 SerialFragment: _identity_signature}
 
 
-def protective_signature(report: Report) -> tuple[tuple | None, tuple]:
+def protective_signature(report: Report, pre_alarm_level: float) -> tuple[tuple | None, tuple]:
     """What of a report can change outputs, alarms or the bank: the thresholds are the ones `evaluate` uses
-    (flags, cell voltages at CELL_HIGH_SET_V / PRE_ALARM_SET_V / CELL_LOW_SET_V, the temperature limits,
-    identity)."""
+    (flags, cell voltages at CELL_HIGH_SET_V / the pre-alarm level setting / CELL_LOW_SET_V, the temperature
+    limits, identity)."""
     signature = _SIGNATURES.get(type(report))
-    return (None, ()) if signature is None else signature(report)
+    return (None, ()) if signature is None else signature(report, pre_alarm_level)
 
 
 def _state_values(d: Decision) -> dict[str, str]:

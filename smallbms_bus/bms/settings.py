@@ -1,12 +1,16 @@
-"""The five user settings (SET): defaults, ranges and cross-checks, defined once.
+"""The user settings (SET): BEHAVIOUR.md's table with defaults, ranges and cross-checks, defined once.
 
 Modbus writes, the config file and the CLI all go through `Settings.replace_checked`, so an
 out-of-range or inconsistent value is refused the same way everywhere (SET-1) and names the
-setting, the value and what is allowed. `DEFAULT_SETTINGS` is what "reset to defaults" restores
-(SET-2): exactly these five, nothing else (mode, history and SoC are not settings).
+setting, the value and what is allowed. "Reset to defaults" restores every setting of `SPECS` (SET-2);
+mode, history and SoC are not settings, and neither is the GX custom name, which `Settings` also
+carries so it is persisted with them (a reset keeps it: a name is not a setting of the table).
 
-The charged voltage is stored per 12.8 V unit in series, so it stays right when the bank shape is
-learned or changes: a 2S 25.6 V bank of 12.8 V batteries syncs at 2 x 14.0 = 28.0 V by default.
+Voltages of the bank are stored per 12.8 V unit in series, so they stay right when the bank shape is
+learned or changes: a 2S 25.6 V bank of 12.8 V batteries syncs at 2 x 14.0 = 28.0 V by default. The
+pre-alarm level is per cell (PRE-1). The charge-control settings (absorption and float voltage,
+absorption time, re-bulk SoC, DCL 0 at pre-alarm) are persisted and validated here; they are used by
+charge control (CVL/CCL/DCL, BEHAVIOUR.md CHG).
 """
 
 from __future__ import annotations
@@ -26,8 +30,11 @@ class SettingSpec:
     maximum: float
     resolution: float  # smallest step a client can set (Modbus scale, CLI rounding)
     description: str
+    choices: tuple[float, ...] = ()  # an on/off setting: only these values
 
     def allowed(self) -> str:
+        if self.choices:
+            return " or ".join(f"{c:g}" for c in self.choices) + " (0 off, 1 on)"
         return f"{self.minimum:g}..{self.maximum:g} {self.unit}".rstrip()
 
 
@@ -42,6 +49,19 @@ SPECS: tuple[SettingSpec, ...] = (
                 "pre-alarm and warning LOW_SOC_WARNING at or below it (PRE-2); must be >= the discharge floor"),
     SettingSpec("discharge_floor_pct", "discharge floor", "%", 10.0, 0.0, 99.0, 0.1,
                 "allowed-to-discharge off at or below it (ATD-2); 0 disables"),
+    SettingSpec("pre_alarm_level_per_cell", "pre-alarm level", "V", 3.10, 2.85, 3.15, 0.001,
+                "per cell: pre-alarm at or below it (PRE-1); it clears once every cell is at 3.20 V or more"),
+    SettingSpec("absorption_voltage_per_unit", "absorption voltage", "V", 14.2, 13.8, 14.4, 0.01,
+                "per 12.8 V unit in series; used by charge control (CVL, CHG-1)"),
+    SettingSpec("float_voltage_per_unit", "float voltage", "V", 13.5, 13.3, 13.8, 0.01,
+                "per 12.8 V unit in series, below the absorption voltage; used by charge control (CVL, CHG-1)"),
+    SettingSpec("absorption_time_min", "absorption time", "min", 120.0, 10.0, 480.0, 1.0,
+                "how long the bank holds the absorption voltage before float; used by charge control (CHG-1)"),
+    SettingSpec("rebulk_soc_pct", "re-bulk SoC", "%", 90.0, 50.0, 99.0, 0.1,
+                "back to absorption at or below it; used by charge control (CHG-1)"),
+    SettingSpec("dcl_zero_at_pre_alarm", "DCL 0 at pre-alarm", "", 0.0, 0.0, 1.0, 1.0,
+                "1: the discharge current limit is 0 while the pre-alarm is active; used by charge control (DCL, "
+                "CHG-4)", choices=(0.0, 1.0)),
 )
 SPEC_BY_NAME = {s.name: s for s in SPECS}
 
@@ -67,6 +87,12 @@ class Settings:
     charged_detection_time_min: float = _default("charged_detection_time_min")
     low_soc_warning_pct: float = _default("low_soc_warning_pct")
     discharge_floor_pct: float = _default("discharge_floor_pct")
+    pre_alarm_level_per_cell: float = _default("pre_alarm_level_per_cell")
+    absorption_voltage_per_unit: float = _default("absorption_voltage_per_unit")
+    float_voltage_per_unit: float = _default("float_voltage_per_unit")
+    absorption_time_min: float = _default("absorption_time_min")
+    rebulk_soc_pct: float = _default("rebulk_soc_pct")
+    dcl_zero_at_pre_alarm: float = _default("dcl_zero_at_pre_alarm")
 
     def __post_init__(self) -> None:
         check(self)
@@ -77,18 +103,27 @@ class Settings:
             if name not in SPEC_BY_NAME:
                 raise SettingError(name, changes[name], "one of " + ", ".join(SPEC_BY_NAME))
         values = asdict(self) | {k: _number(k, v) for k, v in changes.items()}
-        # Name the key the client wrote when only the other side of the cross-check stayed put.
+        # Name the key the client wrote when only the other side of a cross-check stayed put.
         if ("discharge_floor_pct" in changes and "low_soc_warning_pct" not in changes
                 and values["low_soc_warning_pct"] < values["discharge_floor_pct"]):
             raise SettingError("discharge_floor_pct", changes["discharge_floor_pct"],
                                f"<= low_soc_warning_pct ({values['low_soc_warning_pct']:g} %)")
+        if ("absorption_voltage_per_unit" in changes and "float_voltage_per_unit" not in changes
+                and values["float_voltage_per_unit"] >= values["absorption_voltage_per_unit"]):
+            raise SettingError("absorption_voltage_per_unit", changes["absorption_voltage_per_unit"],
+                               f"> float_voltage_per_unit ({values['float_voltage_per_unit']:g} V)")
         return Settings(**values)
+
+    def reset(self) -> Settings:
+        """SET-2: every setting of the table at its default; what is not a setting (the name) stays."""
+        return DEFAULT_SETTINGS
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Settings:
+        """Settings as saved. A setting the data does not have (saved by an earlier version) takes its default."""
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -112,11 +147,14 @@ def check(settings: Settings) -> None:
         value = getattr(settings, spec.name)
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             raise SettingError(spec.name, value, spec.allowed())
-        if not spec.minimum <= value <= spec.maximum:
+        if not spec.minimum <= value <= spec.maximum or (spec.choices and value not in spec.choices):
             raise SettingError(spec.name, value, spec.allowed())
     if settings.low_soc_warning_pct < settings.discharge_floor_pct:
         raise SettingError("low_soc_warning_pct", settings.low_soc_warning_pct,
                            f">= discharge_floor_pct ({settings.discharge_floor_pct:g} %)")
+    if settings.float_voltage_per_unit >= settings.absorption_voltage_per_unit:
+        raise SettingError("float_voltage_per_unit", settings.float_voltage_per_unit,
+                           f"< absorption_voltage_per_unit ({settings.absorption_voltage_per_unit:g} V)")
 
 
 DEFAULT_SETTINGS = Settings()

@@ -63,9 +63,12 @@ def _outputs(s: Snapshot) -> int:
     return int(o.load_disconnect) | int(o.charge_disconnect) << 1 | int(o.pre_alarm) << 2
 
 
-def _charged_voltage(s: Snapshot) -> float | None:
-    units = s.series_units
-    return None if units is None else s.settings.charged_voltage_per_unit * units
+def _per_bank(name: str) -> Callable[[Snapshot], float | None]:
+    """A voltage setting kept per 12.8 V unit, shown for the bank: unknown until the units in series are."""
+    def get(s: Snapshot) -> float | None:
+        units = s.series_units
+        return None if units is None else getattr(s.settings, name) * units
+    return get
 
 
 def _cell_voltage(ref: Any) -> float | None:
@@ -116,11 +119,17 @@ BANK: dict[str, Callable[[Snapshot], Any]] = {
     "heartbeat": lambda s: int(s.uptime_s) & 0xFFFF,
     "uptime": lambda s: int(s.uptime_s),
     # settings and mode (block B), reported in the map's units
-    "charged_voltage": _charged_voltage,
+    "charged_voltage": _per_bank("charged_voltage_per_unit"),
     "tail_current": lambda s: s.settings.tail_current_pct,
     "charged_detection_time": lambda s: s.settings.charged_detection_time_min,
     "low_soc_warning": lambda s: s.settings.low_soc_warning_pct,
     "discharge_floor": lambda s: s.settings.discharge_floor_pct,
+    "pre_alarm_level": lambda s: s.settings.pre_alarm_level_per_cell,
+    "absorption_voltage": _per_bank("absorption_voltage_per_unit"),
+    "float_voltage": _per_bank("float_voltage_per_unit"),
+    "absorption_time": lambda s: s.settings.absorption_time_min,
+    "rebulk_soc": lambda s: s.settings.rebulk_soc_pct,
+    "dcl_zero_at_pre_alarm": lambda s: int(s.settings.dcl_zero_at_pre_alarm),
     "mode": lambda s: int(s.decision.mode_on),
     # history (block D)
     "history.deepest_discharge": lambda s: s.decision.history.deepest_discharge_ah,

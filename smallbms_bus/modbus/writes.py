@@ -24,14 +24,21 @@ ILLEGAL_VALUE = 3  # Modbus exception 03
 STORE_FAILED = 4  # Modbus exception 04 (SERVER_DEVICE_FAILURE): the store could not commit the change (SET-3)
 BUSY = 6  # Modbus exception 06: valid, but not possible yet (the bank is not learned, the service is stopping)
 
-# register target -> the core's setting name (block B; the GX map has no writable settings)
+# register target -> the core's setting name (block B; SunSpec's SoCRsvMin is the discharge floor)
 SETTING_TARGETS = {
     "charged_voltage": "charged_voltage_per_unit",
     "tail_current": "tail_current_pct",
     "charged_detection_time": "charged_detection_time_min",
     "low_soc_warning": "low_soc_warning_pct",
     "discharge_floor": "discharge_floor_pct",
+    "pre_alarm_level": "pre_alarm_level_per_cell",
+    "absorption_voltage": "absorption_voltage_per_unit",
+    "float_voltage": "float_voltage_per_unit",
+    "absorption_time": "absorption_time_min",
+    "rebulk_soc": "rebulk_soc_pct",
+    "dcl_zero_at_pre_alarm": "dcl_zero_at_pre_alarm",
 }
+PER_UNIT_TARGETS = frozenset({"charged_voltage", "absorption_voltage", "float_voltage"})  # per bank on the wire
 COMMANDS = {1: "synchronise SoC", 2: "reset history", 3: "reset settings", 4: "re-learn bank",
             5: "begin firmware update", 6: "firmware update completed", 7: "abort firmware update"}
 TARGETS = frozenset({*SETTING_TARGETS, "mode", "command", "set_soc", "gx_mode"})
@@ -55,13 +62,16 @@ class Step:
 
 def target_range(target: str) -> str:
     """The documented range of a write target (settings: from the core's SPECS)."""
-    if target == "charged_voltage":
-        spec = SPEC_BY_NAME["charged_voltage_per_unit"]
-        return f"{spec.minimum:.2f}-{spec.maximum:.2f} V x 12.8 V units in series"
+    if target in PER_UNIT_TARGETS:
+        spec = SPEC_BY_NAME[SETTING_TARGETS[target]]
+        extra = ", < absorption_voltage" if target == "float_voltage" else ""
+        return f"{spec.minimum:.2f}-{spec.maximum:.2f} V x 12.8 V units in series{extra}"
     if target in SETTING_TARGETS:
         spec = SPEC_BY_NAME[SETTING_TARGETS[target]]
+        if spec.choices:
+            return "0 off, 1 on"
         extra = ", >= discharge_floor" if target == "low_soc_warning" else ""
-        return f"{spec.minimum:g}-{spec.maximum:g} {spec.unit}{extra}"
+        return f"{spec.minimum:g}-{spec.maximum:g} {spec.unit}{extra}".rstrip()
     if target == "gx_mode":
         return f"{GX_MODE_ON} on, {GX_MODE_STANDBY} standby"
     return ""
@@ -75,7 +85,7 @@ def plan_writes(core: BmsCore, writes: Sequence[tuple[str, str, float]], now: fl
     steps: list[Step] = []
     for name, target, value in writes:
         if target in SETTING_TARGETS:
-            if target == "charged_voltage":
+            if target in PER_UNIT_TARGETS:
                 units = core.bank.topology().series_units
                 if not units:
                     raise WriteRefused(BUSY, f"{name}: the bank is not learned yet, so the units in series "

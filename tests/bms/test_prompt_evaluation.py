@@ -30,12 +30,24 @@ def test_cell_and_temperature_frames_are_prompt_at_the_thresholds_of_evaluate():
     assert core.on_report(CellVoltages(1, 1, (3.30, 3.30, 3.30, 3.30)), 0.0)
     assert not core.on_report(CellVoltages(1, 1, (3.31, 3.29, 3.35, 3.30)), 0.5)
     assert core.on_report(CellVoltages(1, 1, (3.75, 3.30, 3.30, 3.30)), 1.0)  # CELL_HIGH_SET_V
-    assert core.on_report(CellVoltages(1, 1, (3.30, 3.30, 3.10, 3.30)), 1.5)  # PRE_ALARM_SET_V
+    assert core.on_report(CellVoltages(1, 1, (3.30, 3.30, 3.10, 3.30)), 1.5)  # the pre-alarm level (default 3.10 V)
     assert core.on_report(CellVoltages(1, 1, (3.30, 2.80, 3.10, 3.30)), 2.0)  # CELL_LOW_SET_V
     assert core.on_report(CellVoltages(1, 5, (3.30, 3.30, 3.30, 3.30)), 2.0)  # another group: its own
     assert core.on_report(BatteryTemps(1, 20.0, 21.0), 0.0)
     assert not core.on_report(BatteryTemps(1, 20.5, 22.0), 1.0)
     assert core.on_report(BatteryTemps(1, 4.9, 22.0), 2.0)  # below 5 degC: no charging
+
+
+def test_cell_frames_are_prompt_at_the_pre_alarm_level_that_is_set():
+    """The immediate evaluation follows the adjusted pre-alarm level (PRE-1), not the default."""
+    core = BmsCore(0.0, WALL0)
+    core.set_settings(pre_alarm_level_per_cell=3.15)
+    assert core.on_report(CellVoltages(1, 1, (3.30, 3.30, 3.30, 3.30)), 0.0)
+    assert core.on_report(CellVoltages(1, 1, (3.30, 3.30, 3.14, 3.30)), 0.5)  # <= 3.15: pre-alarm now
+    assert not core.on_report(CellVoltages(1, 1, (3.30, 3.30, 3.12, 3.30)), 1.0)  # still under: nothing new
+    core.set_settings(pre_alarm_level_per_cell=2.9)
+    assert core.on_report(CellVoltages(1, 1, (3.30, 3.30, 3.12, 3.30)), 1.5)  # the level moved: its side changed
+    assert not core.on_report(CellVoltages(1, 1, (3.30, 3.30, 3.05, 3.30)), 2.0)
 
 
 def test_identity_frames_are_prompt_only_when_they_change():

@@ -255,6 +255,30 @@ def test_pre_alarm_cell_level(volts, pre):
     assert d.atd and d.atd_state == (AtdState.PRE_ALARM if pre else AtdState.YES)  # PRE-4
 
 
+@pytest.mark.parametrize(("level", "volts", "pre"), [
+    (3.150, 3.150, True), (3.150, 3.151, False), (2.850, 2.851, False), (2.850, 2.850, True), (3.000, 3.05, False)])
+def test_pre_alarm_level_is_the_setting(level, volts, pre):
+    """PRE-1: "the pre-alarm level can be adjusted" (2.850-3.150 V per cell)."""
+    rig = started()
+    rig.core.set_settings(pre_alarm_level_per_cell=level)
+    rig.battery(1).cells[1] = volts
+    d = rig.tick()
+    assert d.pre_alarm is pre and (W.PRE_ALARM in d.warnings) is pre
+    if pre:
+        assert f"<= {level:.3f} V" in d.reasons["PRE_ALARM"]
+
+
+def test_an_adjusted_pre_alarm_still_clears_at_3_20():
+    rig = started()
+    rig.core.set_settings(pre_alarm_level_per_cell=2.9)
+    rig.set_cells(2.9)
+    assert rig.tick().pre_alarm
+    rig.set_cells(3.19)
+    assert rig.run(PROTECTIVE_MEMORY_S).pre_alarm  # above the level, below the clear level: held
+    rig.set_cells(3.20)
+    assert not rig.run(PROTECTIVE_MEMORY_S).pre_alarm
+
+
 def test_pre_alarm_clears_at_3_20():
     rig = started()
     rig.set_cells(3.05)

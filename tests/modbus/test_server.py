@@ -96,6 +96,34 @@ def test_settings_write_through_the_core_and_read_back(server, client):
     assert read(client, 100, 5) == [2840, 50, 5, 300, 150]
 
 
+def test_the_settings_of_behaviour_md_are_block_b_100_to_119(server, client):
+    """PRE-1's pre-alarm level and the charge-control settings (106-111); 112-119 reserved."""
+    assert read(client, 100, 20) == [2800, 40, 3, 200, 100, 1, 3100, 2840, 2700, 120, 900, 0] + [0] * 8
+    assert not client.write_registers(106, [3150, 2860, 2720, 240, 800, 1], device_id=1).isError()
+    s = server.rig.core.settings
+    assert (s.pre_alarm_level_per_cell, s.absorption_voltage_per_unit, s.float_voltage_per_unit,
+            s.absorption_time_min, s.rebulk_soc_pct, s.dcl_zero_at_pre_alarm) == (3.15, 14.3, 13.6, 240, 80, 1)
+    assert read(client, 106, 6) == [3150, 2860, 2720, 240, 800, 1]
+    assert not client.write_register(106, 2850, device_id=1).isError()
+    assert server.rig.core.settings.pre_alarm_level_per_cell == 2.85
+    for address in range(112, 120):
+        assert exception_of(client.write_register(address, 0, device_id=1)) == 2
+    assert exception_of(client.write_registers(110, [900, 0, 0], device_id=1)) == 2  # runs into 112: nothing changes
+    assert read(client, 110, 2) == [800, 1]
+
+
+@pytest.mark.parametrize(("address", "value"), [
+    (106, 2849), (106, 3151), (107, 2758), (107, 2882), (108, 2658), (108, 2762),
+    (108, 2840),  # float at the absorption voltage (14.20 x 2)
+    (109, 9), (109, 481), (110, 499), (110, 991), (111, 2),
+])
+def test_out_of_range_charge_settings_are_exception_03_and_change_nothing(server, client, address, value):
+    before = read(client, 100, 12)
+    assert exception_of(client.write_register(address, value, device_id=1)) == 3
+    assert read(client, 100, 12) == before
+    assert server.rig.core.settings == DEFAULT_SETTINGS
+
+
 @pytest.mark.parametrize(("address", "value"), [
     (100, 2500), (100, 2930),  # 12.50 / 14.65 V x 2: outside 13.00-14.60 per unit
     (101, 4), (101, 101), (102, 0), (102, 51), (103, 991), (104, 991),
@@ -112,7 +140,7 @@ def test_out_of_range_writes_are_exception_03_and_change_nothing(server, client,
 def test_a_multi_register_write_is_applied_whole_or_not_at_all(server, client):
     assert exception_of(client.write_registers(100, [2840, 50, 5, 300, 150, 7], device_id=1)) == 3  # mode 7
     assert server.rig.core.settings == DEFAULT_SETTINGS and server.rig.core.mode_on
-    assert exception_of(client.write_registers(104, [100, 1, 0], device_id=1)) == 2  # 106 is not mapped
+    assert exception_of(client.write_registers(110, [800, 1, 0], device_id=1)) == 2  # 112 is reserved
     assert exception_of(client.write_registers(99, [1, 2800], device_id=1)) == 2
 
 
@@ -166,7 +194,7 @@ def test_set_soc_and_charged_voltage_wait_for_a_learned_bank_with_exception_06()
 
 
 # -- exceptions ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("address", "count"), [(40, 1), (36, 10), (99, 2), (106, 1), (122, 1), (199, 1), (222, 1),
+@pytest.mark.parametrize(("address", "count"), [(40, 1), (36, 10), (99, 2), (120, 3), (122, 1), (199, 1), (222, 1),
                                                 (999, 2), (3000, 1), (2990, 20), (39999, 1), (65535, 1)])
 def test_reads_touching_unmapped_addresses_are_exception_02(client, address, count):
     assert exception_of(client.read_holding_registers(address, count=count, device_id=1)) == 2
@@ -380,7 +408,7 @@ def test_the_whole_map_of_both_units_reads_without_exceptions(server, client):
                     words = read(client, start, count, unit=unit, fc=3)
                     assert words == read(client, start, count, unit=unit, fc=4)
                     total += count
-    assert total == 40 + 6 + 2 + 22 + 50 * 40 + 2 + 68 + 64 + 4 * (44 + 4 * 4) + 2 + 76 + 62
+    assert total == 40 + 20 + 2 + 22 + 50 * 40 + 2 + 68 + 64 + 4 * (44 + 4 * 4) + 2 + 76 + 62
 
 
 def test_a_setting_written_in_tenths_is_stored_as_written(server, client):
