@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from smallbms_bus.bms.core import BmsCore
-from smallbms_bus.modbus.writes import BUSY, STORE_FAILED, Step, WriteRefused, plan_writes
+from smallbms_bus.modbus.writes import BUSY, STORE_FAILED, Step, WriteRefused, WriteValue, plan_writes
 from smallbms_bus.store import PendingSave, Persister
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ REFUSALS_LOGGED = 10  # refused writes logged at ERROR per run of store failures
 class Change:
     """One request of a front end, applied whole or not at all."""
 
-    writes: tuple[tuple[str, str, float], ...]  # (name as the client wrote it, target, engineering value)
+    writes: tuple[tuple[str, str, WriteValue], ...]  # (name as the client wrote it, target, engineering value)
     source: str  # who, for the log: "Modbus 10.0.0.5 unit 1"
     reason: str = "write"  # what the core's MODE event says: "Modbus write"
 
@@ -97,6 +97,9 @@ class WritePath:
                 raise
             self.decide()
             described = "; ".join(step.describe for step in steps)
+            if not any(step.durable for step in steps):  # nothing the store keeps (the SunSpec controller heartbeat)
+                log.debug("%s (written by %s)", described, change.source)
+                return Committed(tuple(step.describe for step in steps))
             save = self.persister.collect(self.core, self.clock(), self.wall(), force=True)
             assert save is not None  # force=True always collects
             if await self.save(save):

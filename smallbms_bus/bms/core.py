@@ -147,6 +147,7 @@ class BmsCore:
         self.pre_alarm_since: float | None = None
         self.comms_ok_since: float | None = None
         self.modbus_client_at: float | None = None
+        self.controller_heartbeat: int | None = None  # SunSpec CtrlHb as last written; not persisted, not acted on
         self.started = False
         self.latched: dict[str, bool] = dict.fromkeys(LATCHES, False)
         self.state_revision = 0  # bumps when something the store must keep changes (not counters)
@@ -186,6 +187,11 @@ class BmsCore:
     def modbus_client_seen(self, now: float) -> None:
         self.modbus_client_at = now
 
+    def controller_heartbeat_seen(self, value: int) -> None:
+        """SunSpec CtrlHb: kept so the controller reads back what it wrote. The BMS decides locally
+        (LocRemCtl = local): a controller that stops beating changes no output."""
+        self.controller_heartbeat = value
+
     # -- commands (persisted state changes bump state_revision) -------------------------------------
     def set_mode(self, on: bool, reason: str = "command") -> None:
         """REM-3: mode on/off, persisted."""
@@ -201,8 +207,8 @@ class BmsCore:
         return self.settings
 
     def reset_settings(self) -> Settings:
-        """SET-2: the five settings return to their defaults; nothing else changes."""
-        self.settings = DEFAULT_SETTINGS
+        """SET-2: every setting of the table returns to its default; nothing else changes."""
+        self.settings = self.settings.reset()
         self.state_revision += 1
         return self.settings
 
@@ -228,6 +234,17 @@ class BmsCore:
         learned = self.bank.relearn(now)
         self.state_revision += 1
         return learned
+
+    def reset_alarms(self, now: float) -> tuple[str, ...]:
+        """An alarm reset (SunSpec AlmRst) clears only what BEHAVIOUR.md lets a person clear: a firmware update
+        started by command that failed (FW-2: "until the update completes or is aborted") is aborted. Every other
+        alarm is a protective latch with its own clearing rule (ATC-1..3, ATD-1..2, COM-2, BANK-3, ...) and
+        clears by itself once its condition is gone; a reset never clears one early. Returns what it cleared."""
+        since = self.firmware_update_since
+        if self.firmware_update_command and since is not None and now - since >= FIRMWARE_UPDATE_TIMEOUT_S:
+            self.firmware_update_command = False
+            return ("FIRMWARE_UPDATE_FAILED",)
+        return ()
 
     def firmware_update(self, action: str) -> None:
         """FW-1: "start", "complete" or "abort" an update started by command."""

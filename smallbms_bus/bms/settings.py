@@ -64,6 +64,8 @@ SPECS: tuple[SettingSpec, ...] = (
                 "CHG-4)", choices=(0.0, 1.0)),
 )
 SPEC_BY_NAME = {s.name: s for s in SPECS}
+CUSTOM_NAME_LENGTH = 16  # Victron's /CustomName is string[8]: 16 characters
+NAMES = (*SPEC_BY_NAME, "custom_name")  # every key of Settings
 
 
 class SettingError(ValueError):
@@ -93,6 +95,7 @@ class Settings:
     absorption_time_min: float = _default("absorption_time_min")
     rebulk_soc_pct: float = _default("rebulk_soc_pct")
     dcl_zero_at_pre_alarm: float = _default("dcl_zero_at_pre_alarm")
+    custom_name: str = ""  # the installer's name for this BMS (GX /CustomName); not a setting of the table
 
     def __post_init__(self) -> None:
         check(self)
@@ -100,9 +103,9 @@ class Settings:
     def replace_checked(self, **changes: Any) -> Settings:
         """A copy with `changes` applied, or SettingError and nothing changed (SET-1)."""
         for name in changes:
-            if name not in SPEC_BY_NAME:
-                raise SettingError(name, changes[name], "one of " + ", ".join(SPEC_BY_NAME))
-        values = asdict(self) | {k: _number(k, v) for k, v in changes.items()}
+            if name not in NAMES:
+                raise SettingError(name, changes[name], "one of " + ", ".join(NAMES))
+        values = asdict(self) | {k: _value(k, v) for k, v in changes.items()}
         # Name the key the client wrote when only the other side of a cross-check stayed put.
         if ("discharge_floor_pct" in changes and "low_soc_warning_pct" not in changes
                 and values["low_soc_warning_pct"] < values["discharge_floor_pct"]):
@@ -116,9 +119,9 @@ class Settings:
 
     def reset(self) -> Settings:
         """SET-2: every setting of the table at its default; what is not a setting (the name) stays."""
-        return DEFAULT_SETTINGS
+        return Settings(custom_name=self.custom_name)
 
-    def to_dict(self) -> dict[str, float]:
+    def to_dict(self) -> dict[str, float | str]:
         return asdict(self)
 
     @classmethod
@@ -128,11 +131,21 @@ class Settings:
         unknown = set(data) - known
         if unknown:
             raise SettingError(sorted(unknown)[0], data[sorted(unknown)[0]], "one of " + ", ".join(sorted(known)))
-        return cls(**{k: _number(k, v) for k, v in data.items()})
+        return cls(**{k: _value(k, v) for k, v in data.items()})
 
     @property
     def charged_detection_time_s(self) -> float:
         return self.charged_detection_time_min * 60.0
+
+
+def _value(name: str, value: Any) -> float | str:
+    return _text(name, value) if name == "custom_name" else _number(name, value)
+
+
+def _text(name: str, value: Any) -> str:
+    if not isinstance(value, str) or len(value) > CUSTOM_NAME_LENGTH or not all(" " <= c <= "~" for c in value):
+        raise SettingError(name, value, f"up to {CUSTOM_NAME_LENGTH} printable ASCII characters")
+    return value
 
 
 def _number(name: str, value: Any) -> float:
@@ -143,6 +156,7 @@ def _number(name: str, value: Any) -> float:
 
 
 def check(settings: Settings) -> None:
+    _text("custom_name", settings.custom_name)
     for spec in SPECS:
         value = getattr(settings, spec.name)
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):

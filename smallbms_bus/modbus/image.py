@@ -12,12 +12,19 @@ from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from smallbms_bus.modbus.regmap import MAX_CELLS, MODEL_LENGTH, PlacedBlock, Register, RegisterMap, encode
+from smallbms_bus.modbus.regmap import (
+    MAX_CELLS,
+    MODEL_LENGTH,
+    SF_NOT_IMPLEMENTED,
+    PlacedBlock,
+    Register,
+    RegisterMap,
+    encode,
+)
 from smallbms_bus.modbus.sources import BANK, BATTERY, Snapshot
 
 Getter = Callable[[Snapshot], Any]
 Layout = tuple[tuple[int, int], ...]  # (node, cells) per battery in the bank
-SF_NOT_IMPLEMENTED = -32768  # a sunssf of 0x8000: the points it scales are not implemented either
 
 
 def layout_of(snapshot: Snapshot) -> Layout:

@@ -15,6 +15,7 @@ unknown sources and unknown write targets, so a typo in a map file fails a test,
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import itertools
 import json
@@ -36,6 +37,7 @@ ACCESS = ("r", "rw", "w")
 MAP_NAMES = ("native", "sunspec", "gx")
 MAX_CELLS = 16  # cells of the largest Lithium NG battery (51.2 V); a battery whose cell count is unknown gets 16
 MODEL_LENGTH = "model.length"  # a source: the length of the placed block minus ID and L (SunSpec's L)
+SF_NOT_IMPLEMENTED = -32768  # a sunssf of 0x8000: the points it scales are not implemented either
 
 
 class RegisterMapError(ValueError):
@@ -214,11 +216,16 @@ def parse_map(text: str, where: str) -> RegisterMap:
     for raw in data.get("block", []):
         name = raw.get("name", "?")
         start = raw.get("start")
+        registers = _registers(raw.get("registers", []), f"{where} block {name}")
+        # A point whose scale factor is a constant has that scale (what a write is decoded with, and the exports)
+        constants = {r.name: r.value for r in registers if r.type == "sunssf" and isinstance(r.value, int)
+                     and r.value != SF_NOT_IMPLEMENTED}
+        registers = [dataclasses.replace(r, scale=10.0 ** constants[r.sf]) if r.sf in constants else r
+                     for r in registers]
         blocks.append(Block(
             name=name, title=raw.get("title", ""), start=None if start == "next" else int(start),
             length=int(raw["length"]),
-            registers=tuple(sorted(_registers(raw.get("registers", []), f"{where} block {name}"),
-                                   key=lambda r: r.address)),  # arrays with a stride interleave
+            registers=tuple(sorted(registers, key=lambda r: r.address)),  # arrays with a stride interleave
             repeat=raw.get("repeat", 1), item=raw.get("item"), cell_group=int(raw.get("cell_group", 0)),
         ))
     return RegisterMap(name=head.get("name", where), title=head.get("title", ""), unit_key=head.get("unit", ""),
@@ -247,7 +254,7 @@ def validate(regmap: RegisterMap, sources: set[str], targets: set[str], nodes: S
             raise RegisterMapError(f"{where} block {block.name}: repeat {block.repeat!r}: a count or 'batteries'")
         if block.cell_group and not block.item:
             raise RegisterMapError(f"{where} block {block.name}: cell groups need a battery block (item)")
-        factors = {r.name for r in block.registers if r.type == "sunssf"}
+        factors = {r.name: r for r in block.registers if r.type == "sunssf"}
         for reg in block.registers:
             _check_register(f"{where} block {block.name} register {reg.name}", reg, block, sources, targets, factors)
         for cells in ((MAX_CELLS, 4, 1) if block.cell_group else (0,)):
@@ -259,13 +266,15 @@ def validate(regmap: RegisterMap, sources: set[str], targets: set[str], nodes: S
 
 
 def _check_register(here: str, reg: Register, block: Block, sources: set[str], targets: set[str],
-                    factors: set[str]) -> None:
+                    factors: Mapping[str, Register]) -> None:
     if reg.source is not None and reg.source not in sources and reg.source != MODEL_LENGTH:
         raise RegisterMapError(f"{here}: source {reg.source!r} does not exist")
     if reg.source is None and reg.value is None and reg.type not in ("reserved", "pad"):
         raise RegisterMapError(f"{here}: needs a source or a value")
     if reg.sf is not None and reg.sf not in factors:
         raise RegisterMapError(f"{here}: sf {reg.sf!r} is not a sunssf register of the block")
+    if reg.sf is not None and reg.writable and factors[reg.sf].value is None:
+        raise RegisterMapError(f"{here}: writable, so its scale factor {reg.sf} must be a constant")
     if reg.per_cell and not block.cell_group:
         raise RegisterMapError(f"{here}: count = 'cells' needs cell_group on the block")
     if reg.writable and reg.target not in targets:

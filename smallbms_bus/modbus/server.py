@@ -75,7 +75,7 @@ from smallbms_bus.modbus.regmap import RegisterMap, decode_word, load_maps
 from smallbms_bus.modbus.sources import Snapshot
 from smallbms_bus.modbus.stats import ModbusStats
 from smallbms_bus.modbus.tls import tls_context
-from smallbms_bus.modbus.writes import WriteRefused
+from smallbms_bus.modbus.writes import StringPatch, WriteRefused, WriteValue
 
 log = logging.getLogger(__name__)
 # pymodbus logs a WARNING per undecodable frame: a misbehaving client would fill the journal. Ours are counted.
@@ -442,8 +442,8 @@ class ModbusServer:
             return None
         if decision is not self._decision:
             self._decision = decision
-            self._snapshot = Snapshot(decision, self.access.core.settings, self.access.clock() - self.access.started,
-                                      self.options.unit)
+            self._snapshot = Snapshot.of(decision, self.access.core, self.access.clock() - self.access.started,
+                                         self.options.unit)
         return self._snapshot
 
     def image(self, unit: int, snapshot: Snapshot) -> UnitImage:
@@ -533,15 +533,24 @@ class ModbusServer:
         raise WriteRefused(ILLEGAL_FUNCTION, "write not allowed")
 
     def _write(self, conn: _Connection, image: UnitImage, unit: int, address: int, values: Sequence[int]) -> Change:
-        """Each word checked (address, range); the change as the service's write path takes it."""
-        writes: list[tuple[str, str, float]] = []
-        for offset, word in enumerate(values):
+        """Each word checked (address, range); the change as the service's write path takes it. The words of a
+        string register (GX /CustomName) are one write: a StringPatch of the words written."""
+        writes: list[tuple[str, str, WriteValue]] = []
+        offset = 0
+        while offset < len(values):
             found = image.register_at(address + offset)
             reg = None if found is None else found[0]
-            if reg is None or not reg.writable or reg.target is None:
+            if found is None or reg is None or not reg.writable or reg.target is None:
                 raise WriteRefused(ILLEGAL_ADDRESS, f"{address + offset} is not a writable register")
-            value = decode_word(reg, word)
+            if reg.type == "string":
+                take = min(reg.words - found[1], len(values) - offset)
+                writes.append((reg.name, reg.target, StringPatch(found[1], tuple(values[offset:offset + take]),
+                                                                 reg.words)))
+                offset += take
+                continue
+            value = decode_word(reg, values[offset])
             if reg.range is not None and not reg.range[0] <= value <= reg.range[1]:
                 raise WriteRefused(ILLEGAL_VALUE, f"{reg.name} = {value:g}")
             writes.append((reg.name, reg.target, value))
+            offset += 1
         return Change(tuple(writes), source=f"Modbus {conn.peer} unit {unit}", reason="Modbus write")

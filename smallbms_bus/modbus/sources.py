@@ -16,7 +16,7 @@ from typing import Any
 from smallbms_bus import __version__
 from smallbms_bus.bank import FLAG_FIELDS, BatteryView, Topology
 from smallbms_bus.bms.alarms import AtdState, BalancerStatus, BmsAlarm, BmsWarning, Led
-from smallbms_bus.bms.core import Decision
+from smallbms_bus.bms.core import BmsCore, Decision
 from smallbms_bus.bms.monitor import pulse_limits
 from smallbms_bus.bms.settings import Settings
 
@@ -35,10 +35,16 @@ class Snapshot:
     settings: Settings
     uptime_s: float
     modbus_unit: int = 1
+    controller_heartbeat: int | None = None  # SunSpec CtrlHb as last written (not persisted)
     batteries: dict[int, BatteryView] = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "batteries", {b.node: b for b in self.decision.bank.batteries})
+
+    @classmethod
+    def of(cls, decision: Decision, core: BmsCore, uptime_s: float, modbus_unit: int = 1) -> Snapshot:
+        """The snapshot of a decision and what the core holds besides it (settings, the controller heartbeat)."""
+        return cls(decision, core.settings, uptime_s, modbus_unit, core.controller_heartbeat)
 
     @property
     def series_units(self) -> int | None:
@@ -131,6 +137,7 @@ BANK: dict[str, Callable[[Snapshot], Any]] = {
     "rebulk_soc": lambda s: s.settings.rebulk_soc_pct,
     "dcl_zero_at_pre_alarm": lambda s: int(s.settings.dcl_zero_at_pre_alarm),
     "mode": lambda s: int(s.decision.mode_on),
+    "custom_name": lambda s: s.settings.custom_name,
     # history (block D)
     "history.deepest_discharge": lambda s: s.decision.history.deepest_discharge_ah,
     "history.cumulative_ah_drawn": lambda s: s.decision.history.cumulative_ah_drawn,
@@ -267,6 +274,8 @@ DISCHARGE_TEMPERATURE_HIGH = 50.0  # DISCHARGE_TEMPERATURE is "outside -20..50 d
 CHA_ST_OFF, CHA_ST_EMPTY, CHA_ST_DISCHARGING, CHA_ST_CHARGING, CHA_ST_FULL, CHA_ST_HOLDING = 1, 2, 3, 4, 5, 6
 SS_STATE_INITIALIZING, SS_STATE_CONNECTED, SS_STATE_STANDBY, SS_STATE_SOC_PROTECTION = 2, 3, 4, 5
 SS_STATE_SUSPENDING, SS_STATE_FAULT = 6, 99
+SS_SET_OP_CONNECT, SS_SET_OP_DISCONNECT = 1, 2  # SetOp: mode on / off
+SS_INVERTER_STOPPED, SS_INVERTER_STANDBY, SS_INVERTER_STARTED = 1, 2, 3  # SetInvState: 1 and 2 are mode off
 IDLE_CURRENT_A = 0.5  # below this the bank is neither charging nor discharging (ChaSt holding)
 
 
@@ -394,7 +403,9 @@ BANK.update({
     "sunspec.charge_status": sunspec_charge_status,
     "sunspec.state": sunspec_state,
     "sunspec.evt1": sunspec_evt1,
-    "sunspec.set_operation": lambda s: 1 if s.decision.mode_on else 2,
+    "sunspec.set_operation": lambda s: SS_SET_OP_CONNECT if s.decision.mode_on else SS_SET_OP_DISCONNECT,
+    "sunspec.inverter_state": lambda s: SS_INVERTER_STARTED if s.decision.mode_on else SS_INVERTER_STOPPED,
+    "controller_heartbeat": lambda s: s.controller_heartbeat or 0,
     "max_cell_string": _battery_with(lambda a: a.max_cell, "string"),
     "max_cell_battery": _battery_with(lambda a: a.max_cell, "node"),
     "min_cell_string": _battery_with(lambda a: a.min_cell, "string"),

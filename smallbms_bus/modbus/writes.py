@@ -7,17 +7,29 @@ through `BmsCore.set_settings`, the single place that knows their limits (SET-1)
 
 Each step names the snapshot parts it changes, so the write path (smallbms_bus/commit.py) can put them
 back when the store cannot commit the change (SET-3); "mode off" is `kept`: it stays in effect anyway.
-The targets are not Modbus-specific: any front end that names (name, target, value) can use them.
+A step that is not `durable` (the SunSpec controller heartbeat, written every second) is answered
+without a store commit: it is not a setting, mode or command, and an fsync per second would wear an SD card.
+The targets are not Modbus-specific: any front end that names (name, target, value) can use them; a
+string register's value is a `StringPatch` (the words written, merged into the current text here).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeAlias
 
 from smallbms_bus.bms.core import BmsCore
-from smallbms_bus.bms.settings import SPEC_BY_NAME, SettingError
-from smallbms_bus.modbus.sources import GX_MODE_ON, GX_MODE_STANDBY
+from smallbms_bus.bms.settings import CUSTOM_NAME_LENGTH, SPEC_BY_NAME, SettingError
+from smallbms_bus.modbus.sources import (
+    GX_MODE_ON,
+    GX_MODE_STANDBY,
+    SS_INVERTER_STANDBY,
+    SS_INVERTER_STARTED,
+    SS_INVERTER_STOPPED,
+    SS_SET_OP_CONNECT,
+    SS_SET_OP_DISCONNECT,
+)
 
 # Refusal codes are Modbus exception numbers; other front ends map them (e.g. HTTP 400 / 503 / 409).
 ILLEGAL_VALUE = 3  # Modbus exception 03
@@ -41,7 +53,35 @@ SETTING_TARGETS = {
 PER_UNIT_TARGETS = frozenset({"charged_voltage", "absorption_voltage", "float_voltage"})  # per bank on the wire
 COMMANDS = {1: "synchronise SoC", 2: "reset history", 3: "reset settings", 4: "re-learn bank",
             5: "begin firmware update", 6: "firmware update completed", 7: "abort firmware update"}
-TARGETS = frozenset({*SETTING_TARGETS, "mode", "command", "set_soc", "gx_mode"})
+# SunSpec 802 SetOp / SetInvState value -> mode on (True) or off (False)
+MODE_TARGETS: dict[str, dict[int, bool]] = {
+    "mode": {0: False, 1: True},
+    "gx_mode": {GX_MODE_ON: True, GX_MODE_STANDBY: False},
+    "sunspec_set_operation": {SS_SET_OP_CONNECT: True, SS_SET_OP_DISCONNECT: False},
+    "sunspec_inverter_state": {SS_INVERTER_STOPPED: False, SS_INVERTER_STANDBY: False, SS_INVERTER_STARTED: True},
+}
+ALARM_RESET = 1  # SunSpec AlmRst: 1 = reset (0 is accepted and does nothing)
+TARGETS = frozenset({*SETTING_TARGETS, *MODE_TARGETS, "command", "set_soc", "alarm_reset", "controller_heartbeat",
+                     "custom_name"})
+
+
+@dataclass(frozen=True)
+class StringPatch:
+    """Words written into a string register of `words` words, from its word `offset` on. As Victron's
+    dbus_modbustcp does, the words not written keep the current text and the result ends at the first NUL."""
+
+    offset: int
+    data: tuple[int, ...]
+    words: int
+
+    def apply(self, current: str) -> str:
+        raw = bytearray(current.encode("latin-1", "replace")[: 2 * self.words].ljust(2 * self.words, b"\0"))
+        for i, word in enumerate(self.data):
+            raw[2 * (self.offset + i): 2 * (self.offset + i) + 2] = word.to_bytes(2, "big")
+        return raw.split(b"\0", 1)[0].decode("latin-1")
+
+
+WriteValue: TypeAlias = float | StringPatch
 
 
 class WriteRefused(Exception):
@@ -58,6 +98,7 @@ class Step:
     apply: Callable[[], object]
     parts: tuple[str, ...]  # the snapshot parts (BmsCore.snapshot) this step changes
     kept: bool = False  # stays in effect when the store cannot commit it ("mode off": the safe direction)
+    durable: bool = True  # committed to the store before the answer (SET-3)
 
 
 def target_range(target: str) -> str:
@@ -74,17 +115,32 @@ def target_range(target: str) -> str:
         return f"{spec.minimum:g}-{spec.maximum:g} {spec.unit}{extra}".rstrip()
     if target == "gx_mode":
         return f"{GX_MODE_ON} on, {GX_MODE_STANDBY} standby"
+    if target == "sunspec_set_operation":
+        return f"{SS_SET_OP_CONNECT} connect (mode on), {SS_SET_OP_DISCONNECT} disconnect (mode off)"
+    if target == "sunspec_inverter_state":
+        return (f"{SS_INVERTER_STARTED} started (mode on), {SS_INVERTER_STOPPED} stopped or "
+                f"{SS_INVERTER_STANDBY} standby (mode off)")
+    if target == "alarm_reset":
+        return f"{ALARM_RESET} reset, 0 nothing"
+    if target == "controller_heartbeat":
+        return "0-65535"
+    if target == "custom_name":
+        return f"up to {CUSTOM_NAME_LENGTH} printable ASCII characters, NUL padded"
     return ""
 
 
-def plan_writes(core: BmsCore, writes: Sequence[tuple[str, str, float]], now: float,
+def plan_writes(core: BmsCore, writes: Sequence[tuple[str, str, WriteValue]], now: float,
                 reason: str = "Modbus write") -> list[Step]:
     """`writes` are (register name, target, engineering value); raises WriteRefused and changes nothing.
     `reason` is what the core's MODE event says."""
-    settings: dict[str, float] = {}
+    settings: dict[str, float | str] = {}
     steps: list[Step] = []
     for name, target, value in writes:
-        if target in SETTING_TARGETS:
+        if isinstance(value, StringPatch):
+            if target != "custom_name":
+                raise WriteRefused(ILLEGAL_VALUE, f"{name}: no text target {target!r}")
+            settings["custom_name"] = value.apply(str(settings.get("custom_name", core.settings.custom_name)))
+        elif target in SETTING_TARGETS:
             if target in PER_UNIT_TARGETS:
                 units = core.bank.topology().series_units
                 if not units:
@@ -92,17 +148,23 @@ def plan_writes(core: BmsCore, writes: Sequence[tuple[str, str, float]], now: fl
                                              "are unknown")
                 value = round(value / units, 6)
             settings[SETTING_TARGETS[target]] = value
-        elif target == "mode":
-            on = bool(value)
-            steps.append(Step(f"mode {'on' if on else 'off'}", lambda on=on: core.set_mode(on, reason),
-                              ("mode_on",), kept=not on))  # type: ignore[misc]
-        elif target == "gx_mode":
-            if value not in (GX_MODE_ON, GX_MODE_STANDBY):
-                raise WriteRefused(ILLEGAL_VALUE, f"{name} = {value:g}: {target_range('gx_mode')}")
-            on = value == GX_MODE_ON
-            steps.append(Step(f"mode {'on' if on else 'off'} (GX)",
-                              lambda on=on: core.set_mode(on, f"{reason} (GX)"),  # type: ignore[misc]
+        elif target in MODE_TARGETS:
+            if value not in MODE_TARGETS[target]:
+                raise WriteRefused(ILLEGAL_VALUE, f"{name} = {value:g}: {target_range(target) or '0 off, 1 on'}")
+            on = MODE_TARGETS[target][int(value)]
+            via = "" if target == "mode" else f" ({name})"
+            steps.append(Step(f"mode {'on' if on else 'off'}{via}",
+                              lambda on=on, via=via: core.set_mode(on, reason + via),  # type: ignore[misc]
                               ("mode_on",), kept=not on))
+        elif target == "alarm_reset":
+            if value not in (0, ALARM_RESET):
+                raise WriteRefused(ILLEGAL_VALUE, f"{name} = {value:g}: {target_range(target)}")
+            if value == ALARM_RESET:
+                steps.append(Step("alarm reset", lambda: core.reset_alarms(now), ("timers",)))
+        elif target == "controller_heartbeat":
+            steps.append(Step(f"controller heartbeat {value:g}",
+                              lambda v=int(value): core.controller_heartbeat_seen(v),  # type: ignore[misc]
+                              (), durable=False))
         elif target == "set_soc":
             if not core.bank.topology().bank_capacity_ah:
                 raise WriteRefused(BUSY, f"{name}: the bank capacity is not known yet")
@@ -116,7 +178,8 @@ def plan_writes(core: BmsCore, writes: Sequence[tuple[str, str, float]], now: fl
             core.settings.replace_checked(**settings)  # the check only; set below, with the other steps
         except SettingError as error:
             raise WriteRefused(ILLEGAL_VALUE, str(error)) from None
-        steps.insert(0, Step("settings " + ", ".join(f"{k}={v:g}" for k, v in settings.items()),
+        steps.insert(0, Step("settings " + ", ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v:g}"
+                                                     for k, v in settings.items()),
                              lambda: core.set_settings(**settings), ("settings",)))
     return steps
 

@@ -40,7 +40,7 @@ def test_gx_blocks_read_whole_with_victrons_types_and_scales(server, client):
     assert hat(1290) == 330 and hat(1291) == 330  # x100
     assert (hat(1297), hat(1298)) == (1, 1)
     assert hat(1322) == 3  # on
-    assert high[1336 - 1282:] == [0xFFFF] * 8
+    assert high[1336 - 1282:] == [0] * 8  # /CustomName: none yet
 
 
 def test_gx_alarm_enums_and_allow_flags_follow_the_bms(server, client):
@@ -72,3 +72,39 @@ def test_gx_addresses_outside_victrons_blocks_are_exception_02(client, address, 
 def test_the_native_blocks_are_not_on_the_gx_unit_and_vice_versa(client):
     assert client.read_holding_registers(300, count=1, device_id=1).exception_code == 2
     assert client.read_holding_registers(100, count=1, device_id=GX).exception_code == 2
+
+
+def text_words(text: str, words: int = 8) -> list[int]:
+    data = text.encode("ascii").ljust(2 * words, b"\0")
+    return [data[i] << 8 | data[i + 1] for i in range(0, 2 * words, 2)]
+
+
+def test_custom_name_1336_is_readable_writable_validated_and_persisted(server, client):
+    assert gx_read(client, 1336, 8) == [0] * 8  # no name yet: an empty string, as on a GX
+    assert not client.write_registers(1336, text_words("Boathouse bank"), device_id=GX).isError()
+    assert gx_read(client, 1336, 8) == text_words("Boathouse bank")
+    assert server.rig.core.settings.custom_name == "Boathouse bank"
+    assert server.store.load_state()["settings"]["custom_name"] == "Boathouse bank"  # committed before the answer
+    # a write of part of the string keeps the rest (Victron's dbus_modbustcp does the same)
+    assert not client.write_register(1337, int.from_bytes(b"AT", "big"), device_id=GX).isError()
+    assert server.rig.core.settings.custom_name == "BoAThouse bank"
+    assert not client.write_registers(1336, text_words("0123456789abcdef"), device_id=GX).isError()  # 16: full
+    assert server.rig.core.settings.custom_name == "0123456789abcdef"
+    assert not client.write_registers(1336, text_words("Shed\0junk"), device_id=GX).isError()
+    assert server.rig.core.settings.custom_name == "Shed"  # the name ends at the first NUL
+    for bad in ([0x4101] + [0] * 7, [0x41C3] + [0] * 7, [0x0A41] + [0] * 7):  # control characters, not ASCII
+        assert client.write_registers(1336, bad, device_id=GX).exception_code == 3
+    assert client.write_registers(1342, [0x4142, 0x4344, 0x4546], device_id=GX).exception_code == 2  # runs past 1343
+    assert server.rig.core.settings.custom_name == "Shed"
+    assert gx_read(client, 1336, 8) == text_words("Shed")
+    assert not client.write_register(120, 3, device_id=1).isError()  # reset settings: a name is not a setting
+    assert server.rig.core.settings.custom_name == "Shed"
+
+
+def test_custom_name_survives_a_restart_from_the_store(server, client):
+    from smallbms_bus.bms.core import BmsCore
+    from tests.bms.rig import WALL0
+
+    assert not client.write_registers(1336, text_words("Main bank"), device_id=GX).isError()
+    restored = BmsCore.from_snapshot(server.store.load_state(), 0.0, WALL0)
+    assert restored.settings.custom_name == "Main bank"

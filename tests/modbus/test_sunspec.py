@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
+
 import pytest
 from sunspec2.modbus.client import SunSpecModbusClientDeviceTCP
+from sunspec2.modbus.modbus import ModbusClientException
 
 from smallbms_bus.bms.alarms import BmsAlarm, BmsWarning
+from smallbms_bus.modbus.server import ModbusOptions
 from tests.bms.rig import Rig
 from tests.modbus.harness import RunningServer
 
@@ -88,3 +93,107 @@ def test_alarms_reach_evt1_and_charge_limits_drop_to_zero(device):
     assert battery.AChaMax.cvalue == 0  # not allowed to charge: an inverter must stop charging
     assert battery.ADisChaMax.cvalue == 200
     assert battery.State.cvalue == 99
+
+
+# -- the SunSpec write points: the same write path and permissions as the native map -------------------------
+def refused(point) -> int:
+    with pytest.raises(ModbusClientException) as info:
+        point.write()
+    return int(re.search(r"exception:? (\d+)", str(info.value)).group(1))  # type: ignore[union-attr]
+
+
+def test_setop_and_setinvstate_switch_mode_both_disconnects_follow(device):
+    running, d = device
+    d.scan()
+    battery = d.models[802][0]
+    for point, off, on in ((battery.SetOp, 2, 1), (battery.SetInvState, 1, 3), (battery.SetInvState, 2, 3)):
+        point.value = off
+        point.write()
+        decision = running.rig.last
+        assert not running.rig.core.mode_on
+        assert not decision.outputs.load_disconnect and not decision.outputs.charge_disconnect
+        battery.read()
+        assert (battery.SetOp.value, battery.SetInvState.value, battery.State.value) == (2, 1, 4)  # standby
+        point.value = on
+        point.write()
+        assert running.rig.core.mode_on and running.rig.last.outputs.load_disconnect
+        battery.read()
+        assert (battery.SetOp.value, battery.SetInvState.value) == (1, 3)
+    for point, bad in ((battery.SetOp, 0), (battery.SetOp, 3), (battery.SetInvState, 0), (battery.SetInvState, 4)):
+        point.value = bad
+        assert refused(point) == 3
+    assert running.rig.core.mode_on
+
+
+def test_socrsvmin_is_the_discharge_floor_checked_like_register_104(device):
+    running, d = device
+    d.scan()
+    battery = d.models[802][0]
+    assert battery.SoCRsvMin.cvalue == 10.0
+    battery.SoCRsvMin.cvalue = 15.5
+    battery.SoCRsvMin.write()
+    assert running.rig.core.settings.discharge_floor_pct == 15.5
+    battery.SoCRsvMin.cvalue = 25.0  # above the low-SoC warning level (20 %): the core's cross-check
+    assert refused(battery.SoCRsvMin) == 3
+    battery.SoCRsvMin.cvalue = 99.9
+    assert refused(battery.SoCRsvMin) == 3
+    assert running.rig.core.settings.discharge_floor_pct == 15.5
+    battery.read()
+    assert battery.SoCRsvMin.cvalue == 15.5
+
+
+def test_ctrlhb_is_stored_and_read_back_without_a_store_commit(device):
+    running, d = device
+    d.scan()
+    battery = d.models[802][0]
+    committed = running.writes.committed
+    for beat in (1, 2, 3, 65534):
+        battery.CtrlHb.value = beat
+        battery.CtrlHb.write()
+        battery.read()
+        assert battery.CtrlHb.value == beat
+    assert running.writes.committed == committed  # a heartbeat every second must not wear the SD card
+
+
+def test_almrst_aborts_a_failed_firmware_update_but_never_a_protective_latch(device):
+    running, d = device
+    d.scan()
+    battery = d.models[802][0]
+    battery.AlmRst.value = 1
+    battery.AlmRst.write()  # nothing latched: accepted, nothing changes
+    assert running.rig.last.atd and running.rig.last.atc
+    running.on_loop(running.rig.core.firmware_update, "start")
+    running.tick(121.0)
+    assert BmsAlarm.FIRMWARE_UPDATE_FAILED in running.rig.last.alarms and not running.rig.last.atd
+    running.on_loop(running.rig.battery(2).flags.__setitem__, "cell_high_voltage", True)
+    running.tick(0.5)
+    running.on_loop(running.rig.battery(2).flags.__setitem__, "cell_high_voltage", False)
+    running.on_loop(running.rig.battery(2).cells.__setitem__, 0, 3.70)  # inside ATC-1's band: the latch holds
+    running.tick(3.0)
+    assert BmsAlarm.CELL_HIGH_VOLTAGE in running.rig.last.alarms
+    battery.AlmRst.value = 1
+    battery.AlmRst.write()
+    d_after = running.rig.last
+    assert BmsAlarm.FIRMWARE_UPDATE_FAILED not in d_after.alarms and d_after.atd and d_after.outputs.load_disconnect
+    assert BmsAlarm.CELL_HIGH_VOLTAGE in d_after.alarms and not d_after.atc  # protective: only its own rule clears it
+    battery.read()
+    assert battery.AlmRst.value == 0
+    battery.AlmRst.value = 2
+    assert refused(battery.AlmRst) == 3
+
+
+def test_sunspec_writes_need_the_same_permission_as_the_native_map():
+    options = ModbusOptions(port=0, allow_write_from=(ipaddress.ip_network("10.0.0.0/8"),))
+    running = RunningServer(Rig(series=2), options)
+    d = SunSpecModbusClientDeviceTCP(slave_id=1, ipaddr="127.0.0.1", ipport=running.port, timeout=3)
+    try:
+        d.scan()
+        battery = d.models[802][0]
+        for point, value in ((battery.SetOp, 2), (battery.SetInvState, 1), (battery.SoCRsvMin, 150),
+                             (battery.AlmRst, 1), (battery.CtrlHb, 5)):
+            point.value = value
+            assert refused(point) == 1
+        assert running.rig.core.mode_on and running.rig.core.settings.discharge_floor_pct == 10.0
+    finally:
+        d.close()
+        running.close()
