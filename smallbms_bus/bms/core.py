@@ -38,6 +38,7 @@ from typing import Any
 
 from smallbms_bus.bank import Bank, BankView, LearnedBank
 from smallbms_bus.bms.alarms import AtdState, BalancerStatus, BmsAlarm, BmsWarning, Led
+from smallbms_bus.bms.diagnostics import NO_DIAGNOSTICS, Diagnostics
 from smallbms_bus.bms.history import History, balancer_status
 from smallbms_bus.bms.monitor import ZERO_CURRENT_A, BatteryMonitor, CurrentLimits
 from smallbms_bus.bms.settings import DEFAULT_SETTINGS, Settings
@@ -122,6 +123,7 @@ class Decision:
     bank: BankView
     history: History
     events: tuple[Event, ...]
+    diagnostics: Diagnostics = NO_DIAGNOSTICS  # the last errors, for the GX (bms/diagnostics.py)
 
 
 class BmsCore:
@@ -135,6 +137,7 @@ class BmsCore:
                            if v is not None}
         self.monitor = BatteryMonitor(**monitor_options)
         self.history = History()
+        self.diagnostics = Diagnostics()
         self.current_limits = CurrentLimits()
         self.first_start_wall = wall
         self.mode_on = True
@@ -453,6 +456,9 @@ class BmsCore:
                                       "firmware update in progress" if updating else None)
         if not atd:
             reasons["ATD"] = _why_not(self.started, waiting, discharge_blockers, None)
+        self.diagnostics = self.diagnostics.record(
+            alarms & ~(self._previous.alarms if self._previous else BmsAlarm(0)),
+            charge_blockers | discharge_blockers, wall)
         enabled = self.mode_on and self.remote_on
         outputs = Outputs(load_disconnect=enabled and atd, charge_disconnect=enabled and atc, pre_alarm=pre_alarm)
 
@@ -486,6 +492,7 @@ class BmsCore:
             error_led=error_led, status_led=Led.SOLID if client_recent else Led.BLINKING, balancer=balancer,
             soc=soc, consumed_ah=reading.consumed_ah, time_remaining_s=reading.time_remaining_s,
             average_current=reading.average_current, bank=view, history=replace(self.history), events=(),
+            diagnostics=self.diagnostics,
         )
         decision = replace(decision, events=tuple(self._events(decision)))
         self._previous = decision
@@ -532,6 +539,7 @@ class BmsCore:
             "mode_on": self.mode_on,
             "monitor": self.monitor.snapshot(now),
             "history": self.history.to_dict(),
+            "diagnostics": self.diagnostics.to_dict(),
             "learned_bank": None if self.bank.learned is None else self.bank.learned.to_dict(),
             "first_start_wall": self.first_start_wall,
             "latched": dict(self.latched),
@@ -573,6 +581,7 @@ class BmsCore:
         core.mode_on = bool(data["mode_on"])
         core.monitor.restore(data["monitor"], now)
         core.history = History.from_dict(data["history"])
+        core.diagnostics = Diagnostics.from_dict(data.get("diagnostics"))
         if data["learned_bank"] is not None:
             core.bank.learned = LearnedBank.from_dict(data["learned_bank"])
         core.first_start_wall = float(data["first_start_wall"])

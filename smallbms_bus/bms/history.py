@@ -5,6 +5,7 @@ Counters follow the manual's history page:
 
 - deepest discharge: the most consumed Ah seen while the SoC is known (MON-4's consumed Ah,
   Peukert-weighted; before the first synchronisation it counts from an arbitrary zero);
+- last discharge: the same since the last synchronisation (a BMV's "last discharge"), 0 at a synchronisation;
 - cumulative Ah drawn, discharged and charged energy: raw integrals of the bank current and power;
 - synchronisations: MON-2 events (a manual "synchronise" command is not counted: nothing was measured);
 - charge cycles: counted when SoC, having dropped below 65 %, later rises above 90 %;
@@ -33,6 +34,7 @@ CELL_SPREAD_IMBALANCED_V = 0.10
 @dataclass
 class History:
     deepest_discharge_ah: float = 0.0
+    last_discharge_ah: float = 0.0
     cumulative_ah_drawn: float = 0.0
     discharged_energy_kwh: float = 0.0
     charged_energy_kwh: float = 0.0
@@ -65,8 +67,11 @@ class History:
     def record(self, *, wall: float, soc: float | None, consumed_ah: float, voltage: float | None,
                charged_ah: float, discharged_ah: float, synchronised: bool, serials: list[str],
                cell_range: tuple[float, float] | None, temperature_range: tuple[float, float] | None) -> None:
+        if synchronised:
+            self.last_discharge_ah = 0.0
         if soc is not None:  # consumed Ah before the first sync or set counts from an arbitrary zero
             self.deepest_discharge_ah = max(self.deepest_discharge_ah, consumed_ah)
+            self.last_discharge_ah = max(self.last_discharge_ah, consumed_ah)
         self.cumulative_ah_drawn += discharged_ah
         if voltage is not None:
             self.discharged_energy_kwh += voltage * discharged_ah / 1000.0

@@ -475,6 +475,34 @@ def _cell_id(which: str) -> Callable[[Snapshot], str | None]:
     return ident
 
 
+def _temperature_id(pick: Callable[..., Any], field_name: str) -> Callable[[Snapshot], str | None]:
+    """B<node> of the battery with the lowest (highest) cell temperature: a battery reports its extremes,
+    not which cell has them."""
+    def ident(s: Snapshot) -> str | None:
+        temps = [(getattr(b.temps, field_name), b.node) for b in s.batteries.values()
+                 if b.fresh and b.temps is not None]
+        if not temps:
+            return None
+        value = pick(t for t, _ in temps)
+        return f"B{min(node for t, node in temps if t == value)}"
+    return ident
+
+
+def _average_discharge(s: Snapshot) -> float | None:
+    """A BMV's average discharge: the Ah drawn over the charge cycles; none before the first cycle."""
+    h = s.decision.history
+    return h.cumulative_ah_drawn / h.charge_cycles if h.charge_cycles else None
+
+
+def _last_errors(s: Snapshot) -> tuple[int, ...]:
+    codes = dict(GX_ERRORS)
+    return tuple(codes.get(BmsAlarm[name], 0) for name, _ in s.decision.diagnostics.last_errors)
+
+
+def _last_error_times(s: Snapshot) -> tuple[int, ...]:
+    return tuple(int(wall) for _, wall in s.decision.diagnostics.last_errors)
+
+
 def _nodes_flagged(*flags: str) -> Callable[[Snapshot], int]:
     return lambda s: len({n for f in flags for n in s.decision.bank.flags.get(f, ())})
 
@@ -494,6 +522,13 @@ BANK.update({
     "gx.modules_blocking_discharge": _nodes_flagged("cell_low_voltage", "hardware_fault"),
     "gx.min_voltage_cell_id": _cell_id("min_cell"),
     "gx.max_voltage_cell_id": _cell_id("max_cell"),
+    "gx.min_temperature_cell_id": _temperature_id(min, "cell_temp_min"),
+    "gx.max_temperature_cell_id": _temperature_id(max, "cell_temp_max"),
+    "gx.last_discharge": _negative(lambda s: s.decision.history.last_discharge_ah),
+    "gx.average_discharge": _negative(_average_discharge),
+    "gx.last_errors": _last_errors,
+    "gx.last_error_times": _last_error_times,
+    "gx.shutdowns_due_to_error": lambda s: s.decision.diagnostics.shutdowns,
     "gx.error_communication": lambda s: int(BmsAlarm.BATTERY_COMMS_LOST in s.decision.alarms),
     "gx.error_voltage": lambda s: int(bool(s.decision.alarms & (BmsAlarm.CELL_HIGH_VOLTAGE
                                                                  | BmsAlarm.CELL_LOW_VOLTAGE))),

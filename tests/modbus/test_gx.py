@@ -108,3 +108,52 @@ def test_custom_name_survives_a_restart_from_the_store(server, client):
     assert not client.write_registers(1336, text_words("Main bank"), device_id=GX).isError()
     restored = BmsCore.from_snapshot(server.store.load_state(), 0.0, WALL0)
     assert restored.settings.custom_name == "Main bank"
+
+
+def test_temperature_cell_ids_name_the_battery_with_the_extreme(server, client):
+    server.on_loop(server.rig.battery(2).__setattr__, "temps", (12.0, 22.0))
+    server.on_loop(server.rig.battery(4).__setattr__, "temps", (15.0, 35.0))
+    server.tick(1.5)
+    assert gx_read(client, 318, 2) == [120, 350]
+    ids = gx_read(client, 1314, 8)
+    assert ids[:4] == text_words("B2", 4) and ids[4:] == text_words("B4", 4)
+
+
+def test_last_and_average_discharge_come_from_the_history(server, client):
+    server.on_loop(server.rig.core.set_soc, 100.0)
+    server.on_loop(server.rig.set_current, -60.0)
+    server.tick(600.0)  # 10 Ah drawn from a 200 Ah bank
+    h = server.rig.last.history
+    assert h.last_discharge_ah == pytest.approx(server.rig.last.consumed_ah) and h.last_discharge_ah > 9.0
+    words = gx_read(client, 281, 3)
+    assert words[1] == round(h.last_discharge_ah * 10)  # 282, the sheet's -10 on a negative D-Bus value
+    assert words[2] == 0  # 283: no charge cycle yet, so no average
+    server.on_loop(server.rig.core.history.__setattr__, "charge_cycles", 4)
+    server.tick(0.1)
+    h = server.rig.last.history
+    assert gx_read(client, 283, 1) == [round(h.cumulative_ah_drawn / 4 * 10)]
+
+
+def test_last_errors_and_shutdowns_come_from_the_alarms_newest_first_and_survive_a_restart(server, client):
+    from smallbms_bus.bms.core import BmsCore
+    from tests.bms.rig import WALL0
+
+    assert gx_read(client, 1292, 5) == [0] * 5 and gx_read(client, 310, 8) == [0] * 8
+    server.on_loop(server.rig.battery(3).flags.__setitem__, "cell_high_voltage", True)
+    server.tick(0.5)
+    first = server.rig.last.wall
+    server.on_loop(server.rig.battery(3).flags.__setitem__, "cell_high_voltage", False)
+    server.tick(5.0)
+    assert not server.rig.last.alarms
+    server.on_loop(server.rig.battery(2).__setattr__, "silent", True)  # comms lost: 23
+    server.tick(6.0)
+    assert server.rig.last.alarms
+    second = next(e.wall for e in server.rig.events if e.name == "BATTERY_COMMS_LOST" and e.value == "raised")
+    assert gx_read(client, 1292, 5) == [2, 23, 13, 0, 0]  # two errors, each took a direction away
+    times = gx_read(client, 310, 8)
+    assert [u32(times, 0), u32(times, 2), u32(times, 4)] == [int(second), int(first), 0]
+    server.on_loop(server.rig.core.set_soc, 5.0)  # LOW_SOC: the discharge floor, not an error
+    server.tick(0.5)
+    assert gx_read(client, 1292, 5) == [2, 23, 13, 0, 0]
+    restored = BmsCore.from_snapshot(server.on_loop(server.rig.core.snapshot, server.rig.t), 0.0, WALL0)
+    assert restored.diagnostics == server.rig.core.diagnostics and restored.diagnostics.shutdowns == 2
