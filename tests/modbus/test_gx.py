@@ -53,7 +53,7 @@ def test_gx_alarm_enums_and_allow_flags_follow_the_bms(server, client):
     assert gx_read(client, 1282, 1) == [10]  # error
 
 
-def test_gx_mode_is_the_only_writable_register(server, client):
+def test_gx_mode_is_writable_and_the_measurements_are_not(server, client):
     assert not client.write_register(1322, 252, device_id=GX).isError()
     assert not server.rig.core.mode_on and gx_read(client, 1322, 1) == [252]
     assert client.read_holding_registers(105, count=1, device_id=1).registers == [0]  # the same mode
