@@ -318,8 +318,8 @@ def encode(reg: Register, value: Any, missing: str, scale: float | None = None) 
     else:
         scale = reg.scale if scale is None else scale
         raw = round(value / scale) if scale != 1.0 else round(value)
-        bits = 16 * words
-        if missing == "zero" or not (-(1 << (bits - 1)) if signed else 0) <= raw < (1 << (bits - (1 if signed else 0))):
+        low, high = _range_of(signed, words)
+        if missing == "zero" or not low <= raw <= high:
             low, high = limits(reg.type, words, missing)
             raw = min(max(raw, low), high)  # does not fit: the type's limit, as Victron's converter does
         if raw < 0:
@@ -332,16 +332,20 @@ def limits(kind: str, words: int, missing: str) -> tuple[int, int]:
     On the GX map exactly Victron's dbus_modbustcp rule, qBound(min, value, max - 1), for every value; elsewhere
     the type's range without its marker (0xFFFF, 0x8000, ...), for values outside the type (a value inside it
     is encoded as it is, so a map's constant 0xFFFF still says "not implemented")."""
-    bits = 16 * words
     signed, marker = TYPES[kind][1], TYPES[kind][2]
-    low, high = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    low, high = _range_of(signed, words)
     if missing == "zero":
         return low, high - 1
     if marker == high:
         high -= 1
-    if signed and marker == low + (1 << bits):
+    if signed and marker == low + (1 << (16 * words)):
         low += 1
     return low, high
+
+
+def _range_of(signed: bool, words: int) -> tuple[int, int]:
+    bits = 16 * words
+    return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
 
 
 def decode_word(reg: Register, word: int) -> float:

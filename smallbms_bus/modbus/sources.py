@@ -495,8 +495,8 @@ def _average_discharge(s: Snapshot) -> float | None:
 
 
 def _last_errors(s: Snapshot) -> tuple[int, ...]:
-    codes = dict(GX_ERRORS)
-    return tuple(codes.get(BmsAlarm[name], 0) for name, _ in s.decision.diagnostics.last_errors)
+    codes = {alarm.name: code for alarm, code in GX_ERRORS}
+    return tuple(codes.get(name, 0) for name, _ in s.decision.diagnostics.last_errors)
 
 
 def _last_error_times(s: Snapshot) -> tuple[int, ...]:

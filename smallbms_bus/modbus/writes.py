@@ -60,6 +60,8 @@ MODE_TARGETS: dict[str, dict[int, bool]] = {
     "sunspec_set_operation": {SS_SET_OP_CONNECT: True, SS_SET_OP_DISCONNECT: False},
     "sunspec_inverter_state": {SS_INVERTER_STOPPED: False, SS_INVERTER_STANDBY: False, SS_INVERTER_STARTED: True},
 }
+MODE_VIA = {"gx_mode": " (GX)", "sunspec_set_operation": " (SunSpec SetOp)",
+            "sunspec_inverter_state": " (SunSpec SetInvState)"}  # what the MODE event and the log say
 ALARM_RESET = 1  # SunSpec AlmRst: 1 = reset (0 is accepted and does nothing)
 TARGETS = frozenset({*SETTING_TARGETS, *MODE_TARGETS, "command", "set_soc", "alarm_reset", "controller_heartbeat",
                      "custom_name"})
@@ -152,7 +154,7 @@ def plan_writes(core: BmsCore, writes: Sequence[tuple[str, str, WriteValue]], no
             if value not in MODE_TARGETS[target]:
                 raise WriteRefused(ILLEGAL_VALUE, f"{name} = {value:g}: {target_range(target) or '0 off, 1 on'}")
             on = MODE_TARGETS[target][int(value)]
-            via = "" if target == "mode" else f" ({name})"
+            via = MODE_VIA.get(target, "")
             steps.append(Step(f"mode {'on' if on else 'off'}{via}",
                               lambda on=on, via=via: core.set_mode(on, reason + via),  # type: ignore[misc]
                               ("mode_on",), kept=not on))
