@@ -15,6 +15,7 @@ string register's value is a `StringPatch` (the words written, merged into the c
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias
@@ -105,16 +106,17 @@ class Step:
 
 def target_range(target: str) -> str:
     """The documented range of a write target (settings: from the core's SPECS)."""
-    if target in PER_UNIT_TARGETS:
-        spec = SPEC_BY_NAME[SETTING_TARGETS[target]]
-        extra = ", < absorption_voltage" if target == "float_voltage" else ""
-        return f"{spec.minimum:.2f}-{spec.maximum:.2f} V x 12.8 V units in series{extra}"
     if target in SETTING_TARGETS:
         spec = SPEC_BY_NAME[SETTING_TARGETS[target]]
         if spec.choices:
             return "0 off, 1 on"
-        extra = ", >= discharge_floor" if target == "low_soc_warning" else ""
-        return f"{spec.minimum:g}-{spec.maximum:g} {spec.unit}{extra}".rstrip()
+        digits = max(0, -math.floor(math.log10(spec.resolution) + 1e-9))  # as many decimals as a write can set
+        span = f"{spec.minimum:.{digits}f}-{spec.maximum:.{digits}f} {spec.unit}"
+        extra = {"low_soc_warning": ", >= discharge_floor", "float_voltage": ", < absorption_voltage",
+                 "pre_alarm_level": " per cell"}.get(target, "")
+        if target in PER_UNIT_TARGETS:
+            span += " x 12.8 V units in series"
+        return f"{span}{extra}".rstrip()
     if target == "gx_mode":
         return f"{GX_MODE_ON} on, {GX_MODE_STANDBY} standby"
     if target == "sunspec_set_operation":
