@@ -4,13 +4,17 @@ Theory of operation
 -------------------
 The BMS core is pure; this shell gives it time and I/O and never decides anything itself.
 
-- Receive: the link's blocking `poll` runs in its own thread and hands each batch of reports to
-  the event loop, which feeds the core. A frame that moves a battery across a protective threshold
+- Bus: the link is a device owned by ONE thread, "bus" (`Link.serve`): it alone opens, reads, writes and
+  closes the python-can bus, and hands each batch of decoded reports to the event loop, which feeds the
+  core. BMS_STATE goes the other way through `Link.offer`, a latest-wins slot of one frame: the loop never
+  waits on the port. Every tick the loop asks `Link.status`, which also finds a stall (BMS_STATE unsent
+  for 1 s, COM-5) even when the bus thread is stuck inside a system call; any state but up is a comms
+  loss (COM-4), decided at once. A frame that moves a battery across a protective threshold
   (a flag, a cell voltage, a temperature limit, its identity) is evaluated at once: CellHighVoltage
   reaches the charge output without waiting for a tick. The others (50 batteries send ~750 frames/s,
   nearly all of them "still fine") only update the readings that the next tick evaluates.
 - Tick: every 100 ms the core is evaluated even without frames (timers, staleness) and BMS_STATE is
-  sent; it is also sent at once when ATC, ATD, pre-alarm, alarms or warnings change.
+  handed to the link; it is also handed over at once when ATC, ATD, pre-alarm, alarms or warnings change.
 - Outputs: every decision's wanted outputs go to the relay board through one worker thread (blocking
   serial/TCP I/O never stalls the loop, and commands stay in order). The board's fault and remote
   input are fed back to the core (OUT-5, REM-1).
@@ -39,6 +43,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from smallbms_bus.bms.alarms import BusState
 from smallbms_bus.bms.core import BmsCore, Decision, bms_state_report
 from smallbms_bus.config import Config
 from smallbms_bus.link.bus import BusConfig, Link
@@ -56,7 +61,6 @@ from smallbms_bus.store import Persister, Store
 log = logging.getLogger(__name__)
 
 TICK_S = 0.1  # evaluation tick and BMS_STATE period (PROTOCOL.md)
-POLL_S = 0.05
 RESTART_PAUSE_S = 1.0
 MODBUS_RETRY_S = 5.0
 OFF = {"load_disconnect": False, "charge_disconnect": False, "pre_alarm": False, "error_led": "off",
@@ -102,7 +106,7 @@ class Service:
         self.encoder = FrameEncoder(db)
         b = config["bus"]
         bus_config = bus or BusConfig.of(b["interface"], b["channel"], b["bitrate"], slcan_wait=b["slcan_wait"])
-        self.link = Link(bus_config, FrameDecoder(db))
+        self.link = Link(bus_config, FrameDecoder(db), clock=clock, on_state=self._link_changed)
         out = config["outputs"]
         # make_board does no I/O: a relay board not yet enumerated at boot is a RELAY_FAULT that clears when
         # the controller's back-off re-open succeeds, not an exit (bad options still raise ValueError).
@@ -171,8 +175,8 @@ class Service:
         state = (decision.atc, decision.atd, decision.pre_alarm, decision.alarms, decision.warnings)
         if now >= self._next_state_at or state != self._last_sent_state:
             self._alive += 1
-            if self.link.send(self.encoder.bms_state(bms_state_report(decision, self._alive))):
-                self.stats.bms_state_sent += 1
+            if self.link.offer(self.encoder.bms_state(bms_state_report(decision, self._alive))):
+                self.stats.bms_state_sent += 1  # handed to the bus thread (the link counts what it wrote)
             self._last_sent_state, self._next_state_at = state, now + TICK_S
         if decision.events:
             self.stats.events += len(decision.events)
@@ -219,28 +223,40 @@ class Service:
             self.core.set_remote(on)
 
     # -- tasks ----------------------------------------------------------------------------------------
-    def _receive_thread(self) -> None:
+    def _deliver(self, reports: list[Report]) -> None:
+        """Bus thread: a batch of reports to the event loop."""
+        self._to_loop(self._on_reports, reports)
+
+    def _link_changed(self, up: bool, reason: str) -> None:
+        """Any thread: the link's state changed; the core hears it on the loop."""
+        self._to_loop(self._sync_link)
+
+    def _to_loop(self, callback: Callable[..., object], *args: Any) -> None:
         loop = self._loop
-        assert loop is not None
-        was_up = None
-        while not self._stopping.is_set():
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: the service has stopped
+                loop.call_soon_threadsafe(callback, *args)
+
+    def _sync_link(self) -> None:
+        """Loop: give the core the link's state (COM-4, COM-5); a link that went down is decided on at once."""
+        state, reason = self.link.status(self.clock())
+        core = self.core
+        if state is BusState.NOT_OPEN or (state, reason) == (core.bus_state, core.link_reason):
+            return  # NOT_OPEN: before the first open attempt, or stopped; the outputs are off then anyway
+        was_up = core.link_up
+        core.set_link(state is BusState.UP, reason, state)
+        if was_up and state is not BusState.UP and not self._stopping.is_set():
             try:
-                reports = self.link.poll(POLL_S)
-            except Exception:  # the link never raises on bus trouble; anything else is a bug: keep going
-                log.exception("receive failed; continuing")
-                time.sleep(RESTART_PAUSE_S)
-                continue
-            if self.link.up != was_up:
-                was_up = self.link.up
-                loop.call_soon_threadsafe(self.core.set_link, self.link.up, self.link.reason)
-            if reports:
-                loop.call_soon_threadsafe(self._on_reports, reports)
+                self._decide()
+            except Exception:
+                self._failed("link state handler")
 
     async def _tick(self) -> None:
         # systemd asks for a keep-alive at least every WatchdogSec/2; once a second is plenty and cheap.
         watchdog = "WATCHDOG_USEC" in os.environ
         next_watchdog = 0.0
         while True:
+            self._sync_link()  # also the watchdog of the bus thread: a stall is found here (COM-5)
             self._decide()
             now = self.clock()
             # The snapshot is taken here, on the core's thread; only the fsync'd write goes to the store thread.
@@ -289,7 +305,8 @@ class Service:
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread (tests)
                 self._loop.add_signal_handler(sig, stop.set)
         await self._loop.run_in_executor(self._io, self.outputs.safe)  # OUT-4: start from a known safe state
-        receiver = threading.Thread(target=self._receive_thread, name="bus-receive", daemon=True)
+        receiver = threading.Thread(target=self.link.serve, args=(self._stopping, self._deliver), name="bus",
+                                    daemon=True)  # the link's owner thread
         receiver.start()
         tick = asyncio.create_task(self._supervise("tick", self._tick))
         modbus_tried = asyncio.Event()
@@ -321,11 +338,16 @@ class Service:
             await self.modbus.stop()
         with self._pending_lock:
             self._stopping.set()  # from here no decision reaches the board
-        if receiver is not None:
+        if receiver is not None:  # the bus thread closes the link when it ends
+            self.link.wake()
             await loop.run_in_executor(None, receiver.join, 2.0)
+            if receiver.is_alive():
+                log.warning("bus %s: the bus thread did not stop within 2 s (stuck in a call); not waiting for it",
+                            self.link.config.describe())
+        else:
+            self.link.close()
         await loop.run_in_executor(self._io, self.outputs.safe)  # queued after any in-flight apply
         self._io.shutdown(wait=True)
-        self.link.close()
         save = self.persister.collect(self.core, self.clock(), self.wall(), force=True)
         if save is not None:
             await loop.run_in_executor(self._db, self.persister.write, save)

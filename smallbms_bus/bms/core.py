@@ -37,7 +37,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from smallbms_bus.bank import Bank, BankView, LearnedBank
-from smallbms_bus.bms.alarms import AtdState, BalancerStatus, BmsAlarm, BmsWarning, Led
+from smallbms_bus.bms.alarms import AtdState, BalancerStatus, BmsAlarm, BmsWarning, BusState, Led
 from smallbms_bus.bms.history import History, balancer_status
 from smallbms_bus.bms.monitor import ZERO_CURRENT_A, BatteryMonitor, CurrentLimits
 from smallbms_bus.bms.settings import DEFAULT_SETTINGS, Settings
@@ -122,6 +122,8 @@ class Decision:
     bank: BankView
     history: History
     events: tuple[Event, ...]
+    bus_state: BusState = BusState.UP  # the battery link (COM-4, COM-5); shown even while waiting for batteries
+    link_reason: str = ""  # why the link is not up
 
 
 class BmsCore:
@@ -141,6 +143,7 @@ class BmsCore:
         self.remote_on = True  # REM-1: "always on" until the service reports an input
         self.link_up = True
         self.link_reason = ""
+        self.bus_state = BusState.UP
         self.relay_fault: str | None = None
         self.firmware_update_command = False
         self.firmware_update_since: float | None = None
@@ -166,9 +169,13 @@ class BmsCore:
         self._signatures[key] = signature
         return True
 
-    def set_link(self, up: bool, reason: str = "") -> None:
-        """COM-4: the bus going away is a comms loss."""
+    def set_link(self, up: bool, reason: str = "", state: BusState | None = None) -> None:
+        """COM-4, COM-5: the bus going away or not taking frames is a comms loss. `state` says which."""
         self.link_up, self.link_reason = up, reason
+        self.bus_state = state if state is not None else BusState.UP if up else BusState.LOST
+
+    def _bus_down(self) -> str | None:
+        return None if self.link_up else self.link_reason or self.bus_state.text
 
     def set_remote(self, on: bool) -> None:
         """REM-1: the remote on/off input as read by the outputs layer (already inverted if configured)."""
@@ -424,9 +431,9 @@ class BmsCore:
         atd = self.started and not discharge_blockers
         if not atc:
             reasons["ATC"] = _why_not(self.started, waiting, charge_blockers,
-                                      "firmware update in progress" if updating else None)
+                                      "firmware update in progress" if updating else None, self._bus_down())
         if not atd:
-            reasons["ATD"] = _why_not(self.started, waiting, discharge_blockers, None)
+            reasons["ATD"] = _why_not(self.started, waiting, discharge_blockers, None, self._bus_down())
         enabled = self.mode_on and self.remote_on
         outputs = Outputs(load_disconnect=enabled and atd, charge_disconnect=enabled and atc, pre_alarm=pre_alarm)
 
@@ -460,6 +467,7 @@ class BmsCore:
             error_led=error_led, status_led=Led.SOLID if client_recent else Led.BLINKING, balancer=balancer,
             soc=soc, consumed_ah=reading.consumed_ah, time_remaining_s=reading.time_remaining_s,
             average_current=reading.average_current, bank=view, history=replace(self.history), events=(),
+            bus_state=self.bus_state, link_reason=self.link_reason,
         )
         decision = replace(decision, events=tuple(self._events(decision)))
         self._previous = decision
@@ -604,9 +612,10 @@ def _cell_reason(flagged: tuple[int, ...], flag: str, cell: Any, rule: str) -> s
     return "; ".join(parts) + f" ({rule})"
 
 
-def _why_not(started: bool, waiting: bool, blockers: BmsAlarm, extra: str | None) -> str:
+def _why_not(started: bool, waiting: bool, blockers: BmsAlarm, extra: str | None, bus_down: str | None) -> str:
     if not started:
-        return "waiting for batteries" if waiting else "not started: the bank is not known and fresh yet"
+        why = "waiting for batteries" if waiting else "not started: the bank is not known and fresh yet"
+        return f"{why} (bus down: {bus_down})" if bus_down else why
     parts = [m.name for m in BmsAlarm if m in blockers and m.name]
     if extra:
         parts.append(extra)
