@@ -30,7 +30,7 @@ import pytest
 from can.interfaces.virtual import VirtualBus
 from pymodbus.client import ModbusTcpClient
 
-from smallbms_bus.bms.alarms import BmsAlarm
+from smallbms_bus.bms.alarms import BmsAlarm, BusState
 from smallbms_bus.config import parse_config
 from smallbms_bus.link.bus import BusConfig
 from smallbms_bus.reports import BatteryStatus
@@ -186,6 +186,7 @@ def test_a_stalled_slcan_adapter_is_a_link_fault_and_never_freezes_the_bms(tmp_p
                     time.sleep(2.0)  # the stall goes on; the link re-opens with back-off and cannot write
                     registers = watchers.reads[-1][2]
                     assert registers is not None and registers[20] & BmsAlarm.BATTERY_COMMS_LOST
+                    assert registers[36] in (BusState.STALLED, BusState.OPEN_FAILED), registers[36]  # block A bus_state
                     found = watchers.check(stalled, time.monotonic())
                 finally:
                     resumed = time.monotonic()
