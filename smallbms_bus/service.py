@@ -5,14 +5,15 @@ Theory of operation
 The BMS core is pure; this shell gives it time and I/O and never decides anything itself.
 
 - Bus: the link is a device owned by ONE thread, "bus" (`Link.serve`): it alone opens, reads, writes and
-  closes the python-can bus, and hands each batch of decoded reports to the event loop, which feeds the
-  core. BMS_STATE goes the other way through `Link.offer`, a latest-wins slot of one frame: the loop never
-  waits on the port. Every tick the loop asks `Link.status`, which also finds a stall (BMS_STATE unsent
-  for 1 s, COM-5) even when the bus thread is stuck inside a system call; any state but up is a comms
-  loss (COM-4), decided at once. A frame that moves a battery across a protective threshold
-  (a flag, a cell voltage, a temperature limit, its identity) is evaluated at once: CellHighVoltage
-  reaches the charge output without waiting for a tick. The others (50 batteries send ~750 frames/s,
-  nearly all of them "still fine") only update the readings that the next tick evaluates.
+  closes the python-can bus, and hands decoded reports to the event loop, which feeds the core (a report
+  that may cross a threshold at once, the others within 20 ms). BMS_STATE goes the other way through
+  `Link.offer`, a latest-wins slot of one frame: the loop never waits on the port. Every tick the loop
+  asks `Link.status`, which also finds a stall (BMS_STATE unsent for 1 s, COM-5) even when the bus thread
+  is stuck inside a system call; any state but up is a comms loss (COM-4), decided at once. A frame that
+  moves a battery across a protective threshold (a flag, a cell voltage, a temperature limit, its
+  identity) is evaluated at once: CellHighVoltage reaches the charge output without waiting for a tick.
+  The others (50 batteries send ~750 frames/s, nearly all of them "still fine") only update the readings
+  that the next tick evaluates.
 - Tick: every 100 ms the core is evaluated even without frames (timers, staleness) and BMS_STATE is
   handed to the link; it is also handed over at once when ATC, ATD, pre-alarm, alarms or warnings change.
 - Outputs: every decision's wanted outputs go to the relay board through one worker thread (blocking
@@ -128,6 +129,9 @@ class Service:
         self._pending_lock = threading.Lock()
         self._pending: tuple[dict[str, Any], float] | None = None
         self._apply_scheduled = False
+        self._inbox_lock = threading.Lock()  # reports from the bus thread not yet taken by the loop
+        self._inbox: list[Report] = []
+        self._inbox_scheduled = False
         self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="outputs")
         self._db = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store")
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -224,8 +228,20 @@ class Service:
 
     # -- tasks ----------------------------------------------------------------------------------------
     def _deliver(self, reports: list[Report]) -> None:
-        """Bus thread: a batch of reports to the event loop."""
-        self._to_loop(self._on_reports, reports)
+        """Bus thread: a batch of reports to the event loop. Batches the loop has not taken yet are merged into
+        one callback (the same order, never later), so a busy loop is not woken once per batch."""
+        with self._inbox_lock:
+            self._inbox.extend(reports)
+            if self._inbox_scheduled:
+                return
+            self._inbox_scheduled = True
+        self._to_loop(self._take_inbox)
+
+    def _take_inbox(self) -> None:
+        with self._inbox_lock:
+            reports, self._inbox = self._inbox, []
+            self._inbox_scheduled = False
+        self._on_reports(reports)
 
     def _link_changed(self, up: bool, reason: str) -> None:
         """Any thread: the link's state changed; the core hears it on the loop."""

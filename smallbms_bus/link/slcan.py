@@ -181,6 +181,8 @@ class SlcanBus(slcanBus):
         self._tx = b""  # the unwritten rest of one line
         self._pending: deque[can.Message] = deque()  # parsed, not yet returned (a read holds many frames)
         self._fd: int | None = None
+        self._poller: select.poll | None = None
+        self._poller_wake: int | None = None
         self._initialising = True
         # Discard unwritten output when closing: only at the final close. A USB serial driver's close() waits
         # (closing_wait, up to 30 s) for the output to drain, but discarding it would also hide that the adapter
@@ -200,14 +202,12 @@ class SlcanBus(slcanBus):
         return self._fd
 
     @staticmethod
-    def _poll(fd: int, events: int, timeout: float | None, wake: int | None = None) -> tuple[int, bool]:
-        """Wait for `events` on `fd`: (the port's events, whether `wake` became readable)."""
+    def _poll(fd: int, events: int, timeout: float | None) -> int:
+        """Wait for `events` on `fd`; the events that happened."""
         poller = select.poll()  # not select(): the fd may be above 1023 in a service with many connections
         poller.register(fd, events)
-        if wake is not None:
-            poller.register(wake, select.POLLIN)
-        ready = dict(poller.poll(None if timeout is None else max(0.0, timeout) * 1000))
-        return ready.get(fd, 0), wake in ready
+        ready = poller.poll(None if timeout is None else max(0.0, timeout) * 1000)
+        return ready[0][1] if ready else 0
 
     def _flush_tx(self) -> bool:
         """Write what the port takes now; True when nothing is left."""
@@ -268,23 +268,46 @@ class SlcanBus(slcanBus):
         self._transmit(encode_line(msg), WRITE_TIMEOUT_S if timeout is None else timeout)
 
     def recv_batch(self, timeout: float | None, wake: int | None = None, limit: int = 256) -> list[can.Message]:
-        """The frames of one read (at most `limit`), or [] after `timeout`; returns early when `wake` is readable
-        (the caller drains it). A waiting transmit line is completed as the port takes it."""
+        """The frames of one read (at most `limit`), or [] after `timeout`; returns [] at once when the pipe `wake`
+        becomes readable (and drains it). A waiting transmit line is completed as the port takes it."""
         if self._pending:
             return self._take(limit)
         fd = self._port_fd()
         if fd is None:
             return self._recv_without_fd(timeout, limit)
         deadline = None if timeout is None else time.monotonic() + timeout
+        poller = self._reader(fd, wake)
+        writing = False
         while True:
-            left = None if deadline is None else deadline - time.monotonic()
-            events, woken = self._poll(fd, select.POLLIN | (select.POLLOUT if self._tx else 0), left, wake)
+            if bool(self._tx) != writing:
+                writing = bool(self._tx)
+                poller.modify(fd, select.POLLIN | (select.POLLOUT if writing else 0))
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready = poller.poll(None if left is None else left * 1000)
+            events = 0
+            for ready_fd, ready_events in ready:
+                if ready_fd == fd:
+                    events = ready_events
+                else:  # woken: a frame to transmit, or the link stopping
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(ready_fd, 512)
+                    return []
             if events & select.POLLOUT:
                 self._flush_tx()
             if events & (select.POLLIN | select.POLLHUP | select.POLLERR | select.POLLNVAL) and self._read(fd):
                 return self._take(limit)
-            if woken or not events or (left is not None and left <= 0):
+            if not ready or left == 0.0:
                 return []
+
+    def _reader(self, fd: int, wake: int | None) -> select.poll:
+        """One poll object for the port (and the caller's wake pipe), kept between reads: a read is hot."""
+        if self._poller is None or self._poller_wake != wake:
+            self._poller = select.poll()  # not select(): the fd may be above 1023 in a busy service
+            self._poller.register(fd, select.POLLIN)
+            if wake is not None:
+                self._poller.register(wake, select.POLLIN)
+            self._poller_wake = wake
+        return self._poller
 
     def _read(self, fd: int) -> bool:
         """Read what the port holds; True when it completed at least one frame."""

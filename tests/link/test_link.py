@@ -13,6 +13,7 @@ import pytest
 
 from smallbms_bus.bms.alarms import BusState
 from smallbms_bus.link.bus import (
+    HOLD_S,
     MAX_FRAMES_PER_POLL,
     STABLE_S,
     Backoff,
@@ -220,7 +221,7 @@ def test_a_stall_is_found_while_the_link_thread_is_stuck_and_the_link_reopens():
         assert link.status(100.0 + 0.99)[0] is BusState.UP  # the oldest unsent BMS_STATE is 0.99 s old
         state, reason = link.status(100.0 + 1.0)
         assert state is BusState.STALLED and "not taking frames" in reason
-        assert "inside one call for 1.0 s" in reason  # the owner has not come round since t = 100
+        assert "inside one call for 1.0 s" in reason  # the owner entered send() at t = 100
         assert states[-1] == (False, reason)
         assert not link.offer(frame)  # down: refused at once, counted as unsent
         counters = link.counters()
@@ -244,3 +245,56 @@ def poll_until_state(link: Link, state: BusState, clock: FakeClock | None = None
         time.sleep(0.005)
         if clock is not None:
             clock.t += 0.01
+
+
+def test_reports_that_cross_no_threshold_are_held_briefly_and_a_threshold_crossing_goes_at_once():
+    """The bus thread wakes the event loop at once for a report that may switch an output (the core's own
+    protective signature changed), and otherwise hands reports over at most HOLD_S later (a fake clock here)."""
+    clock = FakeClock()
+    clock.t = 10.0
+    channel = f"hold-{time.monotonic_ns()}"
+    link = Link(BusConfig("virtual", channel), clock=clock)
+    sender = can.Bus(interface="virtual", channel=channel)
+    deliveries: list[list[int]] = []
+    stop = threading.Event()
+    owner = threading.Thread(target=link.serve, args=(stop, lambda reports: deliveries.append(
+        [r.alive_counter for r in reports])), daemon=True)
+    owner.start()
+
+    def send(alive: int, flags: int = 0x00) -> None:
+        data = bytearray(STATUS_07)
+        data[6], data[7] = flags, alive
+        sender.send(can.Message(arbitration_id=0x107, data=bytes(data), is_extended_id=False))
+
+    def wait_received(n: int) -> None:
+        deadline = time.monotonic() + 5
+        while link.decoder.received < n:
+            assert time.monotonic() < deadline, f"{link.decoder.received} of {n} frames received"
+            time.sleep(0.005)
+        time.sleep(0.1)  # the owner thread has been round its loop since
+
+    try:
+        poll_until_state(link, BusState.UP)
+        send(1)  # the first status of node 7: new to the signatures, so at once
+        wait_received(1)
+        assert deliveries == [[1]]
+        for alive in range(2, 12):  # "still fine": held while the (fake) clock stands still
+            send(alive)
+        wait_received(11)
+        assert deliveries == [[1]]
+        send(12, flags=0x01)  # CellHighVoltage: at once, after the ones held before it
+        wait_received(12)
+        assert deliveries == [[1], list(range(2, 13))]
+        send(13, flags=0x01)
+        wait_received(13)
+        assert len(deliveries) == 2
+        clock.t += 2 * HOLD_S  # the hold has passed: handed over on the owner's next pass
+        deadline = time.monotonic() + 5
+        while len(deliveries) < 3:
+            assert time.monotonic() < deadline, deliveries
+            time.sleep(0.005)
+        assert deliveries[2] == [13]
+    finally:
+        stop.set()
+        owner.join(timeout=5)
+        sender.shutdown()
