@@ -183,6 +183,7 @@ class SlcanBus(slcanBus):
         self._fd: int | None = None
         self._poller: select.poll | None = None
         self._poller_wake: int | None = None
+        self._poller_out = False  # the port is registered for POLLOUT too
         self._initialising = True
         # Discard unwritten output when closing: only at the final close. A USB serial driver's close() waits
         # (closing_wait, up to 30 s) for the output to drain, but discarding it would also hide that the adapter
@@ -277,11 +278,10 @@ class SlcanBus(slcanBus):
             return self._recv_without_fd(timeout, limit)
         deadline = None if timeout is None else time.monotonic() + timeout
         poller = self._reader(fd, wake)
-        writing = False
         while True:
-            if bool(self._tx) != writing:
-                writing = bool(self._tx)
-                poller.modify(fd, select.POLLIN | (select.POLLOUT if writing else 0))
+            if bool(self._tx) != self._poller_out:  # ask for POLLOUT only while a line waits: else it spins
+                self._poller_out = bool(self._tx)
+                poller.modify(fd, select.POLLIN | (select.POLLOUT if self._poller_out else 0))
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             ready = poller.poll(None if left is None else left * 1000)
             events = 0
@@ -304,6 +304,7 @@ class SlcanBus(slcanBus):
         if self._poller is None or self._poller_wake != wake:
             self._poller = select.poll()  # not select(): the fd may be above 1023 in a busy service
             self._poller.register(fd, select.POLLIN)
+            self._poller_out = False
             if wake is not None:
                 self._poller.register(wake, select.POLLIN)
             self._poller_wake = wake

@@ -225,3 +225,40 @@ def test_every_frame_encoded_is_parsed_back_exactly_between_garbage(messages, da
     assert [(f.arbitration_id, f.is_extended_id, f.is_remote_frame, f.dlc, bytes(f.data)) for f in got] == \
         [(m.arbitration_id, m.is_extended_id, m.is_remote_frame, m.dlc, b"" if m.is_remote_frame else bytes(m.data))
          for m in messages]
+
+
+def test_waiting_for_frames_after_a_slow_write_does_not_spin():
+    """A line the port took only partly makes the reader watch for writability; once the line is out the
+    reader must stop watching, or every wait for frames becomes a busy loop (seen while measuring CPU)."""
+    master, slave = os.openpty()
+    bus = SlcanBus(channel=os.ttyname(slave), bitrate=500000, sleep_after_open=0)
+    try:
+        os.set_blocking(master, False)
+        filler = os.open(os.ttyname(slave), os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY)
+        for _ in range(3):  # fill the adapter's side: the port takes nothing more
+            for chunk in (b"\0" * 4096, b"\0"):
+                try:
+                    while True:
+                        os.write(filler, chunk)
+                except BlockingIOError:
+                    pass
+            time.sleep(0.02)
+        os.close(filler)
+        frame = can.Message(arbitration_id=0x0F0, data=bytes(8), is_extended_id=False)
+        bus.send(frame, timeout=0)  # taken, not written: it waits in the bus
+        os.write(master, status(1) + b"\r")
+        assert [f.data[7] for f in bus.recv_batch(2.0)] == [1]  # returned with the line still waiting
+        while True:  # the adapter reads again
+            try:
+                if not os.read(master, 65536):
+                    break
+            except BlockingIOError:
+                break
+        bus.send(frame, timeout=1.0)  # the waiting line goes out first, then this one
+        cpu = time.thread_time()
+        assert bus.recv_batch(0.5) == []
+        assert time.thread_time() - cpu < 0.03, "the wait for frames spun"  # one poll() call: microseconds
+    finally:
+        bus.shutdown()
+        os.close(master)
+        os.close(slave)
