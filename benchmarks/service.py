@@ -1,7 +1,7 @@
 """Service benchmarks: start-up to serving, reaction latency under load, CPU and memory at nominal load.
 
     .venv/bin/python benchmarks/service.py [--trials 200] [--low-trials 50] [--starts 5] [--nominal 60]
-                                           [--json out.json]
+                                           [--only startup reaction nominal_slcan nominal_virtual] [--json out.json]
 
 Reaction latency: the real `Service` (python-can virtual bus, memory relay board, store in a temporary
 directory, Modbus and /metrics served) watches 50 virtual 12.8 V batteries (2s25p-12v100) sent by the
@@ -396,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--low-trials", type=int, default=50, help="CellLowVoltage -> load trials")
     parser.add_argument("--starts", type=int, default=5)
     parser.add_argument("--nominal", type=float, default=60.0, help="seconds of the nominal-load measurement")
+    parser.add_argument("--only", nargs="+", choices=["startup", "reaction", "nominal_slcan", "nominal_virtual"],
+                        help="run only these parts (the report runs all of them)")
     parser.add_argument("--json")
     parser.add_argument("--load", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -403,21 +405,31 @@ def main(argv: list[str] | None = None) -> int:
         m, p, c, poll, scrape, seconds = args.load
         run_load(int(m), int(p), int(c), float(poll), float(scrape), float(seconds))
         return 0
-    results = {"startup": startup(args.starts), "reaction": reaction_latency(args.trials, args.low_trials),
-               "nominal_slcan": nominal(args.nominal), "nominal_virtual": nominal_virtual(args.nominal)}
+    parts = {"startup": lambda: startup(args.starts),
+             "reaction": lambda: reaction_latency(args.trials, args.low_trials),
+             "nominal_slcan": lambda: nominal(args.nominal),
+             "nominal_virtual": lambda: nominal_virtual(args.nominal)}
+    results = {name: run() for name, run in parts.items() if not args.only or name in args.only}
     print(f"service benchmark: python {platform.python_version()}, {platform.machine()}, {os.cpu_count()} cores")
-    s, r, n, v = results["startup"], results["reaction"], results["nominal_slcan"], results["nominal_virtual"]
-    print(f"start-up: READY=1 after {s['ready_median_s']} s, Modbus and metrics answering after "
-          f"{s['serving_median_s']} s (median of {s['starts']}, max {s['serving_max_s']} s; target <= 2 s)")
-    for name, what in (("charge", "CellHighVoltage frame -> charge relay command"),
-                       ("load", "CellLowVoltage frame (after the 30 s lead) -> load relay command")):
-        x = r[name]
-        print(f"{what}: p50 {x.get('p50_ms')} ms, p99 {x.get('p99_ms')} ms, max {x.get('max_ms')} ms, "
-              f"{x['measured']} of {x['trials']} trials (target p99 <= 5 ms)")
-    print(f"  under: {r['workload']}")
-    print(f"nominal load over SLCAN: {n['cpu_percent_of_one_core']} % of one core, peak RSS {n['peak_rss_mb']} MB "
-          f"over {n['seconds']:g} s (targets <= 10 %, <= 80 MB); {n['workload']}")
-    print(f"nominal load, virtual bus: {v['cpu_percent_of_one_core']} % of one core; {v['workload']}")
+    if "startup" in results:
+        s = results["startup"]
+        print(f"start-up: READY=1 after {s['ready_median_s']} s, Modbus and metrics answering after "
+              f"{s['serving_median_s']} s (median of {s['starts']}, max {s['serving_max_s']} s; target <= 2 s)")
+    if "reaction" in results:
+        r = results["reaction"]
+        for name, what in (("charge", "CellHighVoltage frame -> charge relay command"),
+                           ("load", "CellLowVoltage frame (after the 30 s lead) -> load relay command")):
+            x = r[name]
+            print(f"{what}: p50 {x.get('p50_ms')} ms, p99 {x.get('p99_ms')} ms, max {x.get('max_ms')} ms, "
+                  f"{x['measured']} of {x['trials']} trials (target p99 <= 5 ms)")
+        print(f"  under: {r['workload']}")
+    if "nominal_slcan" in results:
+        n = results["nominal_slcan"]
+        print(f"nominal load over SLCAN: {n['cpu_percent_of_one_core']} % of one core, peak RSS {n['peak_rss_mb']} MB "
+              f"over {n['seconds']:g} s (targets <= 10 %, <= 80 MB); {n['workload']}")
+    if "nominal_virtual" in results:
+        v = results["nominal_virtual"]
+        print(f"nominal load, virtual bus: {v['cpu_percent_of_one_core']} % of one core; {v['workload']}")
     write_json(args.json, results)
     return 0
 

@@ -46,7 +46,7 @@ from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
 from smallbms_bus import __version__
-from smallbms_bus.bms.alarms import BalancerStatus, BmsAlarm, BmsWarning, Led
+from smallbms_bus.bms.alarms import BalancerStatus, BmsAlarm, BmsWarning, BusState, Led
 from smallbms_bus.bms.core import Decision
 from smallbms_bus.config import defaults
 from smallbms_bus.connections import (
@@ -62,7 +62,9 @@ from smallbms_bus.connections import (
     quiet_accept_errors,
     release_fds,
 )
+from smallbms_bus.link.bus import GARBLED
 from smallbms_bus.link.codec import MALFORMED_KINDS
+from smallbms_bus.link.slcan import LINE_KINDS
 
 if TYPE_CHECKING:
     from smallbms_bus.modbus.stats import ModbusStats
@@ -215,16 +217,31 @@ H_TEMP_MAX = _m("history_battery_temperature_max_celsius", "gauge", (), "Highest
 # -- bus --------------------------------------------------------------------------------------------------
 _group = "bus"
 BUS_INFO = _m("bus_info", "info", ("interface", "channel"), "The battery bus (python-can interface and channel).")
-BUS_UP = _m("bus_up", "gauge", (), "1 = the bus link is open (COM-4: down is a comms loss).")
+BUS_UP = _m("bus_up", "gauge", (), "1 = the bus link is open and taking frames (COM-4, COM-5: down is a comms loss).")
+BUS_STATES = tuple(s.name.lower() for s in BusState)
+BUS_STATE = _m("bus_state", "gauge", ("state",), "The bus link: 1 for its state, one of " + ", ".join(BUS_STATES)
+               + " (Modbus bus_state; stalled = BMS_STATE unsent for 1 s, COM-5).")
+BUS_DOWN_REASON = _m("bus_down_reason_info", "info", ("reason",), "Why the bus link is down, as the log says it "
+                     "(e.g. the serial port's error); present only while smallbms_bus_up is 0.")
 BUS_RECEIVED = _m("bus_frames_received_total", "counter", (), "Frames received from the bus.")
 BUS_DECODED = _m("bus_frames_decoded_total", "counter", (), "Frames decoded into battery reports.")
 BUS_MALFORMED = _m("bus_frames_malformed_total", "counter", ("kind",),
-                   "Frames dropped (COM-3) by kind: unknown_id, wrong_dlc, out_of_range, not_data_frame, garbled.")
+                   "Frames and SLCAN lines dropped (COM-3) by kind: unknown_id, wrong_dlc, out_of_range, "
+                   "not_data_frame (the DBC's checks); slcan_non_ascii, slcan_too_long, slcan_bad_length, "
+                   "slcan_bad_field, slcan_unknown (a serial line that is not exactly one frame, docs/bus.md); "
+                   "garbled (a frame another python-can interface could not parse).")
 BUS_SENT = _m("bus_frames_sent_total", "counter", (), "Frames sent (BMS_STATE).")
-BUS_SEND_ERRORS = _m("bus_send_errors_total", "counter", (), "Frames that could not be sent.")
+BUS_SEND_ERRORS = _m("bus_send_errors_total", "counter", (), "Sends that failed with a port error (the link went "
+                     "down).")
+BUS_UNSENT = _m("bus_frames_unsent_total", "counter", (), "BMS_STATE frames never written: replaced by a newer one "
+                "before the link could write them, or dropped while the link was down.")
+BUS_STALLS = _m("bus_send_stalls_total", "counter", (), "Times BMS_STATE stayed unsent for 1 s (COM-5): the adapter "
+                "or interface stopped taking frames; each also counts as a link loss.")
+BUS_ADAPTER_ERRORS = _m("bus_adapter_errors_total", "counter", (), "SLCAN adapter error answers (BELL): a frame or "
+                        "command the adapter refused.")
 BUS_RECONNECTS = _m("bus_reconnects_total", "counter", (), "Times the link was re-opened after the first open.")
-BUS_DOWNS = _m("bus_link_lost_total", "counter", (), "Times the link went down (adapter unplugged, interface "
-               "down, bus error).")
+BUS_DOWNS = _m("bus_link_lost_total", "counter", (), "Times the link went down after it was up (adapter unplugged, "
+               "interface down, I/O error, stall).")
 # -- relay outputs ------------------------------------------------------------------------------------------
 _group = "relay"
 RELAY_BOARD_UP = _m("relay_board_up", "gauge", (), "1 = the relay board is open.")
@@ -273,6 +290,7 @@ class Snapshot:
     decision: Decision | None
     link: dict[str, int]
     link_up: bool
+    link_state: tuple[BusState, str]  # state, reason
     bus: tuple[str, str]
     outputs: OutputsStatus
     channels: dict[str, int]
@@ -294,7 +312,8 @@ class Snapshot:
         endpoint = getattr(service, "metrics", None)
         up = persister.ok and service.store_stalled_since is None  # failing, or a save stuck on the disk
         store = (persister.writes, persister.failures, persister.pending_events, int(up), service.writes.refused)
-        return cls(service.clock(), decision, link.counters(), bool(link.up),
+        state = link.status()
+        return cls(service.clock(), decision, link.counters(), state[0] is BusState.UP, state,
                    (link.config.interface, link.config.channel), service.outputs.status(),
                    dict(service.outputs.channel_map), store,
                    (stats.evaluations, stats.task_restarts, stats.events), modbus,
@@ -482,14 +501,26 @@ class BmsCollector(Collector):
         family.add_metric(s.bus, {})
         yield family
         yield from _value(BUS_UP, float(s.link_up))
+        state, reason = s.link_state
+        family = _family(BUS_STATE)
+        for labels, value in _states(BUS_STATE, state.name.lower(), BUS_STATES):
+            family.add_metric(labels, value)
+        yield family
+        if state is not BusState.UP:
+            family = _family(BUS_DOWN_REASON)
+            family.add_metric((reason or state.text,), {})
+            yield family
         yield from _value(BUS_RECEIVED, c["frames_received"])
         yield from _value(BUS_DECODED, c["frames_decoded"])
         family = _family(BUS_MALFORMED)
-        for kind in (*MALFORMED_KINDS, "garbled"):
+        for kind in (*MALFORMED_KINDS, *LINE_KINDS, GARBLED):
             family.add_metric((kind,), c.get(f"malformed_{kind}", 0))
         yield family
         yield from _value(BUS_SENT, c["sent"])
         yield from _value(BUS_SEND_ERRORS, c["send_errors"])
+        yield from _value(BUS_UNSENT, c["unsent"])
+        yield from _value(BUS_STALLS, c["stalls"])
+        yield from _value(BUS_ADAPTER_ERRORS, c["adapter_errors"])
         yield from _value(BUS_RECONNECTS, max(0, c["opens"] - 1))
         yield from _value(BUS_DOWNS, c["downs"])
 

@@ -4,13 +4,18 @@ Theory of operation
 -------------------
 The BMS core is pure; this shell gives it time and I/O and never decides anything itself.
 
-- Receive: the link's blocking `poll` runs in its own thread and hands each batch of reports to
-  the event loop, which feeds the core. A frame that moves a battery across a protective threshold
-  (a flag, a cell voltage, a temperature limit, its identity) is evaluated at once: CellHighVoltage
-  reaches the charge output without waiting for a tick. The others (50 batteries send ~750 frames/s,
-  nearly all of them "still fine") only update the readings that the next tick evaluates.
+- Bus: the link is a device owned by ONE thread, "bus" (`Link.serve`): it alone opens, reads, writes and
+  closes the python-can bus, and hands decoded reports to the event loop, which feeds the core (a report
+  that may cross a threshold at once, the others within 20 ms). BMS_STATE goes the other way through
+  `Link.offer`, a latest-wins slot of one frame: the loop never waits on the port. Every tick the loop
+  asks `Link.status`, which also finds a stall (BMS_STATE unsent for 1 s, COM-5) even when the bus thread
+  is stuck inside a system call; any state but up is a comms loss (COM-4), decided at once. A frame that
+  moves a battery across a protective threshold (a flag, a cell voltage, a temperature limit, its
+  identity) is evaluated at once: CellHighVoltage reaches the charge output without waiting for a tick.
+  The others (50 batteries send ~750 frames/s, nearly all of them "still fine") only update the readings
+  that the next tick evaluates.
 - Tick: every 100 ms the core is evaluated even without frames (timers, staleness) and BMS_STATE is
-  sent; it is also sent at once when ATC, ATD, pre-alarm, alarms or warnings change.
+  handed to the link; it is also handed over at once when ATC, ATD, pre-alarm, alarms or warnings change.
 - Outputs: every decision's wanted outputs go to the relay board through one worker thread (blocking
   serial/TCP I/O never stalls the loop, and commands stay in order). The board's fault and remote
   input are fed back to the core (OUT-5, REM-1).
@@ -53,6 +58,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from smallbms_bus.bms.alarms import BusState
 from smallbms_bus.bms.core import BmsCore, Decision, bms_state_report
 from smallbms_bus.commit import Change, Committed, WritePath
 from smallbms_bus.config import Config
@@ -71,7 +77,6 @@ from smallbms_bus.store import PendingSave, Persister, Store, StoreLock, lock_ho
 log = logging.getLogger(__name__)
 
 TICK_S = 0.1  # evaluation tick and BMS_STATE period (PROTOCOL.md)
-POLL_S = 0.05
 RESTART_PAUSE_S = 1.0
 MODBUS_RETRY_S = 5.0
 STORE_STALL_S = 10.0  # a save waiting longer for the disk is a stalled store: ERROR, smallbms_store_up 0
@@ -129,7 +134,7 @@ class Service:
         self.encoder = FrameEncoder(db)
         b = config["bus"]
         bus_config = bus or BusConfig.of(b["interface"], b["channel"], b["bitrate"], slcan_wait=b["slcan_wait"])
-        self.link = Link(bus_config, FrameDecoder(db))
+        self.link = Link(bus_config, FrameDecoder(db), clock=clock, on_state=self._link_changed)
         out = config["outputs"]
         # make_board does no I/O: a relay board not yet enumerated at boot is a RELAY_FAULT that clears when
         # the controller's back-off re-open succeeds, not an exit (bad options still raise ValueError).
@@ -151,6 +156,9 @@ class Service:
         self._pending_lock = threading.Lock()
         self._pending: tuple[dict[str, Any], float] | None = None
         self._apply_scheduled = False
+        self._inbox_lock = threading.Lock()  # reports from the bus thread not yet taken by the loop
+        self._inbox: list[Report] = []
+        self._inbox_scheduled = False
         self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="outputs")
         self._db = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store")
         self._saves_in_flight: list[float] = []  # when each save handed to the store thread was (loop thread only)
@@ -209,8 +217,8 @@ class Service:
         state = (decision.atc, decision.atd, decision.pre_alarm, decision.alarms, decision.warnings)
         if now >= self._next_state_at or state != self._last_sent_state:
             self._alive += 1
-            if self.link.send(self.encoder.bms_state(bms_state_report(decision, self._alive))):
-                self.stats.bms_state_sent += 1
+            if self.link.offer(self.encoder.bms_state(bms_state_report(decision, self._alive))):
+                self.stats.bms_state_sent += 1  # handed to the bus thread (the link counts what it wrote)
             self._last_sent_state, self._next_state_at = state, now + TICK_S
         if decision.events:
             self.stats.events += len(decision.events)
@@ -296,28 +304,52 @@ class Service:
         return await self._save(save)
 
     # -- tasks ----------------------------------------------------------------------------------------
-    def _receive_thread(self) -> None:
+    def _deliver(self, reports: list[Report]) -> None:
+        """Bus thread: a batch of reports to the event loop. Batches the loop has not taken yet are merged into
+        one callback (the same order, never later), so a busy loop is not woken once per batch."""
+        with self._inbox_lock:
+            self._inbox.extend(reports)
+            if self._inbox_scheduled:
+                return
+            self._inbox_scheduled = True
+        self._to_loop(self._take_inbox)
+
+    def _take_inbox(self) -> None:
+        with self._inbox_lock:
+            reports, self._inbox = self._inbox, []
+            self._inbox_scheduled = False
+        self._on_reports(reports)
+
+    def _link_changed(self, up: bool, reason: str) -> None:
+        """Any thread: the link's state changed; the core hears it on the loop."""
+        self._to_loop(self._sync_link)
+
+    def _to_loop(self, callback: Callable[..., object], *args: Any) -> None:
         loop = self._loop
-        assert loop is not None
-        was_up = None
-        while not self._stopping.is_set():
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: the service has stopped
+                loop.call_soon_threadsafe(callback, *args)
+
+    def _sync_link(self) -> None:
+        """Loop: give the core the link's state (COM-4, COM-5); a link that went down is decided on at once."""
+        state, reason = self.link.status(self.clock())
+        core = self.core
+        if state is BusState.NOT_OPEN or (state, reason) == (core.bus_state, core.link_reason):
+            return  # NOT_OPEN: before the first open attempt, or stopped; the outputs are off then anyway
+        was_up = core.link_up
+        core.set_link(state is BusState.UP, reason, state)
+        if was_up and state is not BusState.UP and not self._stopping.is_set():
             try:
-                reports = self.link.poll(POLL_S)
-            except Exception:  # the link never raises on bus trouble; anything else is a bug: keep going
-                log.exception("receive failed; continuing")
-                time.sleep(RESTART_PAUSE_S)
-                continue
-            if self.link.up != was_up:
-                was_up = self.link.up
-                loop.call_soon_threadsafe(self.core.set_link, self.link.up, self.link.reason)
-            if reports:
-                loop.call_soon_threadsafe(self._on_reports, reports)
+                self._decide()
+            except Exception:
+                self._failed("link state handler")
 
     async def _tick(self) -> None:
         # systemd asks for a keep-alive at least every WatchdogSec/2; once a second is plenty and cheap.
         watchdog = "WATCHDOG_USEC" in os.environ
         next_watchdog = 0.0
         while True:
+            self._sync_link()  # also the watchdog of the bus thread: a stall is found here (COM-5)
             self._decide()
             now = self.clock()
             # The snapshot is taken here, on the core's thread; only the fsync'd write goes to the store thread,
@@ -376,7 +408,8 @@ class Service:
         saved = False
         try:
             await self._loop.run_in_executor(self._io, self.outputs.safe)  # OUT-4: start from a known safe state
-            receiver = threading.Thread(target=self._receive_thread, name="bus-receive", daemon=True)
+            receiver = threading.Thread(target=self.link.serve, args=(self._stopping, self._deliver), name="bus",
+                                        daemon=True)  # the link's owner thread
             receiver.start()
             tick = asyncio.create_task(self._supervise("tick", self._tick))
             modbus_tried = asyncio.Event()
@@ -469,11 +502,16 @@ class Service:
             await self.modbus.stop()
         with self._pending_lock:
             self._stopping.set()  # from here no decision reaches the board
-        if receiver is not None:
+        if receiver is not None:  # the bus thread closes the link when it ends
+            self.link.wake()
             await loop.run_in_executor(None, receiver.join, 2.0)
+            if receiver.is_alive():
+                log.warning("bus %s: the bus thread did not stop within 2 s (stuck in a call); not waiting for it",
+                            self.link.config.describe())
+        else:
+            self.link.close()
         await loop.run_in_executor(self._io, self.outputs.safe)  # queued after any in-flight apply
         self._io.shutdown(wait=True)
-        self.link.close()
         # The outputs are off before anything waits on the store (a stalled card must not keep them on).
         await self.writes.close()  # a write in flight is committed and answered; later ones are refused
         saved = await self.save_now()  # queued after any save in flight

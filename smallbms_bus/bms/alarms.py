@@ -57,3 +57,26 @@ class BalancerStatus(Enum):
     BALANCED = "balanced"
     IMBALANCED = "imbalanced"
     BALANCING = "balancing"
+
+
+class BusState(IntEnum):
+    """The battery link as the BMS reports it (Modbus block A `bus_state`, metrics, `smallbms-bus status`).
+
+    Anything but UP is a comms loss (COM-2, COM-4); while the bank is still waiting for batteries it is
+    reported, not alarmed (BANK-2)."""
+
+    UP = 0
+    NOT_OPEN = 1  # starting, or stopped
+    OPEN_FAILED = 2  # the adapter or interface cannot be opened (missing, no permission, not taking commands)
+    LOST = 3  # an I/O error on an open link (adapter unplugged, port gone)
+    INTERFACE_DOWN = 4  # the SocketCAN interface is administratively down
+    STALLED = 5  # the adapter is not taking frames: BMS_STATE unsent for 1 s (COM-5)
+
+    @property
+    def text(self) -> str:
+        return _BUS_TEXT[self]
+
+
+_BUS_TEXT = {BusState.UP: "up", BusState.NOT_OPEN: "not open", BusState.OPEN_FAILED: "cannot be opened",
+             BusState.LOST: "lost (I/O error)", BusState.INTERFACE_DOWN: "interface down",
+             BusState.STALLED: "not taking frames"}

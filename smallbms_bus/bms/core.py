@@ -37,7 +37,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from smallbms_bus.bank import Bank, BankView, LearnedBank
-from smallbms_bus.bms.alarms import AtdState, BalancerStatus, BmsAlarm, BmsWarning, Led
+from smallbms_bus.bms.alarms import AtdState, BalancerStatus, BmsAlarm, BmsWarning, BusState, Led
 from smallbms_bus.bms.diagnostics import NO_DIAGNOSTICS, Diagnostics
 from smallbms_bus.bms.history import History, balancer_status
 from smallbms_bus.bms.monitor import ZERO_CURRENT_A, BatteryMonitor, CurrentLimits
@@ -124,6 +124,8 @@ class Decision:
     history: History
     events: tuple[Event, ...]
     diagnostics: Diagnostics = NO_DIAGNOSTICS  # the last errors, for the GX (bms/diagnostics.py)
+    bus_state: BusState = BusState.UP  # the battery link (COM-4, COM-5); shown even while waiting for batteries
+    link_reason: str = ""  # why the link is not up
 
 
 class BmsCore:
@@ -144,6 +146,7 @@ class BmsCore:
         self.remote_on = True  # REM-1: "always on" until the service reports an input
         self.link_up = True
         self.link_reason = ""
+        self.bus_state = BusState.UP
         self.relay_fault: str | None = None
         self.firmware_update_command = False
         self.firmware_update_since: float | None = None
@@ -174,9 +177,13 @@ class BmsCore:
         self._signatures[key] = signature
         return True
 
-    def set_link(self, up: bool, reason: str = "") -> None:
-        """COM-4: the bus going away is a comms loss."""
+    def set_link(self, up: bool, reason: str = "", state: BusState | None = None) -> None:
+        """COM-4, COM-5: the bus going away or not taking frames is a comms loss. `state` says which."""
         self.link_up, self.link_reason = up, reason
+        self.bus_state = state if state is not None else BusState.UP if up else BusState.LOST
+
+    def _bus_down(self) -> str | None:
+        return None if self.link_up else self.link_reason or self.bus_state.text
 
     def set_remote(self, on: bool) -> None:
         """REM-1: the remote on/off input as read by the outputs layer (already inverted if configured)."""
@@ -453,9 +460,9 @@ class BmsCore:
         atd = self.started and not discharge_blockers
         if not atc:
             reasons["ATC"] = _why_not(self.started, waiting, charge_blockers,
-                                      "firmware update in progress" if updating else None)
+                                      "firmware update in progress" if updating else None, self._bus_down())
         if not atd:
-            reasons["ATD"] = _why_not(self.started, waiting, discharge_blockers, None)
+            reasons["ATD"] = _why_not(self.started, waiting, discharge_blockers, None, self._bus_down())
         self.diagnostics = self.diagnostics.record(
             alarms & ~(self._previous.alarms if self._previous else BmsAlarm(0)),
             charge_blockers | discharge_blockers, wall)
@@ -493,6 +500,7 @@ class BmsCore:
             soc=soc, consumed_ah=reading.consumed_ah, time_remaining_s=reading.time_remaining_s,
             average_current=reading.average_current, bank=view, history=replace(self.history), events=(),
             diagnostics=self.diagnostics,
+            bus_state=self.bus_state, link_reason=self.link_reason,
         )
         decision = replace(decision, events=tuple(self._events(decision)))
         self._previous = decision
@@ -661,9 +669,10 @@ def _cell_reason(flagged: tuple[int, ...], flag: str, cell: Any, rule: str) -> s
     return "; ".join(parts) + f" ({rule})"
 
 
-def _why_not(started: bool, waiting: bool, blockers: BmsAlarm, extra: str | None) -> str:
+def _why_not(started: bool, waiting: bool, blockers: BmsAlarm, extra: str | None, bus_down: str | None) -> str:
     if not started:
-        return "waiting for batteries" if waiting else "not started: the bank is not known and fresh yet"
+        why = "waiting for batteries" if waiting else "not started: the bank is not known and fresh yet"
+        return f"{why} (bus down: {bus_down})" if bus_down else why
     parts = [m.name for m in BmsAlarm if m in blockers and m.name]
     if extra:
         parts.append(extra)

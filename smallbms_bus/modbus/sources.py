@@ -108,6 +108,7 @@ BANK: dict[str, Callable[[Snapshot], Any]] = {
     "allowed_to_discharge_gx": lambda s: int(s.decision.atd),  # the GX knows only yes/no
     "pre_alarm": lambda s: int(s.decision.pre_alarm),
     "outputs": _outputs,
+    "bus_state": lambda s: int(s.decision.bus_state),
     "alarms": lambda s: int(s.decision.alarms),
     "warnings": lambda s: int(s.decision.warnings),
     "remote": lambda s: int(s.decision.remote_on),

@@ -20,7 +20,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-from smallbms_bus.bms.alarms import BmsAlarm, BmsWarning
+from smallbms_bus.bms.alarms import BmsAlarm, BmsWarning, BusState
 from smallbms_bus.config import ConfigError, load_config
 from smallbms_bus.modbus.regmap import decode_block, load_map
 from smallbms_bus.readout import time_remaining_text
@@ -179,12 +179,20 @@ def format_status(v: dict[str, Any], where: str) -> str:
     warnings = [f.name for f in BmsWarning if v["warnings"] and v["warnings"] & f]
     outputs = v["outputs"] or 0
     remaining = v["time_remaining"]
+    state = str(STATES.get(v["state"], v["state"]))
+    code = v.get("bus_state") or 0  # 0 from a service older than the register, too
+    bus = "up"
+    if code:  # why the bank is waiting, or what the comms loss is; the detail is in the log and the metrics
+        text = BusState(code).text if code in tuple(BusState) else f"state {code}"
+        state += f" (bus down: {text})"
+        bus = f"down: {text} (why: the service's log, or the metric smallbms_bus_down_reason_info)"
     bank = (f"{v['batteries']} batteries ({v['batteries_in_series']}S{v['batteries_in_parallel']}P), "
             f"{v['cells']} cells, {_v(v['capacity'], 'd', 'Ah')}, {_v(v['nominal_voltage'], '.2f', 'V')} nominal, "
             f"{v['stale_batteries']} stale")
     lines = [
         f"smallBMS at {where}: up {v['uptime']} s, heartbeat {v['heartbeat']}, map version {v['map_version']}",
-        f"state              {STATES.get(v['state'], v['state'])}",
+        f"state              {state}",
+        f"bus                {bus}",
         f"voltage            {_v(v['voltage'], '.2f', 'V')}    current {_v(v['current'], '.2f', 'A')}"
         f"    power {_v(v['power'], 'd', 'W')}",
         f"state of charge    {_v(v['soc'], '.1f', '%')}    consumed {_v(v['consumed_ah'], '.1f', 'Ah')}",

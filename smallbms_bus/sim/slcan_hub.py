@@ -8,7 +8,11 @@ without hardware, for tests and for commissioning a service against `smallbms-bu
 
 Ports are reached through stable symlinks in `directory` (like a udev rule's /dev/slcan0), so
 `unplug(name)` (the pseudo-terminal is closed: the program sees I/O errors) and `replug(name)` (a
-new pseudo-terminal behind the same path) model an adapter pulled out and put back.
+new pseudo-terminal behind the same path) model an adapter pulled out and put back. `stall(name)` models
+an adapter that stops taking data from the host (its USB endpoint stalls, its firmware hangs): the hub
+stops reading that port and fills the port's buffer, so the program's next write cannot complete; frames
+from the wire are still delivered to it. `resume(name)` discards what was written meanwhile (the
+adapter lost it) and reads the port again.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import os
 import selectors
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,6 +81,44 @@ class SlcanHub:
 
     def replug(self, name: str) -> None:
         self._plug(name)
+
+    def stall(self, name: str) -> int:
+        """The adapter stops reading what the program writes; returns the bytes it took to fill the buffer."""
+        with self._lock:
+            port = self._ports[name]
+            self._selector.unregister(port.master)
+        filler = os.open(os.ttyname(port.slave), os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY)
+        filled, quiet = 0, 0
+        try:
+            # The kernel moves a pty's data between its buffers in the background, so room can reappear after
+            # a refused write: fill until three rounds 20 ms apart take nothing at all.
+            while quiet < 3:
+                took = 0
+                for chunk in (b"\0" * 4096, b"\0"):  # no line terminator: nothing the hub would answer or forward
+                    try:
+                        while True:
+                            took += os.write(filler, chunk)
+                    except BlockingIOError:
+                        continue
+                filled += took
+                quiet = quiet + 1 if took == 0 else 0
+                time.sleep(0.02)
+        finally:
+            os.close(filler)
+        return filled
+
+    def resume(self, name: str) -> None:
+        """The adapter takes data again, having lost whatever was written while it stalled."""
+        with self._lock:
+            port = self._ports[name]
+            try:
+                while os.read(port.master, 65536):
+                    pass
+            except OSError:  # BlockingIOError: drained; EIO: the program has its side closed right now
+                pass
+            port.buffer.clear()
+            self._selector.register(port.master, selectors.EVENT_READ, port)
+        self._wake()
 
     def frames_from(self, name: str) -> int:
         return self._ports[name].frames_in
