@@ -408,8 +408,10 @@ class Service:
         saved = False
         try:
             await self._loop.run_in_executor(self._io, self.outputs.safe)  # OUT-4: start from a known safe state
-            receiver = threading.Thread(target=self.link.serve, args=(self._stopping, self._deliver), name="bus",
-                                        daemon=True)  # the link's owner thread
+            receiver = threading.Thread(  # the link's owner thread
+                target=self.link.serve, args=(self._stopping, self._deliver),
+                kwargs={"pre_alarm_level": lambda: self.core.settings.pre_alarm_level_per_cell}, name="bus",
+                daemon=True)
             receiver.start()
             tick = asyncio.create_task(self._supervise("tick", self._tick))
             modbus_tried = asyncio.Event()

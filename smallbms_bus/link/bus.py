@@ -58,6 +58,7 @@ import can
 
 from smallbms_bus.bms.alarms import BusState
 from smallbms_bus.bms.core import protective_signature
+from smallbms_bus.bms.settings import DEFAULT_SETTINGS
 from smallbms_bus.link.codec import FrameDecoder
 from smallbms_bus.link.slcan import LINE_KINDS, SlcanBus
 from smallbms_bus.reports import Report
@@ -359,13 +360,15 @@ class Link:
             os.read(fd, 512)
 
     # -- the owner thread's work -----------------------------------------------------------------------------
-    def serve(self, stop: threading.Event, deliver: Callable[[list[Report]], None], hold: float = HOLD_S) -> None:
+    def serve(self, stop: threading.Event, deliver: Callable[[list[Report]], None], hold: float = HOLD_S,
+              pre_alarm_level: Callable[[], float] = lambda: DEFAULT_SETTINGS.pre_alarm_level_per_cell) -> None:
         """The owner thread's loop: poll until `stop` is set, hand reports to `deliver`, then close the bus.
 
         A report that may cross a protective threshold (the core's own `protective_signature` changed: a flag,
         a cell or temperature limit, an identity) is handed over at once, with any held before it; the others
         (nearly all: "still fine") are held at most `hold` seconds and handed over together, so the event loop
-        is woken a few dozen times a second instead of once per read. The tick evaluates every 100 ms anyway."""
+        is woken a few dozen times a second instead of once per read. The tick evaluates every 100 ms anyway.
+        `pre_alarm_level` reads the setting the core uses now (a float read, safe from this thread)."""
         held: list[Report] = []
         held_since = 0.0
         signatures: dict[tuple, tuple] = {}
@@ -379,8 +382,9 @@ class Link:
                     stop.wait(1.0)
                     continue
                 urgent = False
+                level = pre_alarm_level()
                 for report in reports:
-                    key, signature = protective_signature(report)
+                    key, signature = protective_signature(report, level)
                     if key is not None and signatures.get(key) != signature:
                         signatures[key] = signature
                         urgent = True
