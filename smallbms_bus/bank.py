@@ -595,7 +595,7 @@ class Bank:
     def phase(self, now: float) -> str:
         if self.first_frame_at is None:
             return "waiting"
-        if now - self.first_frame_at < self.discovery_window and now - self.started_at < self.waiting_grace:
+        if now - self.first_frame_at < self.discovery_window:  # the whole window, even when it opens late
             return "discovering"
         return "learned" if self.learned is not None else "learning"
 
@@ -691,7 +691,7 @@ class Bank:
                 issues.append(BankIssue("no_batteries",
                                         f"no battery heard within {self.waiting_grace:g} s of start"))
             return issues
-        if past_grace or phase == "learned":
+        if (past_grace and phase != "discovering") or phase == "learned":
             incomplete = tuple(n for n, s in sorted(self.batteries.items()) if s.identity() is None)
             if incomplete:
                 issues.append(BankIssue("identity_incomplete",

@@ -238,6 +238,31 @@ def test_waiting_then_discovery_then_learned():
     assert bank.learned.batteries[1] == BatteryIdentity(2, "HQ000000000002", 1, 100, 1, 2)
 
 
+def test_batteries_first_heard_late_still_get_the_whole_discovery_window():
+    """BANK-2: the window is 10 s after the first frame, whenever that comes. Batteries powered up 55 s after the
+    service (or heard late on a slow start) are learned together: the 60 s waiting grace must not cut the
+    window short and learn the bank from whichever battery spoke first (seen in the vcan suite under load:
+    outputs on 1.15 s after the first frame)."""
+    bank = Bank(0.0, discovery_window=10.0, waiting_grace=60.0)
+    feed_battery(bank, 1, 55.0)
+    view = bank.evaluate(61.0)
+    assert view.phase == "discovering" and bank.learned is None and view.issues == ()
+    feed_battery(bank, 2, 64.0, series=2)  # inside the window: part of the bank
+    view = bank.evaluate(64.5)
+    assert view.phase == "discovering" and view.issues == ()
+    view = bank.evaluate(65.0)
+    assert view.phase == "learned" and [b.node for b in bank.learned.batteries] == [1, 2] and view.issues == ()
+
+
+def test_a_battery_without_identity_after_a_late_window_is_an_issue():
+    bank = Bank(0.0, discovery_window=10.0, waiting_grace=60.0)
+    feed_battery(bank, 1, 58.0)
+    bank.update(status(2), 58.5)  # battery 2 never sends BAT_INFO / serial
+    assert bank.evaluate(67.0).issues == ()  # still discovering: nothing is missing yet
+    view = bank.evaluate(68.0)
+    assert view.phase == "learning" and codes(view) == ["identity_incomplete"] and view.issues[0].nodes == (2,)
+
+
 def test_no_battery_within_the_grace_is_an_issue():
     bank = Bank(0.0, waiting_grace=60.0)
     assert bank.evaluate(59.9).issues == ()
