@@ -241,7 +241,7 @@ def test_waiting_then_discovery_then_learned():
 def test_batteries_first_heard_late_still_get_the_whole_discovery_window():
     """BANK-2: the window is 10 s after the first frame, whenever that comes. Batteries powered up 55 s after the
     service (or heard late on a slow start) are learned together: the 60 s waiting grace must not cut the
-    window short and learn the bank from whichever battery spoke first (seen in the vcan suite under load:
+    window short and learn the bank from whichever battery spoke first (seen in the SocketCAN suite in its VM:
     outputs on 1.15 s after the first frame)."""
     bank = Bank(0.0, discovery_window=10.0, waiting_grace=60.0)
     feed_battery(bank, 1, 55.0)
