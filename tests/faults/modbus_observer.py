@@ -1,8 +1,14 @@
 """A well-behaved SCADA client in its own process: reads block A every `period` s until stopped, then prints
-its (start time, latency) pairs as JSON (time.monotonic() is one clock for every process on Linux). Its own
-process, so the abuse in the test process cannot stall it (the GIL).
+its (start time, latency, latency less the machine's scheduling) triples as JSON (time.monotonic() is one clock
+for every process on Linux). Its own process, so the abuse in the test process cannot stall it (the GIL).
 
-    python -m tests.faults.modbus_observer PORT PERIOD STOP_FILE
+The machine's scheduling: while a request waits, the service's event-loop thread (its main thread, which
+serves Modbus) and this client may be runnable but not running because other processes have the CPUs (a
+loaded 2-core machine). The kernel counts that time per thread (/proc/.../schedstat, run_delay); the third
+figure subtracts it, so a bound on it holds the service to what it does (its work for other clients, a
+blocking call, a stall) and not to the machine's load.
+
+    python -m tests.faults.modbus_observer PORT PERIOD STOP_FILE SERVICE_PID
 """
 
 from __future__ import annotations
@@ -28,19 +34,32 @@ def read_block_a(sock: socket.socket, tid: int) -> None:
         raise AssertionError(f"bad answer {got[:9].hex()}")
 
 
-def main(port: int, period: float, stop_file: str) -> None:
+def run_delay(path: str) -> float:
+    """Seconds a thread has spent runnable but waiting for a CPU (schedstat's second field, ns)."""
+    try:
+        with open(path) as stat:
+            return int(stat.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):  # the service gone: nothing to subtract
+        return 0.0
+
+
+def main(port: int, period: float, stop_file: str, service_pid: int) -> None:
+    service, me = f"/proc/{service_pid}/task/{service_pid}/schedstat", "/proc/thread-self/schedstat"
     sock = socket.create_connection(("127.0.0.1", port), timeout=5)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    latencies: list[tuple[float, float]] = []
+    latencies: list[tuple[float, float, float]] = []
     errors: list[str] = []
     tid = 0
     next_at = time.monotonic()
     while not os.path.exists(stop_file):
         tid += 1
+        waited = run_delay(service) + run_delay(me)
         start = time.monotonic()
         try:
             read_block_a(sock, tid)
-            latencies.append((start, time.monotonic() - start))
+            latency = time.monotonic() - start
+            waited = run_delay(service) + run_delay(me) - waited
+            latencies.append((start, latency, max(0.0, latency - waited)))
         except (OSError, AssertionError) as error:  # every failure is reported; the test fails on any
             errors.append(f"{time.monotonic() - start:.3f} s: {error}")
             sock.close()
@@ -52,4 +71,4 @@ def main(port: int, period: float, stop_file: str) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), float(sys.argv[2]), sys.argv[3])
+    main(int(sys.argv[1]), float(sys.argv[2]), sys.argv[3], int(sys.argv[4]))

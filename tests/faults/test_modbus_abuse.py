@@ -1,5 +1,6 @@
 """Modbus fuzz and abuse against `smallbms-bus run` (a process, real sockets), while a well-behaved client
-in its own process reads block A every 20 ms and must keep getting answers within a bound.
+in its own process reads block A every 20 ms and must keep getting answers within a bound (its latency less
+the time the service's loop and the observer waited for a CPU: the machine's load is not the service's fault).
 
 - 500 connections open at once, each answered while all are open (modbus.max_connections = 600 and as many per
   address, so the 500 are all served); then the connections are filled up to the cap: the 601st is served and
@@ -135,7 +136,8 @@ def test_fuzz_500_connections_and_slow_readers_leave_other_clients_served_and_re
         port = rig.modbus_port
         stop_file = tmp_path / "observer.stop"
         observer = subprocess.Popen([sys.executable, "-m", "tests.faults.modbus_observer", str(port),
-                                     str(OBSERVER_PERIOD_S), str(stop_file)], stdout=subprocess.PIPE, text=True)
+                                     str(OBSERVER_PERIOD_S), str(stop_file), str(rig.service.pid)],
+                                    stdout=subprocess.PIPE, text=True)
         held: list[socket.socket] = []
         slow: list[socket.socket] = []
         try:
@@ -252,11 +254,12 @@ def test_fuzz_500_connections_and_slow_readers_leave_other_clients_served_and_re
                 sock.close()
         seen = json.loads(out)
         assert not seen["errors"], f"the observer failed: {seen['errors'][:5]}"
-        latencies = sorted(latency for _, latency in seen["latencies"])
+        latencies = sorted(own for _, _, own in seen["latencies"])  # less the machine's scheduling
+        wall = sorted(latency for _, latency, _ in seen["latencies"])
         p99, worst = latencies[int(len(latencies) * 0.99)], latencies[-1]
         by_phase = {}
         for (name, begin), (_, end) in zip(phases, [*phases[1:], ("end", float("inf"))], strict=True):
-            during = sorted(latency for at, latency in seen["latencies"] if begin <= at < end)
+            during = sorted(own for at, _, own in seen["latencies"] if begin <= at < end)
             if during:
                 by_phase[name] = {"reads": len(during), "p99_ms": round(during[int(len(during) * 0.99)] * 1000, 1),
                                   "max_ms": round(during[-1] * 1000, 1)}
@@ -272,4 +275,6 @@ def test_fuzz_500_connections_and_slow_readers_leave_other_clients_served_and_re
             cap=MAX_CONNECTIONS, observer_reads=len(latencies),
             observer_p50_ms=round(latencies[len(latencies) // 2] * 1000, 2), observer_p99_ms=round(p99 * 1000, 2),
             observer_max_ms=round(worst * 1000, 2), observer_by_phase=by_phase,
+            observer_wall_p99_ms=round(wall[int(len(wall) * 0.99)] * 1000, 2),
+            observer_wall_max_ms=round(wall[-1] * 1000, 2),
             bound_ms={"p99": BOUND_P99_S * 1000, "max": BOUND_MAX_S * 1000})
