@@ -358,7 +358,6 @@ def test_kill_9_at_random_moments_never_loses_a_commit(tmp_path):
     db = tmp_path / "state.db"
     kills = 0
     last_wall = 0.0
-    deadline = time.monotonic() + 45.0  # against a hang: 22 writer starts on a loaded 2-core machine take ~20 s
     while kills < 22:
         cycle = f"seed {seed}, kill {kills + 1}"
         log_path, err_path = tmp_path / f"log{kills}.jsonl", tmp_path / f"err{kills}.txt"
@@ -366,10 +365,12 @@ def test_kill_9_at_random_moments_never_loses_a_commit(tmp_path):
             proc = subprocess.Popen([sys.executable, "-m", "tests.store_writer", str(db), str(log_path),
                                      str(rng.randrange(2**31))], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
         try:
-            # the kill timer starts once the writer is saving (5 commits: a loaded machine's fsyncs can be slow)
-            while (log_path.read_text() if log_path.exists() else "").count('"commit"') < 5:
+            # The kill comes at a random moment once the writer has committed 5 saves (counted in its log, not
+            # guessed from the time: under load a save takes longer); the deadline only bounds a hang.
+            deadline = time.monotonic() + 60.0
+            while (log_path.read_text() if log_path.exists() else "").count('"k": "commit"') < 5:
                 assert proc.poll() is None, f"{cycle}: the writer exited: {err_path.read_text()}"
-                assert time.monotonic() < deadline, f"{cycle}: the campaign is too slow"
+                assert time.monotonic() < deadline, f"{cycle}: the writer did not commit 5 saves within 60 s"
                 time.sleep(0.005)
             time.sleep(rng.uniform(0.0, 0.45))
             assert proc.poll() is None, f"{cycle}: the writer exited: {err_path.read_text()}"
