@@ -189,9 +189,11 @@ class Rig:
 
     def __init__(self, directory: Path, scenario: str, bank: str, speed: float, *, comm_timeout: float = 5.0,
                  discovery_window: float = 1.0, modbus_port: int = 0, forks: ForkServer | None = None,
-                 together: bool = False) -> None:
+                 together: bool = False, fresh_service: bool = False) -> None:
         """`together`: start the simulator with the service rather than once it runs (saves a start-up), for
-        scenarios whose clock only matters under a BMS (a charger or load that needs BMS_STATE to run)."""
+        scenarios whose clock only matters under a BMS (a charger or load that needs BMS_STATE to run).
+        `fresh_service`: the service in a fresh interpreter (the console entry as deployed), the simulator still
+        forked (a test partner: its start-up would only cost a minute under emulation)."""
         if not socketcan_is_up(CHANNEL):
             pytest.skip(NO_VCAN)
         self.directory = directory
@@ -209,7 +211,7 @@ class Rig:
             config = write_config(directory / "smallbms-bus.toml", self.store, self.module.port,
                                   comm_timeout=comm_timeout, discovery_window=discovery_window,
                                   modbus_port=modbus_port)
-            self.service = self._start(["run", "--config", str(config)], self.service_log)
+            self.service = self._start(["run", "--config", str(config)], self.service_log, fresh=fresh_service)
             simulate = ["simulate", "--interface", "socketcan", "--channel", CHANNEL, "--bank", bank,
                         "--scenario", scenario, "--speed", str(speed)]
             if together:
@@ -225,9 +227,9 @@ class Rig:
             self.close()
             raise
 
-    def _start(self, argv: list[str], log: Path) -> Process:
+    def _start(self, argv: list[str], log: Path, fresh: bool = False) -> Process:
         log.touch()
-        if self.forks is not None:
+        if self.forks is not None and not fresh:
             return self.forks.spawn(argv, str(log))
         with log.open("w") as err:
             return subprocess.Popen([*CMD, *argv], stdout=subprocess.DEVNULL, stderr=err,

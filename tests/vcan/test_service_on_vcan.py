@@ -1,5 +1,5 @@
-"""One service on a steady bank, as deployed (`python -m smallbms_bus.cli run` and `simulate`, fresh
-interpreters, on vcan0): start-up and bank learning, the candump-style log decoded by cantools, and vcan0
+"""One service on a steady bank, as deployed (`python -m smallbms_bus.cli run` in a fresh interpreter, and
+`simulate`, on vcan0): start-up and bank learning, the candump-style log decoded by cantools, and vcan0
 taken down and up (COM-4). The rig is shared by the three tests, which run in this order."""
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ DISCOVERY_S = 4.0
 
 @pytest.fixture(scope="module")
 def steady(tmp_path_factory, forks) -> Iterator[Rig]:
-    # Fresh interpreters here: the console entry as deployed. (`forks` only starts its imports meanwhile.)
+    # The service in a fresh interpreter here: the console entry as deployed.
     r = Rig(tmp_path_factory.mktemp("steady"), "steady", "2s2p-12v100", 1.0, discovery_window=DISCOVERY_S,
-            modbus_port=free_port())
+            modbus_port=free_port(), forks=forks, fresh_service=True)
     yield r
     r.close()
 
