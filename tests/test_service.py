@@ -19,15 +19,16 @@ from smallbms_bus.outputs.memory import MemoryBoard
 from smallbms_bus.service import TICK_S, Service
 from smallbms_bus.sim.runner import Simulator
 from smallbms_bus.store import Store
-from tests.faults.rigs import DecisionLog
+from tests.faults.rigs import DecisionLog, RecordingBoard
 from tests.ports import free_port
 
 LOAD, CHARGE, PRE = 1, 2, 3
+DISCOVERY_S = 1.0
 REACT_S = 3.0  # the machine's scheduling on top of a rule's bound: a loaded 2-core machine runs the loop late
 
 
 def config_text(store: str, channel: str, extra: str = "", bms: str = "") -> str:
-    return (f'[bus]\ninterface = "virtual"\nchannel = "{channel}"\n[bms]\ndiscovery_window = 1.0\n{bms}'
+    return (f'[bus]\ninterface = "virtual"\nchannel = "{channel}"\n[bms]\ndiscovery_window = {DISCOVERY_S}\n{bms}'
             f'[store]\npath = "{store}"\n[outputs]\nbackend = "memory"\n{extra}'
             + ("" if "[modbus]" in extra else "[modbus]\nport = 0\n")  # no Modbus or metrics endpoint
             + ("" if "[metrics]" in extra else "[metrics]\nport = 0\n"))  # unless a test asks for it
@@ -97,11 +98,14 @@ class Running:
 
 
 def test_starts_safe_runs_the_bank_and_stops_safe_with_state_saved(tmp_path):
-    with Running(tmp_path) as run:
-        time.sleep(0.3)
-        assert not any(run.board.relays.values())  # OUT-4: nothing on before the bank is learned
+    board = RecordingBoard()
+    with Running(tmp_path, board=board) as run:
         run.wait_for(lambda: run.board.relays[LOAD] and run.board.relays[CHARGE], 8, "load and charge on")
         assert not run.board.relays[PRE]
+        # OUT-4: nothing on before the bank is learned: no relay switched on within the discovery window after
+        # the first frame the service heard (its own clock; the board stamps each write on the same clock)
+        first_on = min(at for at, _, on in board.log if on)
+        assert first_on >= run.service.core.bank.first_frame_at + DISCOVERY_S
         run.wait_for(lambda: run.sim.stats.bms_states > 5, 3, "BMS_STATE received by the batteries' side")
         assert run.sim.last_bms_state.allowed_to_charge and run.sim.last_bms_state.battery_count == 2
         run.service.core.set_mode(False)  # REM-2 through the running service
