@@ -1,14 +1,16 @@
 """A well-behaved SCADA client in its own process: reads block A every `period` s until stopped, then prints
-its (start time, latency, latency less the machine's scheduling) triples as JSON (time.monotonic() is one clock
-for every process on Linux). Its own process, so the abuse in the test process cannot stall it (the GIL).
+its (start time, latency) pairs as JSON (time.monotonic() is one clock for every process on Linux), as
+"latencies", and the same less the machine's scheduling as "own_latencies". Its own process, so the abuse in
+the test process cannot stall it (the GIL).
 
 The machine's scheduling: while a request waits, the service's event-loop thread (its main thread, which
 serves Modbus) and this client may be runnable but not running because other processes have the CPUs (a
-loaded 2-core machine). The kernel counts that time per thread (/proc/.../schedstat, run_delay); the third
-figure subtracts it, so a bound on it holds the service to what it does (its work for other clients, a
-blocking call, a stall) and not to the machine's load.
+loaded 2-core machine). The kernel counts that time per thread (/proc/.../schedstat, run_delay);
+"own_latencies" subtract it, so a bound on them holds the service to what it does (its work for other
+clients, a blocking call, a stall: none of them is waiting for a CPU) and not to the machine's load.
+Without SERVICE_PID only this client's own wait is subtracted.
 
-    python -m tests.faults.modbus_observer PORT PERIOD STOP_FILE SERVICE_PID
+    python -m tests.faults.modbus_observer PORT PERIOD STOP_FILE [SERVICE_PID]
 """
 
 from __future__ import annotations
@@ -43,23 +45,29 @@ def run_delay(path: str) -> float:
         return 0.0
 
 
-def main(port: int, period: float, stop_file: str, service_pid: int) -> None:
-    service, me = f"/proc/{service_pid}/task/{service_pid}/schedstat", "/proc/thread-self/schedstat"
+def main(port: int, period: float, stop_file: str, service_pid: int | None = None) -> None:
+    me = "/proc/thread-self/schedstat"
+    service = f"/proc/{service_pid}/task/{service_pid}/schedstat" if service_pid else None
+
+    def waited() -> float:
+        return run_delay(me) + (run_delay(service) if service else 0.0)
+
     sock = socket.create_connection(("127.0.0.1", port), timeout=5)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    latencies: list[tuple[float, float, float]] = []
+    latencies: list[tuple[float, float]] = []
+    own_latencies: list[tuple[float, float]] = []
     errors: list[str] = []
     tid = 0
     next_at = time.monotonic()
     while not os.path.exists(stop_file):
         tid += 1
-        waited = run_delay(service) + run_delay(me)
+        before = waited()
         start = time.monotonic()
         try:
             read_block_a(sock, tid)
             latency = time.monotonic() - start
-            waited = run_delay(service) + run_delay(me) - waited
-            latencies.append((start, latency, max(0.0, latency - waited)))
+            latencies.append((start, latency))
+            own_latencies.append((start, max(0.0, latency - (waited() - before))))
         except (OSError, AssertionError) as error:  # every failure is reported; the test fails on any
             errors.append(f"{time.monotonic() - start:.3f} s: {error}")
             sock.close()
@@ -67,8 +75,8 @@ def main(port: int, period: float, stop_file: str, service_pid: int) -> None:
         next_at += period
         time.sleep(max(0.0, next_at - time.monotonic()))
     sock.close()
-    print(json.dumps({"latencies": latencies, "errors": errors}))
+    print(json.dumps({"latencies": latencies, "own_latencies": own_latencies, "errors": errors}))
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), float(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
+    main(int(sys.argv[1]), float(sys.argv[2]), sys.argv[3], int(sys.argv[4]) if len(sys.argv) > 4 else None)

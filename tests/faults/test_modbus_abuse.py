@@ -254,12 +254,12 @@ def test_fuzz_500_connections_and_slow_readers_leave_other_clients_served_and_re
                 sock.close()
         seen = json.loads(out)
         assert not seen["errors"], f"the observer failed: {seen['errors'][:5]}"
-        latencies = sorted(own for _, _, own in seen["latencies"])  # less the machine's scheduling
-        wall = sorted(latency for _, latency, _ in seen["latencies"])
+        latencies = sorted(own for _, own in seen["own_latencies"])  # less the machine's scheduling
+        wall = sorted(latency for _, latency in seen["latencies"])
         p99, worst = latencies[int(len(latencies) * 0.99)], latencies[-1]
         by_phase = {}
         for (name, begin), (_, end) in zip(phases, [*phases[1:], ("end", float("inf"))], strict=True):
-            during = sorted(own for at, _, own in seen["latencies"] if begin <= at < end)
+            during = sorted(own for at, own in seen["own_latencies"] if begin <= at < end)
             if during:
                 by_phase[name] = {"reads": len(during), "p99_ms": round(during[int(len(during) * 0.99)] * 1000, 1),
                                   "max_ms": round(during[-1] * 1000, 1)}
