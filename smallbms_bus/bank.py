@@ -145,6 +145,14 @@ class LearnedBank:
     def by_node(self) -> dict[int, BatteryIdentity]:
         return {b.node: b for b in self.batteries}
 
+    @property
+    def bank_capacity_ah(self) -> int | None:
+        """Strings x battery capacity (BANK-5) of the learned bank; None when empty or of mixed capacity."""
+        capacities = {b.capacity_ah for b in self.batteries}
+        if len(capacities) != 1:
+            return None
+        return capacities.pop() * len({b.string_index for b in self.batteries})
+
 
 @dataclass(frozen=True, slots=True)
 class BankIssue:

@@ -223,17 +223,27 @@ class BmsCore:
         return self.settings
 
     def set_soc(self, soc: float) -> None:
-        """MON-6: needs a known bank capacity."""
-        capacity = self.bank.topology().bank_capacity_ah
+        """MON-6: needs a known bank capacity. Moves SoC and consumed Ah only: the history counts measured steps
+        (bms/history.py), so no counter changes because of the command."""
+        capacity = self._capacity()
         if not capacity:
             raise ValueError("the bank capacity is not known yet: wait until the batteries are learned")
         self.monitor.set_soc(soc, capacity)
         self.state_revision += 1
 
     def synchronise_soc(self) -> None:
-        """MON-6: SoC := 100 %, consumed Ah := 0 (not counted as a synchronisation in history)."""
+        """MON-6: SoC := 100 %, consumed Ah := 0 (not counted as a synchronisation in history, and no other
+        history counter moves: the last discharge and the discharge depth stay what was measured)."""
         self.monitor.synchronise()
         self.state_revision += 1
+
+    def _capacity(self) -> int | None:
+        """The bank capacity SoC is reckoned on: the learned bank's (known from the store at a restart, before any
+        BAT_INFO arrives; a bank that differs from it is BANK_CONFIGURATION anyway), else what BAT_INFO says."""
+        learned = self.bank.learned
+        if learned is not None and (capacity := learned.bank_capacity_ah) is not None:
+            return capacity
+        return self.bank.topology().bank_capacity_ah
 
     def reset_history(self) -> None:
         self.history = History()
@@ -363,7 +373,7 @@ class BmsCore:
             self.started = True
 
         # 4. battery monitor and history
-        capacity = topo.bank_capacity_ah
+        capacity = self._capacity()
         series_units = topo.series_units
         # Count charge only from data the core trusts: started, every battery fresh, a consistent bank.
         # (Before start the bank may be partly heard; its current would be partial.)
@@ -372,7 +382,8 @@ class BmsCore:
         soc = reading.soc
         if trusted:
             self.history.record(
-                wall=wall, soc=soc, consumed_ah=reading.consumed_ah, voltage=agg.voltage,
+                wall=wall, soc_before=reading.soc_before, soc=soc, depth_change_ah=reading.depth_change_ah,
+                voltage=agg.voltage,
                 charged_ah=reading.charged_ah, discharged_ah=reading.discharged_ah,
                 synchronised=reading.synchronised, serials=[b.serial for b in view.batteries if b.serial],
                 cell_range=(min_cell, max_cell) if min_cell is not None and max_cell is not None else None,
