@@ -29,6 +29,12 @@ Discovery and learning (BANK-2, BANK-4). The phases are:
     is reported as `identity_incomplete`).
   - ``learned``: a learned bank exists (restored from the store, or learned at the end of the
     window from every battery heard with a complete identity). The bank is validated against it.
+    A bank restored from the store is ``learned`` as soon as every learned battery is *proven*: fresh,
+    with its learned identity (both serial halves and BAT_INFO equal to the stored ones) and no second
+    sender (COM-6). A restart does not wait for the discovery window (BANK-2: a service restart must not
+    drop the loads for 10 s); at the protocol's periods (serial halves alternate every second) that
+    takes 1 to 2 s from the first frame. A learned battery that does not prove itself keeps the old way:
+    the window, then `learned_missing` / `learned_mismatch`.
 `Bank.learned` is what the service must persist; `Bank.learned_revision` changes whenever it
 does. `Bank.relearn(now)` accepts the bank as it is now (BANK-4).
 
@@ -401,6 +407,7 @@ class Bank:
         self.learned_revision = 0
         self.batteries: dict[int, BatteryState] = {}
         self.first_frame_at: float | None = None
+        self.proven_at: float | None = None  # BANK-2: when a restored learned bank was proven (None: not, or learnt)
         self._noted: set[int] = set()  # nodes with COM-6 notes (held now, or until the next evaluation)
         self._cache_key: tuple[int, int, bool, str, tuple[int, ...]] | None = None
         self._cached: tuple[Topology, tuple[BankIssue, ...]] | None = None
@@ -600,7 +607,20 @@ class Bank:
                                              f"{self.comm_timeout:g} s after the last conflicting frame)", (node,))
 
     # -- learning ------------------------------------------------------------------------------
+    def _prove(self, now: float, conflicted: tuple[int, ...]) -> None:
+        """BANK-2 at a restart: every learned battery fresh with its learned identity and one sender (COM-6)."""
+        learned = self._learned_nodes
+        if not learned or conflicted:
+            return
+        for node, expected in learned.items():
+            state = self.batteries.get(node)
+            if state is None or state.identity() != expected or self._two_senders(state, now):
+                return
+        self.proven_at = now
+
     def phase(self, now: float) -> str:
+        if self.proven_at is not None and self._learned is not None:
+            return "learned"
         if self.first_frame_at is None:
             return "waiting"
         if now - self.first_frame_at < self.discovery_window and now - self.started_at < self.waiting_grace:
@@ -653,6 +673,9 @@ class Bank:
                                      reason, None if s.status is None else now - s.status_at,
                                      conflicted=node in conflicted))
         past_grace = now - self.started_at >= self.waiting_grace
+        if (self.proven_at is None and self._learned is not None and not stale and self.first_frame_at is not None
+                and now - self.first_frame_at < self.discovery_window):  # after the window: learned anyway
+            self._prove(now, conflicted)
         phase = self.phase(now)
         key = (self._identity_revision, self.learned_revision, past_grace, phase, conflicted)
         if self._cache_key != key or self._cached is None:

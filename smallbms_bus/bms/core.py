@@ -158,6 +158,12 @@ class BmsCore:
         self.latched: dict[str, bool] = dict.fromkeys(LATCHES, False)
         self.state_revision = 0  # bumps when something the store must keep changes (not counters)
         self._previous: Decision | None = None
+        # What the event log says now (events are differences against it; persisted, so a restart compares with
+        # what was logged before it), and the alarms and warnings a restart found logged as active and not yet
+        # re-evaluated: they make no event until the core has started (then: still active = nothing to say).
+        self._logged_states: dict[str, str] = {}
+        self._logged_alarms, self._logged_warnings = BmsAlarm(0), BmsWarning(0)
+        self._held_alarms, self._held_warnings = BmsAlarm(0), BmsWarning(0)
         self._command_reasons: dict[str, str] = {}
         self._signatures: dict[tuple, tuple] = {}  # per battery and frame kind: the last protective signature
         self._conflict_revision = 0  # the bank's COM-6 evidence as of the last report
@@ -401,7 +407,8 @@ class BmsCore:
         if latched["low_soc_warning"]:
             reasons["LOW_SOC_WARNING"] = f"SoC {_fmt(soc, '%')} at or below the warning level {level:g} %"
         if soc is None:
-            reasons["SOC_UNKNOWN"] = "not synchronised or set since the first start"
+            reasons["SOC_UNKNOWN"] = ("not synchronised or set since the first start" if not self.monitor.soc_known
+                                      else "the bank capacity is not known yet (no BAT_INFO heard)")
         over_charge, over_discharge = self.current_limits.step(now, [
             (b.node, b.info.nominal_units, b.info.nominal_capacity_ah, b.status.current)  # type: ignore[union-attr]
             for b in fresh])
@@ -474,9 +481,6 @@ class BmsCore:
                                       "firmware update in progress" if updating else None, self._bus_down())
         if not atd:
             reasons["ATD"] = _why_not(self.started, waiting, discharge_blockers, None, self._bus_down())
-        self.diagnostics = self.diagnostics.record(
-            alarms & ~(self._previous.alarms if self._previous else BmsAlarm(0)),
-            charge_blockers | discharge_blockers, wall)
         enabled = self.mode_on and self.remote_on
         outputs = Outputs(load_disconnect=enabled and atd, charge_disconnect=enabled and atc, pre_alarm=pre_alarm)
 
@@ -510,10 +514,11 @@ class BmsCore:
             error_led=error_led, status_led=Led.SOLID if client_recent else Led.BLINKING, balancer=balancer,
             soc=soc, consumed_ah=reading.consumed_ah, time_remaining_s=reading.time_remaining_s,
             average_current=reading.average_current, bank=view, history=replace(self.history), events=(),
-            diagnostics=self.diagnostics,
             bus_state=self.bus_state, link_reason=self.link_reason,
         )
-        decision = replace(decision, events=tuple(self._events(decision)))
+        events, raised = self._events(decision)
+        self.diagnostics = self.diagnostics.record(raised, charge_blockers | discharge_blockers, wall)
+        decision = replace(decision, events=tuple(events), diagnostics=self.diagnostics)
         self._previous = decision
         return decision
 
@@ -525,8 +530,8 @@ class BmsCore:
         elif self.latched[name] and clear_by_value and not self._frozen:
             self.latched[name] = False
 
-    def _events(self, d: Decision) -> list[Event]:
-        p = self._previous
+    def _events(self, d: Decision) -> tuple[list[Event], BmsAlarm]:
+        """The changes against the event log, and the alarms raised (the GX's last errors record those)."""
         events: list[Event] = []
 
         def emit(name: str, kind: str, value: str, reason: str) -> None:
@@ -536,18 +541,34 @@ class BmsCore:
                    "PRE_ALARM": d.reasons.get("PRE_ALARM", "cleared"),
                    "MODE": self._command_reasons.get("MODE", "start"),
                    "REMOTE": self._command_reasons.get("REMOTE", "start")}
-        before = {} if p is None else _state_values(p)
-        for name, value in _state_values(d).items():
-            if before.get(name) != value:
+        states = _state_values(d)
+        for name, value in states.items():
+            if self._logged_states.get(name) != value:
                 emit(name, "state", value, reasons[name])
-        for kind, now_flags, was in (("alarm", d.alarms, p.alarms if p else None),
-                                     ("warning", d.warnings, p.warnings if p else None)):
+        self._logged_states = states
+        raised = BmsAlarm(0)
+        held_alarms, held_warnings = self._held_alarms, self._held_warnings
+        if d.started:  # every condition is evaluated on fresh data now: what the restart found is settled here
+            self._held_alarms, self._held_warnings = BmsAlarm(0), BmsWarning(0)
+        for kind, now_flags, logged, held in (("alarm", d.alarms, self._logged_alarms, held_alarms),
+                                              ("warning", d.warnings, self._logged_warnings, held_warnings)):
             for member in type(now_flags):
-                on, was_on = member in now_flags, was is not None and member in was
-                if on != was_on:
-                    emit(member.name or "", kind, "raised" if on else "cleared",
-                         d.reasons.get(member.name or "", "") if on else "condition gone")
-        return events
+                on, was_on = member in now_flags, member in logged
+                if on == was_on or (member in held and not d.started):
+                    continue
+                if on:
+                    emit(member.name or "", kind, "raised", d.reasons.get(member.name or "", ""))
+                    if kind == "alarm":
+                        raised |= member  # type: ignore[assignment]
+                else:
+                    emit(member.name or "", kind, "cleared",
+                         "condition gone (found when the bank was known again after a restart)" if member in held
+                         else "condition gone")
+        keep = BmsAlarm(0) if d.started else held_alarms
+        self._logged_alarms = (d.alarms & ~keep) | (self._logged_alarms & keep)
+        keep_w = BmsWarning(0) if d.started else held_warnings
+        self._logged_warnings = (d.warnings & ~keep_w) | (self._logged_warnings & keep_w)
+        return events, raised
 
     # -- persistence ---------------------------------------------------------------------------
     def snapshot(self, now: float) -> dict[str, Any]:
@@ -562,6 +583,8 @@ class BmsCore:
             "learned_bank": None if self.bank.learned is None else self.bank.learned.to_dict(),
             "first_start_wall": self.first_start_wall,
             "latched": dict(self.latched),
+            "logged": {"states": dict(self._logged_states), "alarms": int(self._logged_alarms),
+                       "warnings": int(self._logged_warnings)},
             "timers": {
                 "firmware_update_command": self.firmware_update_command,
                 "firmware_update_elapsed_s": _elapsed(self.firmware_update_since, now),
@@ -604,7 +627,14 @@ class BmsCore:
         if data["learned_bank"] is not None:
             core.bank.learned = LearnedBank.from_dict(data["learned_bank"])
         core.first_start_wall = float(data["first_start_wall"])
-        core.latched.update({k: bool(v) for k, v in data["latched"].items() if k in core.latched})
+        # COM-2's comms loss is not restored: a restart is "waiting for batteries" (BANK-2, a state, not an
+        # alarm) until every learned battery is fresh again, and the outputs stay off until then (OUT-4).
+        core.latched.update({k: bool(v) for k, v in data["latched"].items() if k in core.latched and k != "comms_lost"})
+        logged = data.get("logged")  # absent in a store written before this: everything is logged afresh
+        if logged is not None:
+            core._logged_states = {str(k): str(v) for k, v in logged["states"].items()}
+            core._held_alarms = core._logged_alarms = BmsAlarm(int(logged["alarms"]))
+            core._held_warnings = core._logged_warnings = BmsWarning(int(logged["warnings"]))
         timers = data["timers"]
         core.firmware_update_command = bool(timers["firmware_update_command"])
         core.firmware_update_since = _since(timers["firmware_update_elapsed_s"], now)
