@@ -37,9 +37,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from smallbms_bus.bank import Bank, BankView, LearnedBank
-from smallbms_bus.bms.alarms import AtdState, BalancerStatus, BmsAlarm, BmsWarning, BusState, Led
+from smallbms_bus.bms.alarms import AtdState, BalancerReason, BalancerStatus, BmsAlarm, BmsWarning, BusState, Led
 from smallbms_bus.bms.diagnostics import NO_DIAGNOSTICS, Diagnostics
-from smallbms_bus.bms.history import History, balancer_status
+from smallbms_bus.bms.history import History, balancer_status, balancer_unknown_reason
 from smallbms_bus.bms.monitor import ZERO_CURRENT_A, BatteryMonitor, CurrentLimits
 from smallbms_bus.bms.settings import DEFAULT_SETTINGS, Settings
 from smallbms_bus.reports import (
@@ -117,8 +117,8 @@ class Decision:
     status_led: Led
     balancer: BalancerStatus
     soc: float | None
-    consumed_ah: float
-    time_remaining_s: float | None
+    consumed_ah: float | None  # MON-4, Ah drawn since the last full charge: unknown (None) exactly while the SoC is
+    time_remaining_s: float | None  # MON-5: math.inf when not discharging, None while the SoC is unknown
     average_current: float | None
     bank: BankView
     history: History
@@ -126,6 +126,7 @@ class Decision:
     diagnostics: Diagnostics = NO_DIAGNOSTICS  # the last errors, for the GX (bms/diagnostics.py)
     bus_state: BusState = BusState.UP  # the battery link (COM-4, COM-5); shown even while waiting for batteries
     link_reason: str = ""  # why the link is not up
+    balancer_reason: BalancerReason = BalancerReason.NONE  # why `balancer` is unknown (BAL-1), NONE while known
 
 
 class BmsCore:
@@ -297,12 +298,14 @@ class BmsCore:
         min_ref, max_ref = agg.recent_min_cell, agg.recent_max_cell
         min_cell = min_ref.voltage if min_ref is not None else None
         max_cell = max_ref.voltage if max_ref is not None else None
-        self._latch("cell_high", flags["cell_high_voltage"], max_cell is not None and max_cell >= CELL_HIGH_SET_V,
+        high_by_value = max_cell is not None and max_cell >= CELL_HIGH_SET_V
+        low_by_value = min_cell is not None and min_cell <= CELL_LOW_SET_V
+        pre_by_value = min_cell is not None and min_cell <= s.pre_alarm_level_per_cell
+        self._latch("cell_high", flags["cell_high_voltage"], high_by_value,
                     max_cell is not None and max_cell <= CELL_HIGH_CLEAR_V)
-        self._latch("undervoltage", flags["cell_low_voltage"], min_cell is not None and min_cell <= CELL_LOW_SET_V,
+        self._latch("undervoltage", flags["cell_low_voltage"], low_by_value,
                     min_cell is not None and min_cell >= CELL_LOW_CLEAR_V)
-        self._latch("cell_pre_alarm", flags["cell_low_pre_alarm"],
-                    min_cell is not None and min_cell <= s.pre_alarm_level_per_cell,
+        self._latch("cell_pre_alarm", flags["cell_low_pre_alarm"], pre_by_value,
                     min_cell is not None and min_cell >= PRE_ALARM_CLEAR_V)
         tmin, tmax = agg.recent_min_cell_temperature, agg.recent_max_cell_temperature
         self._latch("temp_low", (), tmin is not None and tmin < CHARGE_TEMP_LOW_SET_C,
@@ -316,8 +319,9 @@ class BmsCore:
                     and tmin >= DISCHARGE_TEMP_MIN_C + DISCHARGE_TEMP_HYSTERESIS_C
                     and tmax <= DISCHARGE_TEMP_MAX_C - DISCHARGE_TEMP_HYSTERESIS_C)
         if latched["cell_high"]:
-            reasons["CELL_HIGH_VOLTAGE"] = _cell_reason(flags["cell_high_voltage"], "CellHighVoltage", max_ref,
-                                                        f">= {CELL_HIGH_SET_V} V, clears at <= {CELL_HIGH_CLEAR_V} V")
+            reasons["CELL_HIGH_VOLTAGE"] = _cell_reason(
+                flags["cell_high_voltage"], "CellHighVoltage", max_ref, "highest", high_by_value,
+                f">= {CELL_HIGH_SET_V:.2f} V", f"every cell is <= {CELL_HIGH_CLEAR_V:.2f} V")
         if latched["temp_low"]:
             reasons["LOW_TEMPERATURE_CHARGE"] = (
                 f"lowest cell temperature {_fmt(tmin, '°C')} (charging needs >= {CHARGE_TEMP_LOW_SET_C} °C, "
@@ -338,7 +342,7 @@ class BmsCore:
             latched["comms_lost"] = True
             self.comms_ok_since = None
             reasons["BATTERY_COMMS_LOST"] = (f"bus down: {self.link_reason}" if not self.link_up else
-                                             "; ".join(f"battery {b.node}: {b.stale_reason}" for b in stale))
+                                             "; ".join(f"battery {b.node}: {b.stale_text}" for b in stale))
         elif latched["comms_lost"]:
             if self.comms_ok_since is None:
                 self.comms_ok_since = now
@@ -431,9 +435,10 @@ class BmsCore:
 
         # 5. pre-alarm and the undervoltage lead (PRE-1..3, COM-2)
         if latched["cell_pre_alarm"]:
-            reasons["PRE_ALARM"] = _cell_reason(flags["cell_low_pre_alarm"], "CellLowPreAlarm", min_ref,
-                                                f"<= {s.pre_alarm_level_per_cell:.3f} V, clears at >= "
-                                                f"{PRE_ALARM_CLEAR_V} V")
+            reasons["PRE_ALARM"] = _cell_reason(
+                flags["cell_low_pre_alarm"], "CellLowPreAlarm", min_ref, "lowest", pre_by_value,
+                f"<= the pre-alarm level {s.pre_alarm_level_per_cell:.3f} V",
+                f"every cell is >= {PRE_ALARM_CLEAR_V:.2f} V")
         pre_causes = [name for name, on in (("cell pre-alarm", latched["cell_pre_alarm"]),
                                             ("low-SoC warning level", latched["low_soc_warning"]),
                                             ("cell undervoltage", latched["undervoltage"]),
@@ -450,8 +455,8 @@ class BmsCore:
             and now - self.pre_alarm_since >= PRE_ALARM_LEAD_S
         if undervoltage_disconnect:
             reasons["CELL_LOW_VOLTAGE"] = _cell_reason(
-                flags["cell_low_voltage"], "CellLowVoltage", min_ref,
-                f"<= {CELL_LOW_SET_V} V, clears at >= {CELL_LOW_CLEAR_V} V") + \
+                flags["cell_low_voltage"], "CellLowVoltage", min_ref, "lowest", low_by_value,
+                f"<= {CELL_LOW_SET_V:.2f} V", f"every cell is >= {CELL_LOW_CLEAR_V:.2f} V") + \
                 f"; loads off {PRE_ALARM_LEAD_S:g} s after the pre-alarm"
 
         # 6. ATC, ATD, outputs
@@ -500,11 +505,12 @@ class BmsCore:
         error_led = Led.SOLID if alarms else Led.BLINKING if warnings else Led.OFF
         client_recent = self.modbus_client_at is not None and now - self.modbus_client_at < MODBUS_CLIENT_RECENT_S
         charging = agg.current is not None and agg.current >= ZERO_CURRENT_A
-        balancer = balancer_status(soc_known=soc is not None, history=self.history, wall=wall,
-                                   serials=[b.serial for b in view.batteries if b.serial], charging=charging,
-                                   any_balancing=bool(flags["balancing"]),
-                                   any_imbalance_flag=bool(flags["cell_imbalance"]),
-                                   max_cell_spread=max_spread)
+        serials = [b.serial for b in view.batteries if b.serial]
+        balancer = balancer_status(soc_known=soc is not None, history=self.history, wall=wall, serials=serials,
+                                   charging=charging, any_balancing=bool(flags["balancing"]),
+                                   any_imbalance_flag=bool(flags["cell_imbalance"]), max_cell_spread=max_spread)
+        balancer_reason = balancer_unknown_reason(soc_known=soc is not None, history=self.history, wall=wall,
+                                                  serials=serials)
         decision = Decision(
             now=now, wall=wall, started=self.started, waiting_for_batteries=waiting, atc=atc, atd=atd,
             atd_state=AtdState.NO if not atd else AtdState.PRE_ALARM if pre_alarm else AtdState.YES,
@@ -512,9 +518,10 @@ class BmsCore:
             firmware_update=updating, link_up=self.link_up, alarms=alarms, warnings=warnings,
             reasons={k: v for k, v in reasons.items() if _active(k, alarms, warnings, atc, atd, pre_alarm)},
             error_led=error_led, status_led=Led.SOLID if client_recent else Led.BLINKING, balancer=balancer,
-            soc=soc, consumed_ah=reading.consumed_ah, time_remaining_s=reading.time_remaining_s,
+            soc=soc, consumed_ah=None if soc is None else reading.consumed_ah,
+            time_remaining_s=reading.time_remaining_s,
             average_current=reading.average_current, bank=view, history=replace(self.history), events=(),
-            bus_state=self.bus_state, link_reason=self.link_reason,
+            bus_state=self.bus_state, link_reason=self.link_reason, balancer_reason=balancer_reason,
         )
         events, raised = self._events(decision)
         self.diagnostics = self.diagnostics.record(raised, charge_blockers | discharge_blockers, wall)
@@ -703,11 +710,18 @@ def _fmt(value: float | None, unit: str) -> str:
     return f"{value:.1f} {unit}" if unit != "%" else f"{value:.1f} %"
 
 
-def _cell_reason(flagged: tuple[int, ...], flag: str, cell: Any, rule: str) -> str:
-    parts = [f"battery {', '.join(map(str, flagged))} reports {flag}"] if flagged else []
+def _cell_reason(flagged: tuple[int, ...], flag: str, cell: Any, extreme: str, by_value: bool, set_rule: str,
+                 clear_rule: str) -> str:
+    """Says what fired: the battery's own flag (its own threshold, so the cell value is only shown, not
+    compared), this BMS's cell rule with the value that crossed it, or neither any more (the latch holds
+    until its clearing rule is met)."""
+    parts = [f"battery {', '.join(map(str, flagged))} reports {flag} (its own threshold)"] if flagged else []
     if cell is not None:
-        parts.append(f"cell {cell.cell} of battery {cell.node} at {cell.voltage:.3f} V")
-    return "; ".join(parts) + f" ({rule})"
+        parts.append(f"cell {cell.cell} of battery {cell.node} at {cell.voltage:.3f} V ({set_rule})" if by_value
+                     else f"{extreme} cell {cell.voltage:.3f} V (battery {cell.node} cell {cell.cell})")
+    if not flagged and not by_value:
+        parts.insert(0, f"held until {clear_rule} and no battery reports {flag}")
+    return "; ".join(parts)
 
 
 def _why_not(started: bool, waiting: bool, blockers: BmsAlarm, extra: str | None, bus_down: str | None) -> str:

@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from smallbms_bus.bms.alarms import BalancerStatus
+from smallbms_bus.bms.alarms import BalancerReason, BalancerStatus
 
 CYCLE_LOW_SOC = 65.0
 CYCLE_HIGH_SOC = 90.0
@@ -119,12 +119,26 @@ def _max(a: float | None, b: float) -> float:
     return b if a is None else max(a, b)
 
 
+def balancer_unknown_reason(*, soc_known: bool, history: History, wall: float,
+                            serials: list[str]) -> BalancerReason:
+    """BAL-1's `unknown` conditions, in the order the rule lists them: the first that holds, or NONE."""
+    age = history.time_since_full_charge(wall)
+    if not soc_known:
+        return BalancerReason.SOC_UNKNOWN
+    if age is None:
+        return BalancerReason.NEVER_FULLY_CHARGED
+    if age > BALANCE_INFO_MAX_AGE_S:
+        return BalancerReason.NO_FULL_CHARGE_30_DAYS
+    if set(serials) - set(history.serials_at_full_charge):
+        return BalancerReason.BATTERY_JOINED
+    return BalancerReason.NONE
+
+
 def balancer_status(*, soc_known: bool, history: History, wall: float, serials: list[str], charging: bool,
                     any_balancing: bool, any_imbalance_flag: bool, max_cell_spread: float | None) -> BalancerStatus:
     """BAL-1, in the order the rule lists its conditions."""
-    age = history.time_since_full_charge(wall)
-    joined = bool(set(serials) - set(history.serials_at_full_charge))
-    if not soc_known or age is None or age > BALANCE_INFO_MAX_AGE_S or joined:
+    if balancer_unknown_reason(soc_known=soc_known, history=history, wall=wall, serials=serials) \
+            is not BalancerReason.NONE:
         return BalancerStatus.UNKNOWN
     if charging and any_balancing:
         return BalancerStatus.BALANCING

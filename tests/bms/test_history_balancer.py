@@ -119,4 +119,5 @@ def test_nothing_is_counted_before_the_core_starts():
     rig = Rig(discovery_window=5.0)
     rig.set_current(-50.0)
     d = rig.run(4.0)
-    assert not d.started and d.consumed_ah == 0.0 and d.history.cumulative_ah_drawn == 0.0
+    assert not d.started and d.consumed_ah is None and d.history.cumulative_ah_drawn == 0.0
+    assert rig.core.monitor.consumed_ah == 0.0

@@ -237,10 +237,12 @@ def test_consumed_ah_and_soc_at_every_phase_end(with_restart: bool):
     for n, expected in enumerate(EXPECTED_CONSUMED, 1):
         for name, consumed in zip(PHASES, expected, strict=True):
             d = run.ends[n, name]
-            assert d.consumed_ah == approx(consumed), (n, name)
             if n == 1 and name in ("night", "bulk"):
-                assert d.soc is None, (n, name)  # MON-3: counted, but the SoC is unknown
+                # MON-3: the SoC is unknown, and so is consumed Ah (no full charge to count from); the monitor
+                # counts meanwhile, but no interface shows that count as consumed Ah (docs/core.md)
+                assert d.soc is None and d.consumed_ah is None, (n, name)
             else:
+                assert d.consumed_ah == approx(consumed), (n, name)
                 assert d.soc == approx(max(0.0, 100 * (1 - consumed / CAPACITY_AH))), (n, name)
 
 
