@@ -13,8 +13,9 @@ current over the time since the previous step (MON-1):
     comms loss or with an inconsistent bank) or longer than MAX_STEP_S is not integrated: the monitor
     does not invent charge it did not see.
 
-SoC is *unknown* after the very first start (MON-3) until a synchronisation or a "set SoC" command;
-`consumed_ah` is counted meanwhile so MON-4 holds from the first start.
+SoC is *unknown* after the very first start (MON-3) until a synchronisation or a "set SoC" command.
+`consumed_ah` is counted meanwhile (from the level at the first start), but it is not Ah drawn since a
+full charge, so the core reports consumed Ah as unknown exactly while the SoC is (docs/core.md).
 
 Synchronisation (MON-2): bank voltage >= charged voltage (per 12.8 V unit x units in series) and
 current < tail current (percent of bank capacity; any sign, so a load running from a full bank at

@@ -4,14 +4,14 @@ COM-2, COM-6, MON-3), on an injected clock. The batteries are the simulator's, f
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 
 from smallbms_bus.bms.alarms import BmsAlarm, BmsWarning
 from smallbms_bus.bms.core import BmsCore, Decision, Event
 from smallbms_bus.link.codec import FrameDecoder
-from smallbms_bus.reports import BmsState, SerialFragment
+from smallbms_bus.reports import BatteryStatus, BmsState, SerialFragment
 from smallbms_bus.sim.runner import Simulator
 from tests.bms.rig import WALL0, Rig
 
@@ -31,6 +31,7 @@ class Wire:
     first_frame_at: float | None = None
     silent: bool = False
     foreign_serial_on: int | None = None  # a node whose serial halves are rewritten to another battery's
+    clone_on: int | None = None  # a node with a second sender: same identity, its own AliveCounter
 
     def run(self, seconds: float) -> Decision | None:
         end = self.t + seconds - 1e-9
@@ -48,6 +49,8 @@ class Wire:
                 if self.first_frame_at is None:
                     self.first_frame_at = self.t
                 self.core.on_report(report, self.t)
+                if isinstance(report, BatteryStatus) and report.node == self.clone_on:
+                    self.core.on_report(replace(report, alive_counter=(report.alive_counter + 100) & 0xFF), self.t)
             if round(self.t * 100) % 10 == 0:
                 self.decisions.append(self.core.evaluate(self.t, WALL0 + self.t))
         return self.decisions[-1] if self.decisions else None
@@ -110,6 +113,17 @@ def test_a_restart_with_a_foreign_serial_on_a_learned_node_never_switches_on(dec
     assert wire.outputs_on_at() is None
     assert BmsAlarm.BANK_CONFIGURATION in wire.decisions[-1].alarms
     assert "instead of the learned" in wire.decisions[-1].reasons["BANK_CONFIGURATION"]
+
+
+def test_a_restart_with_a_clone_of_a_learned_battery_never_switches_on(decoder):
+    """COM-6: a second sender with the learned serial and BAT_INFO (a clone) is caught by its AliveCounter
+    before the bank is proven: the fast path never switches anything on."""
+    wire = restart(first_start(decoder))
+    wire.clone_on = 2
+    wire.run(DISCOVERY_WINDOW + 5.0)
+    assert wire.outputs_on_at() is None
+    d = wire.decisions[-1]
+    assert BmsAlarm.BANK_CONFIGURATION in d.alarms and "two senders on node 2" in d.reasons["BANK_CONFIGURATION"]
 
 
 def test_a_restart_with_a_learned_battery_missing_waits_for_the_window_and_keeps_everything_off(decoder):
