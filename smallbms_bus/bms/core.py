@@ -158,7 +158,6 @@ class BmsCore:
         self.started = False
         self.latched: dict[str, bool] = dict.fromkeys(LATCHES, False)
         self.state_revision = 0  # bumps when something the store must keep changes (not counters)
-        self._previous: Decision | None = None
         # What the event log says now (events are differences against it; persisted, so a restart compares with
         # what was logged before it), and the alarms and warnings a restart found logged as active and not yet
         # re-evaluated: they make no event until the core has started (then: still active = nothing to say).
@@ -526,7 +525,6 @@ class BmsCore:
         events, raised = self._events(decision)
         self.diagnostics = self.diagnostics.record(raised, charge_blockers | discharge_blockers, wall)
         decision = replace(decision, events=tuple(events), diagnostics=self.diagnostics)
-        self._previous = decision
         return decision
 
     def _latch(self, name: str, flagged: tuple[int, ...], set_by_value: bool, clear_by_value: bool) -> None:
@@ -545,7 +543,7 @@ class BmsCore:
             events.append(Event(d.wall, d.now, name, kind, value, reason))
 
         reasons = {"ATC": d.reasons.get("ATC", "all conditions met"), "ATD": d.reasons.get("ATD", "all conditions met"),
-                   "PRE_ALARM": d.reasons.get("PRE_ALARM", "cleared"),
+                   "PRE_ALARM": d.reasons.get("PRE_ALARM", "cleared" if d.started else d.reasons.get("ATC", "")),
                    "MODE": self._command_reasons.get("MODE", "start"),
                    "REMOTE": self._command_reasons.get("REMOTE", "start")}
         states = _state_values(d)
@@ -640,6 +638,9 @@ class BmsCore:
         logged = data.get("logged")  # absent in a store written before this: everything is logged afresh
         if logged is not None:
             core._logged_states = {str(k): str(v) for k, v in logged["states"].items()}
+            # REM-1: the remote input as last read until the outputs layer reads it again (it does at its first
+            # apply): off is the safe assumption, and the log does not hear "on" then "off" again.
+            core.remote_on = core._logged_states.get("REMOTE", "on") == "on"
             core._held_alarms = core._logged_alarms = BmsAlarm(int(logged["alarms"]))
             core._held_warnings = core._logged_warnings = BmsWarning(int(logged["warnings"]))
         timers = data["timers"]

@@ -208,6 +208,24 @@ def test_a_restart_does_not_fabricate_events_or_last_errors_for_conditions_alrea
     assert d.diagnostics.last_errors[0][0] == "BATTERY_COMMS_LOST"
 
 
+def test_a_restart_with_the_remote_input_off_says_nothing_about_the_remote_until_it_is_read(decoder):
+    """The remote input as last read is what the core assumes until the outputs layer reads it again: no
+    "REMOTE on" at the restart followed by "REMOTE off" a moment later, and the loads stay off meanwhile."""
+    wire = first_start(decoder)
+    wire.core.set_remote(False)
+    wire.run(1.0)
+    wire = restart(wire)
+    wire.run(4.0)
+    assert not [e for e in wire.events if e.name in ("REMOTE", "MODE", "PRE_ALARM")]
+    assert not any(d.outputs.load_disconnect or d.outputs.charge_disconnect for d in wire.decisions)
+    assert wire.decisions[-1].started and not wire.decisions[-1].remote_on
+    wire.core.set_remote(True)  # the outputs layer read the input: on now
+    wire.run(0.2)
+    remote = [(e.name, e.value, e.reason) for e in wire.events if e.name == "REMOTE"]
+    assert remote == [("REMOTE", "on", "remote input")]
+    assert wire.decisions[-1].outputs.load_disconnect
+
+
 def test_an_alarm_gone_during_the_restart_is_cleared_once_the_bank_is_proven(decoder):
     wire = first_start(decoder)
     wire.sim.bank.batteries[0].set_cell_voltage(0, 3.80)
