@@ -13,7 +13,8 @@ Freshness (COM-1). A battery is *fresh* while
     BAT_CELLS group its nominal voltage implies, and none of those is more than `comm_timeout` past
     its due time (its period). A battery whose cell or temperature frames stop cannot be protected,
     so it is treated like a silent one.
-`BatteryView.stale_reason` names the first failing condition.
+`BatteryView.stale_reason` names the first failing condition as a code (a machine label: metrics), and
+`BatteryView.stale_text` says it as users read it, with the age ("no BAT_STATUS for 5.3 s (comm_timeout 5 s)").
 
 Topology (BANK-1) comes from BAT_INFO only: StringIndex, SeriesIndex, nominal voltage, capacity.
 Validation (BANK-3) yields `BankIssue`s with a code and a human reason; an empty list means the
@@ -29,6 +30,12 @@ Discovery and learning (BANK-2, BANK-4). The phases are:
     is reported as `identity_incomplete`).
   - ``learned``: a learned bank exists (restored from the store, or learned at the end of the
     window from every battery heard with a complete identity). The bank is validated against it.
+    A bank restored from the store is ``learned`` as soon as every learned battery is *proven*: fresh,
+    with its learned identity (both serial halves and BAT_INFO equal to the stored ones) and no second
+    sender (COM-6). A restart does not wait for the discovery window (BANK-2: a service restart must not
+    drop the loads for 10 s); at the protocol's periods (serial halves alternate every second) that
+    takes 1 to 2 s from the first frame. A learned battery that does not prove itself keeps the old way:
+    the window, then `learned_missing` / `learned_mismatch`.
 `Bank.learned` is what the service must persist; `Bank.learned_revision` changes whenever it
 does. `Bank.relearn(now)` accepts the bank as it is now (BANK-4).
 
@@ -101,6 +108,19 @@ IDENTITY_MEMORY_MIN_S = 2.5
 COUNTER_REGRESSIONS = 2  # AliveCounter steps backwards within the identity memory that mean two senders
 SERIAL_PART_CHARS = 7
 
+# COM-1: why a battery is stale, as the metric label (code) and as users read it (the texts with an age are
+# built by BatteryState.stale_text).
+STALE_TEXT = {
+    "no_status": "no BAT_STATUS received yet",
+    "status_timeout": "no BAT_STATUS within comm_timeout",
+    "alive_stuck": "AliveCounter not advancing within comm_timeout",
+    "no_info": "no BAT_INFO received yet",
+    "no_temps": "no BAT_TEMPS received yet",
+    "temps_timeout": "no BAT_TEMPS within its period plus comm_timeout",
+    "no_cells": "no BAT_CELLS received yet for a group of cells",
+    "cells_timeout": "no BAT_CELLS for a group of cells within its period plus comm_timeout",
+}
+
 FLAG_FIELDS = ("cell_high_voltage", "cell_low_voltage", "cell_low_pre_alarm", "balancing",
                "cell_imbalance", "hardware_fault", "firmware_updating")
 
@@ -144,6 +164,14 @@ class LearnedBank:
 
     def by_node(self) -> dict[int, BatteryIdentity]:
         return {b.node: b for b in self.batteries}
+
+    @property
+    def bank_capacity_ah(self) -> int | None:
+        """Strings x battery capacity (BANK-5) of the learned bank; None when empty or of mixed capacity."""
+        capacities = {b.capacity_ah for b in self.batteries}
+        if len(capacities) != 1:
+            return None
+        return capacities.pop() * len({b.string_index for b in self.batteries})
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,6 +266,25 @@ class BatteryState:
                 return "cells_timeout"
         return None
 
+    def stale_text(self, code: str, now: float, timeout: float) -> str:
+        """What `stale_reason`'s code means for this battery now, in words (only called for a stale battery)."""
+        limit = f"comm_timeout {timeout:g} s"
+        if code == "status_timeout":
+            return f"no BAT_STATUS for {now - self.status_at:.1f} s ({limit})"
+        if code == "alive_stuck":
+            return f"AliveCounter stuck for {now - self.alive_changed_at:.1f} s ({limit})"
+        if code == "temps_timeout":
+            return f"no BAT_TEMPS for {now - self.temps_at:.1f} s (due every {TEMPS_PERIOD:g} s, {limit})"
+        if code in ("no_cells", "cells_timeout") and self.info is not None:
+            for group in range(self.info.nominal_units):
+                at = self.cells_at[group]
+                cells = f"cells {CELLS_PER_FRAME * group + 1}-{CELLS_PER_FRAME * (group + 1)}"
+                if at < 0:
+                    return f"no BAT_CELLS for {cells} received yet"
+                if now - at >= timeout + CELLS_PERIOD:
+                    return f"no BAT_CELLS for {cells} for {now - at:.1f} s (due every {CELLS_PERIOD:g} s, {limit})"
+        return STALE_TEXT.get(code, code)
+
     def recently_unmeasured(self, since: float, summary: CellSummary) -> tuple[int, ...]:
         """Cells read "not present" in the latest frames or in any frame after `since` (protective memory)."""
         count = len(summary.cells)
@@ -300,6 +347,7 @@ class BatteryView:
     status_age: float | None  # seconds since the last BAT_STATUS, None if never
     unmeasured: tuple[int, ...] = ()  # cells read "not present" in a frame of the last PROTECTIVE_MEMORY_S (fresh)
     conflicted: bool = False  # COM-6: two senders on this node, or an identity other than the learned one
+    stale_text: str | None = None  # stale_reason in words, with the age (None while fresh)
 
     @property
     def cells(self) -> tuple[float | None, ...]:
@@ -393,6 +441,7 @@ class Bank:
         self.learned_revision = 0
         self.batteries: dict[int, BatteryState] = {}
         self.first_frame_at: float | None = None
+        self.proven_at: float | None = None  # BANK-2: when a restored learned bank was proven (None: not, or learnt)
         self._noted: set[int] = set()  # nodes with COM-6 notes (held now, or until the next evaluation)
         self._cache_key: tuple[int, int, bool, str, tuple[int, ...]] | None = None
         self._cached: tuple[Topology, tuple[BankIssue, ...]] | None = None
@@ -592,7 +641,20 @@ class Bank:
                                              f"{self.comm_timeout:g} s after the last conflicting frame)", (node,))
 
     # -- learning ------------------------------------------------------------------------------
+    def _prove(self, now: float, conflicted: tuple[int, ...]) -> None:
+        """BANK-2 at a restart: every learned battery fresh with its learned identity and one sender (COM-6)."""
+        learned = self._learned_nodes
+        if not learned or conflicted:
+            return
+        for node, expected in learned.items():
+            state = self.batteries.get(node)
+            if state is None or state.identity() != expected or self._two_senders(state, now):
+                return
+        self.proven_at = now
+
     def phase(self, now: float) -> str:
+        if self.proven_at is not None and self._learned is not None:
+            return "learned"
         if self.first_frame_at is None:
             return "waiting"
         if now - self.first_frame_at < self.discovery_window:  # the whole window, even when it opens late
@@ -643,8 +705,12 @@ class Bank:
                 stale.append(node)
             views.append(BatteryView(node, s.serial, s.info, s.status, s.temps, s.cell_summary(), reason is None,
                                      reason, None if s.status is None else now - s.status_at,
-                                     conflicted=node in conflicted))
+                                     conflicted=node in conflicted,
+                                     stale_text=None if reason is None else s.stale_text(reason, now, timeout)))
         past_grace = now - self.started_at >= self.waiting_grace
+        if (self.proven_at is None and self._learned is not None and not stale and self.first_frame_at is not None
+                and now - self.first_frame_at < self.discovery_window):  # after the window: learned anyway
+            self._prove(now, conflicted)
         phase = self.phase(now)
         key = (self._identity_revision, self.learned_revision, past_grace, phase, conflicted)
         if self._cache_key != key or self._cached is None:

@@ -18,8 +18,8 @@ generated from it (`python -m smallbms_bus.metrics --markdown`).
 Freshness: a value nobody measured is absent, never zero. A stale battery keeps only
 `smallbms_battery_up 0`, its `smallbms_battery_stale_reason{reason=...}` and the age of its last
 BAT_STATUS; its voltage, current, temperatures, flags and cells disappear. Bank current and power
-disappear while any battery is stale (a partial sum would read as a real current); SoC and time
-remaining disappear while the SoC is unknown (warning SOC_UNKNOWN says so).
+disappear while any battery is stale (a partial sum would read as a real current); SoC, consumed charge and
+time remaining disappear while the SoC is unknown (warning SOC_UNKNOWN says so).
 
 Serving: see `MetricsServer`.
 """
@@ -46,7 +46,7 @@ from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
 from smallbms_bus import __version__
-from smallbms_bus.bms.alarms import BalancerStatus, BmsAlarm, BmsWarning, BusState, Led
+from smallbms_bus.bms.alarms import BalancerReason, BalancerStatus, BmsAlarm, BmsWarning, BusState, Led
 from smallbms_bus.bms.core import Decision
 from smallbms_bus.config import defaults
 from smallbms_bus.connections import (
@@ -155,6 +155,10 @@ LED = _m("led_state", "gauge", ("led", "state"), "LED state (LED-1, LED-2): for 
          "solid is 1.")
 BALANCER = _m("balancer_status", "gauge", ("state",), "Balancer status (BAL-1): one of unknown, balanced, "
               "imbalanced, balancing is 1.")
+BALANCER_REASONS = tuple(r.label for r in BalancerReason)
+BALANCER_REASON = _m("balancer_unknown_reason", "gauge", ("reason",),
+                     "Why the balancer status is unknown (BAL-1, Modbus balancer_reason): one of "
+                     + ", ".join(BALANCER_REASONS) + " is 1 (none while the status is known).")
 # -- bank ---------------------------------------------------------------------------------------------
 _group = "bank"
 BANK_VOLTAGE = _m("bank_voltage_volts", "gauge", (), "Bank voltage (BANK-5).")
@@ -162,7 +166,8 @@ BANK_CURRENT = _m("bank_current_amperes", "gauge", (), "Bank current, positive =
                   "a battery is stale.")
 BANK_POWER = _m("bank_power_watts", "gauge", (), "Bank power, positive = charging; absent while a battery is stale.")
 SOC = _m("bank_state_of_charge_percent", "gauge", (), "State of charge (MON-1); absent while unknown (MON-3).")
-CONSUMED = _m("bank_consumed_coulombs", "gauge", (), "Charge drawn since the last full charge (MON-4; 1 Ah = 3600 C).")
+CONSUMED = _m("bank_consumed_coulombs", "gauge", (), "Charge drawn since the last full charge (MON-4; 1 Ah = 3600 C); "
+              "absent while the SoC is unknown (no full charge to count from).")
 TIME_REMAINING = _m("bank_time_remaining_seconds", "gauge", (),
                     "Time to the discharge floor at the 3-minute average current (MON-5); +Inf when not "
                     "discharging; absent while the SoC is unknown.")
@@ -414,6 +419,10 @@ class BmsCollector(Collector):
         for labels, value in _states(BALANCER, d.balancer.value, (x.value for x in BalancerStatus)):
             family.add_metric(labels, value)
         yield family
+        family = _family(BALANCER_REASON)
+        for labels, value in _states(BALANCER_REASON, d.balancer_reason.label, BALANCER_REASONS):
+            family.add_metric(labels, value)
+        yield family
 
     def _bank(self, d: Decision) -> Iterator[Metric]:
         view = d.bank
@@ -423,7 +432,7 @@ class BmsCollector(Collector):
             yield from _value(BANK_CURRENT, a.current)
             yield from _value(BANK_POWER, a.power)
         yield from _value(SOC, d.soc)
-        yield from _value(CONSUMED, d.consumed_ah * AH_TO_COULOMBS)
+        yield from _value(CONSUMED, None if d.consumed_ah is None else d.consumed_ah * AH_TO_COULOMBS)
         if d.soc is not None:
             yield from _value(TIME_REMAINING, d.time_remaining_s)
         yield from _value(BANK_BATTERIES, t.batteries)

@@ -1,11 +1,17 @@
-"""Human-readable instant readout of the bank (the status and battery pages of the manual)."""
+"""Human-readable instant readout of the bank (the status and battery pages of the manual).
+
+The words for the monitor's values live here, once, and `smallbms-bus status` uses the same functions on
+what it reads over Modbus, so the demo's readout and `status` say the same (docs/core.md, "One value, one
+meaning"): consumed Ah and time remaining are "unknown" exactly while the SoC is, time remaining is
+"infinite (not discharging)" when nothing is drawn, and the balancer says why it is unknown.
+"""
 
 from __future__ import annotations
 
 import math
 
 from smallbms_bus.bank import BankView
-from smallbms_bus.bms.alarms import names
+from smallbms_bus.bms.alarms import balancer_text, names
 from smallbms_bus.bms.core import Decision
 
 
@@ -37,9 +43,9 @@ def format_bank(view: BankView) -> str:
         lines.append(
             f"{b.node:>7}  {b.serial or '?':<16} {_v(s and s.voltage, '7.3f', 'V'):>9} "
             f"{_v(s and s.current, '+7.1f', 'A'):>9} {_v(s and s.temperature, '5.1f', '°C'):>8}  "
-            f"{cells:<15} {age:>6}  {'fresh' if b.fresh else 'STALE: ' + str(b.stale_reason)}")
+            f"{cells:<15} {age:>6}  {'fresh' if b.fresh else 'STALE: ' + str(b.stale_text)}")
     for issue in view.issues:
-        lines.append(f"issue    {issue.code}: {issue.reason}")
+        lines.append(f"issue    {issue.reason}")
     return "\n".join(lines)
 
 
@@ -48,8 +54,9 @@ def format_decision(d: Decision) -> str:
     onoff = {True: "on", False: "off"}
     soc = "unknown" if d.soc is None else f"{d.soc:.1f} %"
     lines = [
-        f"status   SoC {soc}  consumed {d.consumed_ah:.1f} Ah  time remaining {time_remaining_text(d.time_remaining_s)}"
-        f"  mode {onoff[d.mode_on]}  remote {onoff[d.remote_on]}  balancer {d.balancer.value}",
+        f"status   SoC {soc}  consumed {consumed_text(d.consumed_ah)}  time remaining "
+        f"{time_remaining_text(d.time_remaining_s, d.soc is not None)}  mode {onoff[d.mode_on]}  "
+        f"remote {onoff[d.remote_on]}  balancer {balancer_text(d.balancer, d.balancer_reason)}",
         f"bms      allowed to charge {'yes' if d.atc else 'no'}  allowed to discharge "
         f"{d.atd_state.name.lower().replace('_', '-')}  outputs: load {onoff[d.outputs.load_disconnect]}, "
         f"charge {onoff[d.outputs.charge_disconnect]}, pre-alarm {onoff[d.outputs.pre_alarm]}"
@@ -61,10 +68,19 @@ def format_decision(d: Decision) -> str:
     return "\n".join(lines)
 
 
-def time_remaining_text(seconds: float | None) -> str:
-    if seconds is None:
-        return "unknown"
-    if math.isinf(seconds):
-        return "infinite"
+def consumed_text(ah: float | None) -> str:
+    """MON-4: Ah drawn since the last full charge; unknown while the SoC is (no full charge to count from)."""
+    return "unknown" if ah is None else f"{ah:.1f} Ah"
+
+
+def time_remaining_text(seconds: float | None, soc_known: bool) -> str:
+    """MON-5's three states. `seconds` None means infinite while the SoC is known (Modbus has one marker for
+    both), unknown while it is not."""
+    if not soc_known:
+        return "unknown (SoC unknown)"
+    if seconds is None or math.isinf(seconds):
+        return "infinite (not discharging)"
+    if seconds <= 0:
+        return "0h00m (at or below the discharge floor)"
     hours, rest = divmod(int(seconds), 3600)
     return f"{hours}h{rest // 60:02d}m"

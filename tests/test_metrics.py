@@ -33,6 +33,7 @@ READINGS = ("smallbms_battery_voltage_volts", "smallbms_battery_current_amperes"
 CONDITIONAL = {
     "smallbms_battery_stale_reason",  # every battery is fresh
     "smallbms_bank_state_of_charge_percent", "smallbms_bank_time_remaining_seconds",  # SoC unknown at first start
+    "smallbms_bank_consumed_coulombs",  # ... and so is consumed charge (no full charge to count from)
     "smallbms_history_last_full_charge_timestamp_seconds",  # no full charge yet
     "smallbms_bus_down_reason_info",  # the bus is up
 } | {spec.name for spec in metrics.METRICS.values()  # Modbus is off in this fixture: only modbus_enabled 0

@@ -59,6 +59,37 @@ class BalancerStatus(Enum):
     BALANCING = "balancing"
 
 
+class BalancerReason(IntEnum):
+    """Why the balancer status is `unknown`: BAL-1's conditions in the rule's order (Modbus `balancer_reason`,
+    metric `smallbms_balancer_unknown_reason`, the readouts). NONE while the status is known."""
+
+    NONE = 0
+    SOC_UNKNOWN = 1
+    NEVER_FULLY_CHARGED = 2  # "no full charge for more than 30 days" includes never
+    NO_FULL_CHARGE_30_DAYS = 3
+    BATTERY_JOINED = 4
+
+    @property
+    def text(self) -> str:
+        return _BALANCER_REASON_TEXT[self]
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+_BALANCER_REASON_TEXT = {
+    BalancerReason.NONE: "", BalancerReason.SOC_UNKNOWN: "SoC unknown",
+    BalancerReason.NEVER_FULLY_CHARGED: "never fully charged",
+    BalancerReason.NO_FULL_CHARGE_30_DAYS: "no full charge for more than 30 days",
+    BalancerReason.BATTERY_JOINED: "a battery joined since the last full charge"}
+
+
+def balancer_text(status: BalancerStatus, reason: BalancerReason) -> str:
+    """The balancer as every readout says it: "balanced", or "unknown (SoC unknown)"."""
+    return f"{status.value} ({reason.text})" if reason is not BalancerReason.NONE else status.value
+
+
 class BusState(IntEnum):
     """The battery link as the BMS reports it (Modbus block A `bus_state`, metrics, `smallbms-bus status`).
 

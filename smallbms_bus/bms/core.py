@@ -37,9 +37,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from smallbms_bus.bank import Bank, BankView, LearnedBank
-from smallbms_bus.bms.alarms import AtdState, BalancerStatus, BmsAlarm, BmsWarning, BusState, Led
+from smallbms_bus.bms.alarms import AtdState, BalancerReason, BalancerStatus, BmsAlarm, BmsWarning, BusState, Led
 from smallbms_bus.bms.diagnostics import NO_DIAGNOSTICS, Diagnostics
-from smallbms_bus.bms.history import History, balancer_status
+from smallbms_bus.bms.history import History, balancer_status, balancer_unknown_reason
 from smallbms_bus.bms.monitor import ZERO_CURRENT_A, BatteryMonitor, CurrentLimits
 from smallbms_bus.bms.settings import DEFAULT_SETTINGS, Settings
 from smallbms_bus.reports import (
@@ -117,8 +117,8 @@ class Decision:
     status_led: Led
     balancer: BalancerStatus
     soc: float | None
-    consumed_ah: float
-    time_remaining_s: float | None
+    consumed_ah: float | None  # MON-4, Ah drawn since the last full charge: unknown (None) exactly while the SoC is
+    time_remaining_s: float | None  # MON-5: math.inf when not discharging, None while the SoC is unknown
     average_current: float | None
     bank: BankView
     history: History
@@ -126,6 +126,7 @@ class Decision:
     diagnostics: Diagnostics = NO_DIAGNOSTICS  # the last errors, for the GX (bms/diagnostics.py)
     bus_state: BusState = BusState.UP  # the battery link (COM-4, COM-5); shown even while waiting for batteries
     link_reason: str = ""  # why the link is not up
+    balancer_reason: BalancerReason = BalancerReason.NONE  # why `balancer` is unknown (BAL-1), NONE while known
 
 
 class BmsCore:
@@ -157,7 +158,12 @@ class BmsCore:
         self.started = False
         self.latched: dict[str, bool] = dict.fromkeys(LATCHES, False)
         self.state_revision = 0  # bumps when something the store must keep changes (not counters)
-        self._previous: Decision | None = None
+        # What the event log says now (events are differences against it; persisted, so a restart compares with
+        # what was logged before it), and the alarms and warnings a restart found logged as active and not yet
+        # re-evaluated: they make no event until the core has started (then: still active = nothing to say).
+        self._logged_states: dict[str, str] = {}
+        self._logged_alarms, self._logged_warnings = BmsAlarm(0), BmsWarning(0)
+        self._held_alarms, self._held_warnings = BmsAlarm(0), BmsWarning(0)
         self._command_reasons: dict[str, str] = {}
         self._signatures: dict[tuple, tuple] = {}  # per battery and frame kind: the last protective signature
         self._conflict_revision = 0  # the bank's COM-6 evidence as of the last report
@@ -223,17 +229,27 @@ class BmsCore:
         return self.settings
 
     def set_soc(self, soc: float) -> None:
-        """MON-6: needs a known bank capacity."""
-        capacity = self.bank.topology().bank_capacity_ah
+        """MON-6: needs a known bank capacity. Moves SoC and consumed Ah only: the history counts measured steps
+        (bms/history.py), so no counter changes because of the command."""
+        capacity = self._capacity()
         if not capacity:
             raise ValueError("the bank capacity is not known yet: wait until the batteries are learned")
         self.monitor.set_soc(soc, capacity)
         self.state_revision += 1
 
     def synchronise_soc(self) -> None:
-        """MON-6: SoC := 100 %, consumed Ah := 0 (not counted as a synchronisation in history)."""
+        """MON-6: SoC := 100 %, consumed Ah := 0 (not counted as a synchronisation in history, and no other
+        history counter moves: the last discharge and the discharge depth stay what was measured)."""
         self.monitor.synchronise()
         self.state_revision += 1
+
+    def _capacity(self) -> int | None:
+        """The bank capacity SoC is reckoned on: the learned bank's (known from the store at a restart, before any
+        BAT_INFO arrives; a bank that differs from it is BANK_CONFIGURATION anyway), else what BAT_INFO says."""
+        learned = self.bank.learned
+        if learned is not None and (capacity := learned.bank_capacity_ah) is not None:
+            return capacity
+        return self.bank.topology().bank_capacity_ah
 
     def reset_history(self) -> None:
         self.history = History()
@@ -281,12 +297,14 @@ class BmsCore:
         min_ref, max_ref = agg.recent_min_cell, agg.recent_max_cell
         min_cell = min_ref.voltage if min_ref is not None else None
         max_cell = max_ref.voltage if max_ref is not None else None
-        self._latch("cell_high", flags["cell_high_voltage"], max_cell is not None and max_cell >= CELL_HIGH_SET_V,
+        high_by_value = max_cell is not None and max_cell >= CELL_HIGH_SET_V
+        low_by_value = min_cell is not None and min_cell <= CELL_LOW_SET_V
+        pre_by_value = min_cell is not None and min_cell <= s.pre_alarm_level_per_cell
+        self._latch("cell_high", flags["cell_high_voltage"], high_by_value,
                     max_cell is not None and max_cell <= CELL_HIGH_CLEAR_V)
-        self._latch("undervoltage", flags["cell_low_voltage"], min_cell is not None and min_cell <= CELL_LOW_SET_V,
+        self._latch("undervoltage", flags["cell_low_voltage"], low_by_value,
                     min_cell is not None and min_cell >= CELL_LOW_CLEAR_V)
-        self._latch("cell_pre_alarm", flags["cell_low_pre_alarm"],
-                    min_cell is not None and min_cell <= s.pre_alarm_level_per_cell,
+        self._latch("cell_pre_alarm", flags["cell_low_pre_alarm"], pre_by_value,
                     min_cell is not None and min_cell >= PRE_ALARM_CLEAR_V)
         tmin, tmax = agg.recent_min_cell_temperature, agg.recent_max_cell_temperature
         self._latch("temp_low", (), tmin is not None and tmin < CHARGE_TEMP_LOW_SET_C,
@@ -300,8 +318,9 @@ class BmsCore:
                     and tmin >= DISCHARGE_TEMP_MIN_C + DISCHARGE_TEMP_HYSTERESIS_C
                     and tmax <= DISCHARGE_TEMP_MAX_C - DISCHARGE_TEMP_HYSTERESIS_C)
         if latched["cell_high"]:
-            reasons["CELL_HIGH_VOLTAGE"] = _cell_reason(flags["cell_high_voltage"], "CellHighVoltage", max_ref,
-                                                        f">= {CELL_HIGH_SET_V} V, clears at <= {CELL_HIGH_CLEAR_V} V")
+            reasons["CELL_HIGH_VOLTAGE"] = _cell_reason(
+                flags["cell_high_voltage"], "CellHighVoltage", max_ref, "highest", high_by_value,
+                f">= {CELL_HIGH_SET_V:.2f} V", f"every cell is <= {CELL_HIGH_CLEAR_V:.2f} V")
         if latched["temp_low"]:
             reasons["LOW_TEMPERATURE_CHARGE"] = (
                 f"lowest cell temperature {_fmt(tmin, '°C')} (charging needs >= {CHARGE_TEMP_LOW_SET_C} °C, "
@@ -322,7 +341,7 @@ class BmsCore:
             latched["comms_lost"] = True
             self.comms_ok_since = None
             reasons["BATTERY_COMMS_LOST"] = (f"bus down: {self.link_reason}" if not self.link_up else
-                                             "; ".join(f"battery {b.node}: {b.stale_reason}" for b in stale))
+                                             "; ".join(f"battery {b.node}: {b.stale_text}" for b in stale))
         elif latched["comms_lost"]:
             if self.comms_ok_since is None:
                 self.comms_ok_since = now
@@ -363,7 +382,7 @@ class BmsCore:
             self.started = True
 
         # 4. battery monitor and history
-        capacity = topo.bank_capacity_ah
+        capacity = self._capacity()
         series_units = topo.series_units
         # Count charge only from data the core trusts: started, every battery fresh, a consistent bank.
         # (Before start the bank may be partly heard; its current would be partial.)
@@ -372,7 +391,8 @@ class BmsCore:
         soc = reading.soc
         if trusted:
             self.history.record(
-                wall=wall, soc=soc, consumed_ah=reading.consumed_ah, voltage=agg.voltage,
+                wall=wall, soc_before=reading.soc_before, soc=soc, depth_change_ah=reading.depth_change_ah,
+                voltage=agg.voltage,
                 charged_ah=reading.charged_ah, discharged_ah=reading.discharged_ah,
                 synchronised=reading.synchronised, serials=[b.serial for b in view.batteries if b.serial],
                 cell_range=(min_cell, max_cell) if min_cell is not None and max_cell is not None else None,
@@ -390,7 +410,8 @@ class BmsCore:
         if latched["low_soc_warning"]:
             reasons["LOW_SOC_WARNING"] = f"SoC {_fmt(soc, '%')} at or below the warning level {level:g} %"
         if soc is None:
-            reasons["SOC_UNKNOWN"] = "not synchronised or set since the first start"
+            reasons["SOC_UNKNOWN"] = ("not synchronised or set since the first start" if not self.monitor.soc_known
+                                      else "the bank capacity is not known yet (no BAT_INFO heard)")
         over_charge, over_discharge = self.current_limits.step(now, [
             (b.node, b.info.nominal_units, b.info.nominal_capacity_ah, b.status.current)  # type: ignore[union-attr]
             for b in fresh])
@@ -413,9 +434,10 @@ class BmsCore:
 
         # 5. pre-alarm and the undervoltage lead (PRE-1..3, COM-2)
         if latched["cell_pre_alarm"]:
-            reasons["PRE_ALARM"] = _cell_reason(flags["cell_low_pre_alarm"], "CellLowPreAlarm", min_ref,
-                                                f"<= {s.pre_alarm_level_per_cell:.3f} V, clears at >= "
-                                                f"{PRE_ALARM_CLEAR_V} V")
+            reasons["PRE_ALARM"] = _cell_reason(
+                flags["cell_low_pre_alarm"], "CellLowPreAlarm", min_ref, "lowest", pre_by_value,
+                f"<= the pre-alarm level {s.pre_alarm_level_per_cell:.3f} V",
+                f"every cell is >= {PRE_ALARM_CLEAR_V:.2f} V")
         pre_causes = [name for name, on in (("cell pre-alarm", latched["cell_pre_alarm"]),
                                             ("low-SoC warning level", latched["low_soc_warning"]),
                                             ("cell undervoltage", latched["undervoltage"]),
@@ -432,8 +454,8 @@ class BmsCore:
             and now - self.pre_alarm_since >= PRE_ALARM_LEAD_S
         if undervoltage_disconnect:
             reasons["CELL_LOW_VOLTAGE"] = _cell_reason(
-                flags["cell_low_voltage"], "CellLowVoltage", min_ref,
-                f"<= {CELL_LOW_SET_V} V, clears at >= {CELL_LOW_CLEAR_V} V") + \
+                flags["cell_low_voltage"], "CellLowVoltage", min_ref, "lowest", low_by_value,
+                f"<= {CELL_LOW_SET_V:.2f} V", f"every cell is >= {CELL_LOW_CLEAR_V:.2f} V") + \
                 f"; loads off {PRE_ALARM_LEAD_S:g} s after the pre-alarm"
 
         # 6. ATC, ATD, outputs
@@ -463,9 +485,6 @@ class BmsCore:
                                       "firmware update in progress" if updating else None, self._bus_down())
         if not atd:
             reasons["ATD"] = _why_not(self.started, waiting, discharge_blockers, None, self._bus_down())
-        self.diagnostics = self.diagnostics.record(
-            alarms & ~(self._previous.alarms if self._previous else BmsAlarm(0)),
-            charge_blockers | discharge_blockers, wall)
         enabled = self.mode_on and self.remote_on
         outputs = Outputs(load_disconnect=enabled and atd, charge_disconnect=enabled and atc, pre_alarm=pre_alarm)
 
@@ -485,11 +504,12 @@ class BmsCore:
         error_led = Led.SOLID if alarms else Led.BLINKING if warnings else Led.OFF
         client_recent = self.modbus_client_at is not None and now - self.modbus_client_at < MODBUS_CLIENT_RECENT_S
         charging = agg.current is not None and agg.current >= ZERO_CURRENT_A
-        balancer = balancer_status(soc_known=soc is not None, history=self.history, wall=wall,
-                                   serials=[b.serial for b in view.batteries if b.serial], charging=charging,
-                                   any_balancing=bool(flags["balancing"]),
-                                   any_imbalance_flag=bool(flags["cell_imbalance"]),
-                                   max_cell_spread=max_spread)
+        serials = [b.serial for b in view.batteries if b.serial]
+        balancer = balancer_status(soc_known=soc is not None, history=self.history, wall=wall, serials=serials,
+                                   charging=charging, any_balancing=bool(flags["balancing"]),
+                                   any_imbalance_flag=bool(flags["cell_imbalance"]), max_cell_spread=max_spread)
+        balancer_reason = balancer_unknown_reason(soc_known=soc is not None, history=self.history, wall=wall,
+                                                  serials=serials)
         decision = Decision(
             now=now, wall=wall, started=self.started, waiting_for_batteries=waiting, atc=atc, atd=atd,
             atd_state=AtdState.NO if not atd else AtdState.PRE_ALARM if pre_alarm else AtdState.YES,
@@ -497,13 +517,14 @@ class BmsCore:
             firmware_update=updating, link_up=self.link_up, alarms=alarms, warnings=warnings,
             reasons={k: v for k, v in reasons.items() if _active(k, alarms, warnings, atc, atd, pre_alarm)},
             error_led=error_led, status_led=Led.SOLID if client_recent else Led.BLINKING, balancer=balancer,
-            soc=soc, consumed_ah=reading.consumed_ah, time_remaining_s=reading.time_remaining_s,
+            soc=soc, consumed_ah=None if soc is None else reading.consumed_ah,
+            time_remaining_s=reading.time_remaining_s,
             average_current=reading.average_current, bank=view, history=replace(self.history), events=(),
-            diagnostics=self.diagnostics,
-            bus_state=self.bus_state, link_reason=self.link_reason,
+            bus_state=self.bus_state, link_reason=self.link_reason, balancer_reason=balancer_reason,
         )
-        decision = replace(decision, events=tuple(self._events(decision)))
-        self._previous = decision
+        events, raised = self._events(decision)
+        self.diagnostics = self.diagnostics.record(raised, charge_blockers | discharge_blockers, wall)
+        decision = replace(decision, events=tuple(events), diagnostics=self.diagnostics)
         return decision
 
     def _latch(self, name: str, flagged: tuple[int, ...], set_by_value: bool, clear_by_value: bool) -> None:
@@ -514,29 +535,45 @@ class BmsCore:
         elif self.latched[name] and clear_by_value and not self._frozen:
             self.latched[name] = False
 
-    def _events(self, d: Decision) -> list[Event]:
-        p = self._previous
+    def _events(self, d: Decision) -> tuple[list[Event], BmsAlarm]:
+        """The changes against the event log, and the alarms raised (the GX's last errors record those)."""
         events: list[Event] = []
 
         def emit(name: str, kind: str, value: str, reason: str) -> None:
             events.append(Event(d.wall, d.now, name, kind, value, reason))
 
         reasons = {"ATC": d.reasons.get("ATC", "all conditions met"), "ATD": d.reasons.get("ATD", "all conditions met"),
-                   "PRE_ALARM": d.reasons.get("PRE_ALARM", "cleared"),
+                   "PRE_ALARM": d.reasons.get("PRE_ALARM", "cleared" if d.started else d.reasons.get("ATC", "")),
                    "MODE": self._command_reasons.get("MODE", "start"),
                    "REMOTE": self._command_reasons.get("REMOTE", "start")}
-        before = {} if p is None else _state_values(p)
-        for name, value in _state_values(d).items():
-            if before.get(name) != value:
+        states = _state_values(d)
+        for name, value in states.items():
+            if self._logged_states.get(name) != value:
                 emit(name, "state", value, reasons[name])
-        for kind, now_flags, was in (("alarm", d.alarms, p.alarms if p else None),
-                                     ("warning", d.warnings, p.warnings if p else None)):
+        self._logged_states = states
+        raised = BmsAlarm(0)
+        held_alarms, held_warnings = self._held_alarms, self._held_warnings
+        if d.started:  # every condition is evaluated on fresh data now: what the restart found is settled here
+            self._held_alarms, self._held_warnings = BmsAlarm(0), BmsWarning(0)
+        for kind, now_flags, logged, held in (("alarm", d.alarms, self._logged_alarms, held_alarms),
+                                              ("warning", d.warnings, self._logged_warnings, held_warnings)):
             for member in type(now_flags):
-                on, was_on = member in now_flags, was is not None and member in was
-                if on != was_on:
-                    emit(member.name or "", kind, "raised" if on else "cleared",
-                         d.reasons.get(member.name or "", "") if on else "condition gone")
-        return events
+                on, was_on = member in now_flags, member in logged
+                if on == was_on or (member in held and not d.started):
+                    continue
+                if on:
+                    emit(member.name or "", kind, "raised", d.reasons.get(member.name or "", ""))
+                    if kind == "alarm":
+                        raised |= member  # type: ignore[assignment]
+                else:
+                    emit(member.name or "", kind, "cleared",
+                         "condition gone (found when the bank was known again after a restart)" if member in held
+                         else "condition gone")
+        keep = BmsAlarm(0) if d.started else held_alarms
+        self._logged_alarms = (d.alarms & ~keep) | (self._logged_alarms & keep)
+        keep_w = BmsWarning(0) if d.started else held_warnings
+        self._logged_warnings = (d.warnings & ~keep_w) | (self._logged_warnings & keep_w)
+        return events, raised
 
     # -- persistence ---------------------------------------------------------------------------
     def snapshot(self, now: float) -> dict[str, Any]:
@@ -551,6 +588,8 @@ class BmsCore:
             "learned_bank": None if self.bank.learned is None else self.bank.learned.to_dict(),
             "first_start_wall": self.first_start_wall,
             "latched": dict(self.latched),
+            "logged": {"states": dict(self._logged_states), "alarms": int(self._logged_alarms),
+                       "warnings": int(self._logged_warnings)},
             "timers": {
                 "firmware_update_command": self.firmware_update_command,
                 "firmware_update_elapsed_s": _elapsed(self.firmware_update_since, now),
@@ -593,7 +632,17 @@ class BmsCore:
         if data["learned_bank"] is not None:
             core.bank.learned = LearnedBank.from_dict(data["learned_bank"])
         core.first_start_wall = float(data["first_start_wall"])
-        core.latched.update({k: bool(v) for k, v in data["latched"].items() if k in core.latched})
+        # COM-2's comms loss is not restored: a restart is "waiting for batteries" (BANK-2, a state, not an
+        # alarm) until every learned battery is fresh again, and the outputs stay off until then (OUT-4).
+        core.latched.update({k: bool(v) for k, v in data["latched"].items() if k in core.latched and k != "comms_lost"})
+        logged = data.get("logged")  # absent in a store written before this: everything is logged afresh
+        if logged is not None:
+            core._logged_states = {str(k): str(v) for k, v in logged["states"].items()}
+            # REM-1: the remote input as last read until the outputs layer reads it again (it does at its first
+            # apply): off is the safe assumption, and the log does not hear "on" then "off" again.
+            core.remote_on = core._logged_states.get("REMOTE", "on") == "on"
+            core._held_alarms = core._logged_alarms = BmsAlarm(int(logged["alarms"]))
+            core._held_warnings = core._logged_warnings = BmsWarning(int(logged["warnings"]))
         timers = data["timers"]
         core.firmware_update_command = bool(timers["firmware_update_command"])
         core.firmware_update_since = _since(timers["firmware_update_elapsed_s"], now)
@@ -662,11 +711,18 @@ def _fmt(value: float | None, unit: str) -> str:
     return f"{value:.1f} {unit}" if unit != "%" else f"{value:.1f} %"
 
 
-def _cell_reason(flagged: tuple[int, ...], flag: str, cell: Any, rule: str) -> str:
-    parts = [f"battery {', '.join(map(str, flagged))} reports {flag}"] if flagged else []
+def _cell_reason(flagged: tuple[int, ...], flag: str, cell: Any, extreme: str, by_value: bool, set_rule: str,
+                 clear_rule: str) -> str:
+    """Says what fired: the battery's own flag (its own threshold, so the cell value is only shown, not
+    compared), this BMS's cell rule with the value that crossed it, or neither any more (the latch holds
+    until its clearing rule is met)."""
+    parts = [f"battery {', '.join(map(str, flagged))} reports {flag} (its own threshold)"] if flagged else []
     if cell is not None:
-        parts.append(f"cell {cell.cell} of battery {cell.node} at {cell.voltage:.3f} V")
-    return "; ".join(parts) + f" ({rule})"
+        parts.append(f"cell {cell.cell} of battery {cell.node} at {cell.voltage:.3f} V ({set_rule})" if by_value
+                     else f"{extreme} cell {cell.voltage:.3f} V (battery {cell.node} cell {cell.cell})")
+    if not flagged and not by_value:
+        parts.insert(0, f"held until {clear_rule} and no battery reports {flag}")
+    return "; ".join(parts)
 
 
 def _why_not(started: bool, waiting: bool, blockers: BmsAlarm, extra: str | None, bus_down: str | None) -> str:

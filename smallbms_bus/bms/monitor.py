@@ -13,8 +13,9 @@ current over the time since the previous step (MON-1):
     comms loss or with an inconsistent bank) or longer than MAX_STEP_S is not integrated: the monitor
     does not invent charge it did not see.
 
-SoC is *unknown* after the very first start (MON-3) until a synchronisation or a "set SoC" command;
-`consumed_ah` is counted meanwhile so MON-4 holds from the first start.
+SoC is *unknown* after the very first start (MON-3) until a synchronisation or a "set SoC" command.
+`consumed_ah` is counted meanwhile (from the level at the first start), but it is not Ah drawn since a
+full charge, so the core reports consumed Ah as unknown exactly while the SoC is (docs/core.md).
 
 Synchronisation (MON-2): bank voltage >= charged voltage (per 12.8 V unit x units in series) and
 current < tail current (percent of bank capacity; any sign, so a load running from a full bank at
@@ -68,6 +69,7 @@ def pulse_limits(units: int, capacity_ah: int) -> tuple[float, float]:
 @dataclass(frozen=True, slots=True)
 class MonitorReading:
     soc: float | None  # %, None = unknown
+    soc_before: float | None  # % at the start of this step (after any command): the step moved it from here to `soc`
     consumed_ah: float
     time_remaining_s: float | None  # math.inf when not discharging, None when SoC unknown
     average_current: float | None  # A over the last 3 minutes, None without data
@@ -75,6 +77,7 @@ class MonitorReading:
     synchronised: bool  # a synchronisation happened in this step
     charged_ah: float  # Ah into the bank in this step (for history)
     discharged_ah: float  # Ah out of the bank in this step (raw, without Peukert)
+    depth_change_ah: float = 0.0  # what this step added to consumed Ah before clamping (history's discharge depth)
 
 
 class BatteryMonitor:
@@ -111,25 +114,29 @@ class BatteryMonitor:
              series_units: int | None, settings: Settings) -> MonitorReading:
         dt = 0.0 if self._last_now is None else now - self._last_now
         self._last_now = now
+        soc_before = self.soc(capacity_ah)
         # The epsilon keeps a nominal 10 s step that floating point made 10.000000000002 s.
         valid = current is not None and bool(capacity_ah) and 0.0 < dt <= MAX_STEP_S + 1e-6
-        charged_ah = discharged_ah = 0.0
+        charged_ah = discharged_ah = change = 0.0
         if valid:
             amps = 0.0 if abs(current) < ZERO_CURRENT_A else current  # type: ignore[arg-type]
             hours = dt / 3600.0
             if amps > 0:
                 charged_ah = amps * hours
-                self.consumed_ah = max(0.0, self.consumed_ah - charged_ah * self.charge_efficiency)
+                change = -charged_ah * self.charge_efficiency
+                self.consumed_ah = max(0.0, self.consumed_ah + change)
             elif amps < 0:
                 discharged_ah = -amps * hours
                 i20 = capacity_ah / 20.0  # type: ignore[operator]
-                self.consumed_ah += discharged_ah * (-amps / i20) ** (self.peukert - 1.0)
+                change = discharged_ah * (-amps / i20) ** (self.peukert - 1.0)
+                self.consumed_ah += change
             self._average_add(now, amps, dt)
         synchronised = self._synchronise_if_charged(now, voltage, current, capacity_ah, series_units, settings)
         soc = self.soc(capacity_ah)
         average = self._window_as / self._window_s if self._window_s > 0 else None
         return MonitorReading(
             soc=soc,
+            soc_before=soc_before,
             consumed_ah=self.consumed_ah,
             time_remaining_s=self._time_remaining(soc, average, capacity_ah, settings),
             average_current=average,
@@ -137,6 +144,7 @@ class BatteryMonitor:
             synchronised=synchronised,
             charged_ah=charged_ah,
             discharged_ah=discharged_ah,
+            depth_change_ah=change,
         )
 
     def _average_add(self, now: float, amps: float, dt: float) -> None:

@@ -82,7 +82,7 @@ def _cell_voltage(ref: Any) -> float | None:
 
 
 def _time_remaining(s: Snapshot) -> float | None:
-    return s.decision.time_remaining_s  # None = infinite (not discharging) or unknown
+    return s.decision.time_remaining_s  # inf encodes as not available: infinite while the SoC is known, else unknown
 
 
 def _history_since_full(s: Snapshot) -> float | None:
@@ -95,7 +95,7 @@ BANK: dict[str, Callable[[Snapshot], Any]] = {
     "soc": lambda s: s.decision.soc,
     "current": lambda s: s.decision.bank.aggregates.current,
     "power": lambda s: s.decision.bank.aggregates.power,
-    "consumed_ah": lambda s: s.decision.consumed_ah if s.decision.soc is not None else None,
+    "consumed_ah": lambda s: s.decision.consumed_ah,  # None (unknown) exactly while the SoC is
     "time_remaining": _time_remaining,
     "battery_temperature": lambda s: s.decision.bank.aggregates.max_battery_temperature,
     "min_battery_temperature": lambda s: s.decision.bank.aggregates.min_battery_temperature,
@@ -115,6 +115,7 @@ BANK: dict[str, Callable[[Snapshot], Any]] = {
     "error_led": lambda s: LED_CODES[s.decision.error_led],
     "status_led": lambda s: LED_CODES[s.decision.status_led],
     "balancer_status": lambda s: BALANCER_CODES[s.decision.balancer],
+    "balancer_reason": lambda s: int(s.decision.balancer_reason),
     "batteries": lambda s: s.decision.bank.topology.batteries,
     "cells": lambda s: s.decision.bank.topology.cells,
     "batteries_in_series": lambda s: s.decision.bank.topology.series,

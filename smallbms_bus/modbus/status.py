@@ -20,15 +20,16 @@ import sys
 import time
 from typing import Any, TextIO
 
-from smallbms_bus.bms.alarms import BmsAlarm, BmsWarning, BusState
+from smallbms_bus.bms.alarms import BalancerReason, BalancerStatus, BmsAlarm, BmsWarning, BusState, balancer_text
 from smallbms_bus.config import ConfigError, load_config
 from smallbms_bus.modbus.regmap import decode_block, load_map
-from smallbms_bus.readout import time_remaining_text
+from smallbms_bus.readout import consumed_text, time_remaining_text
 
 STATES = {0: "waiting for batteries", 1: "on", 2: "off (mode or remote)", 3: "firmware update", 4: "fault"}
 ATD = {0: "no", 1: "yes", 2: "pre-alarm"}
 LEDS = {0: "off", 1: "blinking", 2: "solid"}
-BALANCER = {0: "unknown", 1: "balanced", 2: "balancing", 3: "imbalanced"}
+BALANCER = {0: BalancerStatus.UNKNOWN, 1: BalancerStatus.BALANCED, 2: BalancerStatus.BALANCING,
+            3: BalancerStatus.IMBALANCED}
 OUTPUT_BITS = ("load", "charge", "pre-alarm")
 READ_HOLDING = 3
 MODBUS_EXCEPTIONS = {1: "illegal function", 2: "illegal data address", 3: "illegal data value",
@@ -173,6 +174,15 @@ def _v(value: Any, fmt: str, unit: str, unknown: str = "unknown") -> str:
     return unknown if value is None else f"{value:{fmt}} {unit}".rstrip()
 
 
+def _balancer(v: dict[str, Any]) -> str:
+    status = BALANCER.get(v["balancer_status"])
+    if status is None:
+        return f"state {v['balancer_status']}"
+    code = v.get("balancer_reason") or 0  # 0 from a service older than the register, too
+    reason = BalancerReason(code) if code in tuple(BalancerReason) else BalancerReason.NONE
+    return balancer_text(status, reason if status is BalancerStatus.UNKNOWN else BalancerReason.NONE)
+
+
 def format_status(v: dict[str, Any], where: str) -> str:
     """The manual's status page (section 5.1.1) from block A's values, plus the history counters."""
     alarms = [f.name for f in BmsAlarm if v["alarms"] and v["alarms"] & f]
@@ -195,8 +205,8 @@ def format_status(v: dict[str, Any], where: str) -> str:
         f"bus                {bus}",
         f"voltage            {_v(v['voltage'], '.2f', 'V')}    current {_v(v['current'], '.2f', 'A')}"
         f"    power {_v(v['power'], 'd', 'W')}",
-        f"state of charge    {_v(v['soc'], '.1f', '%')}    consumed {_v(v['consumed_ah'], '.1f', 'Ah')}",
-        f"time remaining     {time_remaining_text(remaining) if remaining is not None else 'not discharging'}",
+        f"state of charge    {_v(v['soc'], '.1f', '%')}    consumed {consumed_text(v['consumed_ah'])}",
+        f"time remaining     {time_remaining_text(remaining, v['soc'] is not None)}",
         f"temperature        battery {_v(v['battery_temperature'], '.1f', '°C')}, cells "
         f"{_v(v['min_cell_temperature'], '.1f', '°C')} .. {_v(v['max_cell_temperature'], '.1f', '°C')}",
         f"cell voltage       {_v(v['min_cell_voltage'], '.3f', 'V')} .. {_v(v['max_cell_voltage'], '.3f', 'V')}",
@@ -207,7 +217,7 @@ def format_status(v: dict[str, Any], where: str) -> str:
         f"alarms             {', '.join(alarms) or 'none'}",
         f"warnings           {', '.join(warnings) or 'none'}",
         f"remote {'on' if v['remote'] else 'off'}, error LED {LEDS.get(v['error_led'])}, status LED "
-        f"{LEDS.get(v['status_led'])}, balancer {BALANCER.get(v['balancer_status'])}",
+        f"{LEDS.get(v['status_led'])}, balancer {_balancer(v)}",
         f"bank               {bank}",
         f"history            deepest discharge {_v(v['history.deepest_discharge'], '.1f', 'Ah')}, "
         f"{v['history.charge_cycles']} cycles, {v['history.synchronisations']} synchronisations, "

@@ -13,13 +13,16 @@ DAY = 24 * 3600.0
 
 def test_cycles_full_discharges_and_extremes():
     h = History()
-    common = dict(wall=0.0, consumed_ah=0.0, voltage=26.0, charged_ah=0.0, discharged_ah=0.0, synchronised=False,
+    common = dict(wall=0.0, depth_change_ah=0.0, voltage=26.0, charged_ah=0.0, discharged_ah=0.0, synchronised=False,
                   serials=[], cell_range=(3.2, 3.4), temperature_range=(10.0, 30.0))
+    before = None
     for soc in (80, 64.9, 80, 90, 90.1, 50, 95, 0.0, 0.0, 5.0, 10.5, 0.0):
-        h.record(soc=soc, **common)
+        h.record(soc_before=before, soc=soc, **common)
+        before = soc
     assert h.charge_cycles == 2  # below 65 then above 90, twice
     assert h.full_discharges == 2  # 0 % reached, re-armed above 10 %, reached again
-    h.record(soc=None, **(common | {"voltage": 30.0, "cell_range": (2.9, 3.7), "temperature_range": (-5.0, 41.0)}))
+    h.record(soc_before=None, soc=None,
+             **(common | {"voltage": 30.0, "cell_range": (2.9, 3.7), "temperature_range": (-5.0, 41.0)}))
     assert (h.min_bank_voltage, h.max_bank_voltage) == (26.0, 30.0)
     assert (h.min_cell_voltage, h.max_cell_voltage) == (2.9, 3.7)
     assert (h.min_battery_temperature, h.max_battery_temperature) == (-5.0, 41.0)
@@ -27,11 +30,12 @@ def test_cycles_full_discharges_and_extremes():
 
 def test_energy_and_ah_integrals_and_synchronisation():
     h = History()
-    h.record(wall=100.0, soc=90.0, consumed_ah=20.0, voltage=25.0, charged_ah=2.0, discharged_ah=4.0,
-             synchronised=False, serials=["A"], cell_range=None, temperature_range=None)
-    h.record(wall=200.0, soc=100.0, consumed_ah=5.0, voltage=28.0, charged_ah=1.0, discharged_ah=0.0,
-             synchronised=True, serials=["B", "A"], cell_range=None, temperature_range=None)
+    h.record(wall=100.0, soc_before=95.0, soc=90.0, depth_change_ah=20.0, voltage=25.0, charged_ah=2.0,
+             discharged_ah=4.0, synchronised=False, serials=["A"], cell_range=None, temperature_range=None)
+    h.record(wall=200.0, soc_before=98.0, soc=100.0, depth_change_ah=-15.0, voltage=28.0, charged_ah=1.0,
+             discharged_ah=0.0, synchronised=True, serials=["B", "A"], cell_range=None, temperature_range=None)
     assert h.cumulative_ah_drawn == 4.0 and h.deepest_discharge_ah == 20.0
+    assert h.discharge_depth_ah == 0.0 and h.last_discharge_ah == 0.0  # a synchronisation: full again
     assert h.discharged_energy_kwh == pytest.approx(25.0 * 4.0 / 1000)
     assert h.charged_energy_kwh == pytest.approx((25.0 * 2.0 + 28.0 * 1.0) / 1000)
     assert h.synchronisations == 1 and h.last_full_charge_wall == 200.0 and h.serials_at_full_charge == ["A", "B"]
@@ -115,4 +119,5 @@ def test_nothing_is_counted_before_the_core_starts():
     rig = Rig(discovery_window=5.0)
     rig.set_current(-50.0)
     d = rig.run(4.0)
-    assert not d.started and d.consumed_ah == 0.0 and d.history.cumulative_ah_drawn == 0.0
+    assert not d.started and d.consumed_ah is None and d.history.cumulative_ah_drawn == 0.0
+    assert rig.core.monitor.consumed_ah == 0.0

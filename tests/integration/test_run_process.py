@@ -24,13 +24,14 @@ CMD = [sys.executable, "-m", "smallbms_bus.cli"]
 LOAD, CHARGE = 1, 2
 
 
-def write_config(path: Path, bus: str, store: Path, module_port: int, modbus_port: int = 0) -> Path:
+def write_config(path: Path, bus: str, store: Path, module_port: int, modbus_port: int = 0,
+                 discovery_window: float = 1.0) -> Path:
     path.write_text(f"""
 [bus]
 interface = "slcan"
 channel = "{bus}"
 [bms]
-discovery_window = 1.0
+discovery_window = {discovery_window}
 [store]
 path = "{store}"
 [outputs]
@@ -139,6 +140,105 @@ def test_kill_9_after_modbus_writes_keeps_settings_mode_and_soc(rig):
         service.kill()
         service.wait(timeout=10)
 
+
+
+class StampedHub(SlcanHub):
+    """The wire, stamping each frame a port transmits when it crosses the wire (the hub's own clock)."""
+
+    def __init__(self) -> None:
+        self.sent_at: dict[str, list[float]] = {}
+        super().__init__()
+
+    def _broadcast(self, sender, line: bytes) -> None:  # type: ignore[no-untyped-def]
+        self.sent_at.setdefault(sender.name, []).append(time.monotonic())
+        super()._broadcast(sender, line)
+
+
+class StampedModule(VirtualModbusTcpModule):
+    """The relay module, stamping each change of a relay when the write that made it arrives."""
+
+    def __init__(self) -> None:
+        self.changes: list[tuple[float, int, bool]] = []
+        super().__init__(unit=1)
+
+    async def _action(self, function_code, start_address, address, count, registers, set_values):  # type: ignore[no-untyped-def]
+        before = self.relays
+        answer = await super()._action(function_code, start_address, address, count, registers, set_values)
+        at = time.monotonic()
+        self.changes += [(at, channel, on) for channel, on in self.relays.items() if before[channel] != on]
+        return answer
+
+    def all_on_at(self, *channels: int, since: float) -> float | None:
+        state = {c: False for c in channels}
+        for at, channel, on in self.changes:
+            if channel in state:
+                state[channel] = on
+                if at >= since and all(state.values()):
+                    return at
+        return None
+
+
+def simulate(hub: SlcanHub) -> subprocess.Popen:
+    return subprocess.Popen([*CMD, "simulate", "--interface", "slcan", "--channel", hub.path("slcan0"),
+                             "--bank", "2s1p-12v100", "--scenario", "steady"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop(process: subprocess.Popen) -> str:
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == 0, err
+    return err
+
+
+def test_a_restart_with_a_learned_bank_has_the_outputs_back_within_3_s_of_the_first_frame(tmp_path):
+    """BANK-2, seen: a restart held every output off for the full 10 s discovery window although the learned bank
+    was in the store. Timed on the wire (the hub stamps the simulator's first frame) and at the relay module (it
+    stamps the write that switched the relays), both on this process's monotonic clock."""
+    with StampedHub() as hub, StampedModule() as module:
+        store = tmp_path / "state.db"
+        modbus_port = free_port()
+        config = write_config(tmp_path / "smallbms-bus.toml", hub.path("slcan1"), store, module.port, modbus_port,
+                              discovery_window=10.0)  # the default: a first start learns for 10 s
+        simulator = simulate(hub)
+        service = start(config)
+        try:
+            wait_for(lambda: module.relays[LOAD] and module.relays[CHARGE], 40, "first start: relays on", service)
+            stop(service)
+            assert not module.relays[LOAD] and not module.relays[CHARGE]
+            simulator.terminate()
+            simulator.wait(timeout=10)
+            service = start(config)  # nothing on the wire while it starts
+
+            def answers() -> bool:
+                try:
+                    with socket.create_connection(("127.0.0.1", modbus_port), timeout=0.5):
+                        return True
+                except OSError:
+                    return False
+            wait_for(answers, 30, "the restarted service serves Modbus", service)
+            time.sleep(1.0)  # its bus is open and it is deciding: waiting for batteries
+            assert not module.relays[LOAD] and not module.relays[CHARGE]
+            frames_before = len(hub.sent_at.get("slcan0", []))
+            simulator = simulate(hub)
+            wait_for(lambda: len(hub.sent_at.get("slcan0", [])) > frames_before, 20, "the simulator's first frame")
+            first_frame = hub.sent_at["slcan0"][frames_before]
+            wait_for(lambda: module.all_on_at(LOAD, CHARGE, since=first_frame) is not None, 20,
+                     "restart: load and charge relays on", service)
+            delay = module.all_on_at(LOAD, CHARGE, since=first_frame) - first_frame
+            print(f"outputs back {delay:.2f} s after the first frame")
+            assert delay <= 3.0, f"outputs back {delay:.2f} s after the first frame"
+            stop(service)
+        finally:
+            if service.poll() is None:
+                service.kill()
+            simulator.terminate()
+            simulator.wait(timeout=10)
+        with Store.open(store) as s:
+            events = s.events(limit=None)[::-1]
+        assert not [e for e in events if "recovering" in e["reason"]], events
+        assert sum(1 for e in events if (e["name"], e["value"]) == ("SOC_UNKNOWN", "raised")) == 1  # the first start
+        assert sum(1 for e in events if e["name"] == "MODE") == 1, events  # mode did not change at the restart
 
 
 def test_bad_config_exits_2_naming_the_key(tmp_path):

@@ -54,7 +54,7 @@ def test_block_a_is_the_instant_readout_of_the_latest_decision(server, client):
     assert a[26:33] == [4, 16, 2, 2, 200, 2560, 0]  # 2S2P of 12.8 V 100 Ah: 200 Ah, 25.60 V
     assert u32(a, 34) == int(server.rig.t)
     assert a[33] == int(server.rig.t) & 0xFFFF
-    assert a[36:40] == [0, 0, 0, 0]
+    assert a[36:40] == [0, 1, 0, 0]  # bus up, balancer unknown because the SoC is (BAL-1), reserved
 
 
 def test_fc3_and_fc4_return_the_same_words_everywhere(client):
