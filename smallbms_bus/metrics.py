@@ -149,8 +149,8 @@ FIRMWARE_UPDATE = _m("firmware_update", "gauge", (), "1 = firmware update mode (
 OUTPUT = _m("output_high", "gauge", ("output",),
             "Output the BMS wants: 1 = high (load_disconnect: loads may run; charge_disconnect: chargers may run; "
             "pre_alarm: alarm).")
-ALARM = _m("alarm", "gauge", ("alarm",), "1 = alarm active (BEHAVIOUR.md alarm bits: an action was taken).")
-WARNING = _m("warning", "gauge", ("warning",), "1 = warning active (BEHAVIOUR.md warning bits).")
+ALARM = _m("alarm", "gauge", ("alarm",), "1 = alarm active (docs/behaviour.md alarm bits: an action was taken).")
+WARNING = _m("warning", "gauge", ("warning",), "1 = warning active (docs/behaviour.md warning bits).")
 LED = _m("led_state", "gauge", ("led", "state"), "LED state (LED-1, LED-2): for each led one of off, blinking, "
          "solid is 1.")
 BALANCER = _m("balancer_status", "gauge", ("state",), "Balancer status (BAL-1): one of unknown, balanced, "
