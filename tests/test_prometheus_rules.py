@@ -83,3 +83,22 @@ def test_dashboard_json_is_generated_and_provisionable():
     assert {"stat", "timeseries", "state-timeline", "heatmap", "table"} <= kinds
     provider = (ROOT / "deploy" / "grafana" / "provisioning" / "dashboards" / "smallbms-bus.yml").read_text()
     assert "type: file" in provider and "apiVersion: 1" in provider
+
+
+def test_alert_rules_rule_tests_dashboard_and_docs_use_the_exported_label_values():
+    """The label values the rules, their promtool tests, the dashboard and the docs select are the ones the service
+    exports (one casing: the names of docs/behaviour.md in lower case); a selector with another casing matches
+    nothing and its alert never fires."""
+    from smallbms_bus.bms.alarms import BmsAlarm, BmsWarning
+    from smallbms_bus.metrics import BATTERY_FLAGS
+
+    exported = {"alarm": {a.name.lower() for a in BmsAlarm}, "warning": {w.name.lower() for w in BmsWarning},
+                "flag": set(BATTERY_FLAGS)}
+    files = [RULES, RULE_TESTS, DASHBOARD, DASHBOARD.with_name("dashboard.py"), ROOT / "docs" / "metrics.md",
+             ROOT / "docs" / "behaviour.md", ROOT / "README.md"]
+    used = {label: set() for label in exported}
+    for path in files:
+        for label, value in re.findall(r'\b(alarm|warning|flag)=~?\\?"([^"\\]*)', path.read_text()):
+            used[label].add(value)
+            assert value in exported[label], f"{path.name}: {label}=\"{value}\" is not a value the service exports"
+    assert used["alarm"] and used["warning"]  # the rules do select alarms and warnings by label
