@@ -11,8 +11,11 @@ sits next to the cells of another tick.
 Names follow the Prometheus conventions: prefix `smallbms_`, base units in the name (volts, amperes,
 watts, celsius, seconds, percent; energy in joules and charge in coulombs, as `promtool check metrics`
 insists: 1 kWh = 3.6e6 J, 1 Ah = 3600 C; the Grafana dashboard shows kWh and Ah), `_total` counters,
-`_info` identities, 0/1 gauges for states, and a `state` label for enumerations (LEDs, balancer, bank
-phase: exactly one series of each is 1). `METRICS` declares every family once; docs/metrics.md is
+`_info` identities (exposed as gauges of value 1, as prometheus-client writes info metrics in the text
+format), 0/1 gauges for states, and a `state` label for enumerations (LEDs, balancer, bank phase: exactly
+one series of each is 1). Every label value of a fixed vocabulary is lower snake case:
+`alarm="cell_high_voltage"` (the alarm CELL_HIGH_VOLTAGE) beside the battery's own
+`flag="cell_high_voltage"`. `METRICS` declares every family once; docs/metrics.md is
 generated from it (`python -m smallbms_bus.metrics --markdown`).
 
 Freshness: a value nobody measured is absent, never zero. A stale battery keeps only
@@ -83,6 +86,9 @@ OUTPUT_NAMES = ("load_disconnect", "charge_disconnect", "pre_alarm")
 KWH_TO_JOULES = 3.6e6
 AH_TO_COULOMBS = 3600.0
 CELL_NUMBERS = tuple(str(i) for i in range(1, 17))
+# alarm / warning label values: the names of docs/behaviour.md in lower case, like every other label value
+ALARM_LABELS = tuple((m, (m.name or "").lower()) for m in BmsAlarm)
+WARNING_LABELS = tuple((m, (m.name or "").lower()) for m in BmsWarning)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,8 +155,10 @@ FIRMWARE_UPDATE = _m("firmware_update", "gauge", (), "1 = firmware update mode (
 OUTPUT = _m("output_high", "gauge", ("output",),
             "Output the BMS wants: 1 = high (load_disconnect: loads may run; charge_disconnect: chargers may run; "
             "pre_alarm: alarm).")
-ALARM = _m("alarm", "gauge", ("alarm",), "1 = alarm active (BEHAVIOUR.md alarm bits: an action was taken).")
-WARNING = _m("warning", "gauge", ("warning",), "1 = warning active (BEHAVIOUR.md warning bits).")
+ALARM = _m("alarm", "gauge", ("alarm",), "1 = alarm active (an action was taken); `alarm` is its name in "
+           "docs/behaviour.md in lower case (cell_low_voltage, ...).")
+WARNING = _m("warning", "gauge", ("warning",), "1 = warning active; `warning` is its name in docs/behaviour.md in "
+             "lower case (pre_alarm, ...).")
 LED = _m("led_state", "gauge", ("led", "state"), "LED state (LED-1, LED-2): for each led one of off, blinking, "
          "solid is 1.")
 BALANCER = _m("balancer_status", "gauge", ("state",), "Balancer status (BAL-1): one of unknown, balanced, "
@@ -405,10 +413,10 @@ class BmsCollector(Collector):
         for output in OUTPUT_NAMES:
             family.add_metric((output,), float(getattr(outputs, output)))
         yield family
-        for name, flags, kind in ((ALARM, d.alarms, BmsAlarm), (WARNING, d.warnings, BmsWarning)):
+        for name, flags, members in ((ALARM, d.alarms, ALARM_LABELS), (WARNING, d.warnings, WARNING_LABELS)):
             family = _family(name)
-            for member in kind:
-                family.add_metric((member.name,), 1.0 if member in flags else 0.0)
+            for member, label in members:
+                family.add_metric((label,), 1.0 if member in flags else 0.0)
             yield family
         family = _family(LED)
         for led, state in (("error", d.error_led), ("status", d.status_led)):
@@ -995,8 +1003,19 @@ def markdown() -> str:
              "is stale; SoC and time remaining while the SoC is unknown (warning `SOC_UNKNOWN`). Charge is in",
              "coulombs (1 Ah = 3600 C) and energy in joules (1 kWh = 3.6e6 J), the base units Prometheus asks for.",
              "Battery labels: `battery` (node 1..50), `serial`, `string` (StringIndex), `position` (SeriesIndex).",
+             "Label values of a fixed vocabulary (alarm, warning, flag, state, reason, kind, output, ...) are lower",
+             "snake case: `smallbms_alarm{alarm=\"cell_high_voltage\"}` is alarm CELL_HIGH_VOLTAGE of",
+             "docs/behaviour.md. An `_info` family is a gauge whose value is always 1 and whose labels carry the",
+             "information (prometheus-client's convention for the text format).",
              "The process collectors of prometheus-client add `process_*` and `python_*`.",
              "Alert rules: `deploy/prometheus/`; dashboard: `deploy/grafana/`.", "",
+             "**Site.** The installation's name is a Prometheus target label, `site`, set per target in",
+             "`deploy/prometheus/prometheus.yml` (`site: example`): Prometheus puts it on every series of that",
+             "target and on `up`, so an alert names the site even when the service cannot be reached. Every alert",
+             "summary names it (\"Pre-alarm on bms:9108 (site home)\") and the dashboard's Site variable selects",
+             "the instances of a site. The service itself exports no `site` label: Prometheus would rename it",
+             "`exported_site` beside the target's. Each graph shows one quantity per axis (a second one, such as",
+             "right axis and its own unit).", "",
              "## Connections", "",
              "The endpoint follows the same connection policy as Modbus (docs/modbus.md, \"Connections\"), with",
              "its own `[metrics]` keys:", "",
@@ -1025,7 +1044,8 @@ def markdown() -> str:
         for spec in METRICS.values():
             if spec.group == group:
                 labels = ", ".join(f"`{label}`" for label in spec.labels)
-                lines.append(f"| `{spec.name}` | {spec.kind} | {labels} | {spec.help.replace('|', '/')} |")
+                kind = "gauge" if spec.kind == "info" else spec.kind  # what `# TYPE` says in the text format
+                lines.append(f"| `{spec.name}` | {kind} | {labels} | {spec.help.replace('|', '/')} |")
         lines.append("")
     return "\n".join(lines)
 

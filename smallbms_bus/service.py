@@ -23,7 +23,10 @@ The BMS core is pure; this shell gives it time and I/O and never decides anythin
   at start (settings, mode, SoC, history, learned bank, latches, timers). The Persister decides on the
   loop thread and takes the snapshot there (the core is not thread-safe); only the fsync'd write runs
   on the store thread, one save in flight at a time from the tick (a slow card never queues saves).
-  Events travel with the state in the same transaction.
+  Events travel with the state in the same transaction: the core's (ATC, ATD, alarms, ...), the write
+  path's (settings, commands, refusals: commit.py) and the service's own: STARTED (version, configuration,
+  store), STOPPED (how; saved with the final save, or appended on its own when that save failed), and at a
+  start after a run that left no STOPPED (killed, power cut), PREVIOUS_RUN saying so.
 - Writes (settings, mode, commands, SoC) from any front end go through `commit` (smallbms_bus/commit.py,
   SET-3): applied and decided on the loop, committed on the store thread, answered once on disk;
   refused (04) and undone when the store cannot commit them, except "mode off".
@@ -54,12 +57,13 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from smallbms_bus import __version__
 from smallbms_bus.bms.alarms import BusState
-from smallbms_bus.bms.core import BmsCore, Decision, bms_state_report
+from smallbms_bus.bms.core import BmsCore, Decision, Event, bms_state_report
 from smallbms_bus.commit import Change, Committed, WritePath
 from smallbms_bus.config import Config
 from smallbms_bus.link.bus import BusConfig, Link
@@ -72,7 +76,7 @@ from smallbms_bus.outputs.controller import Outputs
 from smallbms_bus.outputs.gpiod import GpiodBoard
 from smallbms_bus.outputs.remote import RemoteInput
 from smallbms_bus.reports import Report
-from smallbms_bus.store import PendingSave, Persister, Store, StoreLock, lock_holder_description
+from smallbms_bus.store import PendingSave, Persister, Store, StoreError, StoreLock, lock_holder_description
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +86,22 @@ MODBUS_RETRY_S = 5.0
 STORE_STALL_S = 10.0  # a save waiting longer for the disk is a stalled store: ERROR, smallbms_store_up 0
 OFF = {"load_disconnect": False, "charge_disconnect": False, "pre_alarm": False, "error_led": "off",
        "status_led": "off"}
+
+
+def _unfinished_run(store: Store) -> str | None:
+    """Why the previous run left no STOPPED event (killed, power cut, crash), or None when it stopped cleanly or
+    there was none (a new store, or one written by a version that recorded no starts)."""
+    last = next((e for e in store.events(None) if e["kind"] == "service" and e["name"] in ("STARTED", "STOPPED")),
+                None)
+    if last is None or last["name"] == "STOPPED":
+        return None
+    saved = store.saved_wall()
+    return (f"the run started {_when(last['wall'])} (smallbms-bus {last['value']}) recorded no stop: it was killed, "
+            f"lost power or crashed; the state is as last saved {_when(saved) if saved else 'never'}")
+
+
+def _when(wall: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(wall))
 
 
 def sd_notify(message: str) -> None:
@@ -130,6 +150,8 @@ class Service:
         snapshot = self.store.load_state()
         self.core = (BmsCore.from_snapshot(snapshot, now, wall(), **options) if snapshot is not None
                      else BmsCore(now, wall(), **options))
+        self._previous_run = _unfinished_run(self.store)  # why the last run recorded no STOPPED, or None
+        self._stop_cause = "stop requested"
         db = load_dbc(config["bus"]["dbc"])
         self.encoder = FrameEncoder(db)
         b = config["bus"]
@@ -164,14 +186,15 @@ class Service:
         self._saves_in_flight: list[float] = []  # when each save handed to the store thread was (loop thread only)
         self.store_stalled_since: float | None = None  # set when the oldest save in flight waited STORE_STALL_S
         self._background: set[asyncio.Future] = set()
-        self.writes = WritePath(self.core, self.persister, self._save, self._decide_now, clock, wall)
+        self.writes = WritePath(self.core, self.persister, self._save, self._decide_now, clock, wall, self.record)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready = False  # READY=1 sent
         modbus = ModbusOptions.from_config(config["modbus"])
         self.modbus: ModbusServer | None = None  # the Modbus TCP server; None when [modbus] serves no port
         if modbus.port is not None or modbus.tls:
             self.modbus = ModbusServer(modbus, BmsAccess(core=self.core, decision=lambda: self.decision,
-                                                         commit=self.commit, clock=clock, started=now))
+                                                         commit=self.commit, clock=clock, started=now,
+                                                         refused=self.writes.note_refusal))
         self.metrics: MetricsServer | None = None  # the Prometheus endpoint, started by run() when configured
 
     # -- the decision path ------------------------------------------------------------------------
@@ -221,11 +244,26 @@ class Service:
                 self.stats.bms_state_sent += 1  # handed to the bus thread (the link counts what it wrote)
             self._last_sent_state, self._next_state_at = state, now + TICK_S
         if decision.events:
-            self.stats.events += len(decision.events)
-            for event in decision.events:
-                log.info("event %s %s -> %s: %s", event.kind, event.name, event.value, event.reason)
-            self.persister.queue(decision.events)  # written with the state, in one transaction
+            self.record(decision.events)
         return decision
+
+    def record(self, events: Sequence[Event]) -> None:
+        """Events of the core, the write path and the service: logged, counted, and saved with the state (one
+        transaction) by the next save."""
+        self.stats.events += len(events)
+        for event in events:
+            log.info("event %s %s -> %s: %s", event.kind, event.name, event.value, event.reason)
+        self.persister.queue(events)
+
+    def _service_event(self, name: str, value: str, reason: str) -> Event:
+        return Event(self.wall(), self.clock(), name, "service", value, reason)
+
+    def _record_start(self) -> None:
+        events = [] if self._previous_run is None else [
+            self._service_event("PREVIOUS_RUN", "no stop record", self._previous_run)]
+        events.append(self._service_event("STARTED", __version__, f"smallbms-bus {__version__} started: configuration "
+                                          f"{self.config.source}, store {self.config['store']['path']}"))
+        self.record(events)
 
     def _want_outputs(self, wanted: dict[str, Any], now: float) -> None:
         """Latest wins: a slow board (Modbus RTU at 9600 baud) gets the newest state, never a backlog."""
@@ -354,6 +392,7 @@ class Service:
             now = self.clock()
             # The snapshot is taken here, on the core's thread; only the fsync'd write goes to the store thread,
             # and only when the previous one is done: a stalled card holds one save, never a growing queue.
+            self.writes.flush_refusals(now)  # the summary of a refusal window that has ended
             if not self._saves_in_flight:
                 save = self.persister.collect(self.core, now, self.wall())
                 if save is not None:
@@ -399,8 +438,15 @@ class Service:
         """Serve until `stop` (or SIGTERM/SIGINT); 0 after a clean stop, 1 when the final save failed."""
         stop = stop or asyncio.Event()
         self._loop = asyncio.get_running_loop()
+
+        def stop_by(cause: str) -> Callable[[], None]:
+            def handler() -> None:
+                self._stop_cause = cause
+                stop.set()
+            return handler
+
         handlers: dict[int, Callable[[], object]] = {
-            signal.SIGTERM: stop.set, signal.SIGINT: stop.set, signal.SIGHUP: self._on_sighup,
+            signal.SIGTERM: stop_by("SIGTERM"), signal.SIGINT: stop_by("SIGINT"), signal.SIGHUP: self._on_sighup,
             signal.SIGUSR1: self._on_sigusr1, signal.SIGUSR2: self._on_sigusr2}
         for sig, handler in handlers.items():  # their default action would kill the service with the outputs on
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread (tests)
@@ -408,6 +454,7 @@ class Service:
         saved = False
         try:
             await self._loop.run_in_executor(self._io, self.outputs.safe)  # OUT-4: start from a known safe state
+            self._record_start()
             receiver = threading.Thread(  # the link's owner thread
                 target=self.link.serve, args=(self._stopping, self._deliver),
                 kwargs={"pre_alarm_level": lambda: self.core.settings.pre_alarm_level_per_cell}, name="bus",
@@ -516,7 +563,15 @@ class Service:
         self._io.shutdown(wait=True)
         # The outputs are off before anything waits on the store (a stalled card must not keep them on).
         await self.writes.close()  # a write in flight is committed and answered; later ones are refused
+        stopped = "outputs off"
+        self.record([self._service_event("STOPPED", "clean", f"stopped ({self._stop_cause}): {stopped}")])
         saved = await self.save_now()  # queued after any save in flight
+        if not saved:  # the clean STOPPED went down with that save: say what happened, if the disk lets us
+            failed = self._service_event("STOPPED", "final save failed",
+                                         f"stopped ({self._stop_cause}): {stopped}, but the final save failed "
+                                         f"({self.persister.last_error}): what changed since the last save is lost")
+            with contextlib.suppress(StoreError):  # the log line below says it anyway
+                await loop.run_in_executor(self._db, self.store.append_events, [failed])
         try:
             await loop.run_in_executor(self._db, self.store.close)
         except Exception:  # the outputs are off and the save is decided: report, never a traceback

@@ -519,6 +519,13 @@ class Persister:
             self._pending.extend(events)
             del self._pending[:-EVENT_LOG_SIZE]  # a store that keeps failing must not grow memory
 
+    def discard(self, events: Iterable[Any]) -> None:
+        """Take queued events back (these very objects): a write the store could not commit must not be logged
+        as done when the next save commits."""
+        gone = {id(e) for e in events}
+        with self._pending_lock:
+            self._pending[:] = [e for e in self._pending if id(e) not in gone]
+
     def due(self, core: _Core, now: float) -> bool:
         """Whether `maybe_save` would write now (without `force`)."""
         if self._last_failure is not None and now - self._last_failure < self.retry:

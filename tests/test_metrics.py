@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import logging
+import re
 import shutil
 import socket
 import subprocess
@@ -69,7 +70,7 @@ def test_series_counts_match_the_bank(tmp_path, bank, batteries, cells_each):
         assert sorted(int(labels["cell"]) for labels, _ in cells) == list(range(1, cells_each + 1))
     assert s.value("smallbms_bank_batteries") == batteries and s.value("smallbms_bank_cells") == batteries * cells_each
     assert len(s.series("smallbms_alarm")) == len(BmsAlarm) and len(s.series("smallbms_warning")) == len(BmsWarning)
-    assert {labels["alarm"] for labels, _ in s.series("smallbms_alarm")} == {a.name for a in BmsAlarm}
+    assert {labels["alarm"] for labels, _ in s.series("smallbms_alarm")} == {a.name.lower() for a in BmsAlarm}
     assert len(s.series("smallbms_led_state")) == 6 and sum(v for _, v in s.series("smallbms_led_state")) == 2
     assert sum(v for _, v in s.series("smallbms_balancer_status")) == 1
     assert s.value("smallbms_output_high", output="load_disconnect") == 1
@@ -153,7 +154,7 @@ def test_stale_battery_readings_disappear_and_up_says_why(tmp_path):
         assert s.series("smallbms_battery_info", battery="2")  # identity stays: it is not a reading
         assert not s.series("smallbms_bank_current_amperes") and not s.series("smallbms_bank_power_watts")
         assert s.value("smallbms_bank_complete") == 0
-        assert s.value("smallbms_alarm", alarm="BATTERY_COMMS_LOST") == 1
+        assert s.value("smallbms_alarm", alarm="battery_comms_lost") == 1
         assert s.value("smallbms_allowed_to_charge") == 0 and s.value("smallbms_allowed_to_discharge") == 0
         assert s.value("smallbms_led_state", led="error", state="solid") == 1  # LED-1: an alarm is active
         assert s.value("smallbms_events_total") > events  # ATC, ATD and the alarm changed: events, counted
@@ -234,3 +235,30 @@ def test_a_busy_port_never_stops_the_bms_and_stop_closes_the_endpoint(tmp_path, 
         assert run.shutdown() == 0
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", run.port), timeout=2).close()
+
+
+# Labels whose values are free text or identities, not a fixed vocabulary.
+FREE_TEXT_LABELS = {"version", "serial", "firmware", "nominal_voltage", "capacity_ah", "interface", "channel",
+                    "battery", "cell", "string", "position"}
+
+
+def test_every_enumerated_label_value_is_lower_snake_case(bms):
+    """One casing for every label value of a fixed vocabulary (alarm, warning, flag, state, reason, ...), so
+    `alarm="cell_high_voltage"` sits next to `flag="cell_high_voltage"`, never `CELL_HIGH_VOLTAGE`."""
+    s = bms.scrape()
+    wrong = {(name, label, value) for name, samples in s.samples.items() if name.startswith("smallbms_")
+             and not name.endswith("_info") for labels, _ in samples for label, value in labels.items()
+             if label not in FREE_TEXT_LABELS and not re.fullmatch(r"[a-z0-9_]+", value)}
+    assert not wrong, sorted(wrong)[:10]
+    assert {labels["alarm"] for labels, _ in s.series("smallbms_alarm")} == {a.name.lower() for a in BmsAlarm}
+    assert {labels["warning"] for labels, _ in s.series("smallbms_warning")} == {w.name.lower() for w in BmsWarning}
+
+
+def test_docs_metrics_md_types_are_what_the_scrape_says(bms):
+    """docs/metrics.md lists each family with the TYPE the endpoint sends (an info family is a gauge in the text
+    format, as prometheus-client writes it)."""
+    documented = dict(re.findall(r"^\| `(smallbms_\w+)` \| (\w+) \|", (ROOT / "docs" / "metrics.md").read_text(),
+                                 flags=re.MULTILINE))
+    scraped = {name: kind for name, kind in bms.scrape().types.items() if name.startswith("smallbms_")}
+    assert scraped and set(scraped) <= set(documented)
+    assert {name: documented[name] for name in scraped} == scraped

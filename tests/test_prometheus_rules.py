@@ -72,7 +72,7 @@ def test_dashboard_json_is_generated_and_provisionable():
     dashboard = json.loads(DASHBOARD.read_text())
     assert dashboard["uid"] == "smallbms-bus" and "id" not in dashboard  # provisioning assigns the id
     variables = {v["name"] for v in dashboard["templating"]["list"]}
-    assert variables == {"datasource", "instance", "battery"}
+    assert variables == {"datasource", "site", "instance", "battery"}
     panels = [p for p in dashboard["panels"] if p["type"] != "row"]
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
     for panel in panels:
@@ -83,3 +83,80 @@ def test_dashboard_json_is_generated_and_provisionable():
     assert {"stat", "timeseries", "state-timeline", "heatmap", "table"} <= kinds
     provider = (ROOT / "deploy" / "grafana" / "provisioning" / "dashboards" / "smallbms-bus.yml").read_text()
     assert "type: file" in provider and "apiVersion: 1" in provider
+
+
+def test_alert_rules_rule_tests_dashboard_and_docs_use_the_exported_label_values():
+    """The label values the rules, their promtool tests, the dashboard and the docs select are the ones the service
+    exports (one casing: the names of docs/behaviour.md in lower case); a selector with another casing matches
+    nothing and its alert never fires."""
+    from smallbms_bus.bms.alarms import BmsAlarm, BmsWarning
+    from smallbms_bus.metrics import BATTERY_FLAGS
+
+    exported = {"alarm": {a.name.lower() for a in BmsAlarm}, "warning": {w.name.lower() for w in BmsWarning},
+                "flag": set(BATTERY_FLAGS)}
+    files = [RULES, RULE_TESTS, DASHBOARD, DASHBOARD.with_name("dashboard.py"), ROOT / "docs" / "metrics.md",
+             ROOT / "docs" / "behaviour.md", ROOT / "README.md"]
+    used = {label: set() for label in exported}
+    for path in files:
+        for label, value in re.findall(r'\b(alarm|warning|flag)=~?\\?"([^"\\]*)', path.read_text()):
+            used[label].add(value)
+            assert value in exported[label], f"{path.name}: {label}=\"{value}\" is not a value the service exports"
+    assert used["alarm"] and used["warning"]  # the rules do select alarms and warnings by label
+
+
+SUFFIX_QUANTITY = (("_volts", "V"), ("_amperes", "A"), ("_watts", "W"), ("_percent", "%"), ("_celsius", "°C"),
+                   ("_seconds", "s"), ("_bytes", "bytes"), ("_coulombs", "C"), ("_joules", "J"))
+# The Grafana unit that shows each quantity (None: Grafana's default, a plain number).
+GRAFANA_UNITS = {"V": {"volt"}, "A": {"amp"}, "W": {"watt"}, "%": {"percent"}, "°C": {"celsius"}, "s": {"s"},
+                 "bytes": {"bytes"}, "count": {None, "short", "none"}, "count/s": {"pps", "reqps", "ops", "cps"},
+                 "s/s": {"percentunit"}}
+
+
+def quantity(expr: str) -> str:
+    """What a dashboard expression measures, from its metric's unit suffix and its rate() or increase()."""
+    name = re.search(r"\b((?:smallbms|process)_\w+)", expr)[1].removesuffix("_total")
+    base = next((q for suffix, q in SUFFIX_QUANTITY if name.endswith(suffix)), "count")
+    return f"{base}/s" if "rate(" in expr else base
+
+
+def axes(panel: dict) -> dict[str, tuple[set[str], str | None]]:
+    """"left"/"right" -> (the quantities of its series, the Grafana unit it shows)."""
+    right = {}
+    for override in panel["fieldConfig"]["overrides"]:
+        props = {p["id"]: p["value"] for p in override["properties"]}
+        if override["matcher"]["id"] == "byFrameRefID" and props.get("custom.axisPlacement") == "right":
+            right[override["matcher"]["options"]] = props.get("unit")
+    out: dict[str, tuple[set[str], str | None]] = {}
+    for target in panel["targets"]:
+        side = "right" if target["refId"] in right else "left"
+        unit = right.get(target["refId"]) if side == "right" else panel["fieldConfig"]["defaults"].get("unit")
+        quantities, shown = out.get(side, (set(), unit))
+        assert shown == unit, f"{panel['title']}: two units on its {side} axis"
+        out[side] = (quantities | {quantity(target["expr"])}, unit)
+    return out
+
+
+def test_every_dashboard_graph_has_one_quantity_per_axis_in_its_own_unit():
+    """Two units on one axis flatten the smaller one (W beside %: the SoC is a flat line at the bottom)."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    for panel in dashboard["panels"]:
+        if panel["type"] != "timeseries":
+            continue
+        for side, (quantities, unit) in axes(panel).items():
+            assert len(quantities) == 1, f"{panel['title']}: {sorted(quantities)} on its {side} axis"
+            (what,) = quantities
+            assert unit in GRAFANA_UNITS[what], f"{panel['title']}: {what} shown in unit {unit!r}"
+    assert quantity("rate(process_cpu_seconds_total{x}[1m])") == "s/s"
+    assert quantity("smallbms_bank_power_watts{x}") == "W"
+
+
+def test_every_alert_names_its_site_and_the_rule_tests_prove_it():
+    """prometheus.yml gives each installation a `site` target label, so every series and every alert carries it;
+    each summary names it (when there is one), and the promtool tests feed series with a site and expect it."""
+    summaries = re.findall(r"^\s+summary: (.+)$", RULES.read_text(), flags=re.MULTILINE)
+    assert len(summaries) == len(alert_rules())
+    assert all("{{ with $labels.site }}" in s for s in summaries), [s for s in summaries if "$labels.site" not in s]
+    tests = RULE_TESTS.read_text()
+    with_site = set(re.findall(r'^\s+summary: "[^"]*\(site home\)[^"]*"$', tests, flags=re.MULTILINE))
+    assert len(with_site) >= len(alert_rules()) - 1  # one rule is tested without a site: no "(site )" then
+    assert "site: example" in (PROMETHEUS_DIR / "prometheus.yml").read_text()

@@ -4,7 +4,7 @@
     python deploy/grafana/dashboard.py --check  # exit 1 if the committed JSON is not what this writes
 
 Panels are declared as data below; every PromQL expression selects job="smallbms-bus" through the
-`$instance` variable. tests/integration/test_prometheus.py runs each expression against a real Prometheus
+`$instance` variable (chosen among the instances of the `$site` variable). tests/integration/test_prometheus.py runs each expression against a real Prometheus
 scraping `smallbms-bus demo` and requires data.
 """
 
@@ -20,6 +20,10 @@ OUT = Path(__file__).with_name("smallbms-bus.json")
 INST = 'instance=~"$instance"'
 IB = f'{INST}, battery=~"$battery"'
 DS = {"type": "prometheus", "uid": "${datasource}"}
+# Template variables: a site (the target label of deploy/prometheus/prometheus.yml), then its instances. A target
+# without a site label matches site=~".*" too (an absent label is the empty string).
+SITES = 'label_values(smallbms_build_info{job="smallbms-bus"}, site)'
+INSTANCES = 'label_values(smallbms_build_info{job="smallbms-bus", site=~"$site"}, instance)'
 ONOFF = [{"type": "value", "options": {"0": {"text": "off", "color": "red", "index": 0},
                                        "1": {"text": "on", "color": "green", "index": 1}}}]
 YESNO = [{"type": "value", "options": {"0": {"text": "no", "color": "red", "index": 0},
@@ -50,7 +54,7 @@ class Board:
     def add(self, kind: str, title: str, targets: list[tuple[str, str]], *, w: int = 6, h: int = 6,
             unit: str | None = None, mappings: list[dict[str, Any]] | None = None, instant: bool = False,
             table: bool = False, options: dict[str, Any] | None = None, decimals: int | None = None,
-            description: str = "") -> None:
+            description: str = "", overrides: list[dict[str, Any]] | None = None) -> None:
         if self.x + w > 24:
             self._newline()
         defaults: dict[str, Any] = {}
@@ -63,7 +67,7 @@ class Board:
         panel: dict[str, Any] = {
             "id": len(self.panels) + 1, "type": kind, "title": title, "description": description, "datasource": DS,
             "gridPos": {"h": h, "w": w, "x": self.x, "y": self.y},
-            "fieldConfig": {"defaults": defaults, "overrides": []}, "options": options or {},
+            "fieldConfig": {"defaults": defaults, "overrides": overrides or []}, "options": options or {},
             "targets": [{"refId": chr(ord("A") + i), "datasource": DS, "expr": expr, "legendFormat": legend,
                          "instant": instant or table, "range": not (instant or table),
                          **({"format": "table"} if table else {})}
@@ -87,6 +91,16 @@ def stat(board: Board, title: str, expr: str, legend: str = "", **kw: Any) -> No
 def series(board: Board, title: str, targets: list[tuple[str, str]], **kw: Any) -> None:
     board.add("timeseries", title, targets, w=kw.pop("w", 12), h=kw.pop("h", 8),
               options={"legend": {"displayMode": "list", "placement": "bottom"}, "tooltip": {"mode": "multi"}}, **kw)
+
+
+def on_axis(ref_id: str, unit: str, *, right: bool = False, **limits: float) -> dict[str, Any]:
+    """A series with its own unit: on the right axis (a second quantity never shares an axis, where the larger
+    one would flatten the other), or with its own limits (SoC 0-100 %)."""
+    properties: list[dict[str, Any]] = [{"id": "unit", "value": unit}]
+    if right:
+        properties.append({"id": "custom.axisPlacement", "value": "right"})
+    properties += [{"id": key, "value": value} for key, value in limits.items()]
+    return {"matcher": {"id": "byFrameRefID", "options": ref_id}, "properties": properties}
 
 
 def timeline(board: Board, title: str, targets: list[tuple[str, str]], mappings: list[dict[str, Any]],
@@ -122,10 +136,14 @@ def build() -> dict[str, Any]:
          graph="none", w=8)
     stat(b, "Balancer", f"smallbms_balancer_status{{{INST}}} == 1", "{{state}}", graph="none", w=4)
     stat(b, "LEDs", f"smallbms_led_state{{{INST}}} == 1", "{{led}} {{state}}", graph="none", w=4)
-    series(b, "Bank voltage and current", [(f"smallbms_bank_voltage_volts{{{INST}}}", "voltage (V)"),
-                                           (f"smallbms_bank_current_amperes{{{INST}}}", "current (A)")])
-    series(b, "State of charge and power", [(f"smallbms_bank_state_of_charge_percent{{{INST}}}", "SoC (%)"),
-                                            (f"smallbms_bank_power_watts{{{INST}}}", "power (W)")])
+    series(b, "Bank voltage and current", [(f"smallbms_bank_voltage_volts{{{INST}}}", "voltage"),
+                                           (f"smallbms_bank_current_amperes{{{INST}}}", "current")],
+           unit="volt", overrides=[on_axis("B", "amp", right=True)],
+           description="Voltage on the left axis, current (positive = charging) on the right.")
+    series(b, "State of charge and power", [(f"smallbms_bank_state_of_charge_percent{{{INST}}}", "SoC"),
+                                            (f"smallbms_bank_power_watts{{{INST}}}", "power")],
+           unit="percent", overrides=[on_axis("A", "percent", min=0, max=100), on_axis("B", "watt", right=True)],
+           description="SoC on the left axis (0-100 %), power (positive = charging) on the right.")
 
     b.row("Alarms and warnings")
     timeline(b, "Alarms (an action was taken)", [(f"smallbms_alarm{{{INST}}}", "{{alarm}}")], ACTIVE, h=9)
@@ -203,7 +221,7 @@ def build() -> dict[str, Any]:
         (f"increase(smallbms_bus_reconnects_total{{{INST}}}[$__rate_interval])", "bus reconnects"),
         (f"increase(smallbms_bus_send_errors_total{{{INST}}}[$__rate_interval])", "send errors")], w=8)
     series(b, "Relay board", [
-        (f"rate(smallbms_relay_commands_total{{{INST}}}[$__rate_interval])", "commands/s"),
+        (f"increase(smallbms_relay_commands_total{{{INST}}}[$__rate_interval])", "commands"),
         (f"increase(smallbms_relay_faults_total{{{INST}}}[$__rate_interval])", "faults"),
         (f"increase(smallbms_relay_reconnects_total{{{INST}}}[$__rate_interval])", "reconnects")], w=8)
     series(b, "Modbus requests by function and outcome", [
@@ -219,12 +237,14 @@ def build() -> dict[str, Any]:
         (f"increase(smallbms_store_writes_total{{{INST}}}[$__rate_interval])", "saves"),
         (f"increase(smallbms_store_write_failures_total{{{INST}}}[$__rate_interval])", "failed saves"),
         (f"increase(smallbms_events_total{{{INST}}}[$__rate_interval])", "events"),
-        (f"increase(smallbms_task_restarts_total{{{INST}}}[$__rate_interval])", "task restarts")], w=8)
-    series(b, "Service CPU and scrape cost", [
-        (f"rate(process_cpu_seconds_total{{{INST}}}[$__rate_interval])", "CPU (cores)"),
-        (f"smallbms_metrics_encode_seconds{{{INST}}}", "last scrape encode (s)"),
-        (f"smallbms_decision_age_seconds{{{INST}}}", "decision age (s)")], w=8)
-    series(b, "Service memory", [(f"process_resident_memory_bytes{{{INST}}}", "resident")], unit="bytes", w=8)
+        (f"increase(smallbms_task_restarts_total{{{INST}}}[$__rate_interval])", "task restarts")], w=6)
+    series(b, "Service CPU", [(f"rate(process_cpu_seconds_total{{{INST}}}[$__rate_interval])", "CPU")],
+           unit="percentunit", w=6, description="Share of one CPU core the service uses.")
+    series(b, "Scrape cost and decision age", [
+        (f"smallbms_metrics_encode_seconds{{{INST}}}", "last scrape encode"),
+        (f"smallbms_decision_age_seconds{{{INST}}}", "decision age")], unit="s", w=6,
+        description="Decision age grows when the BMS core is stuck (it decides every 0.1 s).")
+    series(b, "Service memory", [(f"process_resident_memory_bytes{{{INST}}}", "resident")], unit="bytes", w=6)
 
     return {
         "__inputs": [], "uid": "smallbms-bus", "title": "smallbms-bus", "description":
@@ -235,9 +255,12 @@ def build() -> dict[str, Any]:
         "templating": {"list": [
             {"name": "datasource", "label": "Prometheus", "type": "datasource", "query": "prometheus",
              "current": {}, "hide": 0, "refresh": 1, "options": []},
+            {"name": "site", "label": "Site", "type": "query", "datasource": DS, "refresh": 2,
+             "query": {"query": SITES, "refId": "site"}, "definition": SITES, "current": {},
+             "multi": False, "includeAll": True, "allValue": ".*", "options": [], "sort": 1, "hide": 0,
+             "description": "The site label prometheus.yml gives each installation (deploy/prometheus)."},
             {"name": "instance", "label": "Instance", "type": "query", "datasource": DS, "refresh": 2,
-             "query": {"query": 'label_values(smallbms_build_info{job="smallbms-bus"}, instance)', "refId": "instance"},
-             "definition": 'label_values(smallbms_build_info{job="smallbms-bus"}, instance)', "current": {},
+             "query": {"query": INSTANCES, "refId": "instance"}, "definition": INSTANCES, "current": {},
              "multi": False, "includeAll": False, "options": [], "sort": 1, "hide": 0},
             {"name": "battery", "label": "Battery", "type": "query", "datasource": DS, "refresh": 2,
              "query": {"query": 'label_values(smallbms_battery_up{instance=~"$instance"}, battery)',

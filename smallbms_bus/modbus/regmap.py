@@ -411,7 +411,8 @@ def to_markdown(maps: Sequence[RegisterMap], target_range: Callable[[str], str] 
            "is address + 1. Scale = the value of one count (0.01 = hundredths); `10^X_SF` = the SunSpec scale",
            "factor register X_SF of the same model. A value too large (or too small) for its register reads as",
            "the type's limit, never 0 and never the not-available marker (modbus.md, \"Values that do not",
-           "fit\").", ""]
+           "fit\"). The alarm and warning bits (native registers 20-21, SunSpec EvtVnd1 and EvtVnd2), what each",
+           "means and what the BMS did: [behaviour.md](behaviour.md#alarm-and-warning-bits).", ""]
     for regmap in maps:
         out += [f"## {regmap.title} (`{regmap.name}`, unit from `{regmap.unit_key}`)", "", regmap.description, ""]
         if regmap.missing == "zero":

@@ -127,6 +127,8 @@ class BmsAccess:
     commit: Callable[[Change], Awaitable[Committed]]
     clock: Callable[[], float]
     started: float
+    # a write this server refused itself (not allowed, not writable, bad value): the event log's (source, what, why)
+    refused: Callable[[str, str, WriteRefused], None] = lambda source, what, refused: None
 
 
 class _NoDatastore(ModbusServerContext):
@@ -466,6 +468,8 @@ class ModbusServer:
         except WriteRefused as refused:
             code = refused.code
             response = ExceptionResponse(fc, code, device_id=unit, transaction=tid)
+            if fc in (WRITE_SINGLE, WRITE_MULTIPLE) and unit in self.units:
+                self.access.refused(f"Modbus {conn.peer} unit {unit}", f"register {pdu.address}", refused)
         except Exception:  # a bug must cost one request, never the connection or the service
             log.exception("Modbus: request fc %d unit %d failed", fc, unit)
             code = ExcCodes.DEVICE_FAILURE

@@ -122,7 +122,7 @@ def test_slcan_adapter_unplugged_and_back_is_comms_loss_then_recovery(tmp_path: 
             assert off[-1] <= comm_timeout + 0.5, f"trial {trial}: outputs off {off[-1]:.2f} s after the unplug"
             values = rig.metrics()
             assert metric(values, "smallbms_bus_up") == 0
-            assert metric(values, "smallbms_alarm", alarm="BATTERY_COMMS_LOST") == 1
+            assert metric(values, "smallbms_alarm", alarm="battery_comms_lost") == 1
             time.sleep(rng.uniform(0.5, 3.0))
             returned = time.monotonic()
             rig.hub.replug("slcan1")

@@ -184,3 +184,18 @@ def test_dashboard_query_returns_data(prometheus, demo, panel, expr):
         if "smallbms_modbus_requests_total" in expr and demo["modbus"] is None:
             pytest.skip(f"{panel}: the demo serves no Modbus here (its port could not be bound), so no requests")
     assert result, f"{panel}: no data for {query}"
+
+
+def test_dashboard_variables_find_the_demo_by_its_site(prometheus, demo):
+    """The Site variable lists the site label of the deployed scrape config, and the Instance variable of that site
+    is the demo (Grafana's label_values(selector, label), run as the selector's query)."""
+    variables = {v["name"]: v for v in json.loads(DASHBOARD.read_text())["templating"]["list"]}
+    values = {"site": "", "instance": ""}
+    for name in ("site", "instance", "battery"):
+        selector, label = re.fullmatch(r"label_values\((.+), (\w+)\)", variables[name]["query"]["query"]).groups()
+        selector = selector.replace("$site", values["site"]).replace("$instance", values["instance"])
+        found = {series["metric"].get(label) for series in wait_for_data(prometheus, selector)}
+        assert found and None not in found, (name, selector)
+        values[name] = sorted(found)[0]
+    assert values["site"] == "example" and values["instance"] == f"127.0.0.1:{demo['port']}"
+    assert values["battery"] == "1"

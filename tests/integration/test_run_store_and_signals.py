@@ -152,6 +152,15 @@ def test_a_stop_whose_final_save_fails_switches_off_says_so_and_exits_non_zero(t
         assert last.startswith("ERROR") and "outputs off" in last and "final save failed" in last, last
         assert "state saved" not in last
         os.unlink(fs / "filler")
+        rig.start()  # the event log tells the next start what happened: no clean stop is on record
+        rig.wait_ready()
+        assert rig.stop() == 0
+        with Store.open(fs / "state.db") as store:
+            stops = [(e["name"], e["value"]) for e in reversed(store.events(None))
+                     if e["kind"] == "service" and e["name"] != "STARTED"]
+        assert stops[-1] == ("STOPPED", "clean")
+        assert stops[0] in (("STOPPED", "final save failed"), ("PREVIOUS_RUN", "no stop record")), stops
+        assert ("STOPPED", "clean") not in stops[:-1]  # the failed stop is never logged as a clean one
 
 
 def test_a_frozen_store_holds_the_write_but_never_the_bms(tmp_path):
