@@ -108,9 +108,12 @@ class ServiceStats:
 
 class Service:
     def __init__(self, config: Config, *, board: RelayBoard | None = None, bus: BusConfig | None = None,
-                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self.config = config
-        self.clock, self.wall = clock, wall
+        # `sleep` waits seconds of `clock`: the demo runs the service on the simulation's clock (sim/clock.py),
+        # so the 100 ms tick is 100 ms of simulated time like every other delay.
+        self.clock, self.wall, self.sleep = clock, wall, sleep
         self.stats = ServiceStats()
         # SET-4: before anything is opened, so a second instance never touches the first one's devices
         self.lock = StoreLock.acquire(config["store"]["path"],
@@ -363,7 +366,7 @@ class Service:
             if watchdog and self._ready and now >= next_watchdog:  # systemd hears READY=1 first
                 sd_notify("WATCHDOG=1")
                 next_watchdog = now + 1.0
-            await asyncio.sleep(TICK_S)
+            await self.sleep(TICK_S)
 
     async def _serve_modbus(self, tried: asyncio.Event) -> None:
         """Modbus is how PLCs watch the bank, but the BMS protects it without: a port that cannot be bound

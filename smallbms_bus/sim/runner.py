@@ -49,6 +49,7 @@ CELLS_PERIOD_S = 0.5
 SLOW_PERIOD_S = 1.0  # BAT_TEMPS, BAT_INFO, BAT_SERIAL
 STAGGER_S = 0.09  # battery phases spread over this window (< the 100 ms status period)
 PHYSICS_STEP_S = 2.0
+MIN_PHYSICS_STEP_S = 0.05  # simulated seconds: half the BAT_STATUS period
 MAX_SUBSTEPS = 20
 MAX_IDLE_S = 0.05  # the loop wakes at least this often (physics, stop request, duration)
 ERROR_LOG_INTERVAL_S = 5.0
@@ -155,6 +156,10 @@ class _ErrorLog:
             self.suppressed += 1
 
 
+def _device(name: str, stopped_by: str | None) -> str:
+    return f"{name} on" if stopped_by is None else f"{name} off ({stopped_by})"
+
+
 class Simulator:
     def __init__(
         self,
@@ -180,6 +185,7 @@ class Simulator:
         self._speed = 1.0
         self.speed = speed
         self.last_bms_state: BmsState | None = None
+        self.last_bms_state_at: float | None = None  # the clock's time of the last BMS_STATE received
         self.stats = RunStats()
         self.player.apply_due(0.0, bank, devices)
 
@@ -219,7 +225,12 @@ class Simulator:
             self._anchor = (now, self.sim_time)
         if self.last_now is None or now > self.last_now:
             anchor_now, anchor_sim = self._anchor
-            self.advance_to(anchor_sim + (now - anchor_now) * self._speed, now)
+            end = anchor_sim + (now - anchor_now) * self._speed
+            # Physics in steps of at least MIN_PHYSICS_STEP_S: a bank's state moves little in 50 ms, and stepping
+            # 50 batteries at every frame's due time (hundreds a second) cost most of a core.
+            next_action = self.player.next_at()
+            if end - self.sim_time >= MIN_PHYSICS_STEP_S or (next_action is not None and end >= next_action):
+                self.advance_to(end, now)
             self.last_now = now
         return self.scheduler.due(now)
 
@@ -243,7 +254,7 @@ class Simulator:
         if isinstance(report, BmsState):
             when = now if now is not None else (self.last_now or 0.0)
             self.devices.on_bms_state(report, when)
-            self.last_bms_state = report
+            self.last_bms_state, self.last_bms_state_at = report, when
             self.stats.bms_states += 1
         return report
 
@@ -255,11 +266,9 @@ class Simulator:
         flags = bank.active_flags()
         flag_text = ", ".join(f"{name}@{','.join(map(str, nodes))}" for name, nodes in flags.items()) or "none"
         charger, load = self.devices.charger, self.devices.load
-        bms = f"charger {'on' if charger.running(now) else 'off'}, load {'on' if load.running(now) else 'off'}"
+        bms = f"{_device('charger', charger.stopped_by(now))}, {_device('load', load.stopped_by(now))}"
         if charger.ignore_bms or load.ignore_bms:
             bms += " (BMS ignored)"
-        elif self.last_bms_state is None:
-            bms += " (no BMS_STATE yet)"
         return (f"sim {self.sim_time:8.1f} s | {bank.voltage:6.2f} V {bank.current:+7.1f} A"
                 f" | SoC {soc_low:5.1f}-{soc_high:5.1f} % | cells {cell_low:.3f}-{cell_high:.3f} V"
                 f" | {min(temps):.1f}-{max(temps):.1f} degC | {bms} | flags: {flag_text}")
@@ -275,13 +284,18 @@ class Simulator:
         status_every: float = 5.0,
         on_status: Callable[[Simulator], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        rate: float = 1.0,
     ) -> RunStats:
-        """Send frames on time and obey BMS_STATE until `duration` (s) passes or `stop_event` is set.
+        """Send frames on time and obey BMS_STATE until `duration` (s of `clock`) passes or `stop_event` is set.
 
-        `speed` (None = keep the simulator's) multiplies the physics only; frame periods stay real.
+        `speed` (None = keep the simulator's) multiplies the physics only; frame periods follow `clock`.
+        `rate` is how many `clock` seconds pass per real second (a `SimClock`'s speed; then `speed` is
+        1 and the clock carries the acceleration): the loop's waits are divided by it.
         """
         if speed is not None:
             self.speed = speed
+        if not rate > 0:
+            raise ValueError(f"rate must be > 0, not {rate}")
         send_log, recv_log = _ErrorLog("send"), _ErrorLog("receive")
         start = clock()
         end = None if duration is None else start + duration
@@ -301,20 +315,22 @@ class Simulator:
                 on_status(self)
                 next_status = now + status_every
             next_due = self.scheduler.next_due()
-            wake = now + MAX_IDLE_S if next_due is None else min(next_due, now + MAX_IDLE_S)
+            idle = now + MAX_IDLE_S * rate  # MAX_IDLE_S is real seconds
+            wake = idle if next_due is None else min(next_due, idle)
             if end is not None:
                 wake = min(wake, end)
-            self._receive_until(bus, wake, clock, recv_log)
+            self._receive_until(bus, wake, clock, recv_log, rate)
         return self.stats
 
-    def _receive_until(self, bus: _Bus, wake: float, clock: Callable[[], float], errors: _ErrorLog) -> None:
+    def _receive_until(self, bus: _Bus, wake: float, clock: Callable[[], float], errors: _ErrorLog,
+                       rate: float = 1.0) -> None:
         while (timeout := wake - clock()) > 0:
             try:
-                msg = bus.recv(timeout=timeout)
+                msg = bus.recv(timeout=timeout / rate)
             except (can.CanError, OSError, ValueError) as error:  # slcan raises ValueError on a garbled line
                 self.stats.receive_errors += 1
                 errors(error, clock())
-                time.sleep(max(0.0, min(timeout, MAX_IDLE_S)))  # a dead port fails at once: do not spin
+                time.sleep(max(0.0, min(timeout / rate, MAX_IDLE_S)))  # a dead port fails at once: do not spin
                 return
             if msg is not None:
                 self.on_frame(msg, clock())
