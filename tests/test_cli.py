@@ -28,15 +28,15 @@ def test_demo_reads_the_virtual_bank_and_stops_cleanly():
     out = result.stdout
     assert "2S2P 25.6 V 200 Ah, 4 batteries, 16 cells" in out
     assert out.count("fresh") >= 4 and "STALE" not in out.split("---")[-1]
-    assert "malformed 0" in out and out.rstrip().endswith("demo: stopped")
+    assert "malformed 0" in out and out.rstrip().splitlines()[-1].startswith("demo: stopped after 3.5 simulated s")
 
 
 def test_demo_overcharge_is_stopped_by_the_core_through_bms_state():
-    """Virtual battery -> bus -> link -> core -> relay and BMS_STATE -> the virtual charger stops. The overcharge
-    scenario's charger aims too high (15.2 V per unit); at speed 50 a cell passes 3.75 V about 8 s after
-    the core starts (10 s discovery)."""
-    result = subprocess.run([*CMD, "demo", "--scenario", "overcharge", "--bank", "1s1p-12v100", "--speed", "50",
-                             "--duration", "24", "--every", "0.5"], capture_output=True, text=True, timeout=90)
+    """Virtual battery -> bus -> link -> core -> charge relay -> the virtual charger stops. The overcharge
+    scenario's charger aims too high (15.2 V per unit); a cell passes 3.75 V about 390 simulated s after the
+    charger starts (10 s discovery): 16 s at speed 25."""
+    result = subprocess.run([*CMD, "demo", "--scenario", "overcharge", "--bank", "1s1p-12v100", "--speed", "25",
+                             "--duration", "470", "--every", "0.5"], capture_output=True, text=True, timeout=90)
     assert result.returncode == 0, result.stderr
     blocks = result.stdout.split("--- t=")[1:]
     charging = [b for b in blocks if "allowed to charge yes" in b]
@@ -57,12 +57,19 @@ def test_demo_stops_cleanly_on_ctrl_c_and_sigterm(signum):
     process.send_signal(signum)
     out, err = process.communicate(timeout=15)
     assert process.returncode == 0, err
-    assert "Traceback" not in err and out.rstrip().endswith("demo: stopped")
+    assert "Traceback" not in err and out.rstrip().splitlines()[-1].startswith("demo: stopped after")
 
 
 def test_bad_options_exit_2_naming_the_option():
     result = subprocess.run([*CMD, "demo", "--bank", "9s1p-12v100"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "--bank" in result.stderr and "51.2 V" in result.stderr
+    result = subprocess.run([*CMD, "demo", "--speed", "30"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "--speed 30: at most 25 for 2s2p-12v100" in result.stderr
+    result = subprocess.run([*CMD, "demo", "--bank", "max-chain", "--speed", "3"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2 and "--speed 3: at most 2 for 2s25p-12v100" in result.stderr
+    result = subprocess.run([*CMD, "demo", "--devices", "relay"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "--devices 'relay'" in result.stderr and "relays, bms-state, both" in result.stderr
     result = subprocess.run([*CMD, "simulate", "--speed", "-1"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "--speed" in result.stderr
     result = subprocess.run([*CMD, "simulate", "--interface", "slcan", "--channel", "/nonexistent/tty",
