@@ -6,6 +6,8 @@ its readouts (`--- t=` simulated seconds), the service's own event log (printed 
 
 from __future__ import annotations
 
+import argparse
+import io
 import re
 import signal
 import subprocess
@@ -17,6 +19,8 @@ from dataclasses import dataclass, field
 import pytest
 from pymodbus.client import ModbusTcpClient
 
+from smallbms_bus.bms.alarms import names
+from smallbms_bus.demo import Demo, check_args
 from tests.ports import free_port
 
 CMD = [sys.executable, "-m", "smallbms_bus.cli"]
@@ -174,3 +178,40 @@ def test_mode_off_over_modbus_stops_the_charger_and_the_load_within_2_s():
     assert all(r.current == pytest.approx(0.0, abs=0.05) for r in out.readouts if zero[0] <= r.t < t_on)
     back = [r.t for r in out.readouts if r.t >= t_on and r.current == pytest.approx(2.0, abs=0.05)]
     assert back and back[0] - t_on <= 2.0, (t_on, back)
+
+
+def test_a_relay_board_that_stops_taking_writes_is_visible_on_the_bank_current(tmp_path):
+    """Issue 13 item 2: a relay fault must be visible. The demo's parts in-process (speed 10): the memory board
+    stops taking writes, then mode off is written over Modbus. The relays stay as they were, so the relay-wired
+    charger and load keep running (+2 A), and the service says RELAY_FAULT with the board's error; once the
+    board takes writes again the relays open and the current goes to 0."""
+    port = free_port()
+    args = argparse.Namespace(bank="2s2p-12v100", scenario="steady", speed=10.0, duration=None, every=1000.0,
+                              devices="relays", metrics_port=0, modbus_port=port, soc=None)
+    assert check_args(args) is None
+    out = io.StringIO()
+    demo = Demo(args, str(tmp_path), out)
+    runner = threading.Thread(target=demo.run, daemon=True)
+    runner.start()
+    client = ModbusTcpClient("127.0.0.1", port=port, timeout=3)
+    try:
+        wait_until(lambda: demo.simulator.bank.current == pytest.approx(2.0), 20, "+2 A once the bank is learned")
+        demo.board.fail_writes = True
+        wait_until(client.connect, 10, "the demo's Modbus server")
+        assert not client.write_register(105, 0, device_id=1).isError()
+        wait_until(lambda: "RELAY_FAULT" in names(demo.service.decision.alarms), 5, "RELAY_FAULT")
+        sim_now = demo.clock.monotonic()
+        wait_until(lambda: demo.clock.monotonic() > sim_now + 3.0, 5, "3 simulated seconds")
+        readout = demo.readout()
+        assert "mode off" in readout and "RELAY_FAULT" in readout and "fail_writes" in readout
+        assert "relays   load on, charge on" in readout  # what the board holds: the relays did not open
+        assert "devices  charger on, load on, bank +2.0 A" in readout  # so the bank current says so too
+        demo.board.fail_writes = False  # the board answers again: the controller re-opens it and re-asserts
+        wait_until(lambda: demo.simulator.bank.current == 0.0, 10, "0 A once the relays open")
+        wait_until(lambda: "RELAY_FAULT" not in names(demo.service.decision.alarms), 10, "RELAY_FAULT cleared")
+        assert "devices  charger off (charge relay open), load off (load relay open)" in demo.readout()
+    finally:
+        client.close()
+        demo.stop()
+        runner.join(timeout=20)
+    assert not runner.is_alive()

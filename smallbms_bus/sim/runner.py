@@ -187,6 +187,7 @@ class Simulator:
         self.last_bms_state: BmsState | None = None
         self.last_bms_state_at: float | None = None  # the clock's time of the last BMS_STATE received
         self.stats = RunStats()
+        self.net_ah = 0.0  # Ah into the bank since the start (negative: drawn), the physics' own count
         self.player.apply_due(0.0, bank, devices)
 
     @classmethod
@@ -244,8 +245,29 @@ class Simulator:
                 target = next_action
             current = self.bank.operating_current(self.devices.characteristic(now, self.sim_time))
             self.bank.step(current, target - self.sim_time)
+            self.net_ah += current * (target - self.sim_time) / 3600.0
             self.sim_time = target
             self.player.apply_due(self.sim_time, self.bank, self.devices)
+
+    def fast_forward(self, seconds: float) -> None:
+        """Run the scenario's first `seconds` off-line, before any frame: physics in steps of at most
+        PHYSICS_STEP_S with the charger and load running as the scenario sets them (as if a BMS allowed
+        everything), scenario actions at their times. The bank then goes on the bus in that state."""
+        if self.last_now is not None:
+            raise RuntimeError("fast_forward is for before the first step")
+        devices = (self.devices.charger, self.devices.load)
+        saved = [d.ignore_bms for d in devices]
+        for device in devices:
+            device.ignore_bms = True
+        try:
+            end = self.sim_time + seconds
+            while self.sim_time < end:
+                self.advance_to(min(end, self.sim_time + PHYSICS_STEP_S * MAX_SUBSTEPS), 0.0)
+        finally:
+            for device, ignore in zip(devices, saved, strict=True):
+                device.ignore_bms = ignore
+        self._anchor = None  # the next step(now) continues from here
+        self.net_ah = 0.0  # what the bus can see starts now
 
     def on_frame(self, msg: can.Message, now: float | None = None) -> Report | None:
         """Feed a received frame; a BMS_STATE reaches the charger and the load."""
@@ -269,7 +291,7 @@ class Simulator:
         bms = f"{_device('charger', charger.stopped_by(now))}, {_device('load', load.stopped_by(now))}"
         if charger.ignore_bms or load.ignore_bms:
             bms += " (BMS ignored)"
-        return (f"sim {self.sim_time:8.1f} s | {bank.voltage:6.2f} V {bank.current:+7.1f} A"
+        return (f"sim {self.sim_time:8.1f} s | {bank.voltage:6.2f} V {bank.current:+7.1f} A {self.net_ah:+.3f} Ah"
                 f" | SoC {soc_low:5.1f}-{soc_high:5.1f} % | cells {cell_low:.3f}-{cell_high:.3f} V"
                 f" | {min(temps):.1f}-{max(temps):.1f} degC | {bms} | flags: {flag_text}")
 

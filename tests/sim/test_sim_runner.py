@@ -285,3 +285,19 @@ def test_run_on_a_simulation_clock_keeps_the_protocol_periods_in_simulated_time(
         assert 0.6 * 200 <= len(node_times) <= 201  # a late thread skips frames, never bursts them
     assert sim.sim_time == pytest.approx(20.0, abs=0.5)
     assert 0.9 <= real < 5.0
+
+
+def test_fast_forward_runs_the_scenario_off_line_then_frames_start(encoder: FrameEncoder) -> None:
+    """simulate --start-at: the discharge scenario's first 280 s off-line (the load running as if allowed), so the
+    first frames already show cells near the pre-alarm, and from then on the devices obey the BMS again."""
+    sim = Simulator.from_scenario("discharge", "2s2p-12v100", encoder=encoder)
+    sim.fast_forward(280.0)
+    assert sim.sim_time == pytest.approx(280.0) and sim.net_ah == 0.0
+    assert 3.10 < sim.bank.cell_voltage_range()[0] < 3.13  # CellLowPreAlarm comes at about 285 s
+    frames = sim.step(1000.0)
+    assert any(isinstance(FrameDecoder(encoder.db).decode(f), BatteryStatus) for f in frames)
+    sim.step(1001.0)
+    assert sim.sim_time == pytest.approx(281.0)
+    assert sim.bank.current == 0.0  # no BMS_STATE on the bus yet: the load obeys again
+    with pytest.raises(RuntimeError):
+        sim.fast_forward(10.0)
