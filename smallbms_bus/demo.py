@@ -64,8 +64,14 @@ def max_speed(shape: BankShape) -> float:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("demo", help="the service against virtual batteries, no hardware needed",
-                                   description=__doc__.splitlines()[0])
+    parser = subparsers.add_parser(
+        "demo", help="the service against virtual batteries, no hardware needed",
+        description="The real service (as `run`) against virtual batteries on an in-process bus, a memory relay"
+                    " board and a throwaway store. Service and batteries run on one simulation clock: at --speed N"
+                    " both run N times faster, so every figure and delay shown is the one real time gives; times"
+                    " are simulated seconds. The simulated charger and load are switched by the charge and load"
+                    " relays (or follow BMS_STATE: --devices). Prints a readout every --every s, and the event log"
+                    " and a summary when it stops (Ctrl-C).")
     parser.add_argument("--bank", default=DEFAULT_BANK, help=f"bank shape or preset (default {DEFAULT_BANK})")
     parser.add_argument("--scenario", default=DEFAULT_SCENARIO, choices=sorted(SCENARIOS),
                         help=f"simulator scenario (default {DEFAULT_SCENARIO})")
@@ -251,6 +257,10 @@ class Demo:
         speed = f"speed {clock.speed:g}" + ("" if clock.speed == 1 else f", achieved {rate:.1f}")
         lines = [f"--- t={elapsed:7.1f} s ({speed})  link {'up' if link.up else 'DOWN: ' + link.reason}  "
                  f"frames {c['frames_received']} decoded {c['frames_decoded']} malformed {malformed}"]
+        skipped = self.simulator.scheduler.skipped
+        if skipped:
+            lines.append(f"late     the simulated batteries fell behind and skipped {skipped} frame periods so far "
+                         "(each stream sends its latest frame, never a burst; the BMS sees the gap)")
         if rate < 0.9 * clock.speed and real > last_real:
             lines.append(f"slow     this machine kept up with speed {rate:.1f} only: the simulation waited for its "
                          f"slowest part ({clock.held_s:.1f} simulated s so far); every figure still holds")

@@ -87,8 +87,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser = subparsers.add_parser(
         "simulate",
         help="run virtual Lithium NG batteries, a charger and a load on a CAN bus",
-        description="Virtual batteries send the Lithium NG frames (PROTOCOL.md) on a CAN bus; a virtual"
-                    " charger and load obey the BMS_STATE frames of smallbms-bus.",
+        description="Virtual batteries send the Lithium NG frames (docs/simulator.md) on a CAN bus; a virtual"
+                    " charger and load follow the relays of the Modbus TCP module smallbms-bus run drives"
+                    " (--relay-board) and/or the BMS_STATE frames it sends (--devices). Everything runs in real"
+                    " time: only at --speed 1 do the BMS's figures match the batteries'.",
     )
     add_arguments(parser)
     return parser

@@ -12,14 +12,19 @@ gets one frame per stream, not a burst of the missed ones (a late frame is worth
 stale frames). A silent battery keeps its schedule but sends nothing.
 
 `Simulator` holds bank + charger + load + scenario + scheduler. `step(now)` advances the physics
-by ``speed * elapsed`` simulated seconds (in sub-steps of at most 2 s, split at scenario actions;
-beyond 20 sub-steps per call the sub-steps grow instead), then returns the frames due at `now`.
-Frame periods and the 1 s BMS_STATE watchdog of the devices run on `now` (the protocol's clock),
-so `speed` accelerates only the batteries' physics and the scenario's timeline. `on_frame(msg)`
-decodes received frames; a BMS_STATE goes to the charger and the load.
+by ``speed * elapsed`` simulated seconds (in sub-steps of at least 50 ms and at most 2 s, split at
+scenario actions; beyond 20 sub-steps per call the sub-steps grow instead), then returns the frames
+due at `now`. Frame periods and the 1 s BMS_STATE watchdog of the devices run on `now`, the clock
+the simulator is given: `speed` accelerates only the batteries' physics and the scenario's timeline
+(`simulate`, next to a service that counts real time), while the demo gives it a `SimClock`
+(sim/clock.py) shared with the service and keeps `speed` at 1, so the protocol's periods and the
+BMS's timers are all simulated time (docs/simulator.md "Time"). `on_frame(msg)` decodes received
+frames; a BMS_STATE goes to the charger and the load. `fast_forward(seconds)` runs the scenario's
+start off-line (`simulate --start-at`).
 
-Only `Simulator.run` touches the world: `time.monotonic`, `bus.send` and `bus.recv`. It sends what
-is due, then listens for BMS_STATE until the next frame is due. Bus errors are counted and logged
+Only `Simulator.run` touches the world: its `clock` (time.monotonic by default), `bus.send` and
+`bus.recv`. It sends what is due, then listens for BMS_STATE until the next frame is due; `rate`
+(clock seconds per real second) turns those waits into real ones. Bus errors are counted and logged
 (rate-limited) and never end the loop: a simulator that dies on a glitch is a poor test partner.
 """
 
@@ -74,6 +79,7 @@ class FrameScheduler:
         self.bank = bank
         self.encoder = encoder
         self.start: float | None = None
+        self.skipped = 0  # periods a late caller missed, over all streams (one frame per stream is sent, not a burst)
         self._serial_part = {b.node: 0 for b in bank.batteries}
         count = len(bank.batteries)
         self._streams: list[_Stream] = []
@@ -104,6 +110,8 @@ class FrameScheduler:
                 continue
             missed = math.floor((now - due_at) / stream.period)  # skip, do not burst
             stream.index += missed
+            if not stream.battery.silent:
+                self.skipped += missed
             ready.append((stream.due_time(start), order, stream))
             stream.index += 1
         ready.sort(key=lambda item: (item[0], item[1]))

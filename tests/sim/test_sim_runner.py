@@ -101,6 +101,7 @@ def test_a_late_caller_gets_one_frame_per_stream_not_a_burst(encoder: FrameEncod
     assert len(scheduler.due(0.0)) == 1 + 1 + 3  # status, cells, temps/info/serial
     assert len(scheduler.due(7.3)) == 5  # 7 s late: still one of each
     assert scheduler.next_due() == pytest.approx(7.4)
+    assert scheduler.skipped == 72 + 13 + 6  # counted: status 0.1..7.2, cells 0.5..6.5, slow 1..6 s
 
 
 def test_a_silent_battery_sends_nothing_and_resumes_in_phase(encoder: FrameEncoder) -> None:
