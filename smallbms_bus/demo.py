@@ -278,9 +278,11 @@ class Demo:
         sim = self.simulator
         now = sim.last_now if sim.last_now is not None else self.clock.monotonic()
         parts = []
-        for name, device in (("charger", sim.devices.charger), ("load", sim.devices.load)):
+        charger, load = sim.devices.charger, sim.devices.load
+        for name, device, amps in (("charger", charger, charger.max_current), ("load", load, load.current_a)):
             why = device.stopped_by(now)
-            parts.append(f"{name} {'on' if why is None else 'off (' + why + ')'}")
+            parts.append(f"no {name} in this scenario" if amps <= 0 else f"{name} {'on' if why is None else 'off'}"
+                         + ("" if why is None else f" ({why})"))
         return ", ".join(parts) + f", bank {sim.bank.current:+.1f} A"
 
     def _print_events(self) -> None:

@@ -21,6 +21,7 @@ from pymodbus.client import ModbusTcpClient
 
 from smallbms_bus.bms.alarms import names
 from smallbms_bus.demo import Demo, check_args
+from tests.filesystems import ext4, frozen
 from tests.ports import free_port
 
 CMD = [sys.executable, "-m", "smallbms_bus.cli"]
@@ -214,4 +215,37 @@ def test_a_relay_board_that_stops_taking_writes_is_visible_on_the_bank_current(t
         client.close()
         demo.stop()
         runner.join(timeout=20)
+    assert not runner.is_alive()
+
+
+def test_a_slow_disk_is_judged_in_real_seconds_at_any_speed(tmp_path):
+    """The store's stall alarm is about the real disk: a save that waits 1.5 real seconds is no 10 s stall
+    although at speed 20 it is 30 simulated seconds (before: `store: a save has waited 30 s` and
+    smallbms_store_up 0 in the demo on any slow fsync). The store on an ext4 image, frozen (fsfreeze)."""
+    port = free_port()
+    args = argparse.Namespace(bank="2s2p-12v100", scenario="steady", speed=20.0, duration=None, every=1000.0,
+                              devices="relays", metrics_port=0, modbus_port=port, soc=None)
+    with ext4(tmp_path / "fs.img", tmp_path / "fs") as fs:
+        demo = Demo(args, str(fs), io.StringIO())
+        runner = threading.Thread(target=demo.run, daemon=True)
+        runner.start()
+        client = ModbusTcpClient("127.0.0.1", port=port, timeout=10)
+        try:
+            wait_until(lambda: demo.service.decision is not None and demo.service.decision.started, 20, "started")
+            wait_until(client.connect, 10, "the demo's Modbus server")
+            answers: list = []
+            with frozen(fs):
+                writer = threading.Thread(target=lambda: answers.append(client.write_register(105, 0, device_id=1)))
+                writer.start()
+                wait_until(lambda: demo.service._saves_in_flight, 5, "a save waiting for the frozen disk")
+                time.sleep(1.5)  # real seconds: the disk is real
+                assert demo.clock.elapsed() > 30.0
+                assert not answers  # not durable yet, so not answered (SET-3)
+                assert demo.service.store_stalled_since is None  # 1.5 s is no 10 s stall
+            writer.join(10)
+            assert answers and not answers[0].isError()
+        finally:
+            client.close()
+            demo.stop()
+            runner.join(timeout=20)
     assert not runner.is_alive()
