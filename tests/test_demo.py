@@ -111,8 +111,10 @@ def test_speed_20_and_speed_1_show_the_same_consumed_ah_and_the_same_30_s_lead()
     # The cells under the load for the same simulated time: the same lowest voltage (sampled every 0.5 s
     # at speed 1, 2 s at speed 20, while it falls ~20 mV/s). Before the fix: ~0 V at speed 20.
     assert lowest[20] == pytest.approx(lowest[1], abs=0.1), lowest
-    assert all(29.999 <= lead <= 30.3 for lead in leads.values()), leads  # PRE-3, in simulated seconds (ms printed)
-    assert leads[20] == pytest.approx(leads[1], abs=0.2), leads
+    # PRE-3 in simulated seconds (printed to the ms): decided at the first evaluation from 30 s on, which a loaded
+    # machine may delay by up to the clock governor's 0.5 s lead (sim/clock.py). Before the fix: ~600 s at speed 20.
+    assert all(29.999 <= lead <= 30.6 for lead in leads.values()), leads
+    assert leads[20] == pytest.approx(leads[1], abs=0.5), leads
     assert 3.0 < consumed[1] < 5.0, consumed  # 400 A for ~30 s, Peukert 1.05 at 2C
     assert consumed[20] == pytest.approx(consumed[1], rel=0.02), consumed
 
