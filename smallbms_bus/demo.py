@@ -2,21 +2,28 @@
 
 The same `Service` as `smallbms-bus run`, configured for a machine with no hardware: a python-can
 `virtual` bus, a `memory` relay board and a throwaway store in a temporary directory. A simulated
-bank in a thread sends the frames of PROTOCOL.md on that bus and its charger and load obey the
-BMS_STATE the service sends back. An instant readout is printed every few seconds: the status page
-(SoC, allowed to charge/discharge, alarms and warnings with reasons), the relays as the board holds
-them, and the bank. Ctrl-C (or SIGTERM) stops it the way the service stops: outputs off, exit 0.
+bank in a thread sends the frames of the wire protocol on that bus. Its charger and load are wired to the
+relay board like real ones (the charge relay switches the charger's remote input, the load relay the
+load) or follow BMS_STATE like CAN-controlled devices (`--devices`). Service and simulation run on ONE
+simulation clock (smallbms_bus/sim/clock.py): at `--speed 20` the batteries, the BMS's coulomb counting
+and every delay of the BMS run 20 times faster together, so every figure and delay shown is what it is
+at speed 1. An instant readout is printed every few (real) seconds; when the demo stops, the service's
+event log in simulated seconds and a summary. Ctrl-C (or SIGTERM) stops it the way the service stops:
+outputs off, exit 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import math
 import os
+import signal
 import sys
 import tempfile
 import threading
-import time
+from pathlib import Path
 from typing import TextIO
 
 import can
@@ -25,25 +32,61 @@ from smallbms_bus.config import parse_config
 from smallbms_bus.outputs.memory import MemoryBoard
 from smallbms_bus.preflight import check
 from smallbms_bus.readout import format_bank, format_decision
-from smallbms_bus.service import Service
+from smallbms_bus.service import TICK_S, Service
 from smallbms_bus.sim.bank import DEFAULT_BANK, BankShape
-from smallbms_bus.sim.runner import Simulator
+from smallbms_bus.sim.clock import SimClock
+from smallbms_bus.sim.devices import CONTROLS, parse_controls
+from smallbms_bus.sim.runner import STATUS_PERIOD_S, Simulator
 from smallbms_bus.sim.scenarios import DEFAULT_SCENARIO, SCENARIOS
+from smallbms_bus.store import Store
 
 METRICS_PORT = 9108  # the [metrics] port default
 MODBUS_PORT = 5020  # not 502: the demo runs without the privilege to bind below 1024
 ROLES = {"load_disconnect": "load", "charge_disconnect": "charge", "pre_alarm": "pre-alarm"}
+# How fast the demo may run. Service and simulation share one process (one GIL); measured on a 2-core machine
+# (docs/simulator.md "Demo speed"), the cost follows the frames per real second: ~2.5 % of a core per 100
+# frames/s (2s2p: 9 % at speed 1, 35 % at 20, 75 % at 50). The budget keeps the process under ~45 % of a core,
+# so a shared machine has room and the governor (sim/clock.py) rarely has to slow the simulation down.
+MAX_SPEED = 25.0
+FRAME_BUDGET = 1700.0  # frames per real second
+SLOW_PERIODS = 3  # BAT_TEMPS, BAT_INFO, BAT_SERIAL every 1 s
+
+
+def frames_per_second(shape: BankShape) -> float:
+    """Frames a bank sends per simulated second (BAT_STATUS 10/s, each BAT_CELLS_x 2/s, 3 slow frames 1/s)."""
+    groups = math.ceil(4 * shape.units / 4)  # 4 cells per BAT_CELLS_x frame
+    return shape.count * (1.0 / STATUS_PERIOD_S + 2.0 * groups + SLOW_PERIODS)
+
+
+def max_speed(shape: BankShape) -> float:
+    """The highest --speed the demo accepts for this bank."""
+    return max(1.0, min(MAX_SPEED, math.floor(FRAME_BUDGET / frames_per_second(shape))))
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("demo", help="the service against virtual batteries, no hardware needed",
-                                   description=__doc__.splitlines()[0])
+    parser = subparsers.add_parser(
+        "demo", help="the service against virtual batteries, no hardware needed",
+        description="The real service (as `run`) against virtual batteries on an in-process bus, a memory relay"
+                    " board and a throwaway store. Service and batteries run on one simulation clock: at --speed N"
+                    " both run N times faster, so every figure and delay shown is the one real time gives; times"
+                    " are simulated seconds. The simulated charger and load are switched by the charge and load"
+                    " relays (or follow BMS_STATE: --devices). Prints a readout every --every s, and the event log"
+                    " and a summary when it stops (Ctrl-C).")
     parser.add_argument("--bank", default=DEFAULT_BANK, help=f"bank shape or preset (default {DEFAULT_BANK})")
     parser.add_argument("--scenario", default=DEFAULT_SCENARIO, choices=sorted(SCENARIOS),
                         help=f"simulator scenario (default {DEFAULT_SCENARIO})")
-    parser.add_argument("--speed", type=float, default=1.0, help="physics speed-up of the virtual batteries")
-    parser.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: Ctrl-C)")
-    parser.add_argument("--every", type=float, default=2.0, help="seconds between readouts (default 2)")
+    parser.add_argument("--speed", type=float, default=1.0,
+                        help="simulated seconds per real second, for the batteries and the BMS alike (one clock: "
+                             "every figure and delay holds at any speed); at most "
+                             f"{MAX_SPEED:g}, less for large banks (default 1)")
+    parser.add_argument("--duration", type=float, default=None,
+                        help="stop after this many simulated seconds (default: Ctrl-C)")
+    parser.add_argument("--every", type=float, default=2.0, help="real seconds between readouts (default 2)")
+    parser.add_argument("--devices", default="relays", metavar="CONTROL",
+                        help=f"how the simulated charger and load are controlled: {', '.join(CONTROLS)} (relays: "
+                             "switched by the charge and load relays, as the smallBMS NG wires them; bms-state: "
+                             "CAN devices following BMS_STATE; both), or charger=CONTROL,load=CONTROL "
+                             "(default relays)")
     parser.add_argument("--metrics-port", type=int, default=METRICS_PORT,
                         help=f"Prometheus /metrics on 127.0.0.1:PORT (default {METRICS_PORT}, 0 = off)")
     parser.add_argument("--modbus-port", type=int, default=MODBUS_PORT,
@@ -62,93 +105,238 @@ def demo_config(channel: str, store: str, metrics_port: int = 0, modbus_port: in
             f'[modbus]\nhost = "127.0.0.1"\nport = {modbus_port}\n')
 
 
-def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+def check_args(args: argparse.Namespace) -> str | None:
+    """What is wrong with the options (the message for exit 2), or None."""
     try:
         shape = BankShape.parse(args.bank)
     except ValueError as error:
-        print(f"demo: --bank {args.bank!r}: {error}", file=sys.stderr)
-        return 2
-    if args.speed <= 0 or args.every <= 0 or (args.duration is not None and args.duration <= 0):
-        print("demo: --speed, --every and --duration must be positive", file=sys.stderr)
-        return 2
-    if (not 0 <= args.metrics_port <= 65535 or not 0 <= args.modbus_port <= 65535
-            or (args.soc is not None and not 0 <= args.soc <= 100)):
-        print("demo: --metrics-port and --modbus-port must be 0..65535, --soc 0..100", file=sys.stderr)
-        return 2
-    channel = f"smallbms-demo-{os.getpid()}"
-    with tempfile.TemporaryDirectory(prefix="smallbms-demo-") as tmp:
-        board = MemoryBoard()
-        text = demo_config(channel, f"{tmp}/state.db", args.metrics_port, args.modbus_port)
-        config = parse_config(text, "<demo>")
+        return f"--bank {args.bank!r}: {error}"
+    for name in ("speed", "every", "duration"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            return f"--{name} {value:g}: must be a positive number"
+    limit = max_speed(shape)
+    if args.speed > limit:
+        return (f"--speed {args.speed:g}: at most {limit:g} for {shape.name} ({shape.count} batteries send "
+                f"{frames_per_second(shape):.0f} frames per simulated second; the BMS and the batteries share one "
+                f"clock, so at speed {args.speed:g} this process would have to handle "
+                f"{args.speed * frames_per_second(shape):.0f} frames and {10 * args.speed:.0f} BMS evaluations per "
+                "real second; docs/simulator.md \"Demo speed\")")
+    if not 0 <= args.metrics_port <= 65535 or not 0 <= args.modbus_port <= 65535:
+        return "--metrics-port and --modbus-port must be 0..65535"
+    if args.soc is not None and not 0 <= args.soc <= 100:
+        return f"--soc {args.soc:g}: must be 0..100"
+    try:
+        parse_controls(args.devices)
+    except ValueError as error:
+        return f"--devices {error}"
+    return None
+
+
+class Demo:
+    """The demo's parts in one process: the clock, the service, its memory relay board, the simulated bank."""
+
+    def __init__(self, args: argparse.Namespace, directory: str, out: TextIO = sys.stdout,
+                 stop_requested: threading.Event | None = None) -> None:
+        self.args, self.out = args, out
+        self.stop_requested = stop_requested or threading.Event()
+        self.shape = BankShape.parse(args.bank)
+        self.channel = f"smallbms-demo-{os.getpid()}-{id(self)}"
+        self.store_path = f"{directory}/state.db"
+        self.clock = SimClock(args.speed, running=False)  # time starts with the simulation
+        self.board = MemoryBoard()
+        config = parse_config(demo_config(self.channel, self.store_path, args.metrics_port, args.modbus_port),
+                              "<demo>")
         check(config)  # what run checks: a demo config is held to the same rules
-        service = Service(config, board=board)
-        simulator = Simulator.from_scenario(args.scenario, shape, speed=args.speed)
-        sim_bus = can.Bus(interface="virtual", channel=channel)
+        self.service = Service(config, board=self.board, clock=self.clock.monotonic, wall=self.clock.wall,
+                               sleep=self.clock.sleep)
+        self.simulator = Simulator.from_scenario(args.scenario, self.shape)  # speed 1: the clock carries it
+        channels = config.output_channels()
+        charge, load = channels["charge_disconnect"], channels["load_disconnect"]
+        charger_control, load_control = parse_controls(args.devices)
+        # The relays' contacts as the board holds them (a write that failed leaves them as they were).
+        self.simulator.devices.wire(charger_control, load_control, charge_relay=lambda: self.board.relays[charge],
+                                    load_relay=lambda: self.board.relays[load])
+        self.clock.watch("simulation", lambda: self.simulator.last_now)
+        self.clock.watch("BMS_STATE", lambda: self.simulator.last_bms_state_at)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._last_readout = (0.0, 0.0)  # (simulated, real) elapsed at the last readout
+        self._stopped_at: tuple[float, float] | None = None  # (simulated, real) elapsed when asked to stop
+
+    def header(self) -> str:
+        a = self.args
+        lines = [f"smallbms-bus demo: {self.shape.describe()}, scenario {a.scenario}, bus virtual:{self.channel},",
+                 "  memory relay board (channel 1 load, 2 charge, 3 pre-alarm), a throwaway store. Ctrl-C stops.",
+                 f"  simulated charger and load: {_controls_text(a.devices)}; speed {a.speed:g}: the BMS runs on the "
+                 "simulation's clock, times below are simulated seconds."]
+        if a.metrics_port:
+            lines.append(f"metrics: http://127.0.0.1:{a.metrics_port}/metrics (curl it, or point Prometheus at it: "
+                         "deploy/prometheus/)")
+        if a.modbus_port:
+            lines.append(f"modbus:  127.0.0.1:{a.modbus_port}, unit 1 (native map and SunSpec), unit 225 (Victron "
+                         f"GX); try `smallbms-bus status --port {a.modbus_port}` or\n"
+                         f"         `mbpoll -m tcp -a 1 -0 -r 0 -c 40 -p {a.modbus_port} 127.0.0.1 -1` "
+                         "(docs/registers.md)")
+        return "\n".join(lines)
+
+    def run(self) -> int:
+        """Run until --duration (simulated), Ctrl-C/SIGTERM or `stop()`; the service's exit status."""
+        sim_bus = can.Bus(interface="virtual", channel=self.channel)
         sim_stop = threading.Event()
-        sim_thread = threading.Thread(target=simulator.run, args=(sim_bus,), kwargs={"stop_event": sim_stop},
-                                      name="virtual-batteries", daemon=True)
-        print(f"smallbms-bus demo: {shape.describe()}, scenario {args.scenario}, bus virtual:{channel},\n"
-              "  memory relay board (channel 1 load, 2 charge, 3 pre-alarm), a throwaway store. Ctrl-C stops.",
-              file=out, flush=True)
-        if args.metrics_port:
-            print(f"metrics: http://127.0.0.1:{args.metrics_port}/metrics (curl it, or point Prometheus at it: "
-                  "deploy/prometheus/)", file=out, flush=True)
-        if args.modbus_port:
-            print(f"modbus:  127.0.0.1:{args.modbus_port}, unit 1 (native map and SunSpec), unit 225 (Victron "
-                  f"GX); try `smallbms-bus status --port {args.modbus_port}` or\n"
-                  f"         `mbpoll -m tcp -a 1 -0 -r 0 -c 40 -p {args.modbus_port} 127.0.0.1 -1` "
-                  "(docs/registers.md)",
-                  file=out, flush=True)
+        sim_thread = threading.Thread(
+            target=self.simulator.run, args=(sim_bus,),
+            kwargs={"stop_event": sim_stop, "clock": self.clock.monotonic, "rate": self.args.speed},
+            name="virtual-batteries", daemon=True)
+        self.clock.start()
         sim_thread.start()
         try:
-            return asyncio.run(_serve(service, board, args, out))
+            return asyncio.run(self._serve())
         finally:
             sim_stop.set()
             sim_thread.join(timeout=2)
             sim_bus.shutdown()
-            print("demo: stopped", file=out, flush=True)
+            self._print_events()
+            print(self.summary(), file=self.out, flush=True)
 
+    def stop(self) -> None:
+        """Stop from another thread or a signal handler (before or while it runs)."""
+        self.stop_requested.set()
+        loop, stop = self._loop, self._stop
+        if loop is not None and stop is not None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(stop.set)
 
-async def _serve(service: Service, board: MemoryBoard, args: argparse.Namespace, out: TextIO) -> int:
-    stop = asyncio.Event()
-    started = time.monotonic()
-
-    async def readouts() -> None:
-        while True:
-            await asyncio.sleep(args.every)
-            print(_readout(service, board, time.monotonic() - started), file=out, flush=True)
-
-    async def deadline() -> None:
-        if args.duration is not None:
-            await asyncio.sleep(args.duration)
-            print(_readout(service, board, time.monotonic() - started), file=out, flush=True)
+    async def _serve(self) -> int:
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        stop, args, clock, service = self._stop, self.args, self.clock, self.service
+        if self.stop_requested.is_set():  # asked before the loop ran
             stop.set()
 
-    async def set_soc() -> None:
-        while args.soc is not None:  # MON-6 needs the bank capacity: wait until the bank is learned
-            await asyncio.sleep(0.2)
-            if service.decision is not None and service.decision.started:
-                service.core.set_soc(args.soc)
-                return
+        async def readouts() -> None:
+            while True:
+                await asyncio.sleep(args.every)
+                self._print(self.readout())
 
-    tasks = [asyncio.create_task(readouts()), asyncio.create_task(deadline()), asyncio.create_task(set_soc())]
-    try:
-        return await service.run(stop)
-    finally:
-        for task in tasks:
-            task.cancel()
+        async def deadline() -> None:
+            if args.duration is not None:
+                await clock.sleep(args.duration - clock.elapsed())
+                self._print(self.readout())
+                stop.set()
+
+        async def set_soc() -> None:
+            while args.soc is not None:  # MON-6 needs the bank capacity: wait until the bank is learned
+                await clock.sleep(TICK_S / 2)
+                if service.decision is not None and service.decision.started:
+                    service.core.set_soc(args.soc)
+                    return
+
+        async def stopping() -> None:  # the speed achieved while running, not while shutting down
+            await stop.wait()
+            self._stopped_at = (clock.elapsed(), clock.real_elapsed())
+
+        tasks = [asyncio.create_task(coroutine) for coroutine in (readouts(), deadline(), set_soc(), stopping())]
+        try:
+            return await service.run(stop)
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    def _print(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+    def readout(self) -> str:
+        service, clock = self.service, self.clock
+        elapsed, real = clock.elapsed(), clock.real_elapsed()
+        last_sim, last_real = self._last_readout
+        self._last_readout = (elapsed, real)
+        rate = (elapsed - last_sim) / (real - last_real) if real > last_real else clock.speed
+        c = service.link.counters()
+        malformed = sum(v for k, v in c.items() if k.startswith("malformed_"))
+        link = service.link
+        speed = f"speed {clock.speed:g}" + ("" if clock.speed == 1 else f", achieved {rate:.1f}")
+        lines = [f"--- t={elapsed:7.1f} s ({speed})  link {'up' if link.up else 'DOWN: ' + link.reason}  "
+                 f"frames {c['frames_received']} decoded {c['frames_decoded']} malformed {malformed}"]
+        skipped = self.simulator.scheduler.skipped
+        if skipped:
+            lines.append(f"late     the simulated batteries fell behind and skipped {skipped} frame periods so far "
+                         "(each stream sends its latest frame, never a burst; the BMS sees the gap)")
+        if rate < 0.9 * clock.speed and real > last_real:
+            lines.append(f"slow     this machine kept up with speed {rate:.1f} only: the simulation waited for its "
+                         f"slowest part ({clock.held_s:.1f} simulated s so far); every figure still holds")
+        decision = service.decision
+        if decision is not None:
+            channels = service.config.output_channels()
+            relays = ", ".join(f"{label} {'on' if self.board.relays[channels[role]] else 'off'}"
+                               for role, label in ROLES.items())
+            lines += [format_decision(decision), f"relays   {relays} (as the board holds them)",
+                      format_bank(decision.bank)]
+        lines.append(f"devices  {self.devices_text()} (the simulation)")
+        return "\n".join(lines)
+
+    def devices_text(self) -> str:
+        sim = self.simulator
+        now = sim.last_now if sim.last_now is not None else self.clock.monotonic()
+        parts = []
+        charger, load = sim.devices.charger, sim.devices.load
+        for name, device, amps in (("charger", charger, charger.max_current), ("load", load, load.current_a)):
+            why = device.stopped_by(now)
+            parts.append(f"no {name} in this scenario" if amps <= 0 else f"{name} {'on' if why is None else 'off'}"
+                         + ("" if why is None else f" ({why})"))
+        return ", ".join(parts) + f", bank {sim.bank.current:+.1f} A"
+
+    def _print_events(self) -> None:
+        """The service's own event log, in simulated seconds since the start (read after the final save)."""
+        if not Path(self.store_path).exists():
+            return
+        try:
+            with Store.open(self.store_path, create=False) as store:
+                events = list(reversed(store.events(limit=None)))
+        except Exception as error:  # the log is a bonus; the demo's exit must not depend on it
+            self._print(f"demo: cannot read the event log: {error}")
+            return
+        if events:
+            self._print("events (the service's event log; t = simulated seconds since the start):")
+        for event in events:
+            self._print(f"event t={event['now'] - self.clock.origin:9.3f} s  {event['name']} -> {event['value']}: "
+                        f"{event['reason']}")
+
+    def summary(self) -> str:
+        clock, decision = self.clock, self.service.decision
+        consumed = "" if decision is None or decision.consumed_ah is None else \
+            f"; consumed {decision.consumed_ah:.3f} Ah"
+        simulated, real = self._stopped_at or (clock.elapsed(), clock.real_elapsed())
+        achieved = simulated / real if real > 0 else clock.speed
+        return (f"demo: stopped after {simulated:.1f} simulated s ({real:.1f} s real at speed {clock.speed:g}, "
+                f"achieved {achieved:.1f}){consumed}")
 
 
-def _readout(service: Service, board: MemoryBoard, elapsed: float) -> str:
-    c = service.link.counters()
-    malformed = sum(v for k, v in c.items() if k.startswith("malformed_"))
-    link = service.link
-    lines = [f"--- t={elapsed:6.1f} s  link {'up' if link.up else 'DOWN: ' + link.reason}  "
-             f"frames {c['frames_received']} decoded {c['frames_decoded']} malformed {malformed}"]
-    decision = service.decision
-    if decision is None:
-        return lines[0]
-    channels = service.config.output_channels()
-    relays = ", ".join(f"{label} {'on' if board.relays[channels[role]] else 'off'}" for role, label in ROLES.items())
-    lines += [format_decision(decision), f"relays   {relays} (as the board holds them)", format_bank(decision.bank)]
-    return "\n".join(lines)
+def _controls_text(devices: str) -> str:
+    charger, load = parse_controls(devices)
+    what = {"relays": "switched by the {} relay", "bms-state": "following BMS_STATE",
+            "both": "switched by the {} relay and following BMS_STATE"}
+    return f"charger {what[charger].format('charge')}, load {what[load].format('load')}"
+
+
+def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    problem = check_args(args)
+    if problem is not None:
+        print(f"demo: {problem}", file=sys.stderr)
+        return 2
+    # Ctrl-C or SIGTERM before the service's own handlers take over (start-up on a slow machine) is a stop request
+    # too: the demo stops as it always does, never with a traceback.
+    requested = threading.Event()
+    demo: Demo | None = None
+
+    def request_stop(signum: int, frame: object) -> None:
+        requested.set()
+        if demo is not None:
+            demo.stop()
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, request_stop)
+    with tempfile.TemporaryDirectory(prefix="smallbms-demo-") as tmp:
+        demo = Demo(args, tmp, out, stop_requested=requested)
+        print(demo.header(), file=out, flush=True)
+        return demo.run()

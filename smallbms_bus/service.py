@@ -128,9 +128,12 @@ class ServiceStats:
 
 class Service:
     def __init__(self, config: Config, *, board: RelayBoard | None = None, bus: BusConfig | None = None,
-                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self.config = config
-        self.clock, self.wall = clock, wall
+        # `sleep` waits seconds of `clock`: the demo runs the service on the simulation's clock (sim/clock.py),
+        # so the 100 ms tick is 100 ms of simulated time like every other delay.
+        self.clock, self.wall, self.sleep = clock, wall, sleep
         self.stats = ServiceStats()
         # SET-4: before anything is opened, so a second instance never touches the first one's devices
         self.lock = StoreLock.acquire(config["store"]["path"],
@@ -183,7 +186,9 @@ class Service:
         self._inbox_scheduled = False
         self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="outputs")
         self._db = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store")
-        self._saves_in_flight: list[float] = []  # when each save handed to the store thread was (loop thread only)
+        # When each save handed to the store thread was (loop thread only), in real seconds: the disk is real even
+        # when `clock` is a simulation's (the demo), so a slow fsync at --speed 20 is not a 20 x longer stall.
+        self._saves_in_flight: list[float] = []
         self.store_stalled_since: float | None = None  # set when the oldest save in flight waited STORE_STALL_S
         self._background: set[asyncio.Future] = set()
         self.writes = WritePath(self.core, self.persister, self._save, self._decide_now, clock, wall, self.record)
@@ -311,13 +316,13 @@ class Service:
     def _submit_save(self, save: PendingSave) -> asyncio.Future[bool]:
         """The hand-off to the store thread (loop thread only); the future says whether it committed."""
         loop = asyncio.get_running_loop()
-        self._saves_in_flight.append(self.clock())
+        self._saves_in_flight.append(time.monotonic())
         future = loop.run_in_executor(self._db, self.persister.write, save)
 
         def done(_: asyncio.Future[bool]) -> None:
             started = self._saves_in_flight.pop(0)  # one store thread: saves finish in the order handed over
             if self.store_stalled_since is not None:
-                log.error("store: the disk answered again; a save had waited %.0f s", self.clock() - started)
+                log.error("store: the disk answered again; a save had waited %.0f s", time.monotonic() - started)
                 self.store_stalled_since = None
 
         future.add_done_callback(done)
@@ -398,11 +403,11 @@ class Service:
                 if save is not None:
                     self._submit_save(save)
             else:
-                self._check_store_stall(now)
+                self._check_store_stall(time.monotonic())
             if watchdog and self._ready and now >= next_watchdog:  # systemd hears READY=1 first
                 sd_notify("WATCHDOG=1")
                 next_watchdog = now + 1.0
-            await asyncio.sleep(TICK_S)
+            await self.sleep(TICK_S)
 
     async def _serve_modbus(self, tried: asyncio.Event) -> None:
         """Modbus is how PLCs watch the bank, but the BMS protects it without: a port that cannot be bound
@@ -534,7 +539,7 @@ class Service:
         parts.append(f"relay board FAULT ({fault})" if fault else "relay board ok")
         p = self.persister
         if self.store_stalled_since is not None:
-            waited = self.clock() - self.store_stalled_since
+            waited = time.monotonic() - self.store_stalled_since
             parts.append(f"store STALLED: a save has waited {waited:.0f} s for the disk")
         elif p.ok:
             parts.append(f"store ok ({p.writes} saves)")

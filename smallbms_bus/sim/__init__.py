@@ -2,12 +2,15 @@
 
 battery.py    one battery: LFP cells, heat, balancer, the battery's own flags and faults
 bank.py       bank shapes (`2s2p-12v100`), batteries in series strings and parallel strings
-devices.py    a CC/CV (optionally solar) charger and a constant-current load that obey BMS_STATE
+devices.py    a CC/CV (optionally solar) charger and a constant-current load, switched by relays and/or BMS_STATE
 scenarios.py  named scenarios: starting point + timed actions, with what a BMS should see, when
-runner.py     the frame scheduler, the `Simulator` (pure, clock-injected) and its real-time loop
+runner.py     the frame scheduler, the `Simulator` (pure, clock-injected) and its loop on any clock
+clock.py      `SimClock`: the demo's one simulation clock for the service and the simulator, with a governor
+wiring.py     `RelayReader`: the relays of a Modbus TCP module, for `simulate --relay-board`
 cli.py        the `simulate` sub-command
 
-Everything but `Simulator.run` and the CLI is pure: time moves only when the caller says so.
+Everything but `Simulator.run`, `RelayReader`, `SimClock`'s real clock and the CLI is pure: time moves
+only when the caller says so.
 """
 
 from smallbms_bus.sim.bank import PRESETS, BankShape, VirtualBank

@@ -22,8 +22,10 @@ import can.interfaces
 from smallbms_bus.link.bus import BusConfig, open_bus
 from smallbms_bus.signals import stop_on_signals
 from smallbms_bus.sim.bank import DEFAULT_BANK, BankShape, preset_list
+from smallbms_bus.sim.devices import CONTROLS, Control, parse_controls
 from smallbms_bus.sim.runner import Simulator
 from smallbms_bus.sim.scenarios import DEFAULT_SCENARIO, SCENARIOS
+from smallbms_bus.sim.wiring import RelayBoardSpec, RelayReader
 
 DEFAULT_INTERFACE = "socketcan"
 DEFAULT_CHANNEL = "vcan0"
@@ -61,6 +63,20 @@ def _interface(text: str) -> str:
     return text
 
 
+def _relay_board(text: str) -> RelayBoardSpec:
+    try:
+        return RelayBoardSpec.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _controls(text: str) -> tuple[Control, Control]:
+    try:
+        return parse_controls(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _scenario(text: str) -> str:
     if text not in SCENARIOS:
         raise argparse.ArgumentTypeError(f"unknown scenario {text!r}; known: {', '.join(SCENARIOS)}")
@@ -71,8 +87,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser = subparsers.add_parser(
         "simulate",
         help="run virtual Lithium NG batteries, a charger and a load on a CAN bus",
-        description="Virtual batteries send the Lithium NG frames (PROTOCOL.md) on a CAN bus; a virtual"
-                    " charger and load obey the BMS_STATE frames of smallbms-bus.",
+        description="Virtual batteries send the Lithium NG frames (docs/simulator.md) on a CAN bus; a virtual"
+                    " charger and load follow the relays of the Modbus TCP module smallbms-bus run drives"
+                    " (--relay-board) and/or the BMS_STATE frames it sends (--devices). Everything runs in real"
+                    " time: only at --speed 1 do the BMS's figures match the batteries'.",
     )
     add_arguments(parser)
     return parser
@@ -95,7 +113,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sim.add_argument("--scenario", type=_scenario, default=DEFAULT_SCENARIO,
                      help=f"one of {', '.join(SCENARIOS)} (default {DEFAULT_SCENARIO})")
     sim.add_argument("--speed", type=_number("speed", 0.01, 10_000), default=1.0,
-                     help="physics speed-up; frame periods stay real time (default 1.0)")
+                     help="physics speed-up; frame periods stay real time. The BMS on the bus counts real time, so"
+                          " only at 1 do its consumed Ah, time remaining and delays match the batteries (default 1;"
+                          " `demo` runs the BMS on the simulation's clock)")
+    sim.add_argument("--start-at", type=_number("start-at", 0.0, 1e7), default=0.0, metavar="SECONDS",
+                     help="run the scenario's first SECONDS off-line (charger and load running, no frames), then"
+                          " put the bank on the bus: reach a scenario's event sooner with every figure true"
+                          " (default 0)")
     sim.add_argument("--duration", type=_number("duration", 0.001, 1e9), default=None,
                      help="seconds of real time to run (default: until Ctrl-C)")
     sim.add_argument("--soc", type=_number("soc", 0.0, 100.0), default=None,
@@ -105,7 +129,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sim.add_argument("--seed", type=_number("seed", 0, 2**31 - 1, integer=True), default=0,
                      help="seed of the cell spreads and serial numbers (default 0)")
     sim.add_argument("--ignore-bms", action="store_true",
-                     help="charger and load run without BMS_STATE (bench check only: NEVER with real hardware)")
+                     help="charger and load run without BMS_STATE and relays (bench check only: NEVER with real"
+                          " hardware)")
+    wiring = parser.add_argument_group("charger and load wiring")
+    wiring.add_argument("--relay-board", type=_relay_board, default=None, metavar="modbus-tcp:HOST:PORT[:UNIT]",
+                        help="the Modbus TCP relay module `smallbms-bus run` drives: the simulated charger and load"
+                             " follow its charge and load relays (read as a second client, every 0.1 s)")
+    wiring.add_argument("--load-relay", type=_number("load-relay", 1, 64, integer=True), default=1, metavar="N",
+                        help="the load relay's channel on that board ([outputs] load_disconnect; default 1)")
+    wiring.add_argument("--charge-relay", type=_number("charge-relay", 1, 64, integer=True), default=2, metavar="N",
+                        help="the charge relay's channel ([outputs] charge_disconnect; default 2)")
+    wiring.add_argument("--devices", type=_controls, default=None, metavar="CONTROL",
+                        help=f"how the charger and load are controlled: {', '.join(CONTROLS)}, or"
+                             " charger=CONTROL,load=CONTROL (relays: switched by the relays of --relay-board;"
+                             " bms-state: CAN devices following BMS_STATE; both). Default: relays with"
+                             " --relay-board, else bms-state")
+    parser.add_argument("--status-every", type=_number("status-every", 0.1, 86400), default=STATUS_EVERY_S,
+                        metavar="SECONDS", help=f"real seconds between status lines (default {STATUS_EVERY_S:g})")
     parser.add_argument("--list", action="store_true", help="print bank presets and scenarios and exit")
 
 
@@ -121,6 +161,11 @@ def print_list(out: Any = None) -> None:
             print(f"  {'':<16}   by {expectation.by:>7.0f} s: {expectation.what}", file=out)
 
 
+def _control_text(control: str, relay: str) -> str:
+    return {"relays": f"switched by the {relay} relay", "bms-state": "follows BMS_STATE",
+            "both": f"switched by the {relay} relay and follows BMS_STATE"}[control]
+
+
 def bus_config(args: argparse.Namespace) -> BusConfig:
     return BusConfig.of(args.interface, args.channel, args.bitrate, slcan_wait=args.slcan_wait)
 
@@ -130,10 +175,25 @@ def run(args: argparse.Namespace, stop_event: threading.Event | None = None) -> 
         print_list()
         return 0
     shape = args.bank if isinstance(args.bank, BankShape) else _bank(args.bank)
+    controls = args.devices or (("relays", "relays") if args.relay_board is not None else ("bms-state", "bms-state"))
+    if args.relay_board is None and controls != ("bms-state", "bms-state"):
+        print(f"simulate: --devices charger={controls[0]},load={controls[1]} follows relays: give --relay-board"
+              " modbus-tcp:HOST:PORT (the relay module smallbms-bus run drives)", file=sys.stderr)
+        return 2
+    if args.load_relay == args.charge_relay:
+        print(f"simulate: --load-relay and --charge-relay are both {args.load_relay}", file=sys.stderr)
+        return 2
     simulator = Simulator.from_scenario(
         args.scenario, shape, soc=args.soc, ambient=args.ambient, seed=args.seed,
         ignore_bms=args.ignore_bms, speed=args.speed,
     )
+    reader = None
+    if args.relay_board is not None:
+        reader = RelayReader(args.relay_board, {"load": args.load_relay, "charge": args.charge_relay})
+        simulator.devices.wire(controls[0], controls[1], charge_relay=lambda: reader.contact("charge"),
+                               load_relay=lambda: reader.contact("load"))
+    if args.start_at:
+        simulator.fast_forward(args.start_at)
     stop = stop_event or threading.Event()
     # Handlers first: a signal at any moment from here on is a clean stop, never a traceback.
     with stop_on_signals(stop):
@@ -146,15 +206,33 @@ def run(args: argparse.Namespace, stop_event: threading.Event | None = None) -> 
         try:
             print(f"simulate: bank {shape.describe()}; scenario {args.scenario}; interface {args.interface};"
                   f" channel {args.channel}; speed {args.speed:g}"
-                  + ("; IGNORING BMS_STATE (unsafe with real chargers and loads)" if args.ignore_bms else ""),
+                  + (f"; started at {args.start_at:g} simulated s" if args.start_at else "")
+                  + ("; IGNORING BMS_STATE and relays (unsafe with real chargers and loads)" if args.ignore_bms
+                     else f"; charger: {_control_text(controls[0], 'charge')}, load: "
+                          f"{_control_text(controls[1], 'load')}"
+                          + (f" of {args.relay_board.describe()}" if args.relay_board is not None else "")),
                   file=sys.stderr, flush=True)
-            simulator.run(
-                bus, duration=args.duration, stop_event=stop, status_every=STATUS_EVERY_S,
-                on_status=lambda sim: print(sim.status_line(), file=sys.stderr, flush=True),
-            )
+            if args.speed != 1:
+                print(f"simulate: WARNING speed {args.speed:g}: the batteries change {args.speed:g} x faster than"
+                      " real time, the BMS on the bus counts real time: its consumed Ah and time remaining will"
+                      f" be 1/{args.speed:g} of the batteries' (the status lines here show theirs), and its delays"
+                      " (30 s pre-alarm lead, comm timeout, discovery) last longer in the batteries' time. Figures"
+                      " hold at --speed 1 (--start-at skips ahead); `smallbms-bus demo` runs the BMS on the"
+                      " simulation's clock.", file=sys.stderr, flush=True)
+            if reader is not None:
+                reader.start()
+
+            def status(sim: Simulator) -> None:
+                line = sim.status_line() + (f" | {reader.describe()}" if reader is not None else "")
+                print(line, file=sys.stderr, flush=True)
+
+            simulator.run(bus, duration=args.duration, stop_event=stop, status_every=args.status_every,
+                          on_status=status)
         except KeyboardInterrupt:  # only when not in the main thread (no handler of ours)
             pass
         finally:
+            if reader is not None:
+                reader.close()
             with contextlib.suppress(can.CanError, OSError):  # the port may be gone (adapter unplugged)
                 bus.shutdown()
     stats = simulator.stats

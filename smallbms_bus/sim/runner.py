@@ -12,14 +12,19 @@ gets one frame per stream, not a burst of the missed ones (a late frame is worth
 stale frames). A silent battery keeps its schedule but sends nothing.
 
 `Simulator` holds bank + charger + load + scenario + scheduler. `step(now)` advances the physics
-by ``speed * elapsed`` simulated seconds (in sub-steps of at most 2 s, split at scenario actions;
-beyond 20 sub-steps per call the sub-steps grow instead), then returns the frames due at `now`.
-Frame periods and the 1 s BMS_STATE watchdog of the devices run on `now` (the protocol's clock),
-so `speed` accelerates only the batteries' physics and the scenario's timeline. `on_frame(msg)`
-decodes received frames; a BMS_STATE goes to the charger and the load.
+by ``speed * elapsed`` simulated seconds (in sub-steps of at least 50 ms and at most 2 s, split at
+scenario actions; beyond 20 sub-steps per call the sub-steps grow instead), then returns the frames
+due at `now`. Frame periods and the 1 s BMS_STATE watchdog of the devices run on `now`, the clock
+the simulator is given: `speed` accelerates only the batteries' physics and the scenario's timeline
+(`simulate`, next to a service that counts real time), while the demo gives it a `SimClock`
+(sim/clock.py) shared with the service and keeps `speed` at 1, so the protocol's periods and the
+BMS's timers are all simulated time (docs/simulator.md "Time"). `on_frame(msg)` decodes received
+frames; a BMS_STATE goes to the charger and the load. `fast_forward(seconds)` runs the scenario's
+start off-line (`simulate --start-at`).
 
-Only `Simulator.run` touches the world: `time.monotonic`, `bus.send` and `bus.recv`. It sends what
-is due, then listens for BMS_STATE until the next frame is due. Bus errors are counted and logged
+Only `Simulator.run` touches the world: its `clock` (time.monotonic by default), `bus.send` and
+`bus.recv`. It sends what is due, then listens for BMS_STATE until the next frame is due; `rate`
+(clock seconds per real second) turns those waits into real ones. Bus errors are counted and logged
 (rate-limited) and never end the loop: a simulator that dies on a glitch is a poor test partner.
 """
 
@@ -49,6 +54,7 @@ CELLS_PERIOD_S = 0.5
 SLOW_PERIOD_S = 1.0  # BAT_TEMPS, BAT_INFO, BAT_SERIAL
 STAGGER_S = 0.09  # battery phases spread over this window (< the 100 ms status period)
 PHYSICS_STEP_S = 2.0
+MIN_PHYSICS_STEP_S = 0.05  # simulated seconds: half the BAT_STATUS period
 MAX_SUBSTEPS = 20
 MAX_IDLE_S = 0.05  # the loop wakes at least this often (physics, stop request, duration)
 ERROR_LOG_INTERVAL_S = 5.0
@@ -73,6 +79,7 @@ class FrameScheduler:
         self.bank = bank
         self.encoder = encoder
         self.start: float | None = None
+        self.skipped = 0  # periods a late caller missed, over all streams (one frame per stream is sent, not a burst)
         self._serial_part = {b.node: 0 for b in bank.batteries}
         count = len(bank.batteries)
         self._streams: list[_Stream] = []
@@ -103,6 +110,8 @@ class FrameScheduler:
                 continue
             missed = math.floor((now - due_at) / stream.period)  # skip, do not burst
             stream.index += missed
+            if not stream.battery.silent:
+                self.skipped += missed
             ready.append((stream.due_time(start), order, stream))
             stream.index += 1
         ready.sort(key=lambda item: (item[0], item[1]))
@@ -155,6 +164,10 @@ class _ErrorLog:
             self.suppressed += 1
 
 
+def _device(name: str, stopped_by: str | None) -> str:
+    return f"{name} on" if stopped_by is None else f"{name} off ({stopped_by})"
+
+
 class Simulator:
     def __init__(
         self,
@@ -180,7 +193,9 @@ class Simulator:
         self._speed = 1.0
         self.speed = speed
         self.last_bms_state: BmsState | None = None
+        self.last_bms_state_at: float | None = None  # the clock's time of the last BMS_STATE received
         self.stats = RunStats()
+        self.net_ah = 0.0  # Ah into the bank since the start (negative: drawn), the physics' own count
         self.player.apply_due(0.0, bank, devices)
 
     @classmethod
@@ -219,7 +234,12 @@ class Simulator:
             self._anchor = (now, self.sim_time)
         if self.last_now is None or now > self.last_now:
             anchor_now, anchor_sim = self._anchor
-            self.advance_to(anchor_sim + (now - anchor_now) * self._speed, now)
+            end = anchor_sim + (now - anchor_now) * self._speed
+            # Physics in steps of at least MIN_PHYSICS_STEP_S: a bank's state moves little in 50 ms, and stepping
+            # 50 batteries at every frame's due time (hundreds a second) cost most of a core.
+            next_action = self.player.next_at()
+            if end - self.sim_time >= MIN_PHYSICS_STEP_S or (next_action is not None and end >= next_action):
+                self.advance_to(end, now)
             self.last_now = now
         return self.scheduler.due(now)
 
@@ -233,8 +253,29 @@ class Simulator:
                 target = next_action
             current = self.bank.operating_current(self.devices.characteristic(now, self.sim_time))
             self.bank.step(current, target - self.sim_time)
+            self.net_ah += current * (target - self.sim_time) / 3600.0
             self.sim_time = target
             self.player.apply_due(self.sim_time, self.bank, self.devices)
+
+    def fast_forward(self, seconds: float) -> None:
+        """Run the scenario's first `seconds` off-line, before any frame: physics in steps of at most
+        PHYSICS_STEP_S with the charger and load running as the scenario sets them (as if a BMS allowed
+        everything), scenario actions at their times. The bank then goes on the bus in that state."""
+        if self.last_now is not None:
+            raise RuntimeError("fast_forward is for before the first step")
+        devices = (self.devices.charger, self.devices.load)
+        saved = [d.ignore_bms for d in devices]
+        for device in devices:
+            device.ignore_bms = True
+        try:
+            end = self.sim_time + seconds
+            while self.sim_time < end:
+                self.advance_to(min(end, self.sim_time + PHYSICS_STEP_S * MAX_SUBSTEPS), 0.0)
+        finally:
+            for device, ignore in zip(devices, saved, strict=True):
+                device.ignore_bms = ignore
+        self._anchor = None  # the next step(now) continues from here
+        self.net_ah = 0.0  # what the bus can see starts now
 
     def on_frame(self, msg: can.Message, now: float | None = None) -> Report | None:
         """Feed a received frame; a BMS_STATE reaches the charger and the load."""
@@ -243,7 +284,7 @@ class Simulator:
         if isinstance(report, BmsState):
             when = now if now is not None else (self.last_now or 0.0)
             self.devices.on_bms_state(report, when)
-            self.last_bms_state = report
+            self.last_bms_state, self.last_bms_state_at = report, when
             self.stats.bms_states += 1
         return report
 
@@ -255,12 +296,10 @@ class Simulator:
         flags = bank.active_flags()
         flag_text = ", ".join(f"{name}@{','.join(map(str, nodes))}" for name, nodes in flags.items()) or "none"
         charger, load = self.devices.charger, self.devices.load
-        bms = f"charger {'on' if charger.running(now) else 'off'}, load {'on' if load.running(now) else 'off'}"
+        bms = f"{_device('charger', charger.stopped_by(now))}, {_device('load', load.stopped_by(now))}"
         if charger.ignore_bms or load.ignore_bms:
             bms += " (BMS ignored)"
-        elif self.last_bms_state is None:
-            bms += " (no BMS_STATE yet)"
-        return (f"sim {self.sim_time:8.1f} s | {bank.voltage:6.2f} V {bank.current:+7.1f} A"
+        return (f"sim {self.sim_time:8.1f} s | {bank.voltage:6.2f} V {bank.current:+7.1f} A {self.net_ah:+.3f} Ah"
                 f" | SoC {soc_low:5.1f}-{soc_high:5.1f} % | cells {cell_low:.3f}-{cell_high:.3f} V"
                 f" | {min(temps):.1f}-{max(temps):.1f} degC | {bms} | flags: {flag_text}")
 
@@ -275,13 +314,18 @@ class Simulator:
         status_every: float = 5.0,
         on_status: Callable[[Simulator], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        rate: float = 1.0,
     ) -> RunStats:
-        """Send frames on time and obey BMS_STATE until `duration` (s) passes or `stop_event` is set.
+        """Send frames on time and obey BMS_STATE until `duration` (s of `clock`) passes or `stop_event` is set.
 
-        `speed` (None = keep the simulator's) multiplies the physics only; frame periods stay real.
+        `speed` (None = keep the simulator's) multiplies the physics only; frame periods follow `clock`.
+        `rate` is how many `clock` seconds pass per real second (a `SimClock`'s speed; then `speed` is
+        1 and the clock carries the acceleration): the loop's waits are divided by it.
         """
         if speed is not None:
             self.speed = speed
+        if not rate > 0:
+            raise ValueError(f"rate must be > 0, not {rate}")
         send_log, recv_log = _ErrorLog("send"), _ErrorLog("receive")
         start = clock()
         end = None if duration is None else start + duration
@@ -301,20 +345,22 @@ class Simulator:
                 on_status(self)
                 next_status = now + status_every
             next_due = self.scheduler.next_due()
-            wake = now + MAX_IDLE_S if next_due is None else min(next_due, now + MAX_IDLE_S)
+            idle = now + MAX_IDLE_S * rate  # MAX_IDLE_S is real seconds
+            wake = idle if next_due is None else min(next_due, idle)
             if end is not None:
                 wake = min(wake, end)
-            self._receive_until(bus, wake, clock, recv_log)
+            self._receive_until(bus, wake, clock, recv_log, rate)
         return self.stats
 
-    def _receive_until(self, bus: _Bus, wake: float, clock: Callable[[], float], errors: _ErrorLog) -> None:
+    def _receive_until(self, bus: _Bus, wake: float, clock: Callable[[], float], errors: _ErrorLog,
+                       rate: float = 1.0) -> None:
         while (timeout := wake - clock()) > 0:
             try:
-                msg = bus.recv(timeout=timeout)
+                msg = bus.recv(timeout=timeout / rate)
             except (can.CanError, OSError, ValueError) as error:  # slcan raises ValueError on a garbled line
                 self.stats.receive_errors += 1
                 errors(error, clock())
-                time.sleep(max(0.0, min(timeout, MAX_IDLE_S)))  # a dead port fails at once: do not spin
+                time.sleep(max(0.0, min(timeout / rate, MAX_IDLE_S)))  # a dead port fails at once: do not spin
                 return
             if msg is not None:
                 self.on_frame(msg, clock())

@@ -174,6 +174,17 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
         ),
     ),
     Scenario(
+        "heavy-load",
+        "6.3 % SoC, a 2C load (an inverter at full power on a nearly empty bank), no charger: a cell under"
+        " the pre-alarm level at once and under 2.80 V within about 20 s, before the 30 s lead of PRE-3",
+        soc=6.3, load_c=2.0, charge_c=0.0,
+        expect=(
+            Expectation(0.0, 1.0, "CellLowPreAlarm and a cell <= 3.10 V as soon as the load runs (PRE-1)"),
+            Expectation(3.0, 27.0, "CellLowVoltage and a cell <= 2.80 V (ATD-1) at about 5-23 s (bank, seed), before"
+                                   " the pre-alarm is 30 s old: the load goes off 30 s after the pre-alarm (PRE-3)"),
+        ),
+    ),
+    Scenario(
         "overcharge",
         "97 % SoC, 0.3C charger set to a wrong absorption of 15.2 V per 12.8 V unit: a cell passes 3.75 V",
         soc=97.0, load_c=0.0, charge_c=0.3, absorption_per_unit=15.2,

@@ -30,6 +30,7 @@ def test_defaults() -> None:
     assert args.bank == BankShape.parse("2s2p-12v100")
     assert (args.scenario, args.speed, args.duration, args.bitrate) == ("steady", 1.0, None, 500000)
     assert (args.soc, args.ambient, args.seed, args.ignore_bms, args.list) == (None, None, 0, False, False)
+    assert (args.relay_board, args.devices, args.load_relay, args.charge_relay, args.start_at) == (None, None, 1, 2, 0)
 
 
 def test_values_are_parsed() -> None:
@@ -50,6 +51,8 @@ def test_values_are_parsed() -> None:
     ("--bank", "1s26p-48v100"), ("--scenario", "meltdown"), ("--soc", "101"), ("--soc", "-1"),
     ("--ambient", "200"), ("--bitrate", "5"), ("--bitrate", "500k"), ("--interface", "carrier-pigeon"),
     ("--seed", "-1"), ("--seed", "1.5"), ("--duration", "0"), ("--duration", "-3"),
+    ("--relay-board", "127.0.0.1:502"), ("--relay-board", "modbus-tcp:host"), ("--relay-board", "modbus-tcp:h:70000"),
+    ("--devices", "relay"), ("--devices", "charger=relays"), ("--load-relay", "0"), ("--start-at", "-1"),
 ])
 def test_bad_values_exit_2_naming_the_option(capsys: pytest.CaptureFixture[str], option: str, value: str) -> None:
     with pytest.raises(SystemExit) as exit_info:
@@ -105,3 +108,35 @@ def test_signals_stop_cleanly_with_exit_0(signum: int) -> None:
             process.wait()
     assert process.returncode == 0
     assert "stopped after" in rest and "Traceback" not in rest
+
+
+def test_relay_wiring_options_are_parsed() -> None:
+    args = parser().parse_args(["simulate", "--relay-board", "modbus-tcp:10.0.0.5:5021:3", "--devices",
+                                "charger=bms-state,load=relays", "--load-relay", "4", "--charge-relay", "5"])
+    assert (args.relay_board.host, args.relay_board.port, args.relay_board.unit) == ("10.0.0.5", 5021, 3)
+    assert args.devices == ("bms-state", "relays") and (args.load_relay, args.charge_relay) == (4, 5)
+    assert parser().parse_args(["simulate", "--relay-board", "modbus-tcp:[::1]:502"]).relay_board.host == "::1"
+
+
+@pytest.mark.parametrize("extra", [["--devices", "relays"], ["--devices", "charger=bms-state,load=both"]])
+def test_relay_wired_devices_need_a_relay_board(capsys: pytest.CaptureFixture[str], extra: list[str]) -> None:
+    assert cli.run(parser().parse_args(["simulate", "--interface", "virtual", *extra])) == 2
+    assert "give --relay-board modbus-tcp:HOST:PORT" in capsys.readouterr().err
+
+
+def test_the_same_channel_for_both_relays_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    args = parser().parse_args(["simulate", "--relay-board", "modbus-tcp:127.0.0.1:1", "--charge-relay", "1"])
+    assert cli.run(args) == 2
+    assert "--load-relay and --charge-relay are both 1" in capsys.readouterr().err
+
+
+def test_a_speed_other_than_1_says_the_bms_figures_will_not_match(capsys: pytest.CaptureFixture[str]) -> None:
+    args = parser().parse_args(["simulate", "--interface", "virtual", "--channel", f"cli-{uuid.uuid4().hex}",
+                                "--duration", "0.2", "--speed", "20"])
+    assert cli.run(args) == 0
+    err = capsys.readouterr().err
+    assert "WARNING speed 20" in err and "1/20 of the batteries'" in err
+    args = parser().parse_args(["simulate", "--interface", "virtual", "--channel", f"cli-{uuid.uuid4().hex}",
+                                "--duration", "0.2"])
+    assert cli.run(args) == 0
+    assert "WARNING" not in capsys.readouterr().err

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from smallbms_bus.reports import BmsState
-from smallbms_bus.sim.devices import BMS_STATE_TIMEOUT_S, Charger, Devices, Load, SolarProfile
+from smallbms_bus.sim.devices import BMS_STATE_TIMEOUT_S, Charger, Devices, Load, SolarProfile, parse_controls
 
 
 def bms_state(charge: bool = True, discharge: bool = True) -> BmsState:
@@ -106,3 +106,88 @@ def test_solar_charger_current_uses_simulated_time_not_the_bms_clock() -> None:
     noon = 7 * 3600.0  # 13:00 of the simulated day
     assert charger.current(13.0, now=0.5, sim_time=noon) == pytest.approx(40.0)
     assert charger.current(13.0, now=0.5, sim_time=15 * 3600.0) == 0.0  # 21:00
+
+
+# --- wiring: relays, BMS_STATE or both (issue 13 item 2) -------------------------------------------------------
+
+class Relays:
+    """Two relay contacts as a board holds them."""
+
+    def __init__(self) -> None:
+        self.charge: bool | None = None
+        self.load: bool | None = None
+
+
+def wired(control: str, **kwargs) -> tuple[Devices, Relays]:
+    d, relays = devices(**kwargs), Relays()
+    d.wire(control, control, charge_relay=lambda: relays.charge, load_relay=lambda: relays.load)
+    return d, relays
+
+
+def test_relay_wired_devices_follow_their_relay_and_ignore_bms_state() -> None:
+    """The charge relay switches the charger's remote input, the load relay the load: mode off (both open)
+    stops both, whatever BMS_STATE says."""
+    d, relays = wired("relays")
+    assert d.net_current(LOW_VOLTAGE, now=0.0) == 0.0  # contacts not read yet: open
+    assert d.charger.stopped_by(0.0) == "charge relay not read yet"
+    relays.charge = relays.load = True
+    assert d.net_current(LOW_VOLTAGE, now=0.0) == pytest.approx(40.0)  # no BMS_STATE needed
+    d.on_bms_state(bms_state(charge=False, discharge=False), now=1.0)
+    assert d.net_current(LOW_VOLTAGE, now=1.0) == pytest.approx(40.0)  # not a CAN device: BMS_STATE unseen
+    relays.charge = False  # charge disconnect open
+    assert d.net_current(LOW_VOLTAGE, now=5.0) == pytest.approx(-20.0)
+    assert d.charger.stopped_by(5.0) == "charge relay open" and d.load.stopped_by(5.0) is None
+    relays.load = False
+    assert d.net_current(LOW_VOLTAGE, now=5.0) == 0.0 and d.load.stopped_by(5.0) == "load relay open"
+
+
+def test_both_needs_the_relay_closed_and_bms_state_allowing() -> None:
+    d, relays = wired("both")
+    relays.charge = relays.load = True
+    assert d.net_current(LOW_VOLTAGE, now=0.0) == 0.0 and d.load.stopped_by(0.0) == "no BMS_STATE yet"
+    d.on_bms_state(bms_state(charge=True, discharge=False), now=1.0)
+    assert d.net_current(LOW_VOLTAGE, now=1.0) == pytest.approx(60.0)
+    assert d.load.stopped_by(1.0) == "BMS_STATE forbids"
+    relays.charge = False
+    assert d.net_current(LOW_VOLTAGE, now=1.0) == 0.0
+    assert d.charger.stopped_by(2.5) == "charge relay open"
+    relays.charge = True
+    assert d.charger.stopped_by(2.5) == "BMS_STATE missing for 1 s"
+
+
+def test_bms_state_devices_do_not_see_the_relays() -> None:
+    """A CAN charger follows AllowedToCharge only: opening its (unwired) relay changes nothing."""
+    d, relays = devices(), Relays()
+    d.wire("bms-state", "relays", charge_relay=lambda: relays.charge, load_relay=lambda: relays.load)
+    relays.charge, relays.load = False, True
+    d.on_bms_state(bms_state(), now=0.0)
+    assert d.net_current(LOW_VOLTAGE, now=0.1) == pytest.approx(40.0)
+
+
+def test_ignore_bms_ignores_the_relays_too() -> None:
+    d, relays = wired("both", ignore_bms=True)
+    relays.charge = relays.load = False
+    assert d.net_current(LOW_VOLTAGE, now=0.0) == pytest.approx(40.0)
+
+
+def test_wiring_needs_a_relay_and_a_known_control() -> None:
+    d = devices()
+    with pytest.raises(ValueError, match="charger: control 'relays' needs a relay"):
+        d.wire("relays", "bms-state")
+    with pytest.raises(ValueError, match="load: control 'relay'"):
+        d.wire("bms-state", "relay")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("relays", ("relays", "relays")), ("both", ("both", "both")), ("bms-state", ("bms-state", "bms-state")),
+    ("charger=bms-state,load=relays", ("bms-state", "relays")), (" load=both , charger=relays ", ("relays", "both")),
+])
+def test_controls_parse(text: str, expected: tuple[str, str]) -> None:
+    assert parse_controls(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "relay", "charger=relays", "charger=relays,charger=both",
+                                  "inverter=relays,load=both", "charger=relays,load=bms"])
+def test_bad_controls_are_refused_with_the_choices(text: str) -> None:
+    with pytest.raises(ValueError, match="relays, bms-state, both"):
+        parse_controls(text)

@@ -21,6 +21,7 @@ from smallbms_bus.reports import (
     SerialFragment,
 )
 from smallbms_bus.sim.bank import VirtualBank
+from smallbms_bus.sim.clock import SimClock
 from smallbms_bus.sim.runner import FrameScheduler, Simulator
 
 TICK = 0.005
@@ -100,6 +101,7 @@ def test_a_late_caller_gets_one_frame_per_stream_not_a_burst(encoder: FrameEncod
     assert len(scheduler.due(0.0)) == 1 + 1 + 3  # status, cells, temps/info/serial
     assert len(scheduler.due(7.3)) == 5  # 7 s late: still one of each
     assert scheduler.next_due() == pytest.approx(7.4)
+    assert scheduler.skipped == 72 + 13 + 6  # counted: status 0.1..7.2, cells 0.5..6.5, slow 1..6 s
 
 
 def test_a_silent_battery_sends_nothing_and_resumes_in_phase(encoder: FrameEncoder) -> None:
@@ -247,3 +249,56 @@ def test_run_reports_status_periodically(encoder: FrameEncoder) -> None:
     finally:
         bus.shutdown()
     assert 3 <= len(lines) <= 5 and all(line.startswith("sim ") for line in lines)
+
+
+def test_run_on_a_simulation_clock_keeps_the_protocol_periods_in_simulated_time(encoder: FrameEncoder) -> None:
+    """The demo's shape: the clock carries the speed (Simulator speed 1, rate 20). BAT_STATUS every 100 ms of
+    simulated time, i.e. 200 per real second per battery, and the run's waits are real (20 s take ~1 s)."""
+    channel = f"sim-clock-{uuid.uuid4().hex}"
+    sim_bus = can.Bus(interface="virtual", channel=channel)
+    bms_bus = can.Bus(interface="virtual", channel=channel)
+    clock = SimClock(20.0)
+    sim = Simulator.from_scenario("steady", "2s2p-12v100", encoder=encoder, ignore_bms=True)
+    runner = threading.Thread(target=sim.run, args=(sim_bus,),
+                              kwargs={"duration": 20.0, "clock": clock.monotonic, "rate": 20.0})
+    received: list[tuple[float, can.Message]] = []
+    started = time.monotonic()
+    try:
+        runner.start()
+        while runner.is_alive():
+            msg = bms_bus.recv(timeout=0.01)
+            if msg is not None:
+                received.append((clock.monotonic(), msg))
+        real = time.monotonic() - started
+    finally:
+        sim_bus.shutdown()
+        bms_bus.shutdown()
+    decoder = FrameDecoder(encoder.db)
+    times: dict[int, list[float]] = defaultdict(list)
+    for at, msg in received:
+        report = decoder.decode(msg)
+        if isinstance(report, BatteryStatus):
+            times[report.node].append(at)
+    assert set(times) == {1, 2, 3, 4}
+    for node_times in times.values():
+        gaps = sorted(b - a for a, b in itertools.pairwise(node_times))
+        assert gaps[len(gaps) // 2] == pytest.approx(0.1, abs=0.02)  # the median period, in simulated seconds
+        assert 0.6 * 200 <= len(node_times) <= 201  # a late thread skips frames, never bursts them
+    assert sim.sim_time == pytest.approx(20.0, abs=0.5)
+    assert 0.9 <= real < 5.0
+
+
+def test_fast_forward_runs_the_scenario_off_line_then_frames_start(encoder: FrameEncoder) -> None:
+    """simulate --start-at: the discharge scenario's first 280 s off-line (the load running as if allowed), so the
+    first frames already show cells near the pre-alarm, and from then on the devices obey the BMS again."""
+    sim = Simulator.from_scenario("discharge", "2s2p-12v100", encoder=encoder)
+    sim.fast_forward(280.0)
+    assert sim.sim_time == pytest.approx(280.0) and sim.net_ah == 0.0
+    assert 3.10 < sim.bank.cell_voltage_range()[0] < 3.13  # CellLowPreAlarm comes at about 285 s
+    frames = sim.step(1000.0)
+    assert any(isinstance(FrameDecoder(encoder.db).decode(f), BatteryStatus) for f in frames)
+    sim.step(1001.0)
+    assert sim.sim_time == pytest.approx(281.0)
+    assert sim.bank.current == 0.0  # no BMS_STATE on the bus yet: the load obeys again
+    with pytest.raises(RuntimeError):
+        sim.fast_forward(10.0)

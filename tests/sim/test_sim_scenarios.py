@@ -102,6 +102,23 @@ def test_discharge_reaches_pre_alarm_then_low_voltage(encoder: FrameEncoder, ban
     assert all(r.current < -45.0 for t, r in w.of(BatteryStatus) if 5.0 <= t <= cell_low)  # 0.5C all along
 
 
+@pytest.mark.parametrize(("bank", "seed"), [("2s2p-12v100", 0), ("2s2p-12v100", 2), ("1s1p-12v100", 1),
+                                          ("1s4p-48v100", 3)])
+def test_heavy_load_reaches_low_voltage_before_the_pre_alarm_is_30_s_old(encoder: FrameEncoder, bank: str,
+                                                                          seed: int) -> None:
+    pre_alarm, low_voltage = SCENARIOS["heavy-load"].expect
+    w = watch(encoder, "heavy-load", until=60.0, dt=0.1, bank=bank, seed=seed)
+    flag_pre = w.first(BatteryStatus, lambda r: r.cell_low_pre_alarm)
+    cell_pre = w.first(CellVoltages, lambda r: min_cell(r) <= 3.10)
+    flag_low = w.first(BatteryStatus, lambda r: r.cell_low_voltage)
+    cell_low = w.first(CellVoltages, lambda r: min_cell(r) <= 2.80)
+    assert within(flag_pre, pre_alarm) and within(cell_pre, pre_alarm), (flag_pre, cell_pre)
+    assert within(flag_low, low_voltage) and within(cell_low, low_voltage), (flag_low, cell_low)
+    capacity = w.sim.bank.shape.capacity_total_ah
+    assert all(r.current < -0.9 * 2.0 * capacity / w.sim.bank.shape.parallel
+               for t, r in w.of(BatteryStatus) if 0.5 <= t <= 60.0)  # 2C all along (per string)
+
+
 def test_overcharge_drives_a_cell_past_3v75(encoder: FrameEncoder) -> None:
     (high,) = SCENARIOS["overcharge"].expect
     w = watch(encoder, "overcharge", until=high.by, dt=1.0)
