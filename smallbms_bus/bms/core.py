@@ -38,6 +38,7 @@ from typing import Any
 
 from smallbms_bus.bank import Bank, BankView, LearnedBank
 from smallbms_bus.bms.alarms import AtdState, BalancerReason, BalancerStatus, BmsAlarm, BmsWarning, BusState, Led
+from smallbms_bus.bms.charge import NO_CHARGE_LIMITS, ChargeLimits
 from smallbms_bus.bms.diagnostics import NO_DIAGNOSTICS, Diagnostics
 from smallbms_bus.bms.history import History, balancer_status, balancer_unknown_reason
 from smallbms_bus.bms.monitor import ZERO_CURRENT_A, BatteryMonitor, CurrentLimits
@@ -127,6 +128,7 @@ class Decision:
     bus_state: BusState = BusState.UP  # the battery link (COM-4, COM-5); shown even while waiting for batteries
     link_reason: str = ""  # why the link is not up
     balancer_reason: BalancerReason = BalancerReason.NONE  # why `balancer` is unknown (BAL-1), NONE while known
+    charge: ChargeLimits = NO_CHARGE_LIMITS  # CVL/CCL/DCL/DVL for inverters (CHG, bms/charge.py)
 
 
 class BmsCore:
