@@ -50,7 +50,6 @@ import logging
 import os
 import shlex
 import signal
-import socket
 import ssl
 import sys
 import threading
@@ -67,6 +66,7 @@ from smallbms_bus.link.bus import BusConfig, Link
 from smallbms_bus.link.codec import FrameDecoder, FrameEncoder, load_dbc
 from smallbms_bus.metrics import MetricsServer, limits_of
 from smallbms_bus.modbus.server import BmsAccess, ModbusOptions, ModbusServer
+from smallbms_bus.mqtt import MqttFrontEnd
 from smallbms_bus.outputs import make_board
 from smallbms_bus.outputs.base import RelayBoard
 from smallbms_bus.outputs.controller import Outputs
@@ -74,6 +74,7 @@ from smallbms_bus.outputs.gpiod import GpiodBoard
 from smallbms_bus.outputs.remote import RemoteInput
 from smallbms_bus.reports import Report
 from smallbms_bus.store import PendingSave, Persister, Store, StoreError, StoreLock, lock_holder_description
+from smallbms_bus.systemd import sd_notify, unfinished_run
 from smallbms_bus.view import ServiceStats, ServiceView
 
 log = logging.getLogger(__name__)
@@ -84,36 +85,6 @@ MODBUS_RETRY_S = 5.0
 STORE_STALL_S = 10.0  # a save waiting longer for the disk is a stalled store: ERROR, smallbms_store_up 0
 OFF = {"load_disconnect": False, "charge_disconnect": False, "pre_alarm": False, "error_led": "off",
        "status_led": "off"}
-
-
-def _unfinished_run(store: Store) -> str | None:
-    """Why the previous run left no STOPPED event (killed, power cut, crash), or None when it stopped cleanly or
-    there was none (a new store, or one written by a version that recorded no starts)."""
-    last = next((e for e in store.events(None) if e["kind"] == "service" and e["name"] in ("STARTED", "STOPPED")),
-                None)
-    if last is None or last["name"] == "STOPPED":
-        return None
-    saved = store.saved_wall()
-    return (f"the run started {_when(last['wall'])} (smallbms-bus {last['value']}) recorded no stop: it was killed, "
-            f"lost power or crashed; the state is as last saved {_when(saved) if saved else 'never'}")
-
-
-def _when(wall: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(wall))
-
-
-def sd_notify(message: str) -> None:
-    """systemd's notify protocol (Type=notify): a datagram to $NOTIFY_SOCKET; a no-op elsewhere."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.sendto(message.encode(), address)
-    except OSError:
-        log.debug("sd_notify failed", exc_info=True)
 
 
 class Service:
@@ -143,7 +114,7 @@ class Service:
         snapshot = self.store.load_state()
         self.core = (BmsCore.from_snapshot(snapshot, now, wall(), **options) if snapshot is not None
                      else BmsCore(now, wall(), **options))
-        self._previous_run = _unfinished_run(self.store)  # why the last run recorded no STOPPED, or None
+        self._previous_run = unfinished_run(self.store)  # why the last run recorded no STOPPED, or None
         self._stop_cause = "stop requested"
         db = load_dbc(config["bus"]["dbc"])
         self.encoder = FrameEncoder(db)
@@ -191,6 +162,9 @@ class Service:
                                                          commit=self.commit, clock=clock, started=now,
                                                          refused=self.writes.note_refusal))
         self.metrics: MetricsServer | None = None  # the Prometheus endpoint, started by run() when configured
+        self.mqtt: MqttFrontEnd | None = None  # MQTT and Home Assistant discovery (docs/mqtt.md): [mqtt] host set
+        if config["mqtt"]["host"] is not None:
+            self.mqtt = MqttFrontEnd(config["mqtt"], self.commit, self.writes.note_refusal)
         self.view = self._view(now)  # what watchers read (smallbms_bus/view.py); replaced after every decision
 
     # -- the decision path ------------------------------------------------------------------------
@@ -395,6 +369,8 @@ class Service:
             self._sync_link()  # also the watchdog of the bus thread: a stall is found here (COM-5)
             self._decide()
             now = self.clock()
+            if self.mqtt is not None:  # a latest-wins hand-over to the MQTT thread: never waits for the broker
+                self.mqtt.tick(now, self.decision, self.core.settings)
             # The snapshot is taken here, on the core's thread; only the fsync'd write goes to the store thread,
             # and only when the previous one is done: a stalled card holds one save, never a growing queue.
             self.writes.flush_refusals(now)  # the summary of a refusal window that has ended
@@ -472,6 +448,8 @@ class Service:
                 m = self.config["metrics"]
                 self.metrics = MetricsServer(self, m["host"], m["port"], limits=limits_of(m))
                 await self.metrics.start()
+            if self.mqtt is not None:  # its own threads; a broker down or slow never delays the start
+                self.mqtt.start(self._loop)
             if modbus is not None:  # READY=1 means a PLC can connect now (unless the port is taken: then retried)
                 await modbus_tried.wait()
             sd_notify("READY=1")
@@ -567,6 +545,8 @@ class Service:
             self.link.close()
         await loop.run_in_executor(self._io, self.outputs.safe)  # queued after any in-flight apply
         self._io.shutdown(wait=True)
+        if self.mqtt is not None:  # after the outputs are off: "offline" on the availability topic (bounded wait)
+            await self.mqtt.stop()
         # The outputs are off before anything waits on the store (a stalled card must not keep them on).
         await self.writes.close()  # a write in flight is committed and answered; later ones are refused
         stopped = "outputs off"
