@@ -156,6 +156,8 @@ def reaction_latency(trials: int, low_trials: int, clients: bool = True) -> dict
     modbus_port, metrics_port = free_port(), free_port()
     with tempfile.TemporaryDirectory() as tmp:
         text = demo_config(channel, f"{tmp}/state.db", metrics_port, modbus_port) + "[bms]\ndiscovery_window = 2.0\n"
+        # the 32 pollers all come from 127.0.0.1: let them all in (the default share of one address is 8)
+        text = text.replace("[modbus]\n", "[modbus]\nmax_connections = 40\nmax_connections_per_address = 40\n")
         board = TimedBoard()
         service = Service(parse_config(text), board=board)
         simulator = Simulator.from_scenario("steady", "2s25p-12v100", ignore_bms=True)
