@@ -120,6 +120,10 @@ def sd_notify(message: str) -> None:
 
 @dataclass
 class ServiceStats:
+    """In-process counters the tests and the demo read. `bms_state_sent` counts BMS_STATE frames handed to the
+    bus thread; it is not a metric on purpose: bus_frames_sent_total + bus_frames_unsent_total already add up
+    to it from the link's side, which is the one that knows what reached the wire."""
+
     evaluations: int = 0
     bms_state_sent: int = 0
     task_restarts: int = 0
