@@ -229,7 +229,8 @@ class WritePath:
         r = self._refusals
         if r.logged < REFUSED_EVENTS_PER_WINDOW:
             r.logged += 1
-            code = f" (Modbus exception {refused.code:02d})" if source.startswith("Modbus") else ""  # web, MQTT: not Modbus
+            # the exception number means something to a Modbus client only (web and MQTT have their own answers)
+            code = f" (Modbus exception {refused.code:02d})" if source.startswith("Modbus") else ""
             self.record([Event(wall, now, what, "refused", kind, f"{refused}{code} by {source}")])
             return
         if r.first_wall is None:
