@@ -56,7 +56,7 @@ def request(method: str, url: str, body: Any = None, *, password: str | None = N
         headers = {} if password is None else {"Authorization": f"Bearer {password}"}
         data = raw if raw is not None else (None if body is None else json.dumps(body))
         async with aiohttp.ClientSession(connector=connector) as session, session.request(
-                method, url, data=data, headers=headers, timeout=aiohttp.ClientTimeout(total=30)) as answer:
+                method, url, data=data, headers=headers, timeout=aiohttp.ClientTimeout(total=60)) as answer:
             return answer.status, await answer.json(content_type=None)
 
     return asyncio.run(go())

@@ -167,7 +167,8 @@ def test_not_possible_now_is_409_and_a_store_that_cannot_commit_is_503(tmp_path)
         run.wait_web()
         status, body = request("POST", run.url + API + "/soc", {"soc": 50}, password=PASSWORD)
         assert status == 409 and "capacity is not known" in body["error"]
-        blocker = sqlite3.connect(tmp_path / "state.db", isolation_level=None, timeout=0)
+        # the write lock, taken between the service's own saves (which hold it for milliseconds)
+        blocker = sqlite3.connect(tmp_path / "state.db", isolation_level=None, timeout=10)
         try:
             blocker.execute("BEGIN IMMEDIATE")
             status, body = request("PUT", run.url + API + "/settings/discharge_floor", {"value": 15},
