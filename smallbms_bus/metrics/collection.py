@@ -54,6 +54,7 @@ class Snapshot:
     service: tuple[int, int, int]  # evaluations, task restarts, events
     modbus: tuple[dict[tuple[str, str], int], ModbusStats] | None
     metrics: tuple[int, float, int, dict[str, int]] | None  # scrapes, seconds the last took, connections, closed
+    mqtt: tuple[bool, int] | None = None  # connected, outages; None without [mqtt]
 
     @classmethod
     def of(cls, service: Any) -> Snapshot:
@@ -74,7 +75,13 @@ class Snapshot:
                    dict(service.outputs.channel_map), store,
                    (stats.evaluations, stats.task_restarts, stats.events), modbus,
                    None if endpoint is None else (endpoint.scrapes, endpoint.encode_seconds, len(endpoint.policy),
-                                                  dict(endpoint.closed)))
+                                                  dict(endpoint.closed)),
+                   _mqtt(service))
+
+
+def _mqtt(service: Any) -> tuple[bool, int] | None:
+    front = getattr(service, "mqtt", None)
+    return None if front is None else (front.link.connected, front.link.outages)
 
 
 def _family(name: str) -> Any:
@@ -127,6 +134,9 @@ class BmsCollector(Collector):
         yield from self._relays(s)
         yield from self._store(s)
         yield from self._modbus(s)
+        if s.mqtt is not None:
+            yield from _value(m.MQTT_CONNECTED, float(s.mqtt[0]))
+            yield from _value(m.MQTT_OUTAGES, s.mqtt[1])
 
     # -- groups -----------------------------------------------------------------------------------------
     def _service(self, s: Snapshot) -> Iterator[Metric]:
