@@ -75,11 +75,12 @@ class Snapshot:
                    (v.evaluations, v.task_restarts, v.events), modbus,
                    None if endpoint is None else (endpoint.scrapes, endpoint.encode_seconds, len(endpoint.policy),
                                                   dict(endpoint.closed)),
-                   _mqtt(service))
+                   _mqtt(source))
 
 
-def _mqtt(service: Any) -> tuple[bool, int] | None:
-    front = getattr(service, "mqtt", None)
+def _mqtt(source: object) -> tuple[bool, int] | None:
+    """The MQTT client's connection state (two plain reads; `mqtt` is absent from test doubles of the service)."""
+    front = getattr(source, "mqtt", None)
     return None if front is None else (front.link.connected, front.link.outages)
 
 
