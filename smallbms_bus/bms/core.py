@@ -38,7 +38,7 @@ from typing import Any
 
 from smallbms_bus.bank import Bank, BankView, LearnedBank
 from smallbms_bus.bms.alarms import AtdState, BalancerReason, BalancerStatus, BmsAlarm, BmsWarning, BusState, Led
-from smallbms_bus.bms.charge import NO_CHARGE_LIMITS, ChargeLimits
+from smallbms_bus.bms.charge import NO_CHARGE_LIMITS, ChargeControl, ChargeInputs, ChargeLimits
 from smallbms_bus.bms.diagnostics import NO_DIAGNOSTICS, Diagnostics
 from smallbms_bus.bms.history import History, balancer_status, balancer_unknown_reason
 from smallbms_bus.bms.monitor import ZERO_CURRENT_A, BatteryMonitor, CurrentLimits
@@ -144,6 +144,7 @@ class BmsCore:
         self.history = History()
         self.diagnostics = Diagnostics()
         self.current_limits = CurrentLimits()
+        self.charge_control = ChargeControl()  # CHG: CVL/CCL/DCL/DVL for inverters (bms/charge.py)
         self.first_start_wall = wall
         self.mode_on = True
         self.remote_on = True  # REM-1: "always on" until the service reports an input
@@ -523,11 +524,30 @@ class BmsCore:
             time_remaining_s=reading.time_remaining_s,
             average_current=reading.average_current, bank=view, history=replace(self.history), events=(),
             bus_state=self.bus_state, link_reason=self.link_reason, balancer_reason=balancer_reason,
+            charge=self._charge_step(now, wall, view, soc, atc, atd, pre_alarm, trusted),
         )
         events, raised = self._events(decision)
         self.diagnostics = self.diagnostics.record(raised, charge_blockers | discharge_blockers, wall)
         decision = replace(decision, events=tuple(events), diagnostics=self.diagnostics)
         return decision
+
+    def _charge_step(self, now: float, wall: float, view: BankView, soc: float | None, atc: bool, atd: bool,
+                     pre_alarm: bool, trusted: bool) -> ChargeLimits:
+        """CHG-1..7 (bms/charge.py) from what this evaluation decided; a new charge state is persisted at once."""
+        agg, topo = view.aggregates, view.topology
+        since_full = self.history.time_since_full_charge(wall)
+        before = self.charge_control.state
+        limits = self.charge_control.step(ChargeInputs(
+            now=now, series_units=topo.series_units, strings=topo.parallel, capacity_ah=topo.capacity_ah,
+            voltage=agg.voltage, max_cell=_cell_voltage(agg.recent_max_cell),
+            min_cell=_cell_voltage(agg.recent_min_cell),
+            min_temperature=agg.recent_min_cell_temperature, max_temperature=agg.recent_max_cell_temperature,
+            soc=soc, atc=atc, atd=atd, pre_alarm=pre_alarm, trusted=trusted,
+            not_fully_charged=(since_full if since_full is not None else wall - self.first_start_wall)
+            > NOT_FULLY_CHARGED_S), self.settings)
+        if self.charge_control.state is not before:
+            self.state_revision += 1
+        return limits
 
     def _latch(self, name: str, flagged: tuple[int, ...], set_by_value: bool, clear_by_value: bool) -> None:
         """Set on a battery flag or a value past the set level; clear only when no flag and the value is back,
@@ -590,6 +610,7 @@ class BmsCore:
             "learned_bank": None if self.bank.learned is None else self.bank.learned.to_dict(),
             "first_start_wall": self.first_start_wall,
             "latched": dict(self.latched),
+            "charge": self.charge_control.to_dict(),
             "logged": {"states": dict(self._logged_states), "alarms": int(self._logged_alarms),
                        "warnings": int(self._logged_warnings)},
             "timers": {
@@ -634,6 +655,7 @@ class BmsCore:
         if data["learned_bank"] is not None:
             core.bank.learned = LearnedBank.from_dict(data["learned_bank"])
         core.first_start_wall = float(data["first_start_wall"])
+        core.charge_control = ChargeControl.from_dict(data.get("charge"))  # CHG-1; absent in an older store
         # COM-2's comms loss is not restored: a restart is "waiting for batteries" (BANK-2, a state, not an
         # alarm) until every learned battery is fresh again, and the outputs stay off until then (OUT-4).
         core.latched.update({k: bool(v) for k, v in data["latched"].items() if k in core.latched and k != "comms_lost"})
@@ -697,6 +719,10 @@ def _state_values(d: Decision) -> dict[str, str]:
     return {"ATC": "yes" if d.atc else "no", "ATD": d.atd_state.name.lower().replace("_", "-"),
             "PRE_ALARM": "on" if d.pre_alarm else "off", "MODE": "on" if d.mode_on else "off",
             "REMOTE": "on" if d.remote_on else "off"}
+
+
+def _cell_voltage(ref: Any) -> float | None:
+    return None if ref is None else ref.voltage
 
 
 def _elapsed(since: float | None, now: float) -> float | None:
