@@ -187,13 +187,12 @@ class BatteryState:
     """Mutable latest readings of one battery. Written on every frame: keep it flat."""
 
     __slots__ = ("_summary", "_summary_key", "alive_changed_at", "any_flag_at", "cells", "cells_at",
-                 "cells_revision", "conflict_at", "first_seen_at", "flag_at", "highs", "info", "info_at", "lows",
+                 "cells_revision", "conflict_at", "flag_at", "highs", "info", "lows",
                  "node", "notes", "regressions", "seen", "serial_parts", "status", "status_at", "temps", "temps_at",
                  "tmaxs", "tmins", "unmeasured_at")
 
-    def __init__(self, node: int, now: float) -> None:
+    def __init__(self, node: int) -> None:
         self.node = node
-        self.first_seen_at = now
         self.status: BatteryStatus | None = None
         self.status_at = -1.0
         self.alive_changed_at = -1.0
@@ -205,7 +204,6 @@ class BatteryState:
         self.temps: BatteryTemps | None = None
         self.temps_at = -1.0
         self.info: BatteryInfo | None = None
-        self.info_at = -1.0
         self.serial_parts: list[str | None] = [None, None]
         # Protective memory: when each flag was last reported, and sliding-window extremes as monotonic
         # deques of (time, value, cell number): the front is the extreme of the window, O(1) to read.
@@ -469,7 +467,7 @@ class Bank:
             return
         state = self.batteries.get(node)
         if state is None:
-            state = self.batteries[node] = BatteryState(node, now)
+            state = self.batteries[node] = BatteryState(node)
             self._identity_revision += 1
             if self.first_frame_at is None:
                 self.first_frame_at = now
@@ -509,7 +507,6 @@ class Bank:
             if state.info != report:
                 self._identity_revision += 1
             state.info = report
-            state.info_at = now
             self._identity_frame(state, "info", _info_key(report), now)
         elif kind is SerialFragment:
             if state.serial_parts[report.part] != report.chars:

@@ -70,6 +70,7 @@ from smallbms_bus.link.bus import BusConfig, Link
 from smallbms_bus.link.codec import FrameDecoder, FrameEncoder, load_dbc
 from smallbms_bus.metrics import MetricsServer
 from smallbms_bus.modbus.server import BmsAccess, ModbusOptions, ModbusServer
+from smallbms_bus.mqtt import MqttFrontEnd
 from smallbms_bus.outputs import make_board
 from smallbms_bus.outputs.base import RelayBoard
 from smallbms_bus.outputs.controller import Outputs
@@ -120,6 +121,10 @@ def sd_notify(message: str) -> None:
 
 @dataclass
 class ServiceStats:
+    """In-process counters the tests and the demo read. `bms_state_sent` counts BMS_STATE frames handed to the
+    bus thread; it is not a metric on purpose: bus_frames_sent_total + bus_frames_unsent_total already add up
+    to it from the link's side, which is the one that knows what reached the wire."""
+
     evaluations: int = 0
     bms_state_sent: int = 0
     task_restarts: int = 0
@@ -201,6 +206,9 @@ class Service:
                                                          commit=self.commit, clock=clock, started=now,
                                                          refused=self.writes.note_refusal))
         self.metrics: MetricsServer | None = None  # the Prometheus endpoint, started by run() when configured
+        self.mqtt: MqttFrontEnd | None = None  # MQTT and Home Assistant discovery (docs/mqtt.md): [mqtt] host set
+        if config["mqtt"]["host"] is not None:
+            self.mqtt = MqttFrontEnd(config["mqtt"], self.commit, self.writes.note_refusal)
 
     # -- the decision path ------------------------------------------------------------------------
     def _on_reports(self, reports: list[Report]) -> None:
@@ -395,6 +403,8 @@ class Service:
             self._sync_link()  # also the watchdog of the bus thread: a stall is found here (COM-5)
             self._decide()
             now = self.clock()
+            if self.mqtt is not None:  # a latest-wins hand-over to the MQTT thread: never waits for the broker
+                self.mqtt.tick(now, self.decision, self.core.settings)
             # The snapshot is taken here, on the core's thread; only the fsync'd write goes to the store thread,
             # and only when the previous one is done: a stalled card holds one save, never a growing queue.
             self.writes.flush_refusals(now)  # the summary of a refusal window that has ended
@@ -471,6 +481,8 @@ class Service:
             if self.config["metrics"]["port"]:  # [metrics] port 0 = no endpoint; a busy port never stops the BMS
                 self.metrics = MetricsServer(self, self.config["metrics"]["host"], self.config["metrics"]["port"])
                 await self.metrics.start()
+            if self.mqtt is not None:  # its own threads; a broker down or slow never delays the start
+                self.mqtt.start(self._loop)
             if modbus is not None:  # READY=1 means a PLC can connect now (unless the port is taken: then retried)
                 await modbus_tried.wait()
             sd_notify("READY=1")
@@ -566,6 +578,8 @@ class Service:
             self.link.close()
         await loop.run_in_executor(self._io, self.outputs.safe)  # queued after any in-flight apply
         self._io.shutdown(wait=True)
+        if self.mqtt is not None:  # after the outputs are off: "offline" on the availability topic (bounded wait)
+            await self.mqtt.stop()
         # The outputs are off before anything waits on the store (a stalled card must not keep them on).
         await self.writes.close()  # a write in flight is committed and answered; later ones are refused
         stopped = "outputs off"

@@ -423,8 +423,8 @@ class PendingSave:
 
 
 class Persister:
-    """When to write (flash wear vs. what a crash may lose). The service calls `maybe_save` after each
-    evaluation with that decision's events, and with `force=True` on shutdown.
+    """When to write (flash wear vs. what a crash may lose). The service calls `collect` after each
+    evaluation with that decision's events, and with `force=True` on shutdown, then `write`s what it got.
 
     A write happens when: `force`; nothing was written yet; `core.state_revision` moved since the last
     write (written on change); events are pending and the last write is `event_gap` s old; or the last
@@ -433,9 +433,9 @@ class Persister:
     The first failure of a run of failures is logged at ERROR, and so is the first success after it
     (SET-4); `ok` is False in between.
 
-    Threads: `maybe_save` reads the core, so it belongs on the thread that runs the core. To keep the
-    fsync off that thread, split it: `collect` there (cheap: decides and takes the snapshot), `write`
-    on the store's thread (one writer thread at a time).
+    Threads: `collect` reads the core, so it belongs on the thread that runs the core (cheap: decides and
+    takes the snapshot); `write` runs on the store's thread (one writer thread at a time), keeping the
+    fsync off the core's thread.
     """
 
     def __init__(self, store: Store, interval: float = 60.0, *, event_gap: float = 5.0, retry: float = 10.0) -> None:
@@ -458,12 +458,6 @@ class Persister:
     @property
     def pending_events(self) -> int:
         return len(self._pending)
-
-    def maybe_save(self, core: _Core, now: float, wall: float, force: bool = False,
-                   events: Iterable[_Event | Mapping[str, Any]] = ()) -> bool:
-        """Queue `events`, then save if the policy says so; True when a write was committed."""
-        save = self.collect(core, now, wall, force, events)
-        return save is not None and self.write(save)
 
     def collect(self, core: _Core, now: float, wall: float, force: bool = False,
                 events: Iterable[_Event | Mapping[str, Any]] = ()) -> PendingSave | None:
@@ -514,7 +508,7 @@ class Persister:
         return self.failing_since is None
 
     def queue(self, events: Iterable[_Event | Mapping[str, Any]]) -> None:
-        """Hold events for the next write (`maybe_save(events=...)` does this too)."""
+        """Hold events for the next write (`collect(events=...)` does this too)."""
         with self._pending_lock:
             self._pending.extend(events)
             del self._pending[:-EVENT_LOG_SIZE]  # a store that keeps failing must not grow memory
@@ -527,7 +521,7 @@ class Persister:
             self._pending[:] = [e for e in self._pending if id(e) not in gone]
 
     def due(self, core: _Core, now: float) -> bool:
-        """Whether `maybe_save` would write now (without `force`)."""
+        """Whether `collect` would take a save now (without `force`)."""
         if self._last_failure is not None and now - self._last_failure < self.retry:
             return False
         if self._last_write is None or core.state_revision != self._revision:

@@ -36,6 +36,13 @@ INTERVAL = 60.0  # the Persister's counter interval, in simulated seconds
 BEAT_TICKS = 5
 
 
+def collect_and_write(persister: Persister, core: BmsCore, now: float, wall: float, force: bool = False,
+                      events: Any = ()) -> bool:
+    """What the service does after an evaluation, on one thread: `collect`, then `write` what is due."""
+    save = persister.collect(core, now, wall, force, events)
+    return save is not None and persister.write(save)
+
+
 def digest(snapshot: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(snapshot, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
@@ -105,7 +112,7 @@ def main(db_path: str, log_path: str, seed: int) -> None:
             seq += 1
             log(k="intent", seq=seq, digest=digest(snapshot), wall=wall, newest_event=newest_event,
                 **summary(snapshot))
-            if not persister.maybe_save(core, t, wall):
+            if not collect_and_write(persister, core, t, wall):
                 raise SystemExit(f"the save {seq} failed: {persister.last_error}")
             log(k="commit", seq=seq)
             if not ready:

@@ -19,7 +19,7 @@ import pytest
 from smallbms_bus.bms.core import BmsCore, Event
 from smallbms_bus.store import APPLICATION_ID, EVENT_LOG_SIZE, SCHEMA_0, SCHEMA_VERSION, Persister, Store, StoreError
 from tests.bms.rig import WALL0, Rig
-from tests.store_writer import DT, INTERVAL, digest
+from tests.store_writer import DT, INTERVAL, collect_and_write, digest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -228,40 +228,40 @@ def test_persister_writes_on_change_at_once_counters_every_interval_and_on_force
     core = rig.core
     store = Store.open(tmp_path / "s.db")
     p = Persister(store, interval=60.0)
-    assert p.maybe_save(core, 0.0, WALL0)  # the first call writes a baseline
-    assert [p.maybe_save(core, t, WALL0 + t) for t in (1.0, 30.0, 59.9)] == [False] * 3
+    assert collect_and_write(p, core, 0.0, WALL0)  # the first call writes a baseline
+    assert [collect_and_write(p, core, t, WALL0 + t) for t in (1.0, 30.0, 59.9)] == [False] * 3
     core.monitor.consumed_ah = 12.5  # a counter moved: no revision change, waits for the interval
-    assert not p.maybe_save(core, 59.99, WALL0 + 59.99)
+    assert not collect_and_write(p, core, 59.99, WALL0 + 59.99)
     assert store.load_state()["monitor"]["consumed_ah"] == 0.0
-    assert p.maybe_save(core, 60.0, WALL0 + 60.0)
+    assert collect_and_write(p, core, 60.0, WALL0 + 60.0)
     assert store.load_state()["monitor"]["consumed_ah"] == 12.5 and store.saved_wall() == WALL0 + 60.0
 
     core.set_mode(False)  # written on change, at once
-    assert p.maybe_save(core, 61.0, WALL0 + 61.0) and store.load_state()["mode_on"] is False
+    assert collect_and_write(p, core, 61.0, WALL0 + 61.0) and store.load_state()["mode_on"] is False
     core.set_settings(tail_current_pct=2.5)
-    assert p.maybe_save(core, 61.1, WALL0 + 61.1) and store.load_state()["settings"]["tail_current_pct"] == 2.5
+    assert collect_and_write(p, core, 61.1, WALL0 + 61.1) and store.load_state()["settings"]["tail_current_pct"] == 2.5
     core.set_soc(40.0)
-    assert p.maybe_save(core, 61.2, WALL0 + 61.2) and store.load_state()["monitor"]["consumed_ah"] == 120.0
-    assert not p.maybe_save(core, 61.3, WALL0 + 61.3)  # the interval restarts at each write
-    assert not p.maybe_save(core, 121.1, WALL0 + 121.1)
-    assert p.maybe_save(core, 121.2, WALL0 + 121.2)
+    assert collect_and_write(p, core, 61.2, WALL0 + 61.2) and store.load_state()["monitor"]["consumed_ah"] == 120.0
+    assert not collect_and_write(p, core, 61.3, WALL0 + 61.3)  # the interval restarts at each write
+    assert not collect_and_write(p, core, 121.1, WALL0 + 121.1)
+    assert collect_and_write(p, core, 121.2, WALL0 + 121.2)
 
-    assert p.maybe_save(core, 121.3, WALL0 + 121.3, force=True)  # shutdown
+    assert collect_and_write(p, core, 121.3, WALL0 + 121.3, force=True)  # shutdown
     # events are held for at most event_gap (5 s) after the last write, then written with the state
-    assert not p.maybe_save(core, 122.0, WALL0 + 122.0, events=[make_event(1)])
+    assert not collect_and_write(p, core, 122.0, WALL0 + 122.0, events=[make_event(1)])
     assert p.pending_events == 1 and store.event_count() == 0
-    assert not p.maybe_save(core, 126.0, WALL0 + 126.0, events=[make_event(2)])
-    assert p.maybe_save(core, 126.3, WALL0 + 126.3)
+    assert not collect_and_write(p, core, 126.0, WALL0 + 126.0, events=[make_event(2)])
+    assert collect_and_write(p, core, 126.3, WALL0 + 126.3)
     assert [e["name"] for e in store.events()] == ["E2", "E1"] and p.pending_events == 0
     assert p.writes == 8 and p.failures == 0
 
     store.close()  # a store that fails (here: closed) does not raise; retried after `retry` s
     core.set_mode(True)
-    assert not p.maybe_save(core, 130.0, WALL0 + 130.0, events=[make_event(3)])
+    assert not collect_and_write(p, core, 130.0, WALL0 + 130.0, events=[make_event(3)])
     assert p.failures == 1 and str(store.path) in (p.last_error or "")
     assert not p.due(core, 139.9) and p.due(core, 140.0)
     p.store = Store.open(tmp_path / "s.db")  # e.g. the card came back
-    assert p.maybe_save(core, 140.0, WALL0 + 140.0)
+    assert collect_and_write(p, core, 140.0, WALL0 + 140.0)
     assert p.store.load_state()["mode_on"] is True and p.store.events(limit=1)[0]["name"] == "E3"
     p.store.close()
 
@@ -280,7 +280,7 @@ def test_collect_on_the_core_thread_write_on_the_store_thread(tmp_path):
             assert pool.submit(p.write, save).result()
         assert store.load_state()["mode_on"] is True and store.events()[0]["name"] == "E1"
         assert p.due(core, 1.0)  # ... is still due, and saved by the next collect
-        assert p.maybe_save(core, 1.0, WALL0 + 1.0) and store.load_state()["mode_on"] is False
+        assert collect_and_write(p, core, 1.0, WALL0 + 1.0) and store.load_state()["mode_on"] is False
     # a failed write puts its events back and leaves the state due after the retry delay
     save = p.collect(core, 2.0, WALL0 + 2.0, force=True, events=[make_event(2)])
     assert save is not None and not p.write(save) and p.failures == 1
@@ -295,7 +295,7 @@ def test_a_real_run_writes_rarely(tmp_path):
         p = Persister(store)
         while rig.t < 1200.0:
             d = rig.tick(0.5)
-            p.maybe_save(rig.core, rig.t, WALL0 + rig.t, events=d.events)
+            collect_and_write(p, rig.core, rig.t, WALL0 + rig.t, events=d.events)
         assert 20 <= p.writes <= 23, p.writes
         behind = rig.core.monitor.consumed_ah - store.load_state()["monitor"]["consumed_ah"]
         assert 0.0 <= behind <= 20.0 * 60.0 / 3600.0 * 1.1  # at most one interval of 20 A (Peukert-weighted)

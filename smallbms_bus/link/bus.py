@@ -56,9 +56,10 @@ from typing import Any
 
 import can
 
+from smallbms_bus.backoff import Backoff
 from smallbms_bus.bms.alarms import BusState
-from smallbms_bus.bms.core import protective_signature
 from smallbms_bus.bms.settings import DEFAULT_SETTINGS
+from smallbms_bus.bms.signature import protective_signature
 from smallbms_bus.link.codec import FrameDecoder
 from smallbms_bus.link.slcan import LINE_KINDS, SlcanBus
 from smallbms_bus.reports import Report
@@ -127,20 +128,6 @@ def open_bus(config: BusConfig) -> can.BusABC:
         del kwargs["interface"]
         return SlcanBus(**kwargs)
     return can.Bus(**kwargs)
-
-
-@dataclass
-class Backoff:
-    initial: float = 0.1
-    maximum: float = 5.0
-    current: float = 0.0
-
-    def next_delay(self) -> float:
-        self.current = self.initial if self.current == 0 else min(self.current * 2, self.maximum)
-        return self.current
-
-    def reset(self) -> None:
-        self.current = 0.0
 
 
 StateCallback = Callable[[bool, str], None]

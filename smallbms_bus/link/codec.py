@@ -334,10 +334,6 @@ class FrameEncoder:
             "SerialPart": r.part, SERIAL_SIGNALS[r.part]: int.from_bytes(text, "little"),
         })
 
-    def serial_fragments(self, node: int, serial: str) -> tuple[SerialFragment, SerialFragment]:
-        return (SerialFragment(node, 0, serial[:SERIAL_CHARS_PER_PART]),
-                SerialFragment(node, 1, serial[SERIAL_CHARS_PER_PART:2 * SERIAL_CHARS_PER_PART]))
-
     def bms_state(self, r: BmsState) -> can.Message:
         name = "BMS_STATE"
         values: dict[str, Any] = {signal: int(getattr(r, field)) for field, signal in BMS_STATE_FLAGS}

@@ -128,7 +128,3 @@ class UnitImage:
         placed = self.blocks[i]
         base = placed.start if placed.block.repeat != 1 or placed.block.start is None else 0
         return reg, address - base - reg.address
-
-    def mapped(self, address: int) -> bool:
-        i = bisect_right(self.starts, address) - 1
-        return i >= 0 and address < self.blocks[i].end

@@ -20,7 +20,7 @@ apply(wanted, now)
      every `probe_every` s (1 s, round robin), so a board that went away or a relay flipped by hand is a
      fault within about a second rather than at the next re-assert.
   5. Any OutputError is a fault naming role and channel: the board is closed and re-opened with
-     back-off (the link's `Backoff`: 0.1 s doubling to 5 s), then everything is re-asserted. The
+     back-off (`smallbms_bus.backoff.Backoff`: 0.1 s doubling to 5 s), then everything is re-asserted. The
      back-off resets only after a clean full re-assert, so a board that opens but fails at once does
      not hammer the bus.
   The returned `OutputsStatus.fault` is what the core shows as RELAY_FAULT.
@@ -39,7 +39,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from smallbms_bus.link.bus import Backoff
+from smallbms_bus.backoff import Backoff
 from smallbms_bus.outputs.base import OutputError, RelayBoard
 from smallbms_bus.outputs.remote import RemoteInput
 

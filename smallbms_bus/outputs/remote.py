@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from smallbms_bus.link.bus import Backoff
+from smallbms_bus.backoff import Backoff
 from smallbms_bus.outputs.base import OutputError, RelayBoard
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from smallbms_bus.link.bus import Backoff
+from smallbms_bus.backoff import Backoff
 from smallbms_bus.outputs import open_board
 from smallbms_bus.outputs.controller import ROLES, Outputs
 from smallbms_bus.outputs.memory import MemoryBoard
