@@ -81,7 +81,6 @@ log = logging.getLogger(__name__)
 
 TICK_S = 0.1  # evaluation tick and BMS_STATE period (PROTOCOL.md)
 RESTART_PAUSE_S = 1.0
-SWITCH_INTERVAL_S = 0.001  # longest GIL wait while running (bus -> loop -> outputs hand-offs); Python's is 5 ms
 MODBUS_RETRY_S = 5.0
 STORE_STALL_S = 10.0  # a save waiting longer for the disk is a stalled store: ERROR, smallbms_store_up 0
 OFF = {"load_disconnect": False, "charge_disconnect": False, "pre_alarm": False, "error_led": "off",
@@ -430,7 +429,6 @@ class Service:
         """Serve until `stop` (or SIGTERM/SIGINT); 0 after a clean stop, 1 when the final save failed."""
         stop = stop or asyncio.Event()
         self._loop = asyncio.get_running_loop()
-        switch_interval, _ = sys.getswitchinterval(), sys.setswitchinterval(SWITCH_INTERVAL_S)  # see SWITCH_INTERVAL_S
 
         def stop_by(cause: str) -> Callable[[], None]:
             def handler() -> None:
@@ -483,7 +481,6 @@ class Service:
                 await asyncio.gather(tick, *([modbus] if modbus else []), return_exceptions=True)
                 saved = await self.shutdown(receiver)
         finally:
-            sys.setswitchinterval(switch_interval)
             for sig in handlers:
                 with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                     self._loop.remove_signal_handler(sig)
