@@ -38,7 +38,9 @@ CONDITIONAL = {
     "smallbms_history_last_full_charge_timestamp_seconds",  # no full charge yet
     "smallbms_bus_down_reason_info",  # the bus is up
 } | {spec.name for spec in metrics.METRICS.values()  # Modbus is off in this fixture: only modbus_enabled 0
-     if spec.group == "modbus" and spec.name != "smallbms_modbus_enabled"}
+     if spec.group == "modbus" and spec.name != "smallbms_modbus_enabled"} | {
+    spec.name for spec in metrics.METRICS.values()  # no [inverter] in this fixture: only inverter_enabled 0
+    if spec.group == "inverter" and spec.name != "smallbms_inverter_enabled"}
 
 
 @pytest.fixture(scope="module")

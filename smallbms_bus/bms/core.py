@@ -151,6 +151,7 @@ class BmsCore:
         self.link_reason = ""
         self.bus_state = BusState.UP
         self.relay_fault: str | None = None
+        self.inverter_silent: str | None = None  # why the BMS-CAN inverter sends no keep-alive (service input)
         self.firmware_update_command = False
         self.firmware_update_since: float | None = None
         self.pre_alarm_since: float | None = None
@@ -201,6 +202,11 @@ class BmsCore:
     def set_relay_fault(self, reason: str | None) -> None:
         """OUT-5: None when the relay board reads back what was commanded."""
         self.relay_fault = reason
+
+    def set_inverter_silent(self, reason: str | None) -> None:
+        """Warning INVERTER_SILENT (docs/inverter.md): None while the inverter's keep-alive arrives or none is
+        required. Information only: it never changes ATC or ATD."""
+        self.inverter_silent = reason
 
     def modbus_client_seen(self, now: float) -> None:
         self.modbus_client_at = now
@@ -378,6 +384,8 @@ class BmsCore:
             reasons["FIRMWARE_UPDATE_FAILED"] = f"update not completed within {FIRMWARE_UPDATE_TIMEOUT_S:g} s"
         if self.relay_fault is not None:
             reasons["RELAY_FAULT"] = self.relay_fault
+        if self.inverter_silent is not None:
+            reasons["INVERTER_SILENT"] = self.inverter_silent
 
         if not self.started and not waiting and view.phase == "learned" and not view.issues and not stale \
                 and self.link_up:
@@ -500,7 +508,8 @@ class BmsCore:
                             (BmsWarning.HIGH_CHARGE_CURRENT, bool(over_charge)),
                             (BmsWarning.HIGH_DISCHARGE_CURRENT, bool(over_discharge)),
                             (BmsWarning.NOT_FULLY_CHARGED_30_DAYS, "NOT_FULLY_CHARGED_30_DAYS" in reasons),
-                            (BmsWarning.DISCHARGE_TEMPERATURE, latched["discharge_temp"])):
+                            (BmsWarning.DISCHARGE_TEMPERATURE, latched["discharge_temp"]),
+                            (BmsWarning.INVERTER_SILENT, self.inverter_silent is not None)):
             if on:
                 warnings |= warning
         error_led = Led.SOLID if alarms else Led.BLINKING if warnings else Led.OFF

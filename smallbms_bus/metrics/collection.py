@@ -54,6 +54,7 @@ class Snapshot:
     service: tuple[int, int, int]  # evaluations, task restarts, events
     modbus: tuple[dict[tuple[str, str], int], ModbusStats] | None
     metrics: tuple[int, float, int, dict[str, int]] | None  # scrapes, seconds the last took, connections, closed
+    inverter: dict[str, Any] | None = None  # the BMS-CAN link's counters and ages, None while [inverter] is off
 
     @classmethod
     def of(cls, service: Any) -> Snapshot:
@@ -74,7 +75,16 @@ class Snapshot:
                    dict(service.outputs.channel_map), store,
                    (stats.evaluations, stats.task_restarts, stats.events), modbus,
                    None if endpoint is None else (endpoint.scrapes, endpoint.encode_seconds, len(endpoint.policy),
-                                                  dict(endpoint.closed)))
+                                                  dict(endpoint.closed)),
+                   _inverter_counters(getattr(service, "inverter", None), service.clock()))
+
+
+def _inverter_counters(link: Any, now: float) -> dict[str, Any] | None:
+    if link is None:
+        return None
+    last = link.last_keepalive_at
+    return {**link.counters(), "up": link.up, "limits_age": link.limits_age(now),
+            "keepalive_age": None if last is None else now - last}
 
 
 def _family(name: str) -> Any:
@@ -127,6 +137,7 @@ class BmsCollector(Collector):
         yield from self._relays(s)
         yield from self._store(s)
         yield from self._modbus(s)
+        yield from self._inverter(s)
 
     # -- groups -----------------------------------------------------------------------------------------
     def _service(self, s: Snapshot) -> Iterator[Metric]:
@@ -330,6 +341,25 @@ class BmsCollector(Collector):
             family.add_metric(("bad_frame",), bad_frame)
         yield family
 
+
+    def _inverter(self, s: Snapshot) -> Iterator[Metric]:
+        c = s.inverter
+        yield from _value(m.INVERTER_ENABLED, float(c is not None))
+        if c is None:
+            return
+        yield from _value(m.INVERTER_UP, float(c["up"]))
+        yield from _value(m.INVERTER_SETS, c["sets_sent"])
+        yield from _value(m.INVERTER_SENT, c["frames_sent"])
+        yield from _value(m.INVERTER_SEND_ERRORS, c["send_errors"])
+        yield from _value(m.INVERTER_RECONNECTS, max(0, c["opens"] - 1))
+        family = _family(m.INVERTER_RECEIVED)
+        for kind, key in (("keepalive", "keepalives"), ("identification", "identifications"),
+                          ("other", "other_received")):
+            family.add_metric((kind,), c[key])
+        yield family
+        yield from _value(m.INVERTER_GAP_MAX, c["max_limits_gap_s"])
+        yield from _value(m.INVERTER_LIMITS_AGE, c["limits_age"])
+        yield from _value(m.INVERTER_KEEPALIVE_AGE, c["keepalive_age"])
 
 
 def registry_for(service: Any) -> CollectorRegistry:
