@@ -126,6 +126,12 @@ class InverterLink:
                 "identifications": self.identifications, "other_received": self.other_received,
                 "max_limits_gap_s": self.max_limits_gap}
 
+    def view(self, now: float) -> dict[str, Any]:
+        """The counters with the link's state and ages, for watchers (metrics); plain values, a copy."""
+        last = self.last_keepalive_at
+        return {**self.counters(), "up": self.up, "limits_age": self.limits_age(now),
+                "keepalive_age": None if last is None else now - last}
+
     # -- the owner thread ------------------------------------------------------------------------------
     def serve(self, stop: threading.Event) -> None:
         """The owner thread's loop until `stop`; then the last set with every limit 0, and close."""
