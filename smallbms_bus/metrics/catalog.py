@@ -255,5 +255,11 @@ INVERTER_LIMITS_AGE = _m("inverter_limits_age_seconds", "gauge", (), "Seconds si
 INVERTER_KEEPALIVE_AGE = _m("inverter_keepalive_age_seconds", "gauge", (), "Seconds since the inverter's last "
                             "keep-alive (0x305 or 0x307); absent before the first. Warning INVERTER_SILENT when it "
                             "exceeds [inverter] keepalive_timeout.")
+# -- mqtt -----------------------------------------------------------------------------------------------------
+_group = "mqtt"
+MQTT_CONNECTED = _m("mqtt_connected", "gauge", (), "1 = connected to the MQTT broker; 0 = not (yet), reconnecting "
+                    "with back-off. Present only when [mqtt] host is set (docs/mqtt.md).")
+MQTT_OUTAGES = _m("mqtt_outages_total", "counter", (), "Times the broker was lost or refused the connection "
+                  "(each logged once at WARNING).")
 del B
 CLOSE_REASONS = ("evicted", "refused", "no_request", "idle_timeout")  # smallbms_metrics_connections_closed_total

@@ -57,6 +57,7 @@ class Snapshot:
     modbus: tuple[dict[tuple[str, str], int], ModbusStats] | None
     metrics: tuple[int, float, int, dict[str, int]] | None  # scrapes, seconds the last took, connections, closed
     inverter: dict[str, Any] | None = None  # the BMS-CAN link's counters and ages, None while [inverter] is off
+    mqtt: tuple[bool, int] | None = None  # connected, outages; None without [mqtt]
 
     @classmethod
     def of(cls, source: Watched) -> Snapshot:
@@ -75,7 +76,13 @@ class Snapshot:
                    (v.evaluations, v.task_restarts, v.events), modbus,
                    None if endpoint is None else (endpoint.scrapes, endpoint.encode_seconds, len(endpoint.policy),
                                                   dict(endpoint.closed)),
-                   v.inverter)
+                   inverter=v.inverter, mqtt=_mqtt(source))
+
+
+def _mqtt(source: object) -> tuple[bool, int] | None:
+    """The MQTT client's connection state (two plain reads; `mqtt` is absent from test doubles of the service)."""
+    front = getattr(source, "mqtt", None)
+    return None if front is None else (front.link.connected, front.link.outages)
 
 
 class _HasModbusStats(Protocol):
@@ -151,6 +158,9 @@ class BmsCollector(Collector):
         yield from self._store(s)
         yield from self._modbus(s)
         yield from self._inverter(s)
+        if s.mqtt is not None:
+            yield from _value(m.MQTT_CONNECTED, float(s.mqtt[0]))
+            yield from _value(m.MQTT_OUTAGES, s.mqtt[1])
 
     # -- groups -----------------------------------------------------------------------------------------
     def _service(self, s: Snapshot) -> Iterator[Metric]:
