@@ -236,5 +236,11 @@ MODBUS_CLOSED = _m("modbus_connections_closed_total", "counter", ("reason",),
                    "Connections closed by the server: evicted (the longest-idle, for a newcomer over max_connections "
                    "or max_connections_per_address), no_request (nothing within first_request_timeout), "
                    "idle_timeout, slow_client (did not read its answers), bad_frame (not Modbus/TCP).")
+# -- mqtt -----------------------------------------------------------------------------------------------------
+_group = "mqtt"
+MQTT_CONNECTED = _m("mqtt_connected", "gauge", (), "1 = connected to the MQTT broker; 0 = not (yet), reconnecting "
+                    "with back-off. Present only when [mqtt] host is set (docs/mqtt.md).")
+MQTT_OUTAGES = _m("mqtt_outages_total", "counter", (), "Times the broker was lost or refused the connection "
+                  "(each logged once at WARNING).")
 del B
 CLOSE_REASONS = ("evicted", "refused", "no_request", "idle_timeout")  # smallbms_metrics_connections_closed_total
