@@ -78,7 +78,7 @@ from smallbms_bus.outputs.remote import RemoteInput
 from smallbms_bus.reports import Report
 from smallbms_bus.store import PendingSave, Persister, Store, StoreError, StoreLock, lock_holder_description
 from smallbms_bus.systemd import sd_notify, unfinished_run
-from smallbms_bus.view import ServiceStats, ServiceView
+from smallbms_bus.view import ServiceStats, ServiceView, summary_line
 
 log = logging.getLogger(__name__)
 
@@ -532,32 +532,7 @@ class Service:
 
     def summary(self) -> str:
         """One line of state for the log (SIGUSR1)."""
-        d = self.decision
-        parts: list[str] = []
-        if d is None:
-            parts.append("no decision yet")
-        else:
-            def on(flag: bool) -> str:
-                return "on" if flag else "off"
-            o = d.outputs
-            parts += [f"mode {on(d.mode_on)}", f"remote {on(d.remote_on)}",
-                      f"load {on(o.load_disconnect)}, charge {on(o.charge_disconnect)}, pre-alarm {on(o.pre_alarm)}",
-                      "SoC unknown" if d.soc is None else f"SoC {d.soc:.1f} %",
-                      f"{len(d.bank.batteries)} batteries", f"alarms {d.alarms.name or 'none'}",
-                      f"warnings {d.warnings.name or 'none'}"]
-        parts.append("bus up" if self.link.up else f"bus DOWN ({self.link.reason})")
-        fault = self.outputs.status().fault
-        parts.append(f"relay board FAULT ({fault})" if fault else "relay board ok")
-        p = self.persister
-        if self.store_stalled_since is not None:
-            waited = time.monotonic() - self.store_stalled_since
-            parts.append(f"store STALLED: a save has waited {waited:.0f} s for the disk")
-        elif p.ok:
-            parts.append(f"store ok ({p.writes} saves)")
-        else:
-            parts.append(f"store FAILING since {time.strftime('%H:%M:%S', time.localtime(p.failing_since))} "
-                         f"({p.last_error})")
-        return ", ".join(parts)
+        return summary_line(self.decision, self.link, self.outputs, self.persister, self.store_stalled_since)
 
     async def shutdown(self, receiver: threading.Thread | None = None) -> bool:
         """OUT-4: every output off before exit; then the state is saved and everything closed. True when

@@ -11,6 +11,7 @@ about 15 times a second.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -71,3 +72,35 @@ class ServiceView:
         return cls(decision, link.counters(), link.status(now), (link.config.interface, link.config.channel),
                    outputs.status(), dict(outputs.channel_map), store, stats.evaluations, stats.task_restarts,
                    stats.events)
+
+
+def summary_line(decision: Decision | None, link: Link, outputs: Outputs, persister: Persister,
+                 stalled_since: float | None) -> str:
+    """One line of state for the log (SIGUSR1), on the loop; `stalled_since`: when a save began waiting for a
+    disk that does not answer (time.monotonic), or None."""
+    d = decision
+    parts: list[str] = []
+    if d is None:
+        parts.append("no decision yet")
+    else:
+        def on(flag: bool) -> str:
+            return "on" if flag else "off"
+        o = d.outputs
+        parts += [f"mode {on(d.mode_on)}", f"remote {on(d.remote_on)}",
+                  f"load {on(o.load_disconnect)}, charge {on(o.charge_disconnect)}, pre-alarm {on(o.pre_alarm)}",
+                  "SoC unknown" if d.soc is None else f"SoC {d.soc:.1f} %",
+                  f"{len(d.bank.batteries)} batteries", f"alarms {d.alarms.name or 'none'}",
+                  f"warnings {d.warnings.name or 'none'}"]
+    parts.append("bus up" if link.up else f"bus DOWN ({link.reason})")
+    fault = outputs.status().fault
+    parts.append(f"relay board FAULT ({fault})" if fault else "relay board ok")
+    p = persister
+    if stalled_since is not None:
+        waited = time.monotonic() - stalled_since
+        parts.append(f"store STALLED: a save has waited {waited:.0f} s for the disk")
+    elif p.ok:
+        parts.append(f"store ok ({p.writes} saves)")
+    else:
+        parts.append(f"store FAILING since {time.strftime('%H:%M:%S', time.localtime(p.failing_since))} "
+                     f"({p.last_error})")
+    return ", ".join(parts)
