@@ -74,6 +74,17 @@ from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
 
+from smallbms_bus.protocol import (
+    CELLS_PER_FRAME,
+    CELLS_PER_UNIT,
+    FLAG_FIELDS,
+    MAX_BATTERIES_BY_UNITS,
+    MAX_CELLS,
+    MAX_SERIES_UNITS,
+    SERIAL_PART_CHARS,
+    UNIT_VOLTAGE,
+    frame_period,
+)
 from smallbms_bus.reports import (
     BatteryInfo,
     BatteryStatus,
@@ -83,19 +94,10 @@ from smallbms_bus.reports import (
     SerialFragment,
 )
 
-# Limits of the smallBMS NG (manual 2.1, PROTOCOL.md): batteries per bank by nominal voltage
-# (in 12.8 V units) and at most 4 x 12.8 V in series.
-MAX_BATTERIES_BY_UNITS = {1: 50, 2: 50, 4: 25}
-MAX_SERIES_UNITS = 4
-UNIT_VOLTAGE = 12.8
-CELLS_PER_UNIT = 4
-CELLS_PER_FRAME = 4
-
-# Periods of the slower frames (PROTOCOL.md; tests/test_bank.py checks them against the DBC). Cell and
-# temperature frames are stale `comm_timeout` after they were *due*, so a 1 s frame with ordinary
-# jitter does not trip the minimum 1 s timeout.
-CELLS_PERIOD = 0.5
-TEMPS_PERIOD = 1.0
+# Periods of the slower frames, from the DBC's GenMsgCycleTime. Cell and temperature frames are stale
+# `comm_timeout` after they were *due*, so a 1 s frame with ordinary jitter does not trip the minimum 1 s timeout.
+CELLS_PERIOD = frame_period("BAT_CELLS_1_4")
+TEMPS_PERIOD = frame_period("BAT_TEMPS")
 
 # COM-6 and defence in depth: how long a protective reading counts after its frame. Longer than the
 # slowest protective frame's period (BAT_TEMPS, 1 s) with room for jitter, so every sender's latest
@@ -106,7 +108,6 @@ TIME_EPSILON_S = 1e-9  # float noise of subtracting monotonic seconds: a frame 2
 # round every 2 s per sender).
 IDENTITY_MEMORY_MIN_S = 2.5
 COUNTER_REGRESSIONS = 2  # AliveCounter steps backwards within the identity memory that mean two senders
-SERIAL_PART_CHARS = 7
 
 # COM-1: why a battery is stale, as the metric label (code) and as users read it (the texts with an age are
 # built by BatteryState.stale_text).
@@ -120,9 +121,6 @@ STALE_TEXT = {
     "no_cells": "no BAT_CELLS received yet for a group of cells",
     "cells_timeout": "no BAT_CELLS for a group of cells within its period plus comm_timeout",
 }
-
-FLAG_FIELDS = ("cell_high_voltage", "cell_low_voltage", "cell_low_pre_alarm", "balancing",
-               "cell_imbalance", "hardware_fault", "firmware_updating")
 
 DEFAULT_COMM_TIMEOUT = 5.0
 COMM_TIMEOUT_RANGE = (1.0, 60.0)
@@ -196,8 +194,8 @@ class BatteryState:
         self.status: BatteryStatus | None = None
         self.status_at = -1.0
         self.alive_changed_at = -1.0
-        self.cells: list[float | None] = [None] * 16
-        self.cells_at = [-1.0] * 4  # per group of four cells
+        self.cells: list[float | None] = [None] * MAX_CELLS
+        self.cells_at = [-1.0] * (MAX_CELLS // CELLS_PER_FRAME)  # per BAT_CELLS frame
         self.cells_revision = 0
         self._summary_key: tuple[int, int] | None = None
         self._summary: CellSummary | None = None
@@ -235,7 +233,7 @@ class BatteryState:
 
     def cell_summary(self) -> CellSummary:
         """The battery's cells and their extremes, recomputed only when a cell frame changed them."""
-        count = self.info.cell_count if self.info is not None else 16
+        count = self.info.cell_count if self.info is not None else MAX_CELLS
         key = (self.cells_revision, count)
         if key != self._summary_key or self._summary is None:
             self._summary = CellSummary.of(tuple(self.cells[:count]))

@@ -31,12 +31,13 @@ import can
 from smallbms_bus.config import parse_config
 from smallbms_bus.outputs.memory import MemoryBoard
 from smallbms_bus.preflight import check
+from smallbms_bus.protocol import CELLS_PER_FRAME, CELLS_PER_UNIT
 from smallbms_bus.readout import format_bank, format_decision
 from smallbms_bus.service import TICK_S, Service
 from smallbms_bus.sim.bank import DEFAULT_BANK, BankShape
 from smallbms_bus.sim.clock import SimClock
 from smallbms_bus.sim.devices import CONTROLS, parse_controls
-from smallbms_bus.sim.runner import STATUS_PERIOD_S, Simulator
+from smallbms_bus.sim.runner import CELLS_PERIOD_S, SLOW_PERIOD_S, STATUS_PERIOD_S, Simulator
 from smallbms_bus.sim.scenarios import DEFAULT_SCENARIO, SCENARIOS
 from smallbms_bus.store import Store
 
@@ -49,13 +50,13 @@ ROLES = {"load_disconnect": "load", "charge_disconnect": "charge", "pre_alarm": 
 # so a shared machine has room and the governor (sim/clock.py) rarely has to slow the simulation down.
 MAX_SPEED = 25.0
 FRAME_BUDGET = 1700.0  # frames per real second
-SLOW_PERIODS = 3  # BAT_TEMPS, BAT_INFO, BAT_SERIAL every 1 s
+SLOW_STREAMS = 3  # BAT_TEMPS, BAT_INFO, BAT_SERIAL
 
 
 def frames_per_second(shape: BankShape) -> float:
     """Frames a bank sends per simulated second (BAT_STATUS 10/s, each BAT_CELLS_x 2/s, 3 slow frames 1/s)."""
-    groups = math.ceil(4 * shape.units / 4)  # 4 cells per BAT_CELLS_x frame
-    return shape.count * (1.0 / STATUS_PERIOD_S + 2.0 * groups + SLOW_PERIODS)
+    groups = math.ceil(CELLS_PER_UNIT * shape.units / CELLS_PER_FRAME)
+    return shape.count * (1.0 / STATUS_PERIOD_S + groups / CELLS_PERIOD_S + SLOW_STREAMS / SLOW_PERIOD_S)
 
 
 def max_speed(shape: BankShape) -> float:

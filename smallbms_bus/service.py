@@ -75,12 +75,13 @@ from smallbms_bus.outputs.base import RelayBoard
 from smallbms_bus.outputs.controller import Outputs
 from smallbms_bus.outputs.gpiod import GpiodBoard
 from smallbms_bus.outputs.remote import RemoteInput
+from smallbms_bus.protocol import frame_period
 from smallbms_bus.reports import Report
 from smallbms_bus.store import PendingSave, Persister, Store, StoreError, StoreLock, lock_holder_description
 
 log = logging.getLogger(__name__)
 
-TICK_S = 0.1  # evaluation tick and BMS_STATE period (PROTOCOL.md)
+TICK_S = frame_period("BMS_STATE")  # evaluation tick and BMS_STATE period (the DBC's GenMsgCycleTime)
 RESTART_PAUSE_S = 1.0
 MODBUS_RETRY_S = 5.0
 STORE_STALL_S = 10.0  # a save waiting longer for the disk is a stalled store: ERROR, smallbms_store_up 0

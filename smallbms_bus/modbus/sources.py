@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from smallbms_bus import __version__
-from smallbms_bus.bank import FLAG_FIELDS, BatteryView, Topology
+from smallbms_bus.bank import BatteryView, Topology
 from smallbms_bus.bms.alarms import AtdState, BalancerStatus, BmsAlarm, BmsWarning, Led
 from smallbms_bus.bms.core import BmsCore, Decision
 from smallbms_bus.bms.monitor import pulse_limits
 from smallbms_bus.bms.settings import Settings
+from smallbms_bus.protocol import CELLS_PER_UNIT, FLAG_FIELDS
 
 STATE_WAITING, STATE_ON, STATE_OFF, STATE_FIRMWARE_UPDATE, STATE_FAULT = range(5)
 LED_CODES = {Led.OFF: 0, Led.BLINKING: 1, Led.SOLID: 2}
@@ -467,7 +468,7 @@ def _negative(get: Callable[[Snapshot], float | None]) -> Callable[[Snapshot], f
 
 def _cells_per_battery(s: Snapshot) -> int | None:
     topo = s.decision.bank.topology
-    return None if topo.nominal_units is None else 4 * topo.nominal_units
+    return None if topo.nominal_units is None else CELLS_PER_UNIT * topo.nominal_units
 
 
 def _cell_id(which: str) -> Callable[[Snapshot], str | None]:
