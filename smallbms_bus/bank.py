@@ -93,6 +93,7 @@ from smallbms_bus.reports import (
     Report,
     SerialFragment,
 )
+from smallbms_bus.vocabulary import BankPhase, StaleReason
 
 # Periods of the slower frames, from the DBC's GenMsgCycleTime. Cell and temperature frames are stale
 # `comm_timeout` after they were *due*, so a 1 s frame with ordinary jitter does not trip the minimum 1 s timeout.
@@ -112,14 +113,14 @@ COUNTER_REGRESSIONS = 2  # AliveCounter steps backwards within the identity memo
 # COM-1: why a battery is stale, as the metric label (code) and as users read it (the texts with an age are
 # built by BatteryState.stale_text).
 STALE_TEXT = {
-    "no_status": "no BAT_STATUS received yet",
-    "status_timeout": "no BAT_STATUS within comm_timeout",
-    "alive_stuck": "AliveCounter not advancing within comm_timeout",
-    "no_info": "no BAT_INFO received yet",
-    "no_temps": "no BAT_TEMPS received yet",
-    "temps_timeout": "no BAT_TEMPS within its period plus comm_timeout",
-    "no_cells": "no BAT_CELLS received yet for a group of cells",
-    "cells_timeout": "no BAT_CELLS for a group of cells within its period plus comm_timeout",
+    StaleReason.NO_STATUS: "no BAT_STATUS received yet",
+    StaleReason.STATUS_TIMEOUT: "no BAT_STATUS within comm_timeout",
+    StaleReason.ALIVE_STUCK: "AliveCounter not advancing within comm_timeout",
+    StaleReason.NO_INFO: "no BAT_INFO received yet",
+    StaleReason.NO_TEMPS: "no BAT_TEMPS received yet",
+    StaleReason.TEMPS_TIMEOUT: "no BAT_TEMPS within its period plus comm_timeout",
+    StaleReason.NO_CELLS: "no BAT_CELLS received yet for a group of cells",
+    StaleReason.CELLS_TIMEOUT: "no BAT_CELLS for a group of cells within its period plus comm_timeout",
 }
 
 DEFAULT_COMM_TIMEOUT = 5.0
@@ -240,38 +241,38 @@ class BatteryState:
             self._summary_key = key
         return self._summary
 
-    def stale_reason(self, now: float, timeout: float) -> str | None:
+    def stale_reason(self, now: float, timeout: float) -> StaleReason | None:
         """None when fresh, else why not (first failing condition)."""
         if self.status is None:
-            return "no_status"
+            return StaleReason.NO_STATUS
         if now - self.status_at >= timeout:
-            return "status_timeout"
+            return StaleReason.STATUS_TIMEOUT
         if now - self.alive_changed_at >= timeout:
-            return "alive_stuck"
+            return StaleReason.ALIVE_STUCK
         if self.info is None:
-            return "no_info"
+            return StaleReason.NO_INFO
         if self.temps is None:
-            return "no_temps"
+            return StaleReason.NO_TEMPS
         if now - self.temps_at >= timeout + TEMPS_PERIOD:
-            return "temps_timeout"
+            return StaleReason.TEMPS_TIMEOUT
         for group in range(self.info.nominal_units):
             at = self.cells_at[group]
             if at < 0:
-                return "no_cells"
+                return StaleReason.NO_CELLS
             if now - at >= timeout + CELLS_PERIOD:
-                return "cells_timeout"
+                return StaleReason.CELLS_TIMEOUT
         return None
 
-    def stale_text(self, code: str, now: float, timeout: float) -> str:
+    def stale_text(self, code: StaleReason, now: float, timeout: float) -> str:
         """What `stale_reason`'s code means for this battery now, in words (only called for a stale battery)."""
         limit = f"comm_timeout {timeout:g} s"
-        if code == "status_timeout":
+        if code == StaleReason.STATUS_TIMEOUT:
             return f"no BAT_STATUS for {now - self.status_at:.1f} s ({limit})"
-        if code == "alive_stuck":
+        if code == StaleReason.ALIVE_STUCK:
             return f"AliveCounter stuck for {now - self.alive_changed_at:.1f} s ({limit})"
-        if code == "temps_timeout":
+        if code == StaleReason.TEMPS_TIMEOUT:
             return f"no BAT_TEMPS for {now - self.temps_at:.1f} s (due every {TEMPS_PERIOD:g} s, {limit})"
-        if code in ("no_cells", "cells_timeout") and self.info is not None:
+        if code in (StaleReason.NO_CELLS, StaleReason.CELLS_TIMEOUT) and self.info is not None:
             for group in range(self.info.nominal_units):
                 at = self.cells_at[group]
                 cells = f"cells {CELLS_PER_FRAME * group + 1}-{CELLS_PER_FRAME * (group + 1)}"
@@ -339,7 +340,7 @@ class BatteryView:
     temps: BatteryTemps | None
     summary: CellSummary
     fresh: bool
-    stale_reason: str | None
+    stale_reason: StaleReason | None
     status_age: float | None  # seconds since the last BAT_STATUS, None if never
     unmeasured: tuple[int, ...] = ()  # cells read "not present" in a frame of the last PROTECTIVE_MEMORY_S (fresh)
     conflicted: bool = False  # COM-6: two senders on this node, or an identity other than the learned one
@@ -401,7 +402,7 @@ class Aggregates:
 @dataclass(frozen=True, slots=True)
 class BankView:
     now: float
-    phase: str  # waiting | discovering | learning | learned
+    phase: BankPhase
     batteries: tuple[BatteryView, ...]
     stale_nodes: tuple[int, ...]
     topology: Topology
@@ -439,7 +440,7 @@ class Bank:
         self.first_frame_at: float | None = None
         self.proven_at: float | None = None  # BANK-2: when a restored learned bank was proven (None: not, or learnt)
         self._noted: set[int] = set()  # nodes with COM-6 notes (held now, or until the next evaluation)
-        self._cache_key: tuple[int, int, bool, str, tuple[int, ...]] | None = None
+        self._cache_key: tuple[int, int, bool, BankPhase, tuple[int, ...]] | None = None
         self._cached: tuple[Topology, tuple[BankIssue, ...]] | None = None
 
     @property
@@ -647,18 +648,18 @@ class Bank:
                 return
         self.proven_at = now
 
-    def phase(self, now: float) -> str:
+    def phase(self, now: float) -> BankPhase:
         if self.proven_at is not None and self._learned is not None:
-            return "learned"
+            return BankPhase.LEARNED
         if self.first_frame_at is None:
-            return "waiting"
+            return BankPhase.WAITING
         if now - self.first_frame_at < self.discovery_window:  # the whole window, even when it opens late
-            return "discovering"
-        return "learned" if self.learned is not None else "learning"
+            return BankPhase.DISCOVERING
+        return BankPhase.LEARNED if self.learned is not None else BankPhase.LEARNING
 
     def _try_learn(self, now: float, conflicted: tuple[int, ...]) -> None:
         # COM-6: a node with two senders is not learned as one battery, whichever frame came last
-        if conflicted or self.phase(now) != "learning":
+        if conflicted or self.phase(now) != BankPhase.LEARNING:
             return
         identities = [s.identity() for s in self.batteries.values()]
         if all(i is not None for i in identities):
@@ -724,7 +725,8 @@ class Bank:
         flags = {f: tuple(nodes) for f, nodes in flagged.items()}
         aggregates = self._aggregates(fresh, topology.series, now, complete=not stale and bool(views))
         return BankView(now, phase, tuple(views), tuple(stale), topology, issues, aggregates,
-                        flags, waiting_for_batteries=phase != "learned" and not past_grace, conflicted=conflicted)
+                        flags, waiting_for_batteries=phase != BankPhase.LEARNED and not past_grace,
+                        conflicted=conflicted)
 
     def _infos(self) -> list[BatteryInfo]:
         return [s.info for s in self.batteries.values() if s.info is not None]
@@ -745,21 +747,21 @@ class Bank:
             capacity_ah=caps.pop() if len(caps) == 1 else None,
         )
 
-    def _validate(self, phase: str, past_grace: bool, conflicted: tuple[int, ...], now: float) -> list[BankIssue]:
+    def _validate(self, phase: BankPhase, past_grace: bool, conflicted: tuple[int, ...], now: float) -> list[BankIssue]:
         issues: list[BankIssue] = []
         if not self.batteries:
             if past_grace:
                 issues.append(BankIssue("no_batteries",
                                         f"no battery heard within {self.waiting_grace:g} s of start"))
             return issues
-        if (past_grace and phase != "discovering") or phase == "learned":
+        if (past_grace and phase != BankPhase.DISCOVERING) or phase == BankPhase.LEARNED:
             incomplete = tuple(n for n, s in sorted(self.batteries.items()) if s.identity() is None)
             if incomplete:
                 issues.append(BankIssue("identity_incomplete",
                                         "no complete BAT_INFO and serial number from battery "
                                         + _nodes(incomplete), incomplete))
         issues += self._validate_shape()
-        if phase == "learned" and self.learned is not None:
+        if phase == BankPhase.LEARNED and self.learned is not None:
             issues += self._validate_against_learned(self.learned, conflicted, now)
         else:  # COM-6 in every phase: discovery must not learn two senders as one battery
             issues += [self._conflict_issue(self.batteries[n], now) for n in conflicted]

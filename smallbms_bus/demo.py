@@ -40,10 +40,10 @@ from smallbms_bus.sim.devices import CONTROLS, parse_controls
 from smallbms_bus.sim.runner import CELLS_PERIOD_S, SLOW_PERIOD_S, STATUS_PERIOD_S, Simulator
 from smallbms_bus.sim.scenarios import DEFAULT_SCENARIO, SCENARIOS
 from smallbms_bus.store import Store
+from smallbms_bus.vocabulary import RELAY_ROLES, ROLE_LABELS
 
 METRICS_PORT = 9108  # the [metrics] port default
 MODBUS_PORT = 5020  # not 502: the demo runs without the privilege to bind below 1024
-ROLES = {"load_disconnect": "load", "charge_disconnect": "charge", "pre_alarm": "pre-alarm"}
 # How fast the demo may run. Service and simulation share one process (one GIL); measured on a 2-core machine
 # (docs/simulator.md "Demo speed"), the cost follows the frames per real second: ~2.5 % of a core per 100
 # frames/s (2s2p: 9 % at speed 1, 35 % at 20, 75 % at 50). The budget keeps the process under ~45 % of a core,
@@ -269,7 +269,7 @@ class Demo:
         if decision is not None:
             channels = service.config.output_channels()
             relays = ", ".join(f"{label} {'on' if self.board.relays[channels[role]] else 'off'}"
-                               for role, label in ROLES.items())
+                               for role, label in ((r, ROLE_LABELS[r]) for r in RELAY_ROLES))
             lines += [format_decision(decision), f"relays   {relays} (as the board holds them)",
                       format_bank(decision.bank)]
         lines.append(f"devices  {self.devices_text()} (the simulation)")

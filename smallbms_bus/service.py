@@ -78,6 +78,7 @@ from smallbms_bus.outputs.remote import RemoteInput
 from smallbms_bus.protocol import frame_period
 from smallbms_bus.reports import Report
 from smallbms_bus.store import PendingSave, Persister, Store, StoreError, StoreLock, lock_holder_description
+from smallbms_bus.vocabulary import LED_ROLES, RELAY_ROLES
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +86,7 @@ TICK_S = frame_period("BMS_STATE")  # evaluation tick and BMS_STATE period (the 
 RESTART_PAUSE_S = 1.0
 MODBUS_RETRY_S = 5.0
 STORE_STALL_S = 10.0  # a save waiting longer for the disk is a stalled store: ERROR, smallbms_store_up 0
-OFF = {"load_disconnect": False, "charge_disconnect": False, "pre_alarm": False, "error_led": "off",
-       "status_led": "off"}
+OFF = {**dict.fromkeys(RELAY_ROLES, False), **dict.fromkeys(LED_ROLES, "off")}
 
 
 def _unfinished_run(store: Store) -> str | None:
@@ -239,13 +239,9 @@ class Service:
         decision = self.core.evaluate(now, wall)
         self.decision = decision
         self.stats.evaluations += 1
-        wanted: dict[str, Any] = {
-            "load_disconnect": decision.outputs.load_disconnect,
-            "charge_disconnect": decision.outputs.charge_disconnect,
-            "pre_alarm": decision.outputs.pre_alarm,
-            "error_led": decision.error_led.value,
-            "status_led": decision.status_led.value,
-        }
+        # the core's Outputs fields and its LED fields are named after the roles
+        wanted: dict[str, Any] = {**{role: getattr(decision.outputs, role) for role in RELAY_ROLES},
+                                  **{role: getattr(decision, role).value for role in LED_ROLES}}
         self._want_outputs(wanted, now)
         state = (decision.atc, decision.atd, decision.pre_alarm, decision.alarms, decision.warnings)
         if now >= self._next_state_at or state != self._last_sent_state:

@@ -101,3 +101,53 @@ def test_unit_and_cell_facts_agree_with_the_dbc_and_are_stated_once():
             literal += [str(path.relative_to(package)) for t in tokenize.tokenize(f.readline)
                         if t.type == tokenize.NUMBER and t.string == "12.8"]
     assert literal == ["protocol.py"], literal
+
+
+# -- item 3: one vocabulary per concept ----------------------------------------------------------------
+def test_output_roles_phases_stale_reasons_and_flags_have_one_definition():
+    from smallbms_bus import config, vocabulary
+    from smallbms_bus.bank import Bank, BankPhase, StaleReason
+    from smallbms_bus.metrics import catalog
+    from smallbms_bus.modbus import sources
+    from smallbms_bus.outputs import controller
+    from smallbms_bus.protocol import FLAG_FIELDS
+
+    assert config.OUTPUT_ROLES is vocabulary.OUTPUT_ROLES and controller.ROLES is vocabulary.OUTPUT_ROLES
+    assert catalog.OUTPUT_NAMES is vocabulary.RELAY_ROLES
+    assert catalog.BATTERY_FLAGS is FLAG_FIELDS and sources.FLAG_FIELDS is FLAG_FIELDS
+    assert tuple(BankPhase) == catalog.PHASES and tuple(StaleReason) == catalog.STALE_REASONS
+    bank = Bank(0.0)
+    view = bank.evaluate(0.0)
+    assert type(view.phase) is BankPhase and view.phase == "waiting"  # a StrEnum: the plain label still matches
+
+
+def test_the_config_offers_the_backends_the_outputs_registry_has(tmp_path):
+    import pytest
+
+    from smallbms_bus.config import ConfigError, load_config
+    from smallbms_bus.outputs import BACKENDS
+
+    path = tmp_path / "c.toml"
+    path.write_text('[outputs]\nbackend = "nonesuch"\n')
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert all(name in str(error.value) for name in BACKENDS), str(error.value)
+
+
+def test_modbus_codes_are_pymodbus_exccodes_and_one_table_both_ways():
+    from pymodbus.constants import ExcCodes
+
+    from smallbms_bus.bms.alarms import BalancerStatus, Led
+    from smallbms_bus.modbus import codes, stats, status, writes
+    from smallbms_bus.modbus.regmap import load_map
+
+    assert {writes.ILLEGAL_VALUE, writes.STORE_FAILED, writes.BUSY} <= set(ExcCodes)
+    assert stats.outcome_name(ExcCodes.DEVICE_BUSY) == "server_device_busy" and stats.outcome_name(9) == "exception_9"
+    assert set(codes.LED_CODES) == set(Led) and set(codes.BALANCER_CODES) == set(BalancerStatus)
+    values = {r.name: r.values for b in load_map("native").blocks for r in b.registers}
+    # the register map documents the same numbers the server sends and `status` reads back
+    assert values["error_led"] == ", ".join(f"{c} {led.value}" for led, c in codes.LED_CODES.items())
+    assert values["balancer_status"] == ", ".join(f"{c} {s.value}" for s, c in
+                                                  sorted(codes.BALANCER_CODES.items(), key=lambda i: i[1]))
+    assert values["allowed_to_discharge"] == ", ".join(f"{c} {t}" for c, t in status.ATD.items())
+    assert status.LEDS == {0: "off", 1: "blinking", 2: "solid"}

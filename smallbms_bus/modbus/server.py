@@ -84,8 +84,6 @@ logging.getLogger("pymodbus.logging").setLevel(logging.ERROR)
 READ, WRITE_SINGLE, WRITE_MULTIPLE = (3, 4), 6, 16
 MAX_READ, MAX_WRITE = 125, 123
 BATCH = 32  # pipelined requests answered per turn of the event loop, per connection
-ILLEGAL_FUNCTION, ILLEGAL_ADDRESS, ILLEGAL_VALUE = 1, 2, 3
-GATEWAY_NO_RESPONSE = 0x0B
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -308,7 +306,8 @@ class _Connection(ServerRequestHandler):
         if len(frame) < 8:
             return  # a unit id and no function code: nothing to answer
         tid, _, _, unit, function = struct.unpack(">HHHBB", frame[:8])
-        code = ILLEGAL_VALUE if function in (*READ, WRITE_SINGLE, WRITE_MULTIPLE) else ILLEGAL_FUNCTION
+        known = function in (*READ, WRITE_SINGLE, WRITE_MULTIPLE)
+        code = ExcCodes.ILLEGAL_VALUE if known else ExcCodes.ILLEGAL_FUNCTION
         self.app.stats.count(function, code)
         self.pdu_send(ExceptionResponse(function & 0x7F, code, device_id=unit, transaction=tid))
 
@@ -502,9 +501,9 @@ class ModbusServer:
     def _answer(self, conn: _Connection, pdu: ModbusPDU) -> ModbusPDU | Change:
         fc, unit = pdu.function_code, pdu.dev_id
         if unit not in self.units:
-            raise WriteRefused(GATEWAY_NO_RESPONSE, f"unit {unit}")
+            raise WriteRefused(ExcCodes.GATEWAY_NO_RESPONSE, f"unit {unit}")
         if fc not in (*READ, WRITE_SINGLE, WRITE_MULTIPLE):
-            raise WriteRefused(ILLEGAL_FUNCTION, f"function {fc}")
+            raise WriteRefused(ExcCodes.ILLEGAL_FUNCTION, f"function {fc}")
         snapshot = self.snapshot()
         if snapshot is None:
             raise WriteRefused(ExcCodes.DEVICE_BUSY, "no decision yet")
@@ -513,16 +512,16 @@ class ModbusServer:
         image = self.image(unit, snapshot)
         if fc in READ:
             if not 1 <= pdu.count <= MAX_READ:
-                raise WriteRefused(ILLEGAL_VALUE, f"quantity {pdu.count}")
+                raise WriteRefused(ExcCodes.ILLEGAL_VALUE, f"quantity {pdu.count}")
             words = image.read(snapshot, pdu.address, pdu.count)
             if words is None:
-                raise WriteRefused(ILLEGAL_ADDRESS, f"{pdu.address}+{pdu.count}")
+                raise WriteRefused(ExcCodes.ILLEGAL_ADDRESS, f"{pdu.address}+{pdu.count}")
             cls = ReadHoldingRegistersResponse if fc == 3 else ReadInputRegistersResponse
             return cls(registers=words)
         values = list(pdu.registers)
         if fc == WRITE_MULTIPLE and not (1 <= pdu.count <= MAX_WRITE and pdu.byte_count == 2 * pdu.count
                                          == getattr(pdu, "_payload_byte_count", None) == 2 * len(values)):
-            raise WriteRefused(ILLEGAL_VALUE, f"quantity {pdu.count} / byte count {pdu.byte_count}")
+            raise WriteRefused(ExcCodes.ILLEGAL_VALUE, f"quantity {pdu.count} / byte count {pdu.byte_count}")
         if not conn.may_write:
             self._refuse_write(conn, unit, pdu.address, len(values))
         return self._write(conn, image, unit, pdu.address, values)
@@ -534,7 +533,7 @@ class ModbusServer:
         log.log(level, "Modbus: refused a write from %s (unit %d, %d register(s) at %d): not in "
                 "modbus.allow_write_from%s", conn.peer, unit, count, address,
                 " or no verified client certificate" if self.options.tls else "")
-        raise WriteRefused(ILLEGAL_FUNCTION, "write not allowed")
+        raise WriteRefused(ExcCodes.ILLEGAL_FUNCTION, "write not allowed")
 
     def _write(self, conn: _Connection, image: UnitImage, unit: int, address: int, values: Sequence[int]) -> Change:
         """Each word checked (address, range); the change as the service's write path takes it. The words of a
@@ -545,7 +544,7 @@ class ModbusServer:
             found = image.register_at(address + offset)
             reg = None if found is None else found[0]
             if found is None or reg is None or not reg.writable or reg.target is None:
-                raise WriteRefused(ILLEGAL_ADDRESS, f"{address + offset} is not a writable register")
+                raise WriteRefused(ExcCodes.ILLEGAL_ADDRESS, f"{address + offset} is not a writable register")
             if reg.type == "string":
                 take = min(reg.words - found[1], len(values) - offset)
                 writes.append((reg.name, reg.target, StringPatch(found[1], tuple(values[offset:offset + take]),
@@ -554,7 +553,7 @@ class ModbusServer:
                 continue
             value = decode_word(reg, values[offset])
             if reg.range is not None and not reg.range[0] <= value <= reg.range[1]:
-                raise WriteRefused(ILLEGAL_VALUE, f"{reg.name} = {value:g}")
+                raise WriteRefused(ExcCodes.ILLEGAL_VALUE, f"{reg.name} = {value:g}")
             writes.append((reg.name, reg.target, value))
             offset += 1
         return Change(tuple(writes), source=f"Modbus {conn.peer} unit {unit}", reason="Modbus write")

@@ -15,16 +15,22 @@ from typing import Any
 
 from smallbms_bus import __version__
 from smallbms_bus.bank import BatteryView, Topology
-from smallbms_bus.bms.alarms import AtdState, BalancerStatus, BmsAlarm, BmsWarning, Led
+from smallbms_bus.bms.alarms import AtdState, BalancerStatus, BmsAlarm, BmsWarning
 from smallbms_bus.bms.core import BmsCore, Decision
 from smallbms_bus.bms.monitor import pulse_limits
 from smallbms_bus.bms.settings import Settings
+from smallbms_bus.modbus.codes import (
+    BALANCER_CODES,
+    LED_CODES,
+    STATE_FAULT,
+    STATE_FIRMWARE_UPDATE,
+    STATE_OFF,
+    STATE_ON,
+    STATE_WAITING,
+)
 from smallbms_bus.protocol import CELLS_PER_UNIT, FLAG_FIELDS
+from smallbms_bus.vocabulary import RELAY_ROLES
 
-STATE_WAITING, STATE_ON, STATE_OFF, STATE_FIRMWARE_UPDATE, STATE_FAULT = range(5)
-LED_CODES = {Led.OFF: 0, Led.BLINKING: 1, Led.SOLID: 2}
-BALANCER_CODES = {BalancerStatus.UNKNOWN: 0, BalancerStatus.BALANCED: 1, BalancerStatus.BALANCING: 2,
-                  BalancerStatus.IMBALANCED: 3}
 PRESENCE_ABSENT, PRESENCE_FRESH, PRESENCE_STALE = 0, 1, 2
 
 
@@ -67,7 +73,7 @@ def state(s: Snapshot) -> int:
 
 def _outputs(s: Snapshot) -> int:
     o = s.decision.outputs
-    return int(o.load_disconnect) | int(o.charge_disconnect) << 1 | int(o.pre_alarm) << 2
+    return sum(int(getattr(o, role)) << bit for bit, role in enumerate(RELAY_ROLES))
 
 
 def _per_bank(name: str) -> Callable[[Snapshot], float | None]:

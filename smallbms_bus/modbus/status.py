@@ -22,18 +22,17 @@ from typing import Any, TextIO
 
 from smallbms_bus.bms.alarms import BalancerReason, BalancerStatus, BmsAlarm, BmsWarning, BusState, balancer_text
 from smallbms_bus.config import ConfigError, load_config
+from smallbms_bus.modbus.codes import ATD_TEXT, BALANCER_BY_CODE, LED_BY_CODE, STATE_TEXT, exception_text
 from smallbms_bus.modbus.regmap import decode_block, load_map
 from smallbms_bus.readout import consumed_text, time_remaining_text
+from smallbms_bus.vocabulary import RELAY_ROLES, ROLE_LABELS
 
-STATES = {0: "waiting for batteries", 1: "on", 2: "off (mode or remote)", 3: "firmware update", 4: "fault"}
-ATD = {0: "no", 1: "yes", 2: "pre-alarm"}
-LEDS = {0: "off", 1: "blinking", 2: "solid"}
-BALANCER = {0: BalancerStatus.UNKNOWN, 1: BalancerStatus.BALANCED, 2: BalancerStatus.BALANCING,
-            3: BalancerStatus.IMBALANCED}
-OUTPUT_BITS = ("load", "charge", "pre-alarm")
+STATES = STATE_TEXT
+ATD = ATD_TEXT
+LEDS = {code: led.value for code, led in LED_BY_CODE.items()}
+BALANCER = BALANCER_BY_CODE
+OUTPUT_BITS = tuple(ROLE_LABELS[role] for role in RELAY_ROLES)  # bit n of the outputs register
 READ_HOLDING = 3
-MODBUS_EXCEPTIONS = {1: "illegal function", 2: "illegal data address", 3: "illegal data value",
-                     4: "device failure", 6: "device busy", 11: "gateway target did not respond"}
 
 
 RESET = "connection reset by the server (it refused this client: its connection limit, or a firewall?)"
@@ -146,7 +145,7 @@ def read_registers(sock: socket.socket, tid: int, unit: int, start: int, count: 
     fc = body[0]
     if fc == READ_HOLDING | 0x80 and len(body) == 2:
         raise StatusError(f"{where} unit {unit} answered {what} with Modbus exception {body[1]:02d} "
-                          f"({MODBUS_EXCEPTIONS.get(body[1], 'unknown')})")
+                          f"({exception_text(body[1])})")
     if fc != READ_HOLDING or len(body) != 2 + 2 * count or body[1] != 2 * count:
         raise StatusError(f"{where}: not a Modbus answer to {what} (function {fc}, {len(body) - 2} data bytes, "
                           f"{2 * count} expected)")

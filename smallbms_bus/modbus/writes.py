@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias
 
+from pymodbus.constants import ExcCodes
+
 from smallbms_bus.bms.core import BmsCore
 from smallbms_bus.bms.settings import CUSTOM_NAME_LENGTH, SPEC_BY_NAME, SettingError
 from smallbms_bus.modbus.sources import (
@@ -33,9 +35,9 @@ from smallbms_bus.modbus.sources import (
 )
 
 # Refusal codes are Modbus exception numbers; other front ends map them (e.g. HTTP 400 / 503 / 409).
-ILLEGAL_VALUE = 3  # Modbus exception 03
-STORE_FAILED = 4  # Modbus exception 04 (SERVER_DEVICE_FAILURE): the store could not commit the change (SET-3)
-BUSY = 6  # Modbus exception 06: valid, but not possible yet (the bank is not learned, the service is stopping)
+ILLEGAL_VALUE = ExcCodes.ILLEGAL_VALUE  # 03
+STORE_FAILED = ExcCodes.DEVICE_FAILURE  # 04: the store could not commit the change (SET-3)
+BUSY = ExcCodes.DEVICE_BUSY  # 06: valid, but not possible yet (the bank is not learned, the service is stopping)
 
 # register target -> the core's setting name (block B; SunSpec's SoCRsvMin is the discharge floor)
 SETTING_TARGETS = {

@@ -42,11 +42,11 @@ from typing import Any
 from smallbms_bus.backoff import Backoff
 from smallbms_bus.outputs.base import OutputError, RelayBoard
 from smallbms_bus.outputs.remote import RemoteInput
+from smallbms_bus.vocabulary import LED_ROLES, OUTPUT_ROLES
 
 log = logging.getLogger(__name__)
 
-ROLES = ("load_disconnect", "charge_disconnect", "pre_alarm", "error_led", "status_led")
-LED_ROLES = frozenset({"error_led", "status_led"})
+ROLES = OUTPUT_ROLES  # the roles a channel map may name
 LED_STATES = ("off", "blinking", "solid")
 BLINK_PERIOD = 1.0  # s: 1 Hz, on for the first half of each second
 PROBE_EVERY = 1.0  # s between read-back probes while nothing is written (one Modbus request: ~20 ms at 9600 baud)
