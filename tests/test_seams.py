@@ -151,3 +151,22 @@ def test_modbus_codes_are_pymodbus_exccodes_and_one_table_both_ways():
                                                   sorted(codes.BALANCER_CODES.items(), key=lambda i: i[1]))
     assert values["allowed_to_discharge"] == ", ".join(f"{c} {t}" for c, t in status.ATD.items())
     assert status.LEDS == {0: "off", 1: "blinking", 2: "solid"}
+
+
+def test_every_setting_register_reads_and_writes_through_one_descriptor():
+    from types import SimpleNamespace
+
+    from smallbms_bus.bms.settings import SPECS, Settings
+    from smallbms_bus.modbus import sources, writes
+    from smallbms_bus.modbus.regmap import load_map
+    from smallbms_bus.modbus.setting_registers import SETTING_REGISTERS
+
+    assert [r.spec for r in SETTING_REGISTERS] == list(SPECS)  # every core setting has its register descriptor
+    assert {r.target: r.spec.name for r in SETTING_REGISTERS} == writes.SETTING_TARGETS
+    native = {r.source: r for b in load_map("native").blocks for r in b.registers if r.target}
+    snap = SimpleNamespace(settings=Settings(), series_units=2)
+    for r in SETTING_REGISTERS:
+        assert native[r.target].target == r.target, r.target  # read and written under one name
+        expected = getattr(Settings(), r.spec.name) * (2 if r.per_unit else 1)
+        assert sources.BANK[r.target](snap) == expected, r.target
+    assert sources.BANK["charged_voltage"](SimpleNamespace(settings=Settings(), series_units=None)) is None

@@ -28,6 +28,7 @@ from smallbms_bus.modbus.codes import (
     STATE_ON,
     STATE_WAITING,
 )
+from smallbms_bus.modbus.setting_registers import SETTING_REGISTERS, SettingRegister
 from smallbms_bus.protocol import CELLS_PER_UNIT, FLAG_FIELDS
 from smallbms_bus.vocabulary import RELAY_ROLES
 
@@ -76,12 +77,9 @@ def _outputs(s: Snapshot) -> int:
     return sum(int(getattr(o, role)) << bit for bit, role in enumerate(RELAY_ROLES))
 
 
-def _per_bank(name: str) -> Callable[[Snapshot], float | None]:
-    """A voltage setting kept per 12.8 V unit, shown for the bank: unknown until the units in series are."""
-    def get(s: Snapshot) -> float | None:
-        units = s.series_units
-        return None if units is None else getattr(s.settings, name) * units
-    return get
+def _setting(register: SettingRegister) -> Callable[[Snapshot], float | int | None]:
+    """A setting register's value, read through its one descriptor (modbus/setting_registers.py)."""
+    return lambda s: register.read(s.settings, s.series_units)
 
 
 def _cell_voltage(ref: Any) -> float | None:
@@ -134,17 +132,7 @@ BANK: dict[str, Callable[[Snapshot], Any]] = {
     "heartbeat": lambda s: int(s.uptime_s) & 0xFFFF,
     "uptime": lambda s: int(s.uptime_s),
     # settings and mode (block B), reported in the map's units
-    "charged_voltage": _per_bank("charged_voltage_per_unit"),
-    "tail_current": lambda s: s.settings.tail_current_pct,
-    "charged_detection_time": lambda s: s.settings.charged_detection_time_min,
-    "low_soc_warning": lambda s: s.settings.low_soc_warning_pct,
-    "discharge_floor": lambda s: s.settings.discharge_floor_pct,
-    "pre_alarm_level": lambda s: s.settings.pre_alarm_level_per_cell,
-    "absorption_voltage": _per_bank("absorption_voltage_per_unit"),
-    "float_voltage": _per_bank("float_voltage_per_unit"),
-    "absorption_time": lambda s: s.settings.absorption_time_min,
-    "rebulk_soc": lambda s: s.settings.rebulk_soc_pct,
-    "dcl_zero_at_pre_alarm": lambda s: int(s.settings.dcl_zero_at_pre_alarm),
+    **{r.target: _setting(r) for r in SETTING_REGISTERS},
     "mode": lambda s: int(s.decision.mode_on),
     "custom_name": lambda s: s.settings.custom_name,
     # history (block D)
