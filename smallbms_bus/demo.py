@@ -29,6 +29,7 @@ from typing import TextIO
 import can
 
 from smallbms_bus.config import parse_config
+from smallbms_bus.modbus.status import MODBUS_DEMO_PORT
 from smallbms_bus.outputs.memory import MemoryBoard
 from smallbms_bus.preflight import check
 from smallbms_bus.protocol import CELLS_PER_FRAME, CELLS_PER_UNIT
@@ -43,7 +44,7 @@ from smallbms_bus.store import Store
 from smallbms_bus.vocabulary import RELAY_ROLES, ROLE_LABELS
 
 METRICS_PORT = 9108  # the [metrics] port default
-MODBUS_PORT = 5020  # not 502: the demo runs without the privilege to bind below 1024
+MODBUS_PORT = MODBUS_DEMO_PORT
 # How fast the demo may run. Service and simulation share one process (one GIL); measured on a 2-core machine
 # (docs/simulator.md "Demo speed"), the cost follows the frames per real second: ~2.5 % of a core per 100
 # frames/s (2s2p: 9 % at speed 1, 35 % at 20, 75 % at 50). The budget keeps the process under ~45 % of a core,

@@ -57,6 +57,7 @@ from pymodbus.transaction import TransactionManager
 
 from smallbms_bus.bms.core import BmsCore, Decision
 from smallbms_bus.commit import Change, Committed
+from smallbms_bus.config import defaults
 from smallbms_bus.connections import (
     ACCEPT_BATCH,
     ConnectionPolicy,
@@ -85,23 +86,24 @@ READ, WRITE_SINGLE, WRITE_MULTIPLE = (3, 4), 6, 16
 MAX_READ, MAX_WRITE = 125, 123
 BATCH = 32  # pipelined requests answered per turn of the event loop, per connection
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_DEFAULT = defaults()["modbus"]  # the config schema is the one place a default is written
 
 
 @dataclass(frozen=True)
 class ModbusOptions:
-    host: str = "127.0.0.1"
-    port: int | None = 502  # None = no plain Modbus TCP listener (config: 0); 0 here = any free port (tests)
-    unit: int = 1
-    gx_unit: int = 225  # 0 = off
-    allow_write_from: tuple[Network, ...] = (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128"))
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_client_ca: str | None = None
-    tls_port: int = 802  # Modbus/TCP Security's registered port
-    max_connections: int = 32
-    max_connections_per_address: int = 8
-    first_request_timeout: float = 10.0
-    idle_timeout: float = 300.0
+    host: str = _DEFAULT["host"]
+    port: int | None = _DEFAULT["port"]  # None = no plain Modbus TCP listener (config: 0); 0 here = any free port
+    unit: int = _DEFAULT["unit"]
+    gx_unit: int = _DEFAULT["gx_unit"]  # 0 = off
+    allow_write_from: tuple[Network, ...] = tuple(ipaddress.ip_network(n) for n in _DEFAULT["allow_write_from"])
+    tls_cert: str | None = _DEFAULT["tls_cert"]
+    tls_key: str | None = _DEFAULT["tls_key"]
+    tls_client_ca: str | None = _DEFAULT["tls_client_ca"]
+    tls_port: int = _DEFAULT["tls_port"]  # Modbus/TCP Security's registered port
+    max_connections: int = _DEFAULT["max_connections"]
+    max_connections_per_address: int = _DEFAULT["max_connections_per_address"]
+    first_request_timeout: float = _DEFAULT["first_request_timeout"]
+    idle_timeout: float = _DEFAULT["idle_timeout"]
 
     @classmethod
     def from_config(cls, section: dict[str, Any]) -> ModbusOptions:

@@ -21,12 +21,13 @@ import time
 from typing import Any, TextIO
 
 from smallbms_bus.bms.alarms import BalancerReason, BalancerStatus, BmsAlarm, BmsWarning, BusState, balancer_text
-from smallbms_bus.config import ConfigError, load_config
+from smallbms_bus.config import ConfigError, defaults, load_config
 from smallbms_bus.modbus.codes import ATD_TEXT, BALANCER_BY_CODE, LED_BY_CODE, STATE_TEXT, exception_text
 from smallbms_bus.modbus.regmap import decode_block, load_map
 from smallbms_bus.readout import consumed_text, time_remaining_text
 from smallbms_bus.vocabulary import RELAY_ROLES, ROLE_LABELS
 
+MODBUS_DEMO_PORT = 5020  # the demo's Modbus port (not 502: it runs without the privilege to bind below 1024)
 STATES = STATE_TEXT
 ATD = ATD_TEXT
 LEDS = {code: led.value for code, led in LED_BY_CODE.items()}
@@ -46,9 +47,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser = subparsers.add_parser("status", help="print the instant readout of a running service (over Modbus)",
                                    description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="take host, port and unit from this configuration file's [modbus]")
-    parser.add_argument("--host", default=None, help="service address (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=None, help="Modbus TCP port (default 502; the demo uses 5020)")
-    parser.add_argument("--unit", type=int, default=None, help="unit id of the native map (default 1)")
+    default = defaults()["modbus"]  # what a service without a config file serves
+    parser.add_argument("--host", default=None, help=f"service address (default {default['host']})")
+    parser.add_argument("--port", type=int, default=None,
+                        help=f"Modbus TCP port (default {default['port']}; the demo uses {MODBUS_DEMO_PORT})")
+    parser.add_argument("--unit", type=int, default=None, help=f"unit id of the native map (default {default['unit']})")
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the service (default 3)")
     return parser
 
@@ -67,7 +70,8 @@ def _arguments(args: argparse.Namespace) -> str | None:
 def _target(args: argparse.Namespace) -> tuple[str, int, int] | str:
     if (bad := _arguments(args)) is not None:
         return bad
-    host, port, unit = "127.0.0.1", 502, 1
+    default = defaults()["modbus"]
+    host, port, unit = default["host"], default["port"], default["unit"]
     if args.config:
         try:
             modbus = load_config(args.config)["modbus"]
