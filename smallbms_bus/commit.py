@@ -60,6 +60,7 @@ from smallbms_bus.modbus.writes import (
     COMMANDS,
     ILLEGAL_VALUE,
     STORE_FAILED,
+    Refused,
     Step,
     WriteRefused,
     WriteValue,
@@ -220,7 +221,7 @@ class WritePath:
                 events.append(Event(wall, now, name, "setting", shown, f"{what} {text} {by}{reset}"))
         return events
 
-    def note_refusal(self, source: str, what: str, refused: WriteRefused) -> None:
+    def note_refusal(self, source: str, what: str, refused: Refused) -> None:
         """A refused write or command is an event with who and why; bounded per window (see the module's
         docstring). Front ends call it for the refusals they make themselves (not allowed, not writable)."""
         now, wall = self.clock(), self.wall()

@@ -170,3 +170,10 @@ def test_every_setting_register_reads_and_writes_through_one_descriptor():
         expected = getattr(Settings(), r.spec.name) * (2 if r.per_unit else 1)
         assert sources.BANK[r.target](snap) == expected, r.target
     assert sources.BANK["charged_voltage"](SimpleNamespace(settings=Settings(), series_units=None)) is None
+
+
+
+def test_a_refused_read_is_not_called_a_refused_write():
+    from smallbms_bus.modbus.writes import Refused, WriteRefused
+
+    assert issubclass(WriteRefused, Refused) and not issubclass(Refused, WriteRefused)

@@ -76,7 +76,7 @@ from smallbms_bus.modbus.regmap import RegisterMap, decode_word, load_maps
 from smallbms_bus.modbus.sources import Snapshot
 from smallbms_bus.modbus.stats import ModbusStats
 from smallbms_bus.modbus.tls import tls_context
-from smallbms_bus.modbus.writes import StringPatch, WriteRefused, WriteValue
+from smallbms_bus.modbus.writes import Refused, StringPatch, WriteRefused, WriteValue
 
 log = logging.getLogger(__name__)
 # pymodbus logs a WARNING per undecodable frame: a misbehaving client would fill the journal. Ours are counted.
@@ -128,7 +128,7 @@ class BmsAccess:
     clock: Callable[[], float]
     started: float
     # a write this server refused itself (not allowed, not writable, bad value): the event log's (source, what, why)
-    refused: Callable[[str, str, WriteRefused], None] = lambda source, what, refused: None
+    refused: Callable[[str, str, Refused], None] = lambda source, what, refused: None
 
 
 class _NoDatastore(ModbusServerContext):
@@ -466,7 +466,7 @@ class ModbusServer:
             if isinstance(answer, Change):
                 return self._answer_write(pdu, answer)
             response, code = answer, None
-        except WriteRefused as refused:
+        except Refused as refused:
             code = refused.code
             response = ExceptionResponse(fc, code, device_id=unit, transaction=tid)
             if fc in (WRITE_SINGLE, WRITE_MULTIPLE) and unit in self.units:
@@ -503,21 +503,21 @@ class ModbusServer:
     def _answer(self, conn: _Connection, pdu: ModbusPDU) -> ModbusPDU | Change:
         fc, unit = pdu.function_code, pdu.dev_id
         if unit not in self.units:
-            raise WriteRefused(ExcCodes.GATEWAY_NO_RESPONSE, f"unit {unit}")
+            raise Refused(ExcCodes.GATEWAY_NO_RESPONSE, f"unit {unit}")
         if fc not in (*READ, WRITE_SINGLE, WRITE_MULTIPLE):
-            raise WriteRefused(ExcCodes.ILLEGAL_FUNCTION, f"function {fc}")
+            raise Refused(ExcCodes.ILLEGAL_FUNCTION, f"function {fc}")
         snapshot = self.snapshot()
         if snapshot is None:
-            raise WriteRefused(ExcCodes.DEVICE_BUSY, "no decision yet")
+            raise Refused(ExcCodes.DEVICE_BUSY, "no decision yet")
         now = self.access.clock()
         self.access.core.modbus_client_seen(now)  # LED-2
         image = self.image(unit, snapshot)
         if fc in READ:
             if not 1 <= pdu.count <= MAX_READ:
-                raise WriteRefused(ExcCodes.ILLEGAL_VALUE, f"quantity {pdu.count}")
+                raise Refused(ExcCodes.ILLEGAL_VALUE, f"quantity {pdu.count}")
             words = image.read(snapshot, pdu.address, pdu.count)
             if words is None:
-                raise WriteRefused(ExcCodes.ILLEGAL_ADDRESS, f"{pdu.address}+{pdu.count}")
+                raise Refused(ExcCodes.ILLEGAL_ADDRESS, f"{pdu.address}+{pdu.count}")
             cls = ReadHoldingRegistersResponse if fc == 3 else ReadInputRegistersResponse
             return cls(registers=words)
         values = list(pdu.registers)

@@ -79,12 +79,16 @@ class StringPatch:
 WriteValue: TypeAlias = float | StringPatch
 
 
-class WriteRefused(Exception):
-    """A write the server answers with a Modbus exception; `code` is the exception code."""
+class Refused(Exception):
+    """A request the server answers with a Modbus exception; `code` is the exception code."""
 
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class WriteRefused(Refused):
+    """A write refused: by the server (not writable, out of range) or by the write path (busy, store failed)."""
 
 
 @dataclass(frozen=True)
