@@ -72,7 +72,7 @@ from smallbms_bus.metrics import MetricsServer
 from smallbms_bus.modbus.server import BmsAccess, ModbusOptions, ModbusServer
 from smallbms_bus.outputs import make_board
 from smallbms_bus.outputs.base import RelayBoard
-from smallbms_bus.outputs.controller import Outputs
+from smallbms_bus.outputs.controller import RelayController
 from smallbms_bus.outputs.gpiod import GpiodBoard
 from smallbms_bus.outputs.remote import RemoteInput
 from smallbms_bus.protocol import frame_period
@@ -174,7 +174,7 @@ class Service:
         if remote["source"] == "gpio":  # its own device: the outputs may be on any board
             remote_input = RemoteInput(GpiodBoard(remote["chip"], inputs=[remote["line"]], input_bias=remote["bias"],
                                                   consumer="smallbms-bus remote"), inverted=remote["inverted"])
-        self.outputs = Outputs(self.board, config.output_channels(), reassert_every=out["reassert_every"],
+        self.outputs = RelayController(self.board, config.output_channels(), reassert_every=out["reassert_every"],
                                blink_leds=out["blink_leds"], clock=clock,
                                remote_channel=remote["channel"] if remote["source"] == "board" else None,
                                remote_inverted=remote["inverted"], remote_input=remote_input)

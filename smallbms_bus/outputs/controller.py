@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-`Outputs` maps roles (load_disconnect, charge_disconnect, pre_alarm, error_led, status_led) to board
+`RelayController` maps roles (load_disconnect, charge_disconnect, pre_alarm, error_led, status_led) to board
 channels. It is synchronous and meant for one worker thread; time comes from the caller (`now`) or
 the injected clock, so tests drive re-assert and back-off without sleeping.
 
@@ -70,7 +70,7 @@ class OutputsStatus:
     reconnects: int  # successful re-opens after the board was lost
 
 
-class Outputs:
+class RelayController:
     def __init__(self, board: RelayBoard, channel_map: Mapping[str, int | None], *, reassert_every: float = 5.0,
                  backoff: Backoff | None = None, clock: Callable[[], float] = time.monotonic,
                  blink_leds: bool = False, remote_channel: int | None = None, remote_inverted: bool = False,
