@@ -73,7 +73,7 @@ from smallbms_bus.connections import (
 )
 from smallbms_bus.modbus.image import UnitImage, layout_of
 from smallbms_bus.modbus.regmap import RegisterMap, decode_word, load_maps
-from smallbms_bus.modbus.sources import Snapshot
+from smallbms_bus.modbus.sources import ModbusView
 from smallbms_bus.modbus.stats import ModbusStats
 from smallbms_bus.modbus.tls import tls_context
 from smallbms_bus.modbus.writes import Refused, StringPatch, WriteRefused, WriteValue
@@ -330,7 +330,7 @@ class ModbusServer:
             self.units[options.gx_unit] = [self.maps["gx"]]
         self._images: dict[int, UnitImage] = {}
         self._decision: Decision | None = None
-        self._snapshot: Snapshot | None = None
+        self._snapshot: ModbusView | None = None
         self._listeners: list[Any] = []
         self._reaper: asyncio.Task | None = None
         self.bound: list[tuple[str, int]] = []  # (host, port) actually listening, for logs and tests
@@ -439,17 +439,17 @@ class ModbusServer:
             return allowed and bool(peercert)  # a certificate is only there when tls_client_ca verified it
         return allowed
 
-    def snapshot(self) -> Snapshot | None:
+    def snapshot(self) -> ModbusView | None:
         decision = self.access.decision()
         if decision is None:
             return None
         if decision is not self._decision:
             self._decision = decision
-            self._snapshot = Snapshot.of(decision, self.access.core, self.access.clock() - self.access.started,
+            self._snapshot = ModbusView.of(decision, self.access.core, self.access.clock() - self.access.started,
                                          self.options.unit)
         return self._snapshot
 
-    def image(self, unit: int, snapshot: Snapshot) -> UnitImage:
+    def image(self, unit: int, snapshot: ModbusView) -> UnitImage:
         layout = layout_of(snapshot)
         image = self._images.get(unit)
         if image is None or (image.layout != layout and any(m.dynamic for m in self.units[unit])):
