@@ -1,4 +1,4 @@
-"""Generate dbc/lithium_ng.dbc from the wire contract (docs/protocol.md).
+"""Generate dbc/lithium_ng.dbc from the wire contract (docs/protocol.md), and dbc/bms_can.dbc (dbc/bms_can.py).
 
 The tables below are the protocol transcribed once; everything else (the decoder, the virtual
 batteries, the BMS_STATE sender) reads the generated DBC, never these tables. Run
@@ -198,23 +198,29 @@ def render() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 if the committed DBC is out of date")
-    parser.add_argument("--output", type=Path, default=DBC_PATH)
-    args = parser.parse_args(argv)
-    text = render()
-    if args.check:
-        current = args.output.read_bytes().decode() if args.output.exists() else ""
-        if current != text:
-            print(f"{args.output} differs from the generator's output; "
-                  "run python -m smallbms_bus.dbc.generate", file=sys.stderr)
-            return 1
-        print(f"{args.output} is up to date")
-        return 0
-    args.output.write_text(text)
-    print(f"wrote {args.output} ({len(build_database().messages)} messages)")
-    return 0
+    from smallbms_bus.dbc import bms_can  # it builds on this module's Sig
 
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if a committed DBC is out of date")
+    parser.add_argument("--output", type=Path, default=DBC_PATH)
+    parser.add_argument("--bms-can-output", type=Path, default=bms_can.DBC_PATH,
+                        help="the BMS-CAN (inverter) DBC, docs/inverter.md")
+    args = parser.parse_args(argv)
+    stale = 0
+    targets = ((args.output, render(), build_database), (args.bms_can_output, bms_can.render(), bms_can.build_database))
+    for output, text, database in targets:
+        if args.check:
+            current = output.read_bytes().decode() if output.exists() else ""
+            if current != text:
+                print(f"{output} differs from the generator's output; "
+                      "run python -m smallbms_bus.dbc.generate", file=sys.stderr)
+                stale = 1
+            else:
+                print(f"{output} is up to date")
+            continue
+        output.write_text(text)
+        print(f"wrote {output} ({len(database().messages)} messages)")
+    return stale
 
 if __name__ == "__main__":
     sys.exit(main())

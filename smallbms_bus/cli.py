@@ -26,6 +26,9 @@ Runner = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, str | None] = {"demo": "smallbms_bus.demo", "simulate": "smallbms_bus.sim.cli",
                                    "regmap": "smallbms_bus.modbus.cli", "status": "smallbms_bus.modbus.status",
                                    "check-config": None, "run": None}
+# the installer's commands against a running service (docs/cli.md); module:name = add_parser_name / run_name
+COMMANDS |= {name: f"smallbms_bus.modbus.control:{name.replace('-', '_')}"
+             for name in ("settings", "set", "mode", "command", "set-soc", "history")}
 
 
 def _load_config(path: str, command: str) -> Config | None:
@@ -102,8 +105,10 @@ def _command(name: str) -> tuple[Callable[[Any], Any], Runner]:
     module = COMMANDS[name]
     if module is None:
         return LOCAL[name]
+    module, _, suffix = module.partition(":")
     loaded = importlib.import_module(module)
-    return loaded.add_parser, loaded.run
+    tail = f"_{suffix}" if suffix else ""
+    return getattr(loaded, f"add_parser{tail}"), getattr(loaded, f"run{tail}")
 
 
 def _command_in(argv: list[str]) -> str | None:

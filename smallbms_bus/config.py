@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import re
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -148,6 +149,28 @@ def _channel(key: str, value: Any) -> int | None:
     return _number(1, 64, integer=True)(key, value)
 
 
+_MQTT_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _mqtt_name(key: str, value: Any) -> str:
+    """A site or client id: a topic level and a Home Assistant object id at once (no "/", "+", "#", spaces)."""
+    if not isinstance(value, str) or not _MQTT_NAME.fullmatch(value):
+        raise ConfigError(key, value, "1..64 letters, digits, _ or - (it is a topic level and an id)")
+    return value
+
+
+def _topic(key: str, value: Any) -> str:
+    if (not isinstance(value, str) or not value or len(value) > 200 or any(c in value for c in "+#\0")
+            or value.startswith("/") or value.endswith("/") or "//" in value):
+        raise ConfigError(key, value, 'a topic such as "smallbms/home": no + or #, no leading, trailing or '
+                          "double /")
+    return value
+
+
+def _topic_or_empty(key: str, value: Any) -> str:
+    return value if value == "" else _topic(key, value)
+
+
 SCHEMA: dict[str, dict[str, Key]] = {
     "bus": {
         "interface": Key("socketcan", _text(), "python-can interface: socketcan, slcan, virtual, ..."),
@@ -208,6 +231,24 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "log": {
         "level": Key("INFO", _text(*LOG_LEVELS), "log level on stderr"),
+    },
+    # MQTT and Home Assistant discovery (docs/mqtt.md): off while `host` is not set.
+    "mqtt": {
+        "host": Key(None, _optional(_text()), "broker address; not set = no MQTT"),
+        "port": Key(1883, _number(1, 65535, integer=True), "broker TCP port (8883 is the usual TLS port)"),
+        "tls": Key(False, _flag, "connect with TLS (the system's CAs unless tls_ca is set)"),
+        "tls_ca": Key(None, _optional(_text()), "PEM CA that signs the broker's certificate (implies tls)"),
+        "tls_cert": Key(None, _optional(_text()), "PEM client certificate, for brokers that require one"),
+        "tls_key": Key(None, _optional(_text()), "unencrypted PEM private key of tls_cert"),
+        "username": Key(None, _optional(_text()), "broker user name"),
+        "password": Key(None, _optional(_text()), "broker password (keep the file chmod 600)"),
+        "client_id": Key(None, _optional(_mqtt_name), "MQTT client id; default smallbms-<site>"),
+        "site": Key(None, _optional(_mqtt_name), "this installation's name in topics and Home Assistant; "
+                    "default: the host name"),
+        "topic_prefix": Key(None, _optional(_topic), "default smallbms/<site>"),
+        "discovery_prefix": Key("homeassistant", _topic_or_empty, "Home Assistant discovery prefix; \"\" = none"),
+        "commands": Key(False, _flag, "accept settings, mode and commands over MQTT"),
+        "publish_period": Key(2.0, _number(0.2, 3600.0), "s between state publications (only changes are sent)"),
     },
 }
 
@@ -283,6 +324,11 @@ def _cross_check(s: dict[str, dict[str, Any]], source: str) -> None:
     if (modbus["tls_cert"] is None) != (modbus["tls_key"] is None):
         raise ConfigError("modbus.tls_key" if modbus["tls_key"] is None else "modbus.tls_cert", NOT_SET,
                           "set together with the other: TLS needs both a certificate and its key", source)
+    mqtt = s["mqtt"]
+    if mqtt["tls_key"] is not None and mqtt["tls_cert"] is None:
+        raise ConfigError("mqtt.tls_cert", NOT_SET, "set with mqtt.tls_key: the key is of a client certificate", source)
+    if mqtt["password"] is not None and mqtt["username"] is None:
+        raise ConfigError("mqtt.username", NOT_SET, "set with mqtt.password: a password needs its user name", source)
     if modbus["gx_unit"] == modbus["unit"]:
         raise ConfigError("modbus.gx_unit", modbus["gx_unit"], f"a unit id other than modbus.unit ({modbus['unit']})",
                           source)

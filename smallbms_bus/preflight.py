@@ -15,6 +15,7 @@ against each other) + `check(config)`, everything else that can be known without
 - store.path: not a directory or a device, under directories, and readable and writable (the file,
   or the directory it will be created in) by the user running the command.
 - modbus TLS: the certificate, key and client CA load (`modbus.tls.tls_context`, the server's own).
+- mqtt TLS: the broker's CA and the client certificate and key load (`mqtt.client.tls_check`).
 
 Nothing is opened, created or written. Every failure is a `ConfigError` naming the key, the bad
 value and what is allowed; the CLI prints it in one line and exits 2, for `check-config` and `run`
@@ -60,6 +61,10 @@ def check(config: Config) -> None:
         from smallbms_bus.modbus.tls import tls_context
 
         tls_context(modbus["tls_cert"], modbus["tls_key"], modbus["tls_client_ca"])
+    if config["mqtt"]["host"] is not None:
+        from smallbms_bus.mqtt.client import tls_check
+
+        tls_check(config["mqtt"])
 
 
 # -- bus ------------------------------------------------------------------------------------------------------

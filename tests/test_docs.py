@@ -17,7 +17,7 @@ from smallbms_bus.bank import (
     PROTECTIVE_MEMORY_S,
     UNIT_VOLTAGE,
 )
-from smallbms_bus.bms import core, history, monitor
+from smallbms_bus.bms import core, history, monitor, rules
 from smallbms_bus.bms.alarms import AtdState, BmsAlarm, BmsWarning
 from smallbms_bus.bms.monitor import PULSE_LIMITS_A
 from smallbms_bus.bms.settings import SPEC_BY_NAME, SPECS
@@ -166,17 +166,17 @@ def expected_rule_numbers() -> dict[str, list[float]]:
     limits = [n for units, most in MAX_BATTERIES_BY_UNITS.items() for n in (most, units * UNIT_VOLTAGE)]
     return {
         "OUT-1": [], "OUT-2": [], "OUT-3": [], "OUT-4": [], "OUT-5": [SCHEMA["outputs"]["reassert_every"].default],
-        "ATC-1": [core.CELL_HIGH_SET_V, core.CELL_HIGH_CLEAR_V], "ATC-2": [core.CHARGE_TEMP_LOW_SET_C,
-                                                                          core.CHARGE_TEMP_LOW_CLEAR_C],
-        "ATC-3": [core.CHARGE_TEMP_HIGH_SET_C, core.CHARGE_TEMP_HIGH_CLEAR_C], "ATC-4": [], "ATC-5": [],
-        "ATD-1": [core.CELL_LOW_SET_V, core.PRE_ALARM_LEAD_S, core.CELL_LOW_CLEAR_V],
-        "ATD-2": [spec["discharge_floor_pct"].default, core.SOC_CLEAR_MARGIN_PCT], "ATD-3": [],
+        "ATC-1": [rules.CELL_HIGH_SET_V, rules.CELL_HIGH_CLEAR_V], "ATC-2": [rules.CHARGE_TEMP_LOW_SET_C,
+                                                                          rules.CHARGE_TEMP_LOW_CLEAR_C],
+        "ATC-3": [rules.CHARGE_TEMP_HIGH_SET_C, rules.CHARGE_TEMP_HIGH_CLEAR_C], "ATC-4": [], "ATC-5": [],
+        "ATD-1": [rules.CELL_LOW_SET_V, rules.PRE_ALARM_LEAD_S, rules.CELL_LOW_CLEAR_V],
+        "ATD-2": [spec["discharge_floor_pct"].default, rules.SOC_CLEAR_MARGIN_PCT], "ATD-3": [],
         "PRE-1": [spec["pre_alarm_level_per_cell"].default, spec["pre_alarm_level_per_cell"].minimum,
-                  spec["pre_alarm_level_per_cell"].maximum, core.PRE_ALARM_CLEAR_V],
-        "PRE-2": [spec["low_soc_warning_pct"].default, core.SOC_CLEAR_MARGIN_PCT],
-        "PRE-3": [core.PRE_ALARM_LEAD_S, core.CELL_LOW_CLEAR_V], "PRE-4": [AtdState.PRE_ALARM.value],
+                  spec["pre_alarm_level_per_cell"].maximum, rules.PRE_ALARM_CLEAR_V],
+        "PRE-2": [spec["low_soc_warning_pct"].default, rules.SOC_CLEAR_MARGIN_PCT],
+        "PRE-3": [rules.PRE_ALARM_LEAD_S, rules.CELL_LOW_CLEAR_V], "PRE-4": [AtdState.PRE_ALARM.value],
         "REM-1": [], "REM-2": [], "REM-3": [],
-        "COM-1": [comm.default, *_range_of(comm)], "COM-2": [core.COMMS_RECOVERY_S], "COM-3": [], "COM-4": [],
+        "COM-1": [comm.default, *_range_of(comm)], "COM-2": [rules.COMMS_RECOVERY_S], "COM-3": [], "COM-4": [],
         "COM-5": [SEND_DEADLINE_S], "COM-6": [],
         "BANK-1": [], "BANK-2": [DEFAULT_DISCOVERY_WINDOW, DEFAULT_WAITING_GRACE],
         "BANK-3": [*limits, MAX_SERIES_UNITS, UNIT_VOLTAGE], "BANK-4": [], "BANK-5": [],
@@ -186,9 +186,9 @@ def expected_rule_numbers() -> dict[str, list[float]]:
                   *monitor.UNLISTED_PULSE_C],
         # exception codes of the write path; the exit statuses are the CLI's (tests/test_cli.py, store tests)
         "SET-1": [ILLEGAL_VALUE], "SET-2": [], "SET-3": [STORE_FAILED], "SET-4": [2, 1],
-        "BAL-1": [history.BALANCE_INFO_MAX_AGE_S / 86400, history.CELL_SPREAD_IMBALANCED_V],
+        "BAL-1": [history.BALANCE_INFO_MAX_AGE_S / 86400, rules.CELL_SPREAD_IMBALANCED_V],
         "FW-1": [command["begin firmware update"]],
-        "FW-2": [core.FIRMWARE_UPDATE_TIMEOUT_S, command["abort firmware update"]],
+        "FW-2": [rules.FIRMWARE_UPDATE_TIMEOUT_S, command["abort firmware update"]],
         "LED-1": [], "LED-2": [core.MODBUS_CLIENT_RECENT_S],
     }
 
@@ -243,20 +243,20 @@ def test_the_prose_numbers_are_the_codes():
 def test_the_thresholds_table_is_the_cores():
 
     expected = {
-        "cell high voltage": [core.CELL_HIGH_SET_V, core.CELL_HIGH_CLEAR_V],
-        "cell undervoltage": [core.CELL_LOW_SET_V, core.CELL_LOW_CLEAR_V, core.PRE_ALARM_LEAD_S],
-        "cell pre-alarm": [SPEC_BY_NAME["pre_alarm_level_per_cell"].default, core.PRE_ALARM_CLEAR_V],
-        "charge temperature, low": [core.CHARGE_TEMP_LOW_SET_C, core.CHARGE_TEMP_LOW_CLEAR_C],
-        "charge temperature, high": [core.CHARGE_TEMP_HIGH_SET_C, core.CHARGE_TEMP_HIGH_CLEAR_C],
-        "discharge temperature": [core.DISCHARGE_TEMP_MIN_C, core.DISCHARGE_TEMP_MAX_C,
-                                  core.DISCHARGE_TEMP_MIN_C + core.DISCHARGE_TEMP_HYSTERESIS_C,
-                                  core.DISCHARGE_TEMP_MAX_C - core.DISCHARGE_TEMP_HYSTERESIS_C],
-        "discharge floor": [SPEC_BY_NAME["discharge_floor_pct"].default, core.SOC_CLEAR_MARGIN_PCT],
-        "low-SoC warning": [SPEC_BY_NAME["low_soc_warning_pct"].default, core.SOC_CLEAR_MARGIN_PCT],
-        "communication": [SCHEMA["bms"]["comm_timeout"].default, core.COMMS_RECOVERY_S],
+        "cell high voltage": [rules.CELL_HIGH_SET_V, rules.CELL_HIGH_CLEAR_V],
+        "cell undervoltage": [rules.CELL_LOW_SET_V, rules.CELL_LOW_CLEAR_V, rules.PRE_ALARM_LEAD_S],
+        "cell pre-alarm": [SPEC_BY_NAME["pre_alarm_level_per_cell"].default, rules.PRE_ALARM_CLEAR_V],
+        "charge temperature, low": [rules.CHARGE_TEMP_LOW_SET_C, rules.CHARGE_TEMP_LOW_CLEAR_C],
+        "charge temperature, high": [rules.CHARGE_TEMP_HIGH_SET_C, rules.CHARGE_TEMP_HIGH_CLEAR_C],
+        "discharge temperature": [rules.DISCHARGE_TEMP_MIN_C, rules.DISCHARGE_TEMP_MAX_C,
+                                  rules.DISCHARGE_TEMP_MIN_C + rules.DISCHARGE_TEMP_HYSTERESIS_C,
+                                  rules.DISCHARGE_TEMP_MAX_C - rules.DISCHARGE_TEMP_HYSTERESIS_C],
+        "discharge floor": [SPEC_BY_NAME["discharge_floor_pct"].default, rules.SOC_CLEAR_MARGIN_PCT],
+        "low-SoC warning": [SPEC_BY_NAME["low_soc_warning_pct"].default, rules.SOC_CLEAR_MARGIN_PCT],
+        "communication": [SCHEMA["bms"]["comm_timeout"].default, rules.COMMS_RECOVERY_S],
         "current, continuous": [monitor.CONTINUOUS_C_RATE, monitor.CONTINUOUS_HOLD_S],
         "current, pulse": [monitor.PULSE_HOLD_S, monitor.CONTINUOUS_C_RATE],
-        "firmware update": [core.FIRMWARE_UPDATE_TIMEOUT_S],
+        "firmware update": [rules.FIRMWARE_UPDATE_TIMEOUT_S],
     }
     _, _, tables = behaviour_parts()
     rows = tables["condition | set | clear | raises | action"]

@@ -33,102 +33,38 @@ Decisions where BEHAVIOUR.md is silent are marked "project decision" below and i
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
-from smallbms_bus.bank import Bank, BankView, LearnedBank
-from smallbms_bus.bms.alarms import AtdState, BalancerReason, BalancerStatus, BmsAlarm, BmsWarning, BusState, Led
-from smallbms_bus.bms.charge import NO_CHARGE_LIMITS, ChargeLimits
-from smallbms_bus.bms.diagnostics import NO_DIAGNOSTICS, Diagnostics
+from smallbms_bus.bank import Bank, LearnedBank
+from smallbms_bus.bms.alarms import AtdState, BalancerStatus, BmsAlarm, BmsWarning, BusState, Led
+from smallbms_bus.bms.decision import Decision, Event, Outputs, bms_state_report, state_values
+from smallbms_bus.bms.diagnostics import Diagnostics
 from smallbms_bus.bms.history import History, balancer_status, balancer_unknown_reason
-from smallbms_bus.bms.monitor import ZERO_CURRENT_A, BatteryMonitor, CurrentLimits
-from smallbms_bus.bms.settings import DEFAULT_SETTINGS, Settings
-from smallbms_bus.reports import (
-    BatteryInfo,
-    BatteryStatus,
-    BatteryTemps,
-    BmsState,
-    CellVoltages,
-    Report,
-    SerialFragment,
+from smallbms_bus.bms.monitor import ZERO_CURRENT_A, BatteryMonitor, CurrentLimits, MonitorReading
+from smallbms_bus.bms.rules import (
+    CELL_SPREAD_IMBALANCED_V,
+    CHARGE_BLOCKERS,
+    COMMS_RECOVERY_S,
+    DISCHARGE_BLOCKERS,
+    FIRMWARE_UPDATE_TIMEOUT_S,
+    LATCH_TABLE,
+    LATCHES,
+    NOT_FULLY_CHARGED_S,
+    PRE_ALARM_CAUSES,
+    PRE_ALARM_LEAD_S,
+    Facts,
+    undervoltage_reason,
 )
+from smallbms_bus.bms.settings import DEFAULT_SETTINGS, Settings
+from smallbms_bus.bms.signature import protective_signature
+from smallbms_bus.reports import Report
 
-# -- thresholds (BEHAVIOUR.md) -------------------------------------------------------------------
-CELL_HIGH_SET_V = 3.75  # ATC-1: any cell >= -> CELL_HIGH_VOLTAGE
-CELL_HIGH_CLEAR_V = 3.60  # ... clears when every cell <=
-CELL_LOW_SET_V = 2.80  # ATD-1: any cell <= -> undervoltage
-CELL_LOW_CLEAR_V = 3.20  # ... clears when every cell >=
-# PRE-1: any cell <= the pre-alarm level (a setting, default 3.10 V: settings.py) -> pre-alarm
-PRE_ALARM_CLEAR_V = 3.20  # ... clears when every cell >=
-CHARGE_TEMP_LOW_SET_C = 5.0  # ATC-2: lowest cell temperature < -> LOW_TEMPERATURE_CHARGE
-CHARGE_TEMP_LOW_CLEAR_C = 6.0  # ... clears at >=
-CHARGE_TEMP_HIGH_SET_C = 50.0  # ATC-3: highest cell temperature > -> HIGH_TEMPERATURE_CHARGE
-CHARGE_TEMP_HIGH_CLEAR_C = 48.0  # ... clears at <=
-DISCHARGE_TEMP_MIN_C = -20.0  # warning DISCHARGE_TEMPERATURE outside -20..50 degC
-DISCHARGE_TEMP_MAX_C = 50.0
-DISCHARGE_TEMP_HYSTERESIS_C = 1.0  # project decision: clears 1 K inside the range
-SOC_CLEAR_MARGIN_PCT = 5.0  # ATD-2 clears at floor + 5 pp; project decision: PRE-2 likewise (capped at 100)
-PRE_ALARM_LEAD_S = 30.0  # PRE-3
-COMMS_RECOVERY_S = 2.0  # COM-2
-FIRMWARE_UPDATE_TIMEOUT_S = 120.0  # FW-2
+# Callers (service.py, tests) import the decision types and bms_state_report from here, as before the split.
+__all__ = ["BmsCore", "Decision", "Event", "Outputs", "bms_state_report", "protective_signature"]
+
 MODBUS_CLIENT_RECENT_S = 60.0  # LED-2
-NOT_FULLY_CHARGED_S = 30 * 24 * 3600.0  # warning NOT_FULLY_CHARGED_30_DAYS
 SNAPSHOT_VERSION = 1
-
-LATCHES = ("cell_high", "undervoltage", "cell_pre_alarm", "temp_low", "temp_high", "low_soc", "low_soc_warning",
-           "discharge_temp", "comms_lost")
-
-
-@dataclass(frozen=True, slots=True)
-class Outputs:
-    load_disconnect: bool  # high = loads may run
-    charge_disconnect: bool  # high = chargers may run
-    pre_alarm: bool  # high = alarm
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    wall: float
-    now: float
-    name: str  # "ATC", "ATD", "PRE_ALARM", "MODE", "REMOTE", or an alarm / warning name
-    kind: str  # "state", "alarm" or "warning"
-    value: str  # new value: "on"/"off", "yes"/"no"/"pre-alarm", "raised"/"cleared"
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    now: float
-    wall: float
-    started: bool  # OUT-4: bank known and ATC/ATD computed from fresh data
-    waiting_for_batteries: bool
-    atc: bool
-    atd: bool
-    atd_state: AtdState
-    pre_alarm: bool
-    outputs: Outputs
-    mode_on: bool
-    remote_on: bool
-    firmware_update: bool
-    link_up: bool
-    alarms: BmsAlarm
-    warnings: BmsWarning
-    reasons: dict[str, str]  # alarm/warning/"ATC"/"ATD"/"PRE_ALARM" name -> why, for the active ones
-    error_led: Led
-    status_led: Led
-    balancer: BalancerStatus
-    soc: float | None
-    consumed_ah: float | None  # MON-4, Ah drawn since the last full charge: unknown (None) exactly while the SoC is
-    time_remaining_s: float | None  # MON-5: math.inf when not discharging, None while the SoC is unknown
-    average_current: float | None
-    bank: BankView
-    history: History
-    events: tuple[Event, ...]
-    diagnostics: Diagnostics = NO_DIAGNOSTICS  # the last errors, for the GX (bms/diagnostics.py)
-    bus_state: BusState = BusState.UP  # the battery link (COM-4, COM-5); shown even while waiting for batteries
-    link_reason: str = ""  # why the link is not up
-    balancer_reason: BalancerReason = BalancerReason.NONE  # why `balancer` is unknown (BAL-1), NONE while known
-    charge: ChargeLimits = NO_CHARGE_LIMITS  # CVL/CCL/DCL/DVL for inverters (CHG, bms/charge.py)
 
 
 class BmsCore:
@@ -280,262 +216,227 @@ class BmsCore:
             raise ValueError(f"firmware update action {action!r}: expected start, complete or abort")
         self.firmware_update_command = action == "start"
 
-    # -- evaluation ----------------------------------------------------------------------------
+    # -- evaluation: the seven steps of the module docstring, each a method reading and filling `Facts` -----------
     def evaluate(self, now: float, wall: float) -> Decision:
         view = self.bank.evaluate(now)
         agg = view.aggregates
-        topo = view.topology
-        s = self.settings
-        latched = self.latched
-        reasons: dict[str, str] = {}
-        waiting = view.waiting_for_batteries
-        fresh = [b for b in view.batteries if b.fresh]
+        f = Facts(view, self.settings, agg.recent_min_cell, agg.recent_max_cell, agg.recent_min_cell_temperature,
+                  agg.recent_max_cell_temperature)
+        self._start_up(f)  # 1
+        self._latch_step(f, 2)  # 2
+        self._faults(f, now)  # 3
+        reading = self._monitor(f, now, wall)  # 4
+        self._pre_alarm(f, now)  # 5
+        atc, atd, outputs = self._allowed(f)  # 6
+        return self._report(f, reading, atc, atd, outputs, now, wall)  # 7
 
-        # 2. latched cell and temperature conditions (fresh data only; no data keeps the latch). They decide on
-        # the worst frame of each battery in the last 2 s (the bank's protective memory), and nothing clears
-        # while a node has two senders (COM-6): no frame of such a node may switch an output on.
-        flags = view.flags
-        self._frozen = bool(view.conflicted)
-        min_ref, max_ref = agg.recent_min_cell, agg.recent_max_cell
-        min_cell = min_ref.voltage if min_ref is not None else None
-        max_cell = max_ref.voltage if max_ref is not None else None
-        high_by_value = max_cell is not None and max_cell >= CELL_HIGH_SET_V
-        low_by_value = min_cell is not None and min_cell <= CELL_LOW_SET_V
-        pre_by_value = min_cell is not None and min_cell <= s.pre_alarm_level_per_cell
-        self._latch("cell_high", flags["cell_high_voltage"], high_by_value,
-                    max_cell is not None and max_cell <= CELL_HIGH_CLEAR_V)
-        self._latch("undervoltage", flags["cell_low_voltage"], low_by_value,
-                    min_cell is not None and min_cell >= CELL_LOW_CLEAR_V)
-        self._latch("cell_pre_alarm", flags["cell_low_pre_alarm"], pre_by_value,
-                    min_cell is not None and min_cell >= PRE_ALARM_CLEAR_V)
-        tmin, tmax = agg.recent_min_cell_temperature, agg.recent_max_cell_temperature
-        self._latch("temp_low", (), tmin is not None and tmin < CHARGE_TEMP_LOW_SET_C,
-                    tmin is not None and tmin >= CHARGE_TEMP_LOW_CLEAR_C)
-        self._latch("temp_high", (), tmax is not None and tmax > CHARGE_TEMP_HIGH_SET_C,
-                    tmax is not None and tmax <= CHARGE_TEMP_HIGH_CLEAR_C)
-        outside = ((tmin is not None and tmin < DISCHARGE_TEMP_MIN_C)
-                   or (tmax is not None and tmax > DISCHARGE_TEMP_MAX_C))
-        self._latch("discharge_temp", (), outside,
-                    tmin is not None and tmax is not None
-                    and tmin >= DISCHARGE_TEMP_MIN_C + DISCHARGE_TEMP_HYSTERESIS_C
-                    and tmax <= DISCHARGE_TEMP_MAX_C - DISCHARGE_TEMP_HYSTERESIS_C)
-        if latched["cell_high"]:
-            reasons["CELL_HIGH_VOLTAGE"] = _cell_reason(
-                flags["cell_high_voltage"], "CellHighVoltage", max_ref, "highest", high_by_value,
-                f">= {CELL_HIGH_SET_V:.2f} V", f"every cell is <= {CELL_HIGH_CLEAR_V:.2f} V")
-        if latched["temp_low"]:
-            reasons["LOW_TEMPERATURE_CHARGE"] = (
-                f"lowest cell temperature {_fmt(tmin, '°C')} (charging needs >= {CHARGE_TEMP_LOW_SET_C} °C, "
-                f"resumes at {CHARGE_TEMP_LOW_CLEAR_C} °C)")
-        if latched["temp_high"]:
-            reasons["HIGH_TEMPERATURE_CHARGE"] = (
-                f"highest cell temperature {_fmt(tmax, '°C')} (charging allowed <= {CHARGE_TEMP_HIGH_SET_C} °C, "
-                f"resumes at {CHARGE_TEMP_HIGH_CLEAR_C} °C)")
-        if latched["discharge_temp"]:
-            reasons["DISCHARGE_TEMPERATURE"] = (
-                f"cell temperatures {_fmt(tmin, '°C')} .. {_fmt(tmax, '°C')} outside "
-                f"{DISCHARGE_TEMP_MIN_C:g} .. {DISCHARGE_TEMP_MAX_C:g} °C")
+    def _start_up(self, f: Facts) -> None:
+        """1. OUT-4, BANK-2: started once the bank is learned, consistent, every battery fresh and the link up."""
+        view = f.view
+        if not self.started and not view.waiting_for_batteries and view.phase == "learned" and not view.issues \
+                and all(b.fresh for b in view.batteries) and self.link_up:
+            self.started = True
+        f.started = self.started
 
-        # 3. faults
+    def _latch_step(self, f: Facts, step: int) -> None:
+        """2 (and the latches of steps 3 and 4): LATCH_TABLE's rows of `step`, on the protective memory. Nothing
+        clears while a node has two senders (COM-6): no frame of such a node may switch an output on."""
+        latched, flags = self.latched, f.view.flags
+        self._frozen = bool(f.view.conflicted)
+        for latch in LATCH_TABLE:
+            if latch.step != step:
+                continue
+            name = latch.name
+            if (latch.flag is not None and flags[latch.flag]) or latch.set(f):
+                latched[name] = True
+            elif latched[name] and latch.clear(f) and not (self._frozen and latch.holds_on_conflict):
+                latched[name] = False
+            if latched[name]:
+                if latch.bit is not None:
+                    if isinstance(latch.bit, BmsAlarm):
+                        f.alarms |= latch.bit
+                    else:
+                        f.warnings |= latch.bit
+                if latch.reason_key is not None and latch.reason is not None:
+                    f.reasons[latch.reason_key] = latch.reason(f)
+
+    def _faults(self, f: Facts, now: float) -> None:
+        """3. Comms (COM-2, COM-4), bank (BANK-3), battery fault (ATC-5, ATD-3), firmware update (FW-1, FW-2),
+        relay (OUT-5)."""
+        view, reasons = f.view, f.reasons
         stale = [b for b in view.batteries if not b.fresh]
-        comms_bad = not waiting and (not self.link_up or bool(stale))
-        if comms_bad:
-            latched["comms_lost"] = True
-            self.comms_ok_since = None
-            reasons["BATTERY_COMMS_LOST"] = (f"bus down: {self.link_reason}" if not self.link_up else
-                                             "; ".join(f"battery {b.node}: {b.stale_text}" for b in stale))
-        elif latched["comms_lost"]:
-            if self.comms_ok_since is None:
-                self.comms_ok_since = now
-            if now - self.comms_ok_since >= COMMS_RECOVERY_S:
-                latched["comms_lost"] = False
-                self.comms_ok_since = None
-            else:
-                reasons["BATTERY_COMMS_LOST"] = f"recovering: all batteries fresh for {now - self.comms_ok_since:.1f} s"
-        bank_fault = not waiting and bool(view.issues)
-        if bank_fault:
+        self._comms(f, stale, now)
+        if not view.waiting_for_batteries and view.issues:
+            f.alarms |= BmsAlarm.BANK_CONFIGURATION
             reasons["BANK_CONFIGURATION"] = "; ".join(i.reason for i in view.issues)
-        faulty = [f"battery {n} reports HardwareFault" for n in flags["hardware_fault"]]
+        faulty = [f"battery {n} reports HardwareFault" for n in view.flags["hardware_fault"]]
         faulty += [f"battery {b.node} cell {i} not measured"  # project decision: it cannot be protected
-                   for b in fresh for i in b.unmeasured]
+                   for b in view.batteries if b.fresh for i in b.unmeasured]
         if faulty:
+            f.alarms |= BmsAlarm.BATTERY_FAULT
             reasons["BATTERY_FAULT"] = "; ".join(faulty)
-        battery_updating = sorted(set(flags["firmware_updating"]).union(
-            b.node for b in stale if b.status is not None and b.status.firmware_updating))
-        updating = self.firmware_update_command or bool(battery_updating)
-        if updating:
-            if self.firmware_update_since is None:
-                self.firmware_update_since = now
-            reasons["FIRMWARE_UPDATE_IN_PROGRESS"] = (
-                ("update started by command" if self.firmware_update_command else "")
-                + ("; " if self.firmware_update_command and battery_updating else "")
-                + (f"battery {', '.join(map(str, battery_updating))} reports FirmwareUpdating"
-                   if battery_updating else ""))
-        else:
-            self.firmware_update_since = None
-        update_failed = updating and now - self.firmware_update_since >= FIRMWARE_UPDATE_TIMEOUT_S  # type: ignore[operator]
-        if update_failed:
-            reasons["FIRMWARE_UPDATE_FAILED"] = f"update not completed within {FIRMWARE_UPDATE_TIMEOUT_S:g} s"
+        self._firmware_update(f, stale, now)
         if self.relay_fault is not None:
+            f.alarms |= BmsAlarm.RELAY_FAULT
             reasons["RELAY_FAULT"] = self.relay_fault
 
-        if not self.started and not waiting and view.phase == "learned" and not view.issues and not stale \
-                and self.link_up:
-            self.started = True
+    def _comms(self, f: Facts, stale: list[Any], now: float) -> None:
+        """COM-2: a stale battery or the link down (not while waiting for batteries); 2 s of good data recover."""
+        f.comms_bad = not f.view.waiting_for_batteries and (not self.link_up or bool(stale))
+        if f.comms_bad:
+            self.comms_ok_since = None
+            f.comms_text = (f"bus down: {self.link_reason}" if not self.link_up else
+                            "; ".join(f"battery {b.node}: {b.stale_text}" for b in stale))
+        elif self.latched["comms_lost"]:
+            if self.comms_ok_since is None:
+                self.comms_ok_since = now
+            f.comms_recovered = now - self.comms_ok_since >= COMMS_RECOVERY_S
+            f.comms_text = f"recovering: all batteries fresh for {now - self.comms_ok_since:.1f} s"
+            if f.comms_recovered:
+                self.comms_ok_since = None
+        self._latch_step(f, 3)
 
-        # 4. battery monitor and history
-        capacity = self._capacity()
-        series_units = topo.series_units
+    def _firmware_update(self, f: Facts, stale: list[Any], now: float) -> None:
+        """FW-1: by command or a battery's FirmwareUpdating flag (a stale battery's last status counts);
+        FW-2: FIRMWARE_UPDATE_FAILED once it lasts 120 s."""
+        battery_updating = sorted(set(f.view.flags["firmware_updating"]).union(
+            b.node for b in stale if b.status is not None and b.status.firmware_updating))
+        f.updating = self.firmware_update_command or bool(battery_updating)
+        if not f.updating:
+            self.firmware_update_since = None
+            return
+        f.warnings |= BmsWarning.FIRMWARE_UPDATE_IN_PROGRESS
+        if self.firmware_update_since is None:
+            self.firmware_update_since = now
+        f.reasons["FIRMWARE_UPDATE_IN_PROGRESS"] = (
+            ("update started by command" if self.firmware_update_command else "")
+            + ("; " if self.firmware_update_command and battery_updating else "")
+            + (f"battery {', '.join(map(str, battery_updating))} reports FirmwareUpdating"
+               if battery_updating else ""))
+        if now - self.firmware_update_since >= FIRMWARE_UPDATE_TIMEOUT_S:
+            f.alarms |= BmsAlarm.FIRMWARE_UPDATE_FAILED
+            f.reasons["FIRMWARE_UPDATE_FAILED"] = f"update not completed within {FIRMWARE_UPDATE_TIMEOUT_S:g} s"
+
+    def _monitor(self, f: Facts, now: float, wall: float) -> MonitorReading:
+        """4. Battery monitor (MON) and history (HIS), then the SoC latches (ATD-2, PRE-2)."""
+        view, agg = f.view, f.view.aggregates
         # Count charge only from data the core trusts: started, every battery fresh, a consistent bank.
         # (Before start the bank may be partly heard; its current would be partial.)
         trusted = self.started and agg.complete and not view.issues
-        reading = self.monitor.step(now, agg.voltage, agg.current if trusted else None, capacity, series_units, s)
-        soc = reading.soc
+        reading = self.monitor.step(now, agg.voltage, agg.current if trusted else None, self._capacity(),
+                                    view.topology.series_units, self.settings)
+        f.soc = reading.soc
         if trusted:
+            min_cell, max_cell = f.min_cell, f.max_cell
             self.history.record(
-                wall=wall, soc_before=reading.soc_before, soc=soc, depth_change_ah=reading.depth_change_ah,
-                voltage=agg.voltage,
-                charged_ah=reading.charged_ah, discharged_ah=reading.discharged_ah,
+                wall=wall, soc_before=reading.soc_before, soc=f.soc, depth_change_ah=reading.depth_change_ah,
+                voltage=agg.voltage, charged_ah=reading.charged_ah, discharged_ah=reading.discharged_ah,
                 synchronised=reading.synchronised, serials=[b.serial for b in view.batteries if b.serial],
                 cell_range=(min_cell, max_cell) if min_cell is not None and max_cell is not None else None,
                 temperature_range=(agg.min_battery_temperature, agg.max_battery_temperature)  # type: ignore[arg-type]
                 if agg.min_battery_temperature is not None else None)
         if reading.synchronised:
             self.state_revision += 1
-        floor, level = s.discharge_floor_pct, s.low_soc_warning_pct
-        self._latch("low_soc", (), floor > 0 and soc is not None and soc <= floor,
-                    floor == 0 or soc is None or soc >= min(floor + SOC_CLEAR_MARGIN_PCT, 100.0))
-        self._latch("low_soc_warning", (), soc is not None and soc <= level,
-                    soc is None or soc >= min(level + SOC_CLEAR_MARGIN_PCT, 100.0))
-        if latched["low_soc"]:
-            reasons["LOW_SOC"] = f"SoC {_fmt(soc, '%')} at or below the discharge floor {floor:g} %"
-        if latched["low_soc_warning"]:
-            reasons["LOW_SOC_WARNING"] = f"SoC {_fmt(soc, '%')} at or below the warning level {level:g} %"
-        if soc is None:
-            reasons["SOC_UNKNOWN"] = ("not synchronised or set since the first start" if not self.monitor.soc_known
-                                      else "the bank capacity is not known yet (no BAT_INFO heard)")
-        over_charge, over_discharge = self.current_limits.step(now, [
-            (b.node, b.info.nominal_units, b.info.nominal_capacity_ah, b.status.current)  # type: ignore[union-attr]
-            for b in fresh])
-        if over_charge:
-            reasons["HIGH_CHARGE_CURRENT"] = "above 1C for 60 s or the pulse limit for 10 s: battery " + \
-                ", ".join(map(str, over_charge))
-        if over_discharge:
-            reasons["HIGH_DISCHARGE_CURRENT"] = "above 1C for 60 s or the pulse limit for 10 s: battery " + \
-                ", ".join(map(str, over_discharge))
-        spreads = [(b.node, sp) for b in fresh if (sp := b.cell_spread) is not None]
-        max_spread = max((sp for _, sp in spreads), default=None)
-        imbalanced = [n for n, sp in spreads if sp > 0.10] + list(flags["cell_imbalance"])
-        if imbalanced:
-            reasons["CELL_IMBALANCE"] = "battery " + ", ".join(map(str, sorted(set(imbalanced)))) + \
-                " reports CellImbalance or a cell spread above 0.10 V"
-        since_full = self.history.time_since_full_charge(wall)
-        if (since_full if since_full is not None else wall - self.first_start_wall) > NOT_FULLY_CHARGED_S:
-            reasons["NOT_FULLY_CHARGED_30_DAYS"] = ("no full charge for more than 30 days" if since_full is not None
-                                                    else "no full charge since the first start, over 30 days ago")
+        self._latch_step(f, 4)
+        if f.soc is None:
+            f.warnings |= BmsWarning.SOC_UNKNOWN
+            f.reasons["SOC_UNKNOWN"] = ("not synchronised or set since the first start" if not self.monitor.soc_known
+                                        else "the bank capacity is not known yet (no BAT_INFO heard)")
+        return reading
 
-        # 5. pre-alarm and the undervoltage lead (PRE-1..3, COM-2)
-        if latched["cell_pre_alarm"]:
-            reasons["PRE_ALARM"] = _cell_reason(
-                flags["cell_low_pre_alarm"], "CellLowPreAlarm", min_ref, "lowest", pre_by_value,
-                f"<= the pre-alarm level {s.pre_alarm_level_per_cell:.3f} V",
-                f"every cell is >= {PRE_ALARM_CLEAR_V:.2f} V")
-        pre_causes = [name for name, on in (("cell pre-alarm", latched["cell_pre_alarm"]),
-                                            ("low-SoC warning level", latched["low_soc_warning"]),
-                                            ("cell undervoltage", latched["undervoltage"]),
-                                            ("battery comms lost", latched["comms_lost"])) if on]
-        pre_alarm = self.started and bool(pre_causes)
+    def _pre_alarm(self, f: Facts, now: float) -> None:
+        """5. PRE-1..3, COM-2: the pre-alarm, and the undervoltage disconnect once it has been high for 30 s."""
+        latched, reasons = self.latched, f.reasons
+        causes = [text for text, name in PRE_ALARM_CAUSES if latched[name]]
+        pre_alarm = self.started and bool(causes)
         if pre_alarm:
+            f.warnings |= BmsWarning.PRE_ALARM
             if self.pre_alarm_since is None:
                 self.pre_alarm_since = now
-            reasons["PRE_ALARM"] = "; ".join(pre_causes) + (
+            reasons["PRE_ALARM"] = "; ".join(causes) + (
                 f" ({reasons['PRE_ALARM']})" if "PRE_ALARM" in reasons else "")
         else:
             self.pre_alarm_since = None
-        undervoltage_disconnect = latched["undervoltage"] and self.pre_alarm_since is not None \
-            and now - self.pre_alarm_since >= PRE_ALARM_LEAD_S
-        if undervoltage_disconnect:
-            reasons["CELL_LOW_VOLTAGE"] = _cell_reason(
-                flags["cell_low_voltage"], "CellLowVoltage", min_ref, "lowest", low_by_value,
-                f"<= {CELL_LOW_SET_V:.2f} V", f"every cell is >= {CELL_LOW_CLEAR_V:.2f} V") + \
-                f"; loads off {PRE_ALARM_LEAD_S:g} s after the pre-alarm"
+        if latched["undervoltage"] and self.pre_alarm_since is not None \
+                and now - self.pre_alarm_since >= PRE_ALARM_LEAD_S:
+            f.alarms |= BmsAlarm.CELL_LOW_VOLTAGE
+            reasons["CELL_LOW_VOLTAGE"] = undervoltage_reason(f)
 
-        # 6. ATC, ATD, outputs
-        alarms = BmsAlarm(0)
-        for alarm, on in ((BmsAlarm.CELL_LOW_VOLTAGE, undervoltage_disconnect),
-                          (BmsAlarm.CELL_HIGH_VOLTAGE, latched["cell_high"]),
-                          (BmsAlarm.LOW_TEMPERATURE_CHARGE, latched["temp_low"]),
-                          (BmsAlarm.HIGH_TEMPERATURE_CHARGE, latched["temp_high"]),
-                          (BmsAlarm.LOW_SOC, latched["low_soc"]),
-                          (BmsAlarm.BATTERY_COMMS_LOST, latched["comms_lost"]),
-                          (BmsAlarm.BANK_CONFIGURATION, bank_fault),
-                          (BmsAlarm.FIRMWARE_UPDATE_FAILED, update_failed),
-                          (BmsAlarm.RELAY_FAULT, self.relay_fault is not None),
-                          (BmsAlarm.BATTERY_FAULT, bool(faulty))):
-            if on:
-                alarms |= alarm
-        charge_blockers = alarms & (BmsAlarm.CELL_HIGH_VOLTAGE | BmsAlarm.LOW_TEMPERATURE_CHARGE
-                                    | BmsAlarm.HIGH_TEMPERATURE_CHARGE | BmsAlarm.BATTERY_COMMS_LOST
-                                    | BmsAlarm.BANK_CONFIGURATION | BmsAlarm.BATTERY_FAULT)
-        discharge_blockers = alarms & (BmsAlarm.CELL_LOW_VOLTAGE | BmsAlarm.LOW_SOC | BmsAlarm.BATTERY_COMMS_LOST
-                                       | BmsAlarm.BANK_CONFIGURATION | BmsAlarm.BATTERY_FAULT
-                                       | BmsAlarm.FIRMWARE_UPDATE_FAILED)
-        atc = self.started and not charge_blockers and not updating
+    def _allowed(self, f: Facts) -> tuple[bool, bool, Outputs]:
+        """6. ATC and ATD from ALARM_TABLE's blocking columns (and ATC-4, an update in progress); the outputs
+        (OUT-1..3, REM-2): load = mode AND remote AND ATD, charge = mode AND remote AND ATC."""
+        charge_blockers, discharge_blockers = f.alarms & CHARGE_BLOCKERS, f.alarms & DISCHARGE_BLOCKERS
+        atc = self.started and not charge_blockers and not f.updating
         atd = self.started and not discharge_blockers
+        waiting = f.view.waiting_for_batteries
         if not atc:
-            reasons["ATC"] = _why_not(self.started, waiting, charge_blockers,
-                                      "firmware update in progress" if updating else None, self._bus_down())
+            f.reasons["ATC"] = _why_not(self.started, waiting, charge_blockers,
+                                        "firmware update in progress" if f.updating else None, self._bus_down())
         if not atd:
-            reasons["ATD"] = _why_not(self.started, waiting, discharge_blockers, None, self._bus_down())
+            f.reasons["ATD"] = _why_not(self.started, waiting, discharge_blockers, None, self._bus_down())
         enabled = self.mode_on and self.remote_on
-        outputs = Outputs(load_disconnect=enabled and atd, charge_disconnect=enabled and atc, pre_alarm=pre_alarm)
+        return atc, atd, Outputs(load_disconnect=enabled and atd, charge_disconnect=enabled and atc,
+                                 pre_alarm=BmsWarning.PRE_ALARM in f.warnings)
 
-        # 7. warnings, LEDs, balancer, events
-        warnings = BmsWarning(0)
-        for warning, on in ((BmsWarning.PRE_ALARM, pre_alarm),
-                            (BmsWarning.LOW_SOC_WARNING, latched["low_soc_warning"]),
-                            (BmsWarning.CELL_IMBALANCE, bool(imbalanced)),
-                            (BmsWarning.SOC_UNKNOWN, soc is None),
-                            (BmsWarning.FIRMWARE_UPDATE_IN_PROGRESS, updating),
-                            (BmsWarning.HIGH_CHARGE_CURRENT, bool(over_charge)),
-                            (BmsWarning.HIGH_DISCHARGE_CURRENT, bool(over_discharge)),
-                            (BmsWarning.NOT_FULLY_CHARGED_30_DAYS, "NOT_FULLY_CHARGED_30_DAYS" in reasons),
-                            (BmsWarning.DISCHARGE_TEMPERATURE, latched["discharge_temp"])):
-            if on:
-                warnings |= warning
-        error_led = Led.SOLID if alarms else Led.BLINKING if warnings else Led.OFF
+    def _warnings(self, f: Facts, now: float, wall: float) -> None:
+        """7a. The warnings no earlier step raises: current limits (MON-7), cell imbalance, 30 days without a
+        full charge."""
+        fresh = [b for b in f.view.batteries if b.fresh]
+        over_charge, over_discharge = self.current_limits.step(now, [
+            (b.node, b.info.nominal_units, b.info.nominal_capacity_ah, b.status.current)  # type: ignore[union-attr]
+            for b in fresh])
+        for nodes, warning in ((over_charge, BmsWarning.HIGH_CHARGE_CURRENT),
+                               (over_discharge, BmsWarning.HIGH_DISCHARGE_CURRENT)):
+            if nodes:
+                f.warnings |= warning
+                f.reasons[warning.name or ""] = "above 1C for 60 s or the pulse limit for 10 s: battery " + \
+                    ", ".join(map(str, nodes))
+        imbalanced = [b.node for b in fresh if (sp := b.cell_spread) is not None and sp > CELL_SPREAD_IMBALANCED_V]
+        imbalanced += f.view.flags["cell_imbalance"]
+        if imbalanced:
+            f.warnings |= BmsWarning.CELL_IMBALANCE
+            f.reasons["CELL_IMBALANCE"] = "battery " + ", ".join(map(str, sorted(set(imbalanced)))) + \
+                f" reports CellImbalance or a cell spread above {CELL_SPREAD_IMBALANCED_V:.2f} V"
+        since_full = self.history.time_since_full_charge(wall)
+        if (since_full if since_full is not None else wall - self.first_start_wall) > NOT_FULLY_CHARGED_S:
+            f.warnings |= BmsWarning.NOT_FULLY_CHARGED_30_DAYS
+            f.reasons["NOT_FULLY_CHARGED_30_DAYS"] = ("no full charge for more than 30 days" if since_full is not None
+                                                      else "no full charge since the first start, over 30 days ago")
+
+    def _report(self, f: Facts, reading: MonitorReading, atc: bool, atd: bool, outputs: Outputs, now: float,
+                wall: float) -> Decision:
+        """7. Warnings, LEDs (LED-1, LED-2), balancer (BAL-1); events by difference with the event log."""
+        self._warnings(f, now, wall)
+        view, alarms, warnings, soc, pre_alarm = f.view, f.alarms, f.warnings, f.soc, outputs.pre_alarm
         client_recent = self.modbus_client_at is not None and now - self.modbus_client_at < MODBUS_CLIENT_RECENT_S
-        charging = agg.current is not None and agg.current >= ZERO_CURRENT_A
-        serials = [b.serial for b in view.batteries if b.serial]
-        balancer = balancer_status(soc_known=soc is not None, history=self.history, wall=wall, serials=serials,
-                                   charging=charging, any_balancing=bool(flags["balancing"]),
-                                   any_imbalance_flag=bool(flags["cell_imbalance"]), max_cell_spread=max_spread)
-        balancer_reason = balancer_unknown_reason(soc_known=soc is not None, history=self.history, wall=wall,
-                                                  serials=serials)
         decision = Decision(
-            now=now, wall=wall, started=self.started, waiting_for_batteries=waiting, atc=atc, atd=atd,
-            atd_state=AtdState.NO if not atd else AtdState.PRE_ALARM if pre_alarm else AtdState.YES,
+            now=now, wall=wall, started=self.started, waiting_for_batteries=view.waiting_for_batteries, atc=atc,
+            atd=atd, atd_state=AtdState.NO if not atd else AtdState.PRE_ALARM if pre_alarm else AtdState.YES,
             pre_alarm=pre_alarm, outputs=outputs, mode_on=self.mode_on, remote_on=self.remote_on,
-            firmware_update=updating, link_up=self.link_up, alarms=alarms, warnings=warnings,
-            reasons={k: v for k, v in reasons.items() if _active(k, alarms, warnings, atc, atd, pre_alarm)},
-            error_led=error_led, status_led=Led.SOLID if client_recent else Led.BLINKING, balancer=balancer,
+            firmware_update=f.updating, link_up=self.link_up, alarms=alarms, warnings=warnings,
+            reasons={k: v for k, v in f.reasons.items() if _active(k, alarms, warnings, atc, atd, pre_alarm)},
+            error_led=Led.SOLID if alarms else Led.BLINKING if warnings else Led.OFF,
+            status_led=Led.SOLID if client_recent else Led.BLINKING, balancer=self._balancer(f, wall),
             soc=soc, consumed_ah=None if soc is None else reading.consumed_ah,
-            time_remaining_s=reading.time_remaining_s,
-            average_current=reading.average_current, bank=view, history=replace(self.history), events=(),
-            bus_state=self.bus_state, link_reason=self.link_reason, balancer_reason=balancer_reason,
+            time_remaining_s=reading.time_remaining_s, average_current=reading.average_current, bank=view,
+            history=replace(self.history), events=(), bus_state=self.bus_state, link_reason=self.link_reason,
+            balancer_reason=balancer_unknown_reason(soc_known=soc is not None, history=self.history, wall=wall,
+                                                    serials=[b.serial for b in view.batteries if b.serial]),
         )
         events, raised = self._events(decision)
-        self.diagnostics = self.diagnostics.record(raised, charge_blockers | discharge_blockers, wall)
-        decision = replace(decision, events=tuple(events), diagnostics=self.diagnostics)
-        return decision
+        self.diagnostics = self.diagnostics.record(raised, alarms & (CHARGE_BLOCKERS | DISCHARGE_BLOCKERS), wall)
+        return replace(decision, events=tuple(events), diagnostics=self.diagnostics)
 
-    def _latch(self, name: str, flagged: tuple[int, ...], set_by_value: bool, clear_by_value: bool) -> None:
-        """Set on a battery flag or a value past the set level; clear only when no flag and the value is back,
-        and no node has two senders (COM-6)."""
-        if flagged or set_by_value:
-            self.latched[name] = True
-        elif self.latched[name] and clear_by_value and not self._frozen:
-            self.latched[name] = False
+    def _balancer(self, f: Facts, wall: float) -> BalancerStatus:
+        """BAL-1 from the fresh batteries' cell spreads and flags."""
+        view, current = f.view, f.view.aggregates.current
+        spreads = [sp for b in view.batteries if b.fresh and (sp := b.cell_spread) is not None]
+        return balancer_status(soc_known=f.soc is not None, history=self.history, wall=wall,
+                               serials=[b.serial for b in view.batteries if b.serial],
+                               charging=current is not None and current >= ZERO_CURRENT_A,
+                               any_balancing=bool(view.flags["balancing"]),
+                               any_imbalance_flag=bool(view.flags["cell_imbalance"]),
+                               max_cell_spread=max(spreads, default=None))
 
     def _events(self, d: Decision) -> tuple[list[Event], BmsAlarm]:
         """The changes against the event log, and the alarms raised (the GX's last errors record those)."""
@@ -548,7 +449,7 @@ class BmsCore:
                    "PRE_ALARM": d.reasons.get("PRE_ALARM", "cleared" if d.started else d.reasons.get("ATC", "")),
                    "MODE": self._command_reasons.get("MODE", "start"),
                    "REMOTE": self._command_reasons.get("REMOTE", "start")}
-        states = _state_values(d)
+        states = state_values(d)
         for name, value in states.items():
             if self._logged_states.get(name) != value:
                 emit(name, "state", value, reasons[name])
@@ -652,79 +553,12 @@ class BmsCore:
         return core
 
 
-def _temperature_zone(celsius: float) -> tuple[bool, bool, bool, bool]:
-    return (celsius < CHARGE_TEMP_LOW_SET_C, celsius > CHARGE_TEMP_HIGH_SET_C, celsius < DISCHARGE_TEMP_MIN_C,
-            celsius > DISCHARGE_TEMP_MAX_C)
-
-
-# Called for every frame (hundreds a second): plain attribute reads, no generators.
-def _status_signature(r: BatteryStatus, _: float) -> tuple[tuple, tuple]:
-    return ("status", r.node), (r.cell_high_voltage, r.cell_low_voltage, r.cell_low_pre_alarm, r.hardware_fault,
-                                r.firmware_updating, r.cell_imbalance, _temperature_zone(r.temperature))
-
-
-def _cells_signature(r: CellVoltages, pre_alarm_level: float) -> tuple[tuple, tuple]:
-    cells = [v for v in r.voltages if v is not None]
-    if not cells:
-        return ("cells", r.node, r.first_cell), ()
-    low, high = min(cells), max(cells)
-    return ("cells", r.node, r.first_cell), (high >= CELL_HIGH_SET_V, low <= CELL_LOW_SET_V, low <= pre_alarm_level)
-
-
-def _temps_signature(r: BatteryTemps, _: float) -> tuple[tuple, tuple]:
-    return ("temps", r.node), (_temperature_zone(r.cell_temp_min), _temperature_zone(r.cell_temp_max))
-
-
-def _identity_signature(r: BatteryInfo | SerialFragment, _: float) -> tuple[tuple, tuple]:
-    return ("identity", r.node, type(r).__name__, getattr(r, "part", 0)), (r,)
-
-
-_SIGNATURES: dict[type, Any] = {BatteryStatus: _status_signature, CellVoltages: _cells_signature,
-                                BatteryTemps: _temps_signature, BatteryInfo: _identity_signature,
-                                SerialFragment: _identity_signature}
-
-
-def protective_signature(report: Report, pre_alarm_level: float) -> tuple[tuple | None, tuple]:
-    """What of a report can change outputs, alarms or the bank: the thresholds are the ones `evaluate` uses
-    (flags, cell voltages at CELL_HIGH_SET_V / the pre-alarm level setting / CELL_LOW_SET_V, the temperature
-    limits, identity)."""
-    signature = _SIGNATURES.get(type(report))
-    return (None, ()) if signature is None else signature(report, pre_alarm_level)
-
-
-def _state_values(d: Decision) -> dict[str, str]:
-    """The observable states whose changes are events, as the event log spells them."""
-    return {"ATC": "yes" if d.atc else "no", "ATD": d.atd_state.name.lower().replace("_", "-"),
-            "PRE_ALARM": "on" if d.pre_alarm else "off", "MODE": "on" if d.mode_on else "off",
-            "REMOTE": "on" if d.remote_on else "off"}
-
-
 def _elapsed(since: float | None, now: float) -> float | None:
     return None if since is None else now - since
 
 
 def _since(elapsed: float | None, now: float) -> float | None:
     return None if elapsed is None else now - float(elapsed)
-
-
-def _fmt(value: float | None, unit: str) -> str:
-    if value is None:
-        return "unknown"
-    return f"{value:.1f} {unit}" if unit != "%" else f"{value:.1f} %"
-
-
-def _cell_reason(flagged: tuple[int, ...], flag: str, cell: Any, extreme: str, by_value: bool, set_rule: str,
-                 clear_rule: str) -> str:
-    """Says what fired: the battery's own flag (its own threshold, so the cell value is only shown, not
-    compared), this BMS's cell rule with the value that crossed it, or neither any more (the latch holds
-    until its clearing rule is met)."""
-    parts = [f"battery {', '.join(map(str, flagged))} reports {flag} (its own threshold)"] if flagged else []
-    if cell is not None:
-        parts.append(f"cell {cell.cell} of battery {cell.node} at {cell.voltage:.3f} V ({set_rule})" if by_value
-                     else f"{extreme} cell {cell.voltage:.3f} V (battery {cell.node} cell {cell.cell})")
-    if not flagged and not by_value:
-        parts.insert(0, f"held until {clear_rule} and no battery reports {flag}")
-    return "; ".join(parts)
 
 
 def _why_not(started: bool, waiting: bool, blockers: BmsAlarm, extra: str | None, bus_down: str | None) -> str:
@@ -745,12 +579,3 @@ def _active(name: str, alarms: BmsAlarm, warnings: BmsWarning, atc: bool, atd: b
     return {"ATC": not atc, "ATD": not atd}.get(name, False)
 
 
-
-def bms_state_report(decision: Decision, alive_counter: int) -> BmsState:
-    """The BMS_STATE frame's content (PROTOCOL.md) for a decision; chargers and loads obey it."""
-    return BmsState(
-        allowed_to_charge=decision.atc, allowed_to_discharge=decision.atd, pre_alarm=decision.pre_alarm,
-        mode_on=decision.mode_on, remote_on=decision.remote_on, firmware_update=decision.firmware_update,
-        state_of_charge=None if decision.soc is None else round(decision.soc * 2) / 2,
-        alarms=int(decision.alarms), warnings=int(decision.warnings),
-        battery_count=decision.bank.topology.batteries, alive_counter=alive_counter & 0xFF)

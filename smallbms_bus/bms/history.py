@@ -28,12 +28,12 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from smallbms_bus.bms.alarms import BalancerReason, BalancerStatus
+from smallbms_bus.bms.rules import CELL_SPREAD_IMBALANCED_V
 
 CYCLE_LOW_SOC = 65.0
 CYCLE_HIGH_SOC = 90.0
 FULL_DISCHARGE_REARM_SOC = 10.0
 BALANCE_INFO_MAX_AGE_S = 30 * 24 * 3600.0
-CELL_SPREAD_IMBALANCED_V = 0.10
 
 
 @dataclass

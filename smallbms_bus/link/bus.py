@@ -58,8 +58,8 @@ import can
 
 from smallbms_bus.backoff import Backoff
 from smallbms_bus.bms.alarms import BusState
-from smallbms_bus.bms.core import protective_signature
 from smallbms_bus.bms.settings import DEFAULT_SETTINGS
+from smallbms_bus.bms.signature import protective_signature
 from smallbms_bus.link.codec import FrameDecoder
 from smallbms_bus.link.slcan import LINE_KINDS, SlcanBus
 from smallbms_bus.reports import Report

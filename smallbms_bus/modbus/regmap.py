@@ -473,7 +473,7 @@ def decode(reg: Register, words: Sequence[int], missing: str = "sentinel") -> An
         return None
     if reg.signed and raw & (1 << (16 * reg.words - 1)):
         raw -= 1 << (16 * reg.words)
-    return raw * reg.scale if reg.scale != 1.0 else raw
+    return round(raw * reg.scale, 9) if reg.scale != 1.0 else raw  # 2649 x 0.01 is 26.49, not 26.490000000000002
 
 
 def decode_block(regmap: RegisterMap, block_name: str, words: Sequence[int]) -> dict[str, Any]:

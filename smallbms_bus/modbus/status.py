@@ -13,6 +13,7 @@ exits 1, and a bad argument or config exits 2 naming it. No traceback reaches an
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import socket
 import struct
@@ -23,7 +24,6 @@ from typing import Any, TextIO
 from smallbms_bus.bms.alarms import BalancerReason, BalancerStatus, BmsAlarm, BmsWarning, BusState, balancer_text
 from smallbms_bus.config import ConfigError, defaults, load_config
 from smallbms_bus.modbus.codes import ATD_TEXT, BALANCER_BY_CODE, LED_BY_CODE, STATE_TEXT, exception_text
-from smallbms_bus.modbus.regmap import decode_block, load_map
 from smallbms_bus.readout import consumed_text, time_remaining_text
 from smallbms_bus.vocabulary import RELAY_ROLES, ROLE_LABELS
 
@@ -53,6 +53,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help=f"Modbus TCP port (default {default['port']}; the demo uses {MODBUS_DEMO_PORT})")
     parser.add_argument("--unit", type=int, default=None, help=f"unit id of the native map (default {default['unit']})")
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the service (default 3)")
+    parser.add_argument("--json", action="store_true", help="JSON: register name -> value (null = unknown); with "
+                        "--cells a `per_battery` list")
+    parser.add_argument("--cells", action="store_true", help="also every battery and its cells (block E)")
+    parser.add_argument("--watch", type=float, nargs="?", const=2.0, default=None, metavar="SECONDS",
+                        help="print it again every SECONDS (default 2) until Ctrl-C")
     return parser
 
 
@@ -91,23 +96,46 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     if isinstance(target, str):
         print(f"status: {target}", file=sys.stderr)
         return 2
-    host, port, unit = target
-    regmap = load_map("native")
-    blocks = {b.name: b for b in regmap.blocks}
-    values: dict[str, Any] = {}
+    if args.watch is not None and not (math.isfinite(args.watch) and 0.1 <= args.watch <= 86400):
+        print(f"status: --watch {args.watch}: allowed seconds, 0.1 up to 86400", file=sys.stderr)
+        return 2
     try:
-        with _connect(host, port, args.timeout) as sock:
-            for tid, name in enumerate(("A", "D"), 1):
-                block = blocks[name]
-                words = read_registers(sock, tid, unit, block.start or 0, block.length, args.timeout,
-                                       f"{host}:{port}", f"block {name}")
-                values |= {(k if name == "A" else f"history.{k}"): v
-                           for k, v in decode_block(regmap, name, words).items()}
-    except StatusError as error:
-        print(f"status: {error}", file=sys.stderr)
-        return 1
-    print(format_status(values, f"{host}:{port} unit {unit}"), file=out)
-    return 0
+        return _show(args, target, out)
+    except KeyboardInterrupt:  # Ctrl-C ends --watch: a clean stop
+        return 0
+
+
+def _show(args: argparse.Namespace, target: tuple[str, int, int], out: TextIO) -> int:
+    host, port, unit = target
+    shown = 0
+    while True:
+        started = time.monotonic()
+        try:
+            text = _readout(args, host, port, unit)
+        except StatusError as error:
+            print(f"status: {error}", file=sys.stderr, flush=True)
+            if args.watch is None or not shown:  # --watch goes on once it has shown the service (a restart)
+                return 1
+        else:
+            if args.watch is not None and out.isatty():
+                out.write("\033[H\033[J")  # the readout in place, like top
+            print(text, file=out, flush=True)
+            shown += 1
+        if args.watch is None:
+            return 0
+        time.sleep(max(0.0, args.watch - (time.monotonic() - started)))
+
+
+def _readout(args: argparse.Namespace, host: str, port: int, unit: int) -> str:
+    from smallbms_bus.modbus.client import Client  # it builds on this module
+
+    with Client(host, port, unit, args.timeout) as client:
+        values = client.block("A") | {f"history.{k}": v for k, v in client.block("D").items()}
+        batteries = client.batteries() if args.cells else None
+    if args.json:
+        return json.dumps(values | ({"per_battery": batteries} if batteries is not None else {}), ensure_ascii=False)
+    text = format_status(values, f"{host}:{port} unit {unit}")
+    return text if batteries is None else text + "\n" + format_cells(batteries)
 
 
 def _connect(host: str, port: int, timeout: float) -> socket.socket:
@@ -227,4 +255,24 @@ def format_status(v: dict[str, Any], where: str) -> str:
         f"{v['history.full_discharges']} full discharges, "
         f"{_v(v['history.discharged_energy'], '.2f', 'kWh')} out, {_v(v['history.charged_energy'], '.2f', 'kWh')} in",
     ]
+    return "\n".join(lines)
+
+
+PRESENCE = {1: "fresh", 2: "STALE"}
+
+
+def format_cells(batteries: list[dict[str, Any]]) -> str:
+    """Every battery on one line and its cells on the next, the lowest and highest cell of the bank marked."""
+    cells = [c for b in batteries for c in b["cells"] if c is not None]
+    low, high = (min(cells), max(cells)) if cells else (None, None)
+    lines = [f"batteries          {len(batteries)}; cells {_v(low, '.3f', 'V')} (v) .. {_v(high, '.3f', 'V')} (^)"
+             + (f", spread {1000 * (high - low):.0f} mV" if cells else "")]
+    for b in batteries:
+        where = f"string {b['string_index']} position {b['series_index']}" if b.get("string_index") else "not placed"
+        lines.append(f"  battery {b['node']:<3} {b['serial'] or '?':<14} {PRESENCE.get(b['presence'], '?'):<6} "
+                     f"{_v(b['voltage'], '.2f', 'V')}  {_v(b['current'], '+.1f', 'A')}  "
+                     f"{_v(b['temperature'], '.1f', '°C')}  {where}")
+        marks = ["unknown" if c is None else f"{c:.3f}" + ("v" if c == low else "^" if c == high else " ")
+                 for c in b["cells"]]
+        lines.append("    cells " + " ".join(marks))
     return "\n".join(lines)

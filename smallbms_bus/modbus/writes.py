@@ -148,6 +148,8 @@ def plan_writes(core: BmsCore, writes: Sequence[tuple[str, str, WriteValue]], no
                                              "are unknown")
                 value = round(value / units, 6)
             settings[SETTING_TARGETS[target]] = value
+        elif target in SPEC_BY_NAME:  # a setting by the core's own name and unit (MQTT: per unit, per cell)
+            settings[target] = value
         elif target in MODE_TARGETS:
             if value not in MODE_TARGETS[target]:
                 raise WriteRefused(ILLEGAL_VALUE, f"{name} = {value:g}: {target_range(target) or '0 off, 1 on'}")

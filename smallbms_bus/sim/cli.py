@@ -11,9 +11,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import shutil
 import sys
+import tempfile
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import can
@@ -25,6 +28,7 @@ from smallbms_bus.sim.bank import DEFAULT_BANK, BankShape, preset_list
 from smallbms_bus.sim.devices import CONTROLS, Control, parse_controls
 from smallbms_bus.sim.runner import Simulator
 from smallbms_bus.sim.scenarios import DEFAULT_SCENARIO, SCENARIOS
+from smallbms_bus.sim.slcan_hub import SlcanHub
 from smallbms_bus.sim.wiring import RelayBoardSpec, RelayReader
 
 DEFAULT_INTERFACE = "socketcan"
@@ -104,6 +108,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help=f"channel: vcan0, /dev/ttyACM0, ... (default {DEFAULT_CHANNEL})")
     bus.add_argument("--bitrate", type=_number("bitrate", 10_000, 1_000_000, integer=True),
                      default=DEFAULT_BITRATE, help=f"bit/s (default {DEFAULT_BITRATE})")
+    bus.add_argument("--pty", action="store_true",
+                     help="make an SLCAN wire of pseudo-terminals and play the batteries on it: prints the port to "
+                          "give `smallbms-bus run` ([bus] interface = \"slcan\", channel = PATH); no hardware needed")
+    bus.add_argument("--pty-dir", default=None, metavar="DIR",
+                     help="--pty: put the ports in DIR as DIR/bms (for run) and DIR/simulator, so the path stays the "
+                          "same between runs (default: a new temporary directory)")
     bus.add_argument("--slcan-wait", action="store_true",
                      help="slcan: wait 2 s after opening the port (some Arduino-based adapters reset on open)")
     sim = parser.add_argument_group("simulation")
@@ -166,6 +176,35 @@ def _control_text(control: str, relay: str) -> str:
             "both": f"switched by the {relay} relay and follows BMS_STATE"}[control]
 
 
+def _run_on_pty(args: argparse.Namespace, stop_event: threading.Event | None) -> int:
+    """`--pty`: an SLCAN wire of two pseudo-terminals (SlcanHub); the batteries on one, `run` on the other."""
+    if args.interface != DEFAULT_INTERFACE or args.channel != DEFAULT_CHANNEL:
+        print("simulate: --pty makes its own wire: leave out --interface and --channel", file=sys.stderr)
+        return 2
+    made = args.pty_dir is None
+    try:
+        directory = Path(tempfile.mkdtemp(prefix="smallbms-slcan-") if made else args.pty_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        hub = SlcanHub(("simulator", "bms"), str(directory))
+    except OSError as error:
+        print(f"simulate: --pty-dir {args.pty_dir}: {error.strerror or error}", file=sys.stderr)
+        return 2
+    try:
+        channel = hub.path("bms")
+        print(f"SLCAN wire ready. Give smallbms-bus run this port: {channel}\n"
+              f"  [bus]\n  interface = \"slcan\"\n  channel = \"{channel}\"\n  bitrate = {args.bitrate}\n"
+              "(Ctrl-C stops the batteries and removes the port)", flush=True)
+        args = argparse.Namespace(**{**vars(args), "pty": False, "interface": "slcan",
+                                     "channel": hub.path("simulator")})
+        return run(args, stop_event)
+    except KeyboardInterrupt:  # Ctrl-C before run's own handlers: a clean stop all the same
+        return 0
+    finally:
+        hub.close()
+        if made:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
 def bus_config(args: argparse.Namespace) -> BusConfig:
     return BusConfig.of(args.interface, args.channel, args.bitrate, slcan_wait=args.slcan_wait)
 
@@ -174,6 +213,8 @@ def run(args: argparse.Namespace, stop_event: threading.Event | None = None) -> 
     if args.list:
         print_list()
         return 0
+    if getattr(args, "pty", False):
+        return _run_on_pty(args, stop_event)
     shape = args.bank if isinstance(args.bank, BankShape) else _bank(args.bank)
     controls = args.devices or (("relays", "relays") if args.relay_board is not None else ("bms-state", "bms-state"))
     if args.relay_board is None and controls != ("bms-state", "bms-state"):
