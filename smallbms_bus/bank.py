@@ -247,7 +247,7 @@ class Bank:
         else:
             present = voltages  # type: ignore[assignment]
         low, high = min(present), max(present)  # type: ignore[type-var]
-        window = state.lows  # _push_min and _push_max inlined: this runs for every cell frame
+        window = state.lows  # push_min and push_max inlined: this runs for every cell frame
         while window and window[-1][1] >= low:
             window.pop()
         window.append((now, low, first + 1 + voltages.index(low)))

@@ -18,6 +18,7 @@ from smallbms_bus.bank import BatteryView, Topology
 from smallbms_bus.bms.alarms import AtdState, BalancerStatus, BmsAlarm, BmsWarning
 from smallbms_bus.bms.core import BmsCore, Decision
 from smallbms_bus.bms.monitor import pulse_limits
+from smallbms_bus.bms.rules import CELL_HIGH_SET_V
 from smallbms_bus.bms.settings import Settings
 from smallbms_bus.modbus.codes import (
     BALANCER_CODES,
@@ -317,7 +318,8 @@ def sunspec_charge_status(s: ModbusView) -> int:
 
 
 # -- SunSpec scale factors, from the bank: every value the bank can carry fits its register ----------------
-UNIT_MAX_VOLTAGE = 15.0  # a 12.8 V unit with every cell at ATC-1's 3.75 V: the highest voltage the bank shows
+# a 12.8 V unit with every cell at ATC-1's 3.75 V (15.0 V): the highest voltage the bank shows
+UNIT_MAX_VOLTAGE = CELLS_PER_UNIT * CELL_HIGH_SET_V
 UINT16_MAX, INT16_MAX = 0xFFFE, 0x7FFF  # the largest numbers (0xFFFF and 0x8000 read "not implemented")
 
 
