@@ -72,22 +72,23 @@ from smallbms_bus.modbus.server import BmsAccess, ModbusOptions, ModbusServer
 from smallbms_bus.mqtt import MqttFrontEnd
 from smallbms_bus.outputs import make_board
 from smallbms_bus.outputs.base import RelayBoard
-from smallbms_bus.outputs.controller import Outputs
+from smallbms_bus.outputs.controller import RelayController
 from smallbms_bus.outputs.gpiod import GpiodBoard
 from smallbms_bus.outputs.remote import RemoteInput
+from smallbms_bus.protocol import frame_period
 from smallbms_bus.reports import Report
 from smallbms_bus.store import PendingSave, Persister, Store, StoreError, StoreLock, lock_holder_description
 from smallbms_bus.systemd import sd_notify, unfinished_run
 from smallbms_bus.view import ServiceStats, ServiceView, summary_line
+from smallbms_bus.vocabulary import LED_ROLES, RELAY_ROLES
 
 log = logging.getLogger(__name__)
 
-TICK_S = 0.1  # evaluation tick and BMS_STATE period (PROTOCOL.md)
+TICK_S = frame_period("BMS_STATE")  # evaluation tick and BMS_STATE period (the DBC's GenMsgCycleTime)
 RESTART_PAUSE_S = 1.0
 MODBUS_RETRY_S = 5.0
 STORE_STALL_S = 10.0  # a save waiting longer for the disk is a stalled store: ERROR, smallbms_store_up 0
-OFF = {"load_disconnect": False, "charge_disconnect": False, "pre_alarm": False, "error_led": "off",
-       "status_led": "off"}
+OFF = {**dict.fromkeys(RELAY_ROLES, False), **dict.fromkeys(LED_ROLES, "off")}
 
 
 class Service:
@@ -137,7 +138,7 @@ class Service:
         if remote["source"] == "gpio":  # its own device: the outputs may be on any board
             remote_input = RemoteInput(GpiodBoard(remote["chip"], inputs=[remote["line"]], input_bias=remote["bias"],
                                                   consumer="smallbms-bus remote"), inverted=remote["inverted"])
-        self.outputs = Outputs(self.board, config.output_channels(), reassert_every=out["reassert_every"],
+        self.outputs = RelayController(self.board, config.output_channels(), reassert_every=out["reassert_every"],
                                blink_leds=out["blink_leds"], clock=clock,
                                remote_channel=remote["channel"] if remote["source"] == "board" else None,
                                remote_inverted=remote["inverted"], remote_input=remote_input)
@@ -173,7 +174,7 @@ class Service:
         self.mqtt: MqttFrontEnd | None = None  # MQTT and Home Assistant discovery (docs/mqtt.md): [mqtt] host set
         if config["mqtt"]["host"] is not None:
             self.mqtt = MqttFrontEnd(config["mqtt"], self.commit, self.writes.note_refusal)
-        self.view = self._view(now)  # what watchers read (smallbms_bus/view.py); replaced after every decision
+        self.view: Callable[[], ServiceView] = self._view  # what watchers read (smallbms_bus/view.py)
 
     # -- the decision path ------------------------------------------------------------------------
     def _on_reports(self, reports: list[Report]) -> None:
@@ -207,13 +208,9 @@ class Service:
         decision = self.core.evaluate(now, wall)
         self.stats.evaluations += 1
         self.publish(decision, now)
-        wanted: dict[str, Any] = {
-            "load_disconnect": decision.outputs.load_disconnect,
-            "charge_disconnect": decision.outputs.charge_disconnect,
-            "pre_alarm": decision.outputs.pre_alarm,
-            "error_led": decision.error_led.value,
-            "status_led": decision.status_led.value,
-        }
+        # the core's Outputs fields and its LED fields are named after the roles
+        wanted: dict[str, Any] = {**{role: getattr(decision.outputs, role) for role in RELAY_ROLES},
+                                  **{role: getattr(decision, role).value for role in LED_ROLES}}
         self._want_outputs(wanted, now)
         state = (decision.atc, decision.atd, decision.pre_alarm, decision.alarms, decision.warnings)
         if now >= self._next_state_at or state != self._last_sent_state:
@@ -228,11 +225,12 @@ class Service:
         return decision
 
     def publish(self, decision: Decision, now: float) -> None:
-        """Loop: `decision` is the latest, and the view watchers read is rebuilt around it (once per decision)."""
+        """Loop: `decision` is the latest (what `view()` and Modbus read from now on)."""
         self.decision = decision
-        self.view = self._view(now)
 
-    def _view(self, now: float) -> ServiceView:
+    def _view(self) -> ServiceView:
+        """Loop: the latest decision with copies of the counters around it, now (smallbms_bus/view.py)."""
+        now = self.clock()
         view = ServiceView.build(self.decision, now, self.link, self.outputs, self.persister,
                                  self.store_stalled_since is None, self.writes.refused, self.stats)
         return view if self.inverter is None else dataclasses.replace(view, inverter=self.inverter.view(now))

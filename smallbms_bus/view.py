@@ -1,12 +1,11 @@
-"""The seam between the service and what only watches it: one typed, immutable `ServiceView` per decision.
+"""The seam between the service and what only watches it: a typed, immutable `ServiceView`.
 
 The event loop owns the core, the link's counters, the relay controller's status and the store's bookkeeping.
-Readers on other paths (the metrics scrape today; any front end that only reports) do not reach into those
-live objects: after every decision the service builds a `ServiceView` on the loop -- the `Decision` itself
-(already immutable) plus copies of the counters around it -- and publishes it by replacing one reference.
-A reader takes that reference once and sees one consistent instant: the bus counters, relay status and store
-state of the same evaluation as the bank values. Building it is a handful of small dict copies (~20 µs),
-about 15 times a second.
+Readers (the metrics scrape today; any front end that only reports) do not reach into those live objects:
+they call `Service.view()` on the loop, which returns the latest `Decision` (immutable, built once per
+evaluation) with copies of the counters around it, taken at that instant. Nothing in it moves afterwards,
+so a scrape encoded on another thread sees one consistent instant. The counters are copied when asked,
+not per decision: a refused write or a finished save between two decisions is counted at once, as before.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from smallbms_bus.bms.core import Decision
 
 if TYPE_CHECKING:
     from smallbms_bus.link.bus import Link
-    from smallbms_bus.outputs.controller import Outputs, OutputsStatus
+    from smallbms_bus.outputs.controller import OutputsStatus, RelayController
     from smallbms_bus.store import Persister
 
 
@@ -64,7 +63,7 @@ class ServiceView:
     inverter: dict[str, Any] | None = None  # InverterLink.view(): the BMS-CAN link's counters, None while off
 
     @classmethod
-    def build(cls, decision: Decision | None, now: float, link: Link, outputs: Outputs, persister: Persister,
+    def build(cls, decision: Decision | None, now: float, link: Link, outputs: RelayController, persister: Persister,
               store_up: bool, writes_refused: int, stats: ServiceStats) -> ServiceView:
         """On the event loop (the owner of every object read here), after a decision."""
         store = StoreState(persister.writes, persister.failures, persister.pending_events,
@@ -74,7 +73,7 @@ class ServiceView:
                    stats.events)
 
 
-def summary_line(decision: Decision | None, link: Link, outputs: Outputs, persister: Persister,
+def summary_line(decision: Decision | None, link: Link, outputs: RelayController, persister: Persister,
                  stalled_since: float | None) -> str:
     """One line of state for the log (SIGUSR1), on the loop; `stalled_since`: when a save began waiting for a
     disk that does not answer (time.monotonic), or None."""
