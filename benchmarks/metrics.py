@@ -148,14 +148,14 @@ async def measure(scrapes: int) -> dict[str, Any]:
     for _ in range(30):  # learn the bank (discovery window) with every battery fresh
         t, alive = t + 0.5, alive + 1
         feed(service, time.monotonic(), alive, identity=True)
-        service.decision = service.core.evaluate(time.monotonic() + t, time.time())
+        service.publish(service.core.evaluate(time.monotonic() + t, time.time()), time.monotonic())
 
     async def tick() -> None:  # the service's tick: new reports, one evaluation, every 100 ms
         nonlocal alive
         while True:
             alive += 1
             feed(service, time.monotonic(), alive, identity=alive % 10 == 0)
-            service.decision = service.core.evaluate(time.monotonic(), time.time())
+            service.publish(service.core.evaluate(time.monotonic(), time.time()), time.monotonic())
             await asyncio.sleep(0.1)
 
     ticker = asyncio.create_task(tick())

@@ -38,9 +38,7 @@ The BMS core is pure; this shell gives it time and I/O and never decides anythin
 - systemd: READY=1 once the loop runs and the Modbus and metrics listeners are bound (or their first bind
   failed and is retried in the background), WATCHDOG=1 from the tick while it keeps ticking.
 
-Who owns what: the event loop owns the core, the decision, the Modbus server and the metrics server;
-"bus-receive" (a thread) owns the link's receive side; "outputs" (one worker thread) owns the relay
-board; "store" (one worker thread) owns the SQLite connection.
+Who owns what, thread by thread, and how data crosses between them: docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -52,13 +50,11 @@ import logging
 import os
 import shlex
 import signal
-import socket
 import ssl
 import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from smallbms_bus import __version__
@@ -68,7 +64,7 @@ from smallbms_bus.commit import Change, Committed, WritePath
 from smallbms_bus.config import Config
 from smallbms_bus.link.bus import BusConfig, Link
 from smallbms_bus.link.codec import FrameDecoder, FrameEncoder, load_dbc
-from smallbms_bus.metrics import MetricsServer
+from smallbms_bus.metrics import MetricsServer, limits_of
 from smallbms_bus.modbus.server import BmsAccess, ModbusOptions, ModbusServer
 from smallbms_bus.mqtt import MqttFrontEnd
 from smallbms_bus.outputs import make_board
@@ -78,6 +74,8 @@ from smallbms_bus.outputs.gpiod import GpiodBoard
 from smallbms_bus.outputs.remote import RemoteInput
 from smallbms_bus.reports import Report
 from smallbms_bus.store import PendingSave, Persister, Store, StoreError, StoreLock, lock_holder_description
+from smallbms_bus.systemd import sd_notify, unfinished_run
+from smallbms_bus.view import ServiceStats, ServiceView
 
 log = logging.getLogger(__name__)
 
@@ -87,48 +85,6 @@ MODBUS_RETRY_S = 5.0
 STORE_STALL_S = 10.0  # a save waiting longer for the disk is a stalled store: ERROR, smallbms_store_up 0
 OFF = {"load_disconnect": False, "charge_disconnect": False, "pre_alarm": False, "error_led": "off",
        "status_led": "off"}
-
-
-def _unfinished_run(store: Store) -> str | None:
-    """Why the previous run left no STOPPED event (killed, power cut, crash), or None when it stopped cleanly or
-    there was none (a new store, or one written by a version that recorded no starts)."""
-    last = next((e for e in store.events(None) if e["kind"] == "service" and e["name"] in ("STARTED", "STOPPED")),
-                None)
-    if last is None or last["name"] == "STOPPED":
-        return None
-    saved = store.saved_wall()
-    return (f"the run started {_when(last['wall'])} (smallbms-bus {last['value']}) recorded no stop: it was killed, "
-            f"lost power or crashed; the state is as last saved {_when(saved) if saved else 'never'}")
-
-
-def _when(wall: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(wall))
-
-
-def sd_notify(message: str) -> None:
-    """systemd's notify protocol (Type=notify): a datagram to $NOTIFY_SOCKET; a no-op elsewhere."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.sendto(message.encode(), address)
-    except OSError:
-        log.debug("sd_notify failed", exc_info=True)
-
-
-@dataclass
-class ServiceStats:
-    """In-process counters the tests and the demo read. `bms_state_sent` counts BMS_STATE frames handed to the
-    bus thread; it is not a metric on purpose: bus_frames_sent_total + bus_frames_unsent_total already add up
-    to it from the link's side, which is the one that knows what reached the wire."""
-
-    evaluations: int = 0
-    bms_state_sent: int = 0
-    task_restarts: int = 0
-    events: int = 0
 
 
 class Service:
@@ -158,7 +114,7 @@ class Service:
         snapshot = self.store.load_state()
         self.core = (BmsCore.from_snapshot(snapshot, now, wall(), **options) if snapshot is not None
                      else BmsCore(now, wall(), **options))
-        self._previous_run = _unfinished_run(self.store)  # why the last run recorded no STOPPED, or None
+        self._previous_run = unfinished_run(self.store)  # why the last run recorded no STOPPED, or None
         self._stop_cause = "stop requested"
         db = load_dbc(config["bus"]["dbc"])
         self.encoder = FrameEncoder(db)
@@ -209,6 +165,7 @@ class Service:
         self.mqtt: MqttFrontEnd | None = None  # MQTT and Home Assistant discovery (docs/mqtt.md): [mqtt] host set
         if config["mqtt"]["host"] is not None:
             self.mqtt = MqttFrontEnd(config["mqtt"], self.commit, self.writes.note_refusal)
+        self.view = self._view(now)  # what watchers read (smallbms_bus/view.py); replaced after every decision
 
     # -- the decision path ------------------------------------------------------------------------
     def _on_reports(self, reports: list[Report]) -> None:
@@ -240,8 +197,8 @@ class Service:
     def _decide(self) -> Decision:
         now, wall = self.clock(), self.wall()
         decision = self.core.evaluate(now, wall)
-        self.decision = decision
         self.stats.evaluations += 1
+        self.publish(decision, now)
         wanted: dict[str, Any] = {
             "load_disconnect": decision.outputs.load_disconnect,
             "charge_disconnect": decision.outputs.charge_disconnect,
@@ -259,6 +216,15 @@ class Service:
         if decision.events:
             self.record(decision.events)
         return decision
+
+    def publish(self, decision: Decision, now: float) -> None:
+        """Loop: `decision` is the latest, and the view watchers read is rebuilt around it (once per decision)."""
+        self.decision = decision
+        self.view = self._view(now)
+
+    def _view(self, now: float) -> ServiceView:
+        return ServiceView.build(self.decision, now, self.link, self.outputs, self.persister,
+                                 self.store_stalled_since is None, self.writes.refused, self.stats)
 
     def record(self, events: Sequence[Event]) -> None:
         """Events of the core, the write path and the service: logged, counted, and saved with the state (one
@@ -479,7 +445,8 @@ class Service:
             modbus_tried = asyncio.Event()
             modbus = asyncio.create_task(self._serve_modbus(modbus_tried)) if self.modbus is not None else None
             if self.config["metrics"]["port"]:  # [metrics] port 0 = no endpoint; a busy port never stops the BMS
-                self.metrics = MetricsServer(self, self.config["metrics"]["host"], self.config["metrics"]["port"])
+                m = self.config["metrics"]
+                self.metrics = MetricsServer(self, m["host"], m["port"], limits=limits_of(m))
                 await self.metrics.start()
             if self.mqtt is not None:  # its own threads; a broker down or slow never delays the start
                 self.mqtt.start(self._loop)

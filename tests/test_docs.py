@@ -17,6 +17,7 @@ from smallbms_bus.bank import (
     PROTECTIVE_MEMORY_S,
     UNIT_VOLTAGE,
 )
+from smallbms_bus.bms import charge as charging
 from smallbms_bus.bms import core, history, monitor, rules
 from smallbms_bus.bms.alarms import AtdState, BmsAlarm, BmsWarning
 from smallbms_bus.bms.monitor import PULSE_LIMITS_A
@@ -190,6 +191,15 @@ def expected_rule_numbers() -> dict[str, list[float]]:
         "FW-1": [command["begin firmware update"]],
         "FW-2": [rules.FIRMWARE_UPDATE_TIMEOUT_S, command["abort firmware update"]],
         "LED-1": [], "LED-2": [core.MODBUS_CLIENT_RECENT_S],
+        "CHG-1": [charging.ABSORPTION_WINDOW_V_PER_UNIT, UNIT_VOLTAGE, core.NOT_FULLY_CHARGED_S / 86400],
+        "CHG-2": [charging.CELL_LIMIT_SET_V, charging.CELL_LIMIT_MAX_DROP_V_PER_UNIT, charging.CELL_LIMIT_CLEAR_V],
+        "CHG-3": [monitor.CONTINUOUS_C_RATE, charging.CHARGE_TEMP_ZERO_BELOW_C, charging.CHARGE_TEMP_FULL_FROM_C,
+                  charging.CHARGE_TEMP_FULL_UNTIL_C, charging.CHARGE_TEMP_ZERO_AT_C, charging.CCL_CELL_FULL_V,
+                  charging.CCL_CELL_MIN_FACTOR, charging.CCL_CELL_MIN_V],
+        "CHG-4": [monitor.CONTINUOUS_C_RATE, charging.DCL_CELL_FULL_V, charging.DCL_CELL_MIN_FACTOR,
+                  charging.DCL_CELL_MIN_V],
+        "CHG-5": [charging.DVL_V_PER_CELL, charging.CELLS_PER_UNIT, UNIT_VOLTAGE], "CHG-6": [],
+        "CHG-7": [charging.RISE_PER_S * 100, monitor.CONTINUOUS_C_RATE],
     }
 
 
@@ -231,7 +241,7 @@ def test_the_prose_numbers_are_the_codes():
         "Events": [EVENT_LOG_SIZE],
         "Alarm and warning bits": [native_address(name="alarms"), native_address(name="warnings"), 802,
                                    *byte_spans],
-        "Charge control (CHG): not implemented yet": [],
+        "Charge control (CHG)": [],
     }
     _, prose_of, _ = behaviour_parts()
     assert set(prose_of) == set(expected), set(prose_of) ^ set(expected)

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 RULES = REPO / "docs" / "behaviour.md"
 SPEC = REPO.parent / "shared" / "spec" / "BEHAVIOUR.md"  # the team's specification, outside the repository
 TABLE = REPO / "docs" / "requirements.md"
-ID = re.compile(r"\b(?:OUT|ATC|ATD|PRE|REM|COM|BANK|MON|SET|BAL|FW|LED)-\d+\b")
+ID = re.compile(r"\b(?:OUT|ATC|ATD|PRE|REM|COM|BANK|MON|SET|BAL|FW|LED|CHG)-\d+\b")
 TEST_REF = re.compile(r"`([\w/]+\.py)::(test_\w+)`")
 
 

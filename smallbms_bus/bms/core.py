@@ -27,6 +27,8 @@ Each evaluation walks the rules in this order:
    AND ATC; pre-alarm independent of both.
 7. Alarms, warnings, LEDs (LED-1, LED-2), balancer (BAL-1); events by difference with the previous
    decision, each with a reason.
+8. Charge control (CHG-1..7, bms/charge.py): CVL, CCL, DCL, DVL and the charge state for inverters, from
+   this decision's ATC, ATD, pre-alarm, SoC and warnings.
 
 Decisions where BEHAVIOUR.md is silent are marked "project decision" below and in docs/core.md.
 """
@@ -38,6 +40,7 @@ from typing import Any
 
 from smallbms_bus.bank import Bank, LearnedBank
 from smallbms_bus.bms.alarms import AtdState, BalancerStatus, BmsAlarm, BmsWarning, BusState, Led
+from smallbms_bus.bms.charge import ChargeControl, ChargeInputs, ChargeLimits
 from smallbms_bus.bms.decision import Decision, Event, Outputs, bms_state_report, state_values
 from smallbms_bus.bms.diagnostics import Diagnostics
 from smallbms_bus.bms.history import History, balancer_status, balancer_unknown_reason
@@ -80,6 +83,7 @@ class BmsCore:
         self.history = History()
         self.diagnostics = Diagnostics()
         self.current_limits = CurrentLimits()
+        self.charge_control = ChargeControl()  # CHG: CVL/CCL/DCL/DVL for inverters (bms/charge.py)
         self.first_start_wall = wall
         self.mode_on = True
         self.remote_on = True  # REM-1: "always on" until the service reports an input
@@ -228,7 +232,8 @@ class BmsCore:
         reading = self._monitor(f, now, wall)  # 4
         self._pre_alarm(f, now)  # 5
         atc, atd, outputs = self._allowed(f)  # 6
-        return self._report(f, reading, atc, atd, outputs, now, wall)  # 7
+        decision = self._report(f, reading, atc, atd, outputs, now, wall)  # 7
+        return replace(decision, charge=self._charge(f, decision))  # 8
 
     def _start_up(self, f: Facts) -> None:
         """1. OUT-4, BANK-2: started once the bank is learned, consistent, every battery fresh and the link up."""
@@ -427,6 +432,20 @@ class BmsCore:
         self.diagnostics = self.diagnostics.record(raised, alarms & (CHARGE_BLOCKERS | DISCHARGE_BLOCKERS), wall)
         return replace(decision, events=tuple(events), diagnostics=self.diagnostics)
 
+    def _charge(self, f: Facts, d: Decision) -> ChargeLimits:
+        """8. CHG-1..7 (bms/charge.py) from what this evaluation decided; a new charge state is persisted at once."""
+        view, agg, topo = f.view, f.view.aggregates, f.view.topology
+        before = self.charge_control.state
+        limits = self.charge_control.step(ChargeInputs(
+            now=d.now, series_units=topo.series_units, strings=topo.parallel, capacity_ah=topo.capacity_ah,
+            voltage=agg.voltage, max_cell=f.max_cell, min_cell=f.min_cell, min_temperature=f.tmin,
+            max_temperature=f.tmax, soc=d.soc, atc=d.atc, atd=d.atd, pre_alarm=d.pre_alarm,
+            trusted=self.started and agg.complete and not view.issues,
+            not_fully_charged=BmsWarning.NOT_FULLY_CHARGED_30_DAYS in d.warnings), self.settings)
+        if self.charge_control.state is not before:
+            self.state_revision += 1
+        return limits
+
     def _balancer(self, f: Facts, wall: float) -> BalancerStatus:
         """BAL-1 from the fresh batteries' cell spreads and flags."""
         view, current = f.view, f.view.aggregates.current
@@ -491,6 +510,7 @@ class BmsCore:
             "learned_bank": None if self.bank.learned is None else self.bank.learned.to_dict(),
             "first_start_wall": self.first_start_wall,
             "latched": dict(self.latched),
+            "charge": self.charge_control.to_dict(),
             "logged": {"states": dict(self._logged_states), "alarms": int(self._logged_alarms),
                        "warnings": int(self._logged_warnings)},
             "timers": {
@@ -535,6 +555,7 @@ class BmsCore:
         if data["learned_bank"] is not None:
             core.bank.learned = LearnedBank.from_dict(data["learned_bank"])
         core.first_start_wall = float(data["first_start_wall"])
+        core.charge_control = ChargeControl.from_dict(data.get("charge"))  # CHG-1; absent in an older store
         # COM-2's comms loss is not restored: a restart is "waiting for batteries" (BANK-2, a state, not an
         # alarm) until every learned battery is fresh again, and the outputs stay off until then (OUT-4).
         core.latched.update({k: bool(v) for k, v in data["latched"].items() if k in core.latched and k != "comms_lost"})

@@ -16,9 +16,10 @@ time remaining disappear while the SoC is unknown (warning SOC_UNKNOWN says so).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+import copy
+from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
@@ -36,6 +37,7 @@ from smallbms_bus.metrics import catalog as m
 if TYPE_CHECKING:
     from smallbms_bus.modbus.stats import ModbusStats
     from smallbms_bus.outputs.controller import OutputsStatus
+    from smallbms_bus.view import ServiceView
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,25 +58,43 @@ class Snapshot:
     metrics: tuple[int, float, int, dict[str, int]] | None  # scrapes, seconds the last took, connections, closed
 
     @classmethod
-    def of(cls, service: Any) -> Snapshot:
-        # The decision is read once: it is built per evaluation and never mutated, so all bank, battery,
-        # cell and history values below come from the same evaluation. dict() copies are single C calls.
-        decision = service.decision
-        link = service.link
-        persister = service.persister
-        stats = service.stats
-        server = getattr(service, "modbus", None)
-        modbus = None if server is None else (dict(server.stats.requests), server.stats)
-        endpoint = getattr(service, "metrics", None)
-        up = persister.ok and service.store_stalled_since is None  # failing, or a save stuck on the disk
-        store = (persister.writes, persister.failures, persister.pending_events, int(up), service.writes.refused)
-        state = link.status()
-        return cls(service.clock(), decision, link.counters(), state[0] is BusState.UP, state,
-                   (link.config.interface, link.config.channel), service.outputs.status(),
-                   dict(service.outputs.channel_map), store,
-                   (stats.evaluations, stats.task_restarts, stats.events), modbus,
+    def of(cls, source: Watched) -> Snapshot:
+        """The service's view of its last decision (built on the loop, immutable) with copies of the Modbus and
+        endpoint counters, which change per request: taken on the loop, so none of them moves under the scrape."""
+        v = source.view
+        server = source.modbus
+        modbus = None
+        if server is not None:  # a copy: the live counters go on counting while this scrape is encoded
+            modbus = (dict(server.stats.requests), copy.copy(server.stats))
+        endpoint = source.metrics
+        store = v.store
+        return cls(source.clock(), v.decision, v.link, v.link_state[0] is BusState.UP, v.link_state, v.bus,
+                   v.outputs, v.channels, (store.writes, store.failures, store.pending_events, int(store.up),
+                                           store.writes_refused),
+                   (v.evaluations, v.task_restarts, v.events), modbus,
                    None if endpoint is None else (endpoint.scrapes, endpoint.encode_seconds, len(endpoint.policy),
                                                   dict(endpoint.closed)))
+
+
+class _HasModbusStats(Protocol):
+    stats: ModbusStats
+
+
+class _EndpointCounters(Protocol):
+    scrapes: int
+    encode_seconds: float
+    policy: Sized
+    closed: dict[str, int]
+
+
+class Watched(Protocol):
+    """What a scrape reads of the service (`smallbms_bus.service.Service` is one): the per-decision view, the
+    Modbus server's and this endpoint's own counters, and the clock (the decision's age)."""
+
+    view: ServiceView
+    modbus: _HasModbusStats | None
+    metrics: _EndpointCounters | None
+    clock: Callable[[], float]
 
 
 def _family(name: str) -> Any:
@@ -102,13 +122,14 @@ def _states(name: str, current: str, states: Iterable[str], *prefix: str) -> Ite
 class BmsCollector(Collector):
     """The service's state as metric families, from one `Snapshot` per `collect()`."""
 
-    def __init__(self, service: Any) -> None:
-        self.service = service
+    def __init__(self, service: Watched | None) -> None:
+        self.service = service  # None: families() of a given snapshot only
 
     def describe(self) -> list[Metric]:
         return []  # no collect() at registration time (the service may not have decided yet)
 
     def collect(self) -> Iterator[Metric]:
+        assert self.service is not None, "a collector without a service only builds families() of a snapshot"
         return self.families(Snapshot.of(self.service))
 
     def families(self, s: Snapshot, pace: Callable[[], None] = lambda: None) -> Iterator[Metric]:
@@ -332,7 +353,7 @@ class BmsCollector(Collector):
 
 
 
-def registry_for(service: Any) -> CollectorRegistry:
+def registry_for(service: Watched) -> CollectorRegistry:
     """The service's collector plus the process metrics (process_*, python_*), in a registry of its own."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(BmsCollector(service))

@@ -28,7 +28,7 @@ from smallbms_bus.connections import (
     release_fds,
 )
 from smallbms_bus.metrics.catalog import CLOSE_REASONS
-from smallbms_bus.metrics.collection import BmsCollector, Snapshot, process_metrics
+from smallbms_bus.metrics.collection import BmsCollector, Snapshot, Watched, process_metrics
 from smallbms_bus.metrics.exposition import CONTENT_TYPE, TextEncoder
 
 log = logging.getLogger(__package__)  # "smallbms_bus.metrics", the name operators' log filters know
@@ -96,10 +96,10 @@ class MetricsServer:
     `[metrics] max_connections_per_address` or `max_connections`, the longest-idle connection (one that never
     sent a complete request head first) is hung up. A connection gets `first_request_timeout` for its first
     request head and `idle_timeout` after each; a client that does not read its answer is hung up by the same
-    clock. `limits` defaults to the service's `[metrics]` keys.
+    clock. `limits` are the `[metrics]` keys (`limits_of`), their defaults when not given.
     """
 
-    def __init__(self, service: Any, host: str, port: int, *, slice_s: float = SLICE_S,
+    def __init__(self, service: Watched, host: str, port: int, *, slice_s: float = SLICE_S,
                  pause_s: float = PAUSE_S, limits: Limits | None = None) -> None:
         self.service = service
         self.host, self.port = host, port
@@ -112,10 +112,7 @@ class MetricsServer:
         self._servers: list[asyncio.base_events.Server] = []  # one per address the host resolves to
         self._retry: asyncio.Task[None] | None = None
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="metrics")
-        if limits is None:  # the service's [metrics] keys, or their defaults
-            config = getattr(service, "config", None)
-            limits = limits_of(config["metrics"] if config is not None else defaults()["metrics"])
-        self.policy = ConnectionPolicy(limits)
+        self.policy = ConnectionPolicy(limits or limits_of(defaults()["metrics"]))  # the [metrics] keys
         self.connections_total = 0
         self.closed: dict[str, int] = dict.fromkeys(CLOSE_REASONS, 0)
         self._quiet = RateLimitedLog(log)
