@@ -8,7 +8,7 @@ from smallbms_bus.metrics.catalog import METRICS
 # -- docs ---------------------------------------------------------------------------------------------------
 GROUP_TITLES = {"service": "Service", "state": "BMS state", "bank": "Bank", "battery": "Batteries and cells",
                 "history": "History (HIS, persisted)", "bus": "Battery bus", "relay": "Relay outputs",
-                "store": "Store", "modbus": "Modbus TCP server"}
+                "store": "Store", "modbus": "Modbus TCP server", "mqtt": "MQTT"}
 
 
 def markdown() -> str:
