@@ -67,9 +67,10 @@ def stop(process: subprocess.Popen[str]) -> tuple[int, str]:
     return process.returncode, err or ""
 
 
-def write_config(path: Path, channel: str, port: int, extra: str = "") -> Path:
+def write_config(path: Path, channel: str, port: int, extra: str = "", web_port: int = 0) -> Path:
     path.write_text(f'[bus]\ninterface = "slcan"\nchannel = "{channel}"\n[bms]\ndiscovery_window = 1.0\n'
                     f'[store]\npath = "{path.parent / "state.db"}"\n[metrics]\nport = 0\n'
+                    f'[web]\nhost = "127.0.0.1"\nport = {web_port}\n'
                     f'[modbus]\nhost = "127.0.0.1"\nport = {port}\n{extra}')
     return path
 
@@ -97,7 +98,7 @@ def rig(tmp_path_factory) -> Iterator[tuple[Path, int, str]]:
         channel = read_line(simulator, r"run this port: (\S+)", 60).group(1)
         printed = channel + "".join(simulator.stdout.readline() for _ in range(4))
         port = free_port()
-        config = write_config(tmp / "smallbms-bus.toml", channel, port)
+        config = write_config(tmp / "smallbms-bus.toml", channel, port, web_port=free_port())
         service = subprocess.Popen([*CMD, "run", "--config", str(config)], stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL, text=True)
         wait_for_status(config, lambda v: v["state"] == 1 and v["batteries"] == 2, 60)
@@ -324,3 +325,25 @@ def test_bash_completion_completes_commands_settings_and_options(words, expected
              'echo "${COMPREPLY[@]}"')
     result = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, timeout=30)
     assert result.stdout.split() == expected.split(), result
+
+
+def test_events_shows_what_the_cli_wrote_from_the_web_api(rig):
+    config = str(rig[0])
+    started = time.time()
+    assert cli("set", "discharge_floor", "13", "--config", config).returncode == 0
+    assert cli("set", "discharge_floor", "14", "--config", config).returncode == 0
+    result = cli("events", "--config", config, "--since", f"{started - 1:.0f}")
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if "setting" in line and "by Modbus" in line]
+    assert len(lines) >= 2 and "13" in lines[-2] and "14" in lines[-1], result.stdout  # oldest first
+    newest = json.loads(cli("events", "--config", config, "-n", "1", "--json").stdout)["events"]
+    assert len(newest) == 1 and newest[0]["time"] >= started - 1
+    assert len(cli("events", "--config", config, "-n", "3").stdout.splitlines()) == 3
+    later = cli("events", "--config", config, "--since", f"{time.time() + 3600:.0f}")
+    assert later.returncode == 0 and later.stdout.strip() == "no events since then", later
+
+
+def test_events_says_so_when_the_web_api_is_off(tmp_path):
+    config = write_config(tmp_path / "off.toml", "/dev/null", free_port(), web_port=0)
+    line = refused(cli("events", "--config", str(config)))
+    assert "web.port = 0" in line and "serves no web API" in line, line
