@@ -9,8 +9,10 @@ Theory of operation
 -------------------
 Each evaluation of the core calls `ChargeControl.step` once, after ATC and ATD are decided:
 
-1. Size (CHG-6). Without the 12.8 V units in series, the strings and the battery model there is nothing to
-   compute from: `NO_CHARGE_LIMITS` (every value 0, known = False).
+1. Size (CHG-6). Before the core has first started (the bank learned and every battery heard: until then a
+   partly heard bank may look smaller than it is), or without the 12.8 V units in series, the strings and a
+   single battery model, there is nothing to compute from: `NO_CHARGE_LIMITS` (every value 0, known = False;
+   the charge state as persisted).
 2. Charge state (CHG-1). The absorption timer counts time with the bank voltage at or above the absorption
    voltage minus 0.05 V per unit, from trusted data only (paused otherwise, reset when the voltage is seen
    below the window). Project decision: float is entered once the timer has run out *and* none of the
@@ -27,7 +29,7 @@ Each evaluation of the core calls `ChargeControl.step` once, after ATC and ATD a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import IntEnum
 from typing import Any
 
@@ -73,9 +75,10 @@ class ChargeLimits:
 NO_CHARGE_LIMITS = ChargeLimits(cvl=0.0, ccl=0.0, dcl=0.0, dvl=0.0, state=ChargeState.ABSORPTION, known=False)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ChargeInputs:
-    """What the core knows at one evaluation. Cell values are the worst of the protective memory."""
+    """What the core knows at one evaluation (built for every evaluation: not frozen, which is cheaper).
+    Cell values are the worst of the protective memory. The core passes them by position: keep the order."""
 
     now: float  # monotonic s
     series_units: int | None  # 12.8 V units in series per string
@@ -92,6 +95,7 @@ class ChargeInputs:
     pre_alarm: bool
     trusted: bool  # started, every battery fresh, a consistent bank: the voltage may run the absorption timer
     not_fully_charged: bool  # no full charge for 30 days (the core's warning NOT_FULLY_CHARGED_30_DAYS)
+    started: bool = True  # the core has started once (OUT-4): before, even the bank's size is not proven
 
 
 def ramp(value: float, x0: float, y0: float, x1: float, y1: float) -> float:
@@ -148,9 +152,10 @@ class ChargeControl:
         dt = 0.0 if self._last_now is None else max(0.0, x.now - self._last_now)
         self._last_now = x.now
         units, capacity = x.series_units, x.capacity_ah
-        if not units or not capacity or x.strings <= 0:
+        if not x.started or not units or not capacity or x.strings <= 0:
             self._ccl = self._dcl = 0.0
-            return NO_CHARGE_LIMITS
+            return NO_CHARGE_LIMITS if self.state is ChargeState.ABSORPTION else replace(NO_CHARGE_LIMITS,
+                                                                                         state=self.state)
         self._charge_state(x, settings, units, dt)
         dvl = dvl_for(units)
         cvl = self._cvl(x, settings, units, dvl)

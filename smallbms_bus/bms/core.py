@@ -232,8 +232,7 @@ class BmsCore:
         reading = self._monitor(f, now, wall)  # 4
         self._pre_alarm(f, now)  # 5
         atc, atd, outputs = self._allowed(f)  # 6
-        decision = self._report(f, reading, atc, atd, outputs, now, wall)  # 7
-        return replace(decision, charge=self._charge(f, decision))  # 8
+        return self._report(f, reading, atc, atd, outputs, now, wall)  # 7 (and 8, charge control)
 
     def _start_up(self, f: Facts) -> None:
         """1. OUT-4, BANK-2: started once the bank is learned, consistent, every battery fresh and the link up."""
@@ -427,21 +426,20 @@ class BmsCore:
             history=replace(self.history), events=(), bus_state=self.bus_state, link_reason=self.link_reason,
             balancer_reason=balancer_unknown_reason(soc_known=soc is not None, history=self.history, wall=wall,
                                                     serials=[b.serial for b in view.batteries if b.serial]),
+            charge=self._charge(f, atc, atd, pre_alarm, now),  # 8
         )
         events, raised = self._events(decision)
         self.diagnostics = self.diagnostics.record(raised, alarms & (CHARGE_BLOCKERS | DISCHARGE_BLOCKERS), wall)
         return replace(decision, events=tuple(events), diagnostics=self.diagnostics)
 
-    def _charge(self, f: Facts, d: Decision) -> ChargeLimits:
+    def _charge(self, f: Facts, atc: bool, atd: bool, pre_alarm: bool, now: float) -> ChargeLimits:
         """8. CHG-1..7 (bms/charge.py) from what this evaluation decided; a new charge state is persisted at once."""
         view, agg, topo = f.view, f.view.aggregates, f.view.topology
         before = self.charge_control.state
         limits = self.charge_control.step(ChargeInputs(
-            now=d.now, series_units=topo.series_units, strings=topo.parallel, capacity_ah=topo.capacity_ah,
-            voltage=agg.voltage, max_cell=f.max_cell, min_cell=f.min_cell, min_temperature=f.tmin,
-            max_temperature=f.tmax, soc=d.soc, atc=d.atc, atd=d.atd, pre_alarm=d.pre_alarm,
-            trusted=self.started and agg.complete and not view.issues,
-            not_fully_charged=BmsWarning.NOT_FULLY_CHARGED_30_DAYS in d.warnings), self.settings)
+            now, topo.series_units, topo.parallel, topo.capacity_ah, agg.voltage, f.max_cell, f.min_cell, f.tmin,
+            f.tmax, f.soc, atc, atd, pre_alarm, self.started and agg.complete and not view.issues,
+            BmsWarning.NOT_FULLY_CHARGED_30_DAYS in f.warnings, self.started), self.settings)
         if self.charge_control.state is not before:
             self.state_revision += 1
         return limits

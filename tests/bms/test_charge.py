@@ -248,12 +248,20 @@ def test_chg6_an_unknown_bank_allows_nothing():
     assert Clock().run(30, series_units=None) == NO_CHARGE_LIMITS
     assert Clock().run(30, capacity_ah=None) == NO_CHARGE_LIMITS  # mixed models
     assert Clock().run(30, strings=0) == NO_CHARGE_LIMITS
+    assert Clock().run(30, started=False) == NO_CHARGE_LIMITS  # a partly heard bank is not a size to trust
+
+
+def test_chg6_before_the_start_the_limits_are_unknown_but_the_persisted_state_is_shown():
+    clock = Clock()
+    to_float(clock)
+    limits = clock.run(30, started=False, voltage=54.0, soc=99.0)
+    assert not limits.known and limits.state is ChargeState.FLOAT and limits.ccl == limits.cvl == 0.0
 
 
 def test_chg6_not_started_comms_loss_and_bank_fault_zero_both_currents():
     rig = Rig(2, 2, units=1, capacity=200)
     d = rig.tick()
-    assert not d.started and d.charge.ccl == 0.0 and d.charge.dcl == 0.0
+    assert not d.started and d.charge == NO_CHARGE_LIMITS
     rig.start()
     d = rig.run(15)
     assert d.charge.known and d.charge.ccl == pytest.approx(400.0) and d.charge.dcl == pytest.approx(400.0)
