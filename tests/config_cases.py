@@ -85,6 +85,8 @@ def _wrong_values(section: str, key: str, n: int) -> list[Any]:
         return [*common, "5", True, 1.5, HUGE]
     if isinstance(default, float):
         return [*common, "5", True, math.nan, 1e300]
+    if (section, key) == ("mqtt", "discovery_prefix"):  # "" is valid there: no Home Assistant discovery
+        return [*common, 5, True, ["x"], "homeassistant/#"]
     if isinstance(default, str):
         return [*common, 5, True, ["x"], ""]
     if isinstance(default, list):

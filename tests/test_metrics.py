@@ -38,7 +38,8 @@ CONDITIONAL = {
     "smallbms_history_last_full_charge_timestamp_seconds",  # no full charge yet
     "smallbms_bus_down_reason_info",  # the bus is up
 } | {spec.name for spec in metrics.METRICS.values()  # Modbus is off in this fixture: only modbus_enabled 0
-     if spec.group == "modbus" and spec.name != "smallbms_modbus_enabled"}
+     if spec.group == "modbus" and spec.name != "smallbms_modbus_enabled"} | {
+    spec.name for spec in metrics.METRICS.values() if spec.group == "mqtt"}  # no [mqtt] here (tests/mqtt have it)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from smallbms_bus.bms.alarms import BalancerReason, BmsAlarm, BmsWarning, BusState
 from smallbms_bus.bms.charge import ChargeState
+from smallbms_bus.bms.rules import CELL_SPREAD_IMBALANCED_V
 
 PREFIX = "smallbms_"
 BATTERY_LABELS = ("battery", "serial", "string", "position")
@@ -169,7 +170,7 @@ BAT_TEMP = _m("battery_temperature_celsius", "gauge", B, "Battery temperature (B
 BAT_CELL_T_MIN = _m("battery_cell_temperature_min_celsius", "gauge", B, "Lowest cell temperature (BAT_TEMPS).")
 BAT_CELL_T_MAX = _m("battery_cell_temperature_max_celsius", "gauge", B, "Highest cell temperature (BAT_TEMPS).")
 BAT_SPREAD = _m("battery_cell_voltage_spread_volts", "gauge", B, "Highest minus lowest cell voltage (BAL-1: "
-                "imbalanced above 0.10 V).")
+                f"imbalanced above {CELL_SPREAD_IMBALANCED_V:.2f} V).")
 BAT_FLAG = _m("battery_flag", "gauge", (*B, "flag"), "The battery's own BAT_STATUS flags, 1 = set.")
 CELL_VOLTAGE = _m("cell_voltage_volts", "gauge", ("battery", "cell"), "Cell voltage (cells 1..16; an unmeasured "
                   "cell is absent).")
@@ -255,5 +256,11 @@ MODBUS_CLOSED = _m("modbus_connections_closed_total", "counter", ("reason",),
                    "Connections closed by the server: evicted (the longest-idle, for a newcomer over max_connections "
                    "or max_connections_per_address), no_request (nothing within first_request_timeout), "
                    "idle_timeout, slow_client (did not read its answers), bad_frame (not Modbus/TCP).")
+# -- mqtt -----------------------------------------------------------------------------------------------------
+_group = "mqtt"
+MQTT_CONNECTED = _m("mqtt_connected", "gauge", (), "1 = connected to the MQTT broker; 0 = not (yet), reconnecting "
+                    "with back-off. Present only when [mqtt] host is set (docs/mqtt.md).")
+MQTT_OUTAGES = _m("mqtt_outages_total", "counter", (), "Times the broker was lost or refused the connection "
+                  "(each logged once at WARNING).")
 del B
 CLOSE_REASONS = ("evicted", "refused", "no_request", "idle_timeout")  # smallbms_metrics_connections_closed_total

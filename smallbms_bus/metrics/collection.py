@@ -56,6 +56,7 @@ class Snapshot:
     service: tuple[int, int, int]  # evaluations, task restarts, events
     modbus: tuple[dict[tuple[str, str], int], ModbusStats] | None
     metrics: tuple[int, float, int, dict[str, int]] | None  # scrapes, seconds the last took, connections, closed
+    mqtt: tuple[bool, int] | None = None  # connected, outages; None without [mqtt]
 
     @classmethod
     def of(cls, source: Watched) -> Snapshot:
@@ -73,7 +74,14 @@ class Snapshot:
                                            store.writes_refused),
                    (v.evaluations, v.task_restarts, v.events), modbus,
                    None if endpoint is None else (endpoint.scrapes, endpoint.encode_seconds, len(endpoint.policy),
-                                                  dict(endpoint.closed)))
+                                                  dict(endpoint.closed)),
+                   _mqtt(source))
+
+
+def _mqtt(source: object) -> tuple[bool, int] | None:
+    """The MQTT client's connection state (two plain reads; `mqtt` is absent from test doubles of the service)."""
+    front = getattr(source, "mqtt", None)
+    return None if front is None else (front.link.connected, front.link.outages)
 
 
 class _HasModbusStats(Protocol):
@@ -149,6 +157,9 @@ class BmsCollector(Collector):
         yield from self._relays(s)
         yield from self._store(s)
         yield from self._modbus(s)
+        if s.mqtt is not None:
+            yield from _value(m.MQTT_CONNECTED, float(s.mqtt[0]))
+            yield from _value(m.MQTT_OUTAGES, s.mqtt[1])
 
     # -- groups -----------------------------------------------------------------------------------------
     def _service(self, s: Snapshot) -> Iterator[Metric]:

@@ -4,16 +4,30 @@ and a broker killed mid-run costs no protection and gets the retained state agai
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sqlite3
 import subprocess
+import urllib.request
+from pathlib import Path
 
 from pymodbus.client import ModbusTcpClient
 
-from tests.integration.test_run_process import CHARGE, LOAD, rig, start, wait_for  # noqa: F401 (rig is a fixture)
+from smallbms_bus.sim.relay_boards import VirtualModbusTcpModule
+from smallbms_bus.sim.slcan_hub import SlcanHub
+from tests.integration.test_run_process import (  # noqa: F401 (rig is a fixture)
+    CHARGE,
+    CMD,
+    LOAD,
+    rig,
+    start,
+    wait_for,
+    write_config,
+)
 from tests.mqtt.broker import Mosquitto, Observer, needs_mosquitto
 from tests.mqtt.ha_rules import check_config
+from tests.ports import free_port
 
 pytestmark = needs_mosquitto
 
@@ -35,6 +49,11 @@ def stop(service: subprocess.Popen) -> str:
             service.kill()
     assert service.returncode == 0, err
     return err
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as page:
+        return page.read().decode()
 
 
 def modbus(port: int) -> ModbusTcpClient:
@@ -137,6 +156,8 @@ def test_broker_killed_mid_run_loses_no_protection_and_the_state_is_republished(
     config, module, _ = rig
     broker = Mosquitto(tmp_path).start()
     port = with_mqtt(config, broker.port, "barn", commands=False)
+    metrics_port = free_port()
+    config.write_text(config.read_text().replace("[metrics]\nport = 0", f"[metrics]\nport = {metrics_port}"))
     service = start(config)
     observer = Observer(broker.port)
     try:
@@ -151,6 +172,8 @@ def test_broker_killed_mid_run_loses_no_protection_and_the_state_is_republished(
         assert not client.write_register(105, 1, device_id=1).isError()
         wait_for(lambda: module.relays[LOAD] and module.relays[CHARGE], 5, "relays on again", service)
         client.close()
+        wait_for(lambda: "smallbms_mqtt_connected 0.0" in scrape(metrics_port), 10, "the metric says disconnected")
+        assert "smallbms_mqtt_outages_total 1.0" in scrape(metrics_port)
         broker.start()  # the same port, empty: everything must be published again
         observer = Observer(broker.port)
         observer.wait(lambda: observer.retained["smallbms/barn/status"] == b"online", 90, "online after the outage")
@@ -158,6 +181,7 @@ def test_broker_killed_mid_run_loses_no_protection_and_the_state_is_republished(
         assert bank["batteries"] == 2
         observer.wait(lambda: observer.json("smallbms/barn/outputs")["load_disconnect"], 30, "outputs republished")
         assert any(t.startswith("homeassistant/sensor/smallbms_barn/") for t in observer.retained)
+        assert "smallbms_mqtt_connected 1.0" in scrape(metrics_port)
         err = stop(service)
     finally:
         if service.poll() is None:
@@ -165,3 +189,67 @@ def test_broker_killed_mid_run_loses_no_protection_and_the_state_is_republished(
         observer.close()
         broker.stop()
     assert "WARNING" in err and "MQTT: broker 127.0.0.1" in err and "again; republishing" in err
+
+
+@contextlib.contextmanager
+def site_rig(directory: Path):
+    """A second, independent site: its own SLCAN wire, simulated bank, relay module and store."""
+    directory.mkdir()
+    with SlcanHub() as hub, VirtualModbusTcpModule(unit=1) as module:
+        config = write_config(directory / "smallbms-bus.toml", hub.path("slcan1"), directory / "state.db",
+                              module.port, free_port())
+        simulator = subprocess.Popen([*CMD, "simulate", "--interface", "slcan", "--channel", hub.path("slcan0"),
+                                      "--bank", "1s2p-12v100", "--scenario", "steady"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            yield config, module
+        finally:
+            simulator.terminate()
+            simulator.wait(timeout=10)
+
+
+def test_two_sites_on_one_broker_keep_their_topics_apart(rig, tmp_path):  # noqa: F811
+    config, module, _ = rig
+    broker = Mosquitto(tmp_path).start()
+    with site_rig(tmp_path / "cabin") as (cabin_config, cabin_module):
+        home_port = with_mqtt(config, broker.port, "home", commands=True)
+        with_mqtt(cabin_config, broker.port, "cabin", commands=True)
+        observer = Observer(broker.port)
+        home, cabin = start(config), start(cabin_config)
+        try:
+            home_bank = observer.wait(lambda: (b := observer.json("smallbms/home/bank")) and b["phase"] == "learned"
+                                      and b, 40, "home's bank")
+            cabin_bank = observer.wait(lambda: (b := observer.json("smallbms/cabin/bank")) and b["phase"] == "learned"
+                                       and b, 40, "cabin's bank")
+            assert (home_bank["series"], home_bank["parallel"]) == (2, 1)  # each site its own bank
+            assert (cabin_bank["series"], cabin_bank["parallel"]) == (1, 2)
+            wait_for(lambda: module.relays[LOAD] and cabin_module.relays[LOAD], 20, "both load relays on", home)
+            # a command for cabin reaches cabin only
+            observer.publish("smallbms/cabin/set/mode", "OFF")
+            wait_for(lambda: not cabin_module.relays[LOAD], 10, "cabin's load relay off", cabin)
+            observer.wait(lambda: observer.json("smallbms/cabin/state")["mode_on"] is False, 10, "cabin mode off")
+            assert module.relays[LOAD] and observer.json("smallbms/home/state")["mode_on"] is True
+            client = modbus(home_port)
+            assert client.read_holding_registers(105, count=1, device_id=1).registers == [1]  # home still on
+            client.close()
+            # two devices in Home Assistant, each entity under its own site's node and state topics
+            devices = {}
+            for topic, payload in list(observer.retained.items()):
+                if topic.startswith("homeassistant/") and payload:
+                    c = check_config(topic, payload)
+                    site = c["device"]["identifiers"][0].removeprefix("smallbms_")
+                    devices.setdefault(site, set()).add(c["unique_id"])
+                    assert topic.split("/")[2] == f"smallbms_{site}"
+                    assert all(c[k].startswith(f"smallbms/{site}/") for k in ("state_topic", "command_topic",
+                                                                              "availability_topic") if k in c)
+            assert set(devices) == {"home", "cabin"} and not devices["home"] & devices["cabin"]
+            stop(cabin)
+            observer.wait(lambda: observer.retained["smallbms/cabin/status"] == b"offline", 10, "cabin offline")
+            assert observer.retained["smallbms/home/status"] == b"online"
+            stop(home)
+        finally:
+            for service in (home, cabin):
+                if service.poll() is None:
+                    service.kill()
+            observer.close()
+            broker.stop()
