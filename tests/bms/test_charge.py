@@ -72,6 +72,16 @@ def test_chg1_a_voltage_below_the_window_restarts_the_absorption_time():
     assert clock.run(20 * 60 + 1, voltage=56.7, soc=95.0).state is ChargeState.FLOAT
 
 
+def test_chg1_the_absorption_time_also_counts_while_the_cell_voltage_limiting_holds_cvl_down():
+    """An imbalanced bank: one cell at its limit keeps the bank voltage far below the window."""
+    clock = Clock()
+    clock.run(120 * 60 - 1, voltage=54.0, max_cell=3.53, soc=95.0)
+    assert clock.control.absorption_s == 0.0  # not limiting (never reached 3.55 V): not counted
+    clock.step(voltage=54.0, max_cell=3.55, soc=95.0)
+    assert clock.run(120 * 60 - 2, voltage=54.0, max_cell=3.52, soc=95.0).state is ChargeState.ABSORPTION
+    assert clock.step(voltage=54.0, max_cell=3.52, soc=95.0).state is ChargeState.FLOAT
+
+
 def test_chg1_untrusted_data_pauses_the_absorption_time():
     clock = Clock()
     clock.run(100 * 60, voltage=56.7, soc=95.0)
