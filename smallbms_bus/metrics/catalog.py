@@ -19,18 +19,18 @@ from dataclasses import dataclass
 from smallbms_bus.bms.alarms import BalancerReason, BmsAlarm, BmsWarning, BusState
 from smallbms_bus.bms.charge import ChargeState
 from smallbms_bus.bms.rules import CELL_SPREAD_IMBALANCED_V
+from smallbms_bus.protocol import FLAG_FIELDS, MAX_CELLS
+from smallbms_bus.vocabulary import RELAY_ROLES, BankPhase, StaleReason
 
 PREFIX = "smallbms_"
 BATTERY_LABELS = ("battery", "serial", "string", "position")
-STALE_REASONS = ("no_status", "status_timeout", "alive_stuck", "no_info", "no_temps", "temps_timeout", "no_cells",
-                 "cells_timeout")
-BATTERY_FLAGS = ("cell_high_voltage", "cell_low_voltage", "cell_low_pre_alarm", "balancing", "cell_imbalance",
-                 "hardware_fault", "firmware_updating")
-PHASES = ("waiting", "discovering", "learning", "learned")
-OUTPUT_NAMES = ("load_disconnect", "charge_disconnect", "pre_alarm")
+STALE_REASONS = tuple(r.value for r in StaleReason)
+BATTERY_FLAGS = FLAG_FIELDS
+PHASES = tuple(p.value for p in BankPhase)
+OUTPUT_NAMES = RELAY_ROLES
 KWH_TO_JOULES = 3.6e6
 AH_TO_COULOMBS = 3600.0
-CELL_NUMBERS = tuple(str(i) for i in range(1, 17))
+CELL_NUMBERS = tuple(str(i) for i in range(1, MAX_CELLS + 1))
 # alarm / warning label values: the names of docs/behaviour.md in lower case, like every other label value
 ALARM_LABELS = tuple((m, (m.name or "").lower()) for m in BmsAlarm)
 WARNING_LABELS = tuple((m, (m.name or "").lower()) for m in BmsWarning)
@@ -256,6 +256,26 @@ MODBUS_CLOSED = _m("modbus_connections_closed_total", "counter", ("reason",),
                    "Connections closed by the server: evicted (the longest-idle, for a newcomer over max_connections "
                    "or max_connections_per_address), no_request (nothing within first_request_timeout), "
                    "idle_timeout, slow_client (did not read its answers), bad_frame (not Modbus/TCP).")
+# -- BMS-CAN to the inverter ([inverter], docs/inverter.md) ------------------------------------------------------
+_group = "inverter"
+INVERTER_ENABLED = _m("inverter_enabled", "gauge", (), "1 = [inverter] is configured (the families below exist only "
+                      "then).")
+INVERTER_UP = _m("inverter_bus_up", "gauge", (), "1 = the inverter bus is open.")
+INVERTER_SETS = _m("inverter_frame_sets_sent_total", "counter", (), "Frame sets begun (one per [inverter] period).")
+INVERTER_SENT = _m("inverter_frames_sent_total", "counter", (), "Frames written to the inverter bus.")
+INVERTER_SEND_ERRORS = _m("inverter_send_errors_total", "counter", (), "Sends that failed: a full transmit queue (no "
+                          "receiver acknowledging) or a port error (then the bus is re-opened with back-off).")
+INVERTER_RECONNECTS = _m("inverter_reconnects_total", "counter", (), "Times the inverter bus was re-opened after the "
+                         "first open.")
+INVERTER_RECEIVED = _m("inverter_frames_received_total", "counter", ("kind",), "Frames received from the inverter "
+                       "by kind: keepalive (0x305), identification (0x307), other (counted and ignored).")
+INVERTER_GAP_MAX = _m("inverter_limits_gap_max_seconds", "gauge", (), "Longest time between two 0x351 (CVL/CCL/DCL) "
+                      "frames since the start (receivers stop after 3 s; the contract is 1.5 s at most).")
+INVERTER_LIMITS_AGE = _m("inverter_limits_age_seconds", "gauge", (), "Seconds since the last 0x351 went out; absent "
+                         "before the first.")
+INVERTER_KEEPALIVE_AGE = _m("inverter_keepalive_age_seconds", "gauge", (), "Seconds since the inverter's last "
+                            "keep-alive (0x305 or 0x307); absent before the first. Warning INVERTER_SILENT when it "
+                            "exceeds [inverter] keepalive_timeout.")
 # -- mqtt -----------------------------------------------------------------------------------------------------
 _group = "mqtt"
 MQTT_CONNECTED = _m("mqtt_connected", "gauge", (), "1 = connected to the MQTT broker; 0 = not (yet), reconnecting "

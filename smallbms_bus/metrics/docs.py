@@ -9,7 +9,8 @@ from smallbms_bus.metrics.catalog import METRICS
 GROUP_TITLES = {"service": "Service", "state": "BMS state", "bank": "Bank",
                 "charge": "Charge control (CHG)", "battery": "Batteries and cells",
                 "history": "History (HIS, persisted)", "bus": "Battery bus", "relay": "Relay outputs",
-                "store": "Store", "modbus": "Modbus TCP server", "mqtt": "MQTT"}
+                "store": "Store", "modbus": "Modbus TCP server", "mqtt": "MQTT",
+                "inverter": "Inverter (BMS-CAN)"}
 
 
 def markdown() -> str:

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Literal, cast
 
 from smallbms_bus.reports import BmsState
+from smallbms_bus.sim.inverter import VirtualInverter
 
 BMS_STATE_TIMEOUT_S = 1.0
 DEFAULT_ABSORPTION_PER_UNIT = 14.2  # V per 12.8 V unit in series
@@ -194,10 +195,13 @@ def _stopped_by(enabled: bool, ignore_bms: bool, control: Control, relay: RelayC
 
 @dataclass
 class Devices:
-    """The charger and the load on the bank's DC bus."""
+    """The charger and the load on the bank's DC bus, and optionally an inverter/charger on BMS-CAN (inverter.py)."""
 
     charger: Charger
     load: Load
+    # An inverter/charger on BMS-CAN (inverter.py): when set, the charger and the load above are its own, limited by
+    # 0x351 (CVL/CCL/DCL) instead of being switched by relays or BMS_STATE.
+    inverter: VirtualInverter | None = None
 
     @classmethod
     def for_bank(
@@ -234,6 +238,10 @@ class Devices:
 
     def characteristic(self, now: float, sim_time: float | None = None) -> Callable[[float], float]:
         """Bank current (positive = charging) as a function of the bank voltage, at this moment."""
+        if self.inverter is not None:  # the charger and the load are the inverter's own: it limits them by 0x351
+            when = now if sim_time is None else sim_time
+            available = self.charger.available_current(when) if self.charger.enabled else 0.0
+            return self.inverter.characteristic(now, available, self.load.current_a if self.load.enabled else 0.0)
         charge, load = self.charger.characteristic(now, sim_time), self.load.current(now)
         return lambda bank_voltage: charge(bank_voltage) - load
 
