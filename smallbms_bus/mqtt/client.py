@@ -10,8 +10,9 @@ when the client lags, older snapshots are simply overwritten.
 
 The publisher keeps what the broker was last sent and publishes only the topics whose payload changed,
 all retained; a topic that is no longer in the snapshot (a battery that left the bank) is cleared with an
-empty retained message. On every (re)connect that memory is forgotten, so the whole state is sent again
-after `online`, and the broker holds it for new subscribers. The last will is `offline` (retained) on
+empty retained message. On every (re)connect that memory is marked unknown, so the whole state is sent
+again after `online` (the broker holds it for new subscribers) and a topic that left during the outage is
+cleared then. The last will is `offline` (retained) on
 the availability topic; a clean stop publishes `offline` itself before disconnecting.
 
 Outages: one WARNING when the broker is lost or refuses the connection, one INFO when it answers again
@@ -40,6 +41,7 @@ KEEPALIVE_S = 30
 RECONNECT_MIN_S, RECONNECT_MAX_S = 1, 60
 MAX_QUEUED = 5000  # messages paho may hold for a slow broker; beyond that publish() fails and the topic is retried
 STOP_WAIT_S = 2.0  # a clean stop waits this long for "offline" to reach the broker
+_UNKNOWN = object()  # a topic published on an earlier connection: what the broker holds now is not known
 
 
 def tls_check(section: Mapping[str, Any]) -> None:
@@ -89,7 +91,7 @@ class MqttLink:
         self._latest: Mapping[str, str] | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._sent: dict[str, str] = {}  # publisher thread only: what the broker holds from this connection
+        self._sent: dict[str, Any] = {}  # publisher thread only: topic -> what the broker was sent (or _UNKNOWN)
         self._resend = threading.Event()  # set on (re)connect: forget _sent, send everything
         self._publisher = threading.Thread(target=self._publish_loop, name="mqtt-publish", daemon=True)
 
@@ -173,9 +175,9 @@ class MqttLink:
             self._wake.clear()
             if self._stop.is_set() or not self.connected:
                 continue
-            if self._resend.is_set():
+            if self._resend.is_set():  # a (re)connect: send everything again, and clear what left meanwhile
                 self._resend.clear()
-                self._sent = {}
+                self._sent = dict.fromkeys(self._sent, _UNKNOWN)
             with self._lock:
                 latest = self._latest
             if latest is not None:
@@ -185,7 +187,7 @@ class MqttLink:
                     log.exception("MQTT: publishing the state failed")
 
     def _send(self, latest: Mapping[str, str]) -> None:
-        sent = self._sent
+        sent: dict[str, Any] = self._sent
         for topic, payload in latest.items():
             if (sent.get(topic) != payload and self.connected
                     and self.client.publish(topic, payload, qos=0, retain=True).rc == paho.MQTT_ERR_SUCCESS):
