@@ -55,7 +55,7 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from smallbms_bus import __version__
 from smallbms_bus.bms.alarms import BusState
@@ -66,7 +66,6 @@ from smallbms_bus.link.bus import BusConfig, Link
 from smallbms_bus.link.codec import FrameDecoder, FrameEncoder, load_dbc
 from smallbms_bus.metrics import MetricsServer, limits_of
 from smallbms_bus.modbus.server import BmsAccess, ModbusOptions, ModbusServer
-from smallbms_bus.mqtt import MqttFrontEnd
 from smallbms_bus.outputs import make_board
 from smallbms_bus.outputs.base import RelayBoard
 from smallbms_bus.outputs.controller import Outputs
@@ -76,6 +75,9 @@ from smallbms_bus.reports import Report
 from smallbms_bus.store import PendingSave, Persister, Store, StoreError, StoreLock, lock_holder_description
 from smallbms_bus.systemd import sd_notify, unfinished_run
 from smallbms_bus.view import ServiceStats, ServiceView
+
+if TYPE_CHECKING:
+    from smallbms_bus.mqtt import MqttFrontEnd
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +166,8 @@ class Service:
         self.metrics: MetricsServer | None = None  # the Prometheus endpoint, started by run() when configured
         self.mqtt: MqttFrontEnd | None = None  # MQTT and Home Assistant discovery (docs/mqtt.md): [mqtt] host set
         if config["mqtt"]["host"] is not None:
+            from smallbms_bus.mqtt import MqttFrontEnd  # paho is imported only where MQTT is used
+
             self.mqtt = MqttFrontEnd(config["mqtt"], self.commit, self.writes.note_refusal)
         self.view = self._view(now)  # what watchers read (smallbms_bus/view.py); replaced after every decision
 
