@@ -229,8 +229,9 @@ class WritePath:
         r = self._refusals
         if r.logged < REFUSED_EVENTS_PER_WINDOW:
             r.logged += 1
-            self.record([Event(wall, now, what, "refused", kind,
-                               f"{refused} (Modbus exception {refused.code:02d}) by {source}")])
+            # the exception number means something to a Modbus client only (web and MQTT have their own answers)
+            code = f" (Modbus exception {refused.code:02d})" if source.startswith("Modbus") else ""
+            self.record([Event(wall, now, what, "refused", kind, f"{refused}{code} by {source}")])
             return
         if r.first_wall is None:
             r.first_wall = wall
@@ -270,6 +271,10 @@ class WritePath:
         async with self._lock:
             self._closed = True
             self.flush_refusals()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
 
 class _Before:

@@ -142,6 +142,13 @@ def _networks(key: str, value: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _password(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not 8 <= len(value) <= 256 or not value.isprintable():
+        raise ConfigError(key, "(hidden)" if isinstance(value, str) else value,
+                          "8 to 256 printable characters (absent = the page and API are read-only)")
+    return value
+
+
 def _channel(key: str, value: Any) -> int | None:
     if value == 0 and type(value) is int:  # not 0.0 nor false: those are mistakes, not "not mapped"
         return None  # 0 = not mapped
@@ -207,6 +214,14 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                            "may hold"),
         "first_request_timeout": Key(10.0, _number(1.0, 3600.0), "s a new connection has to send its request"),
         "idle_timeout": Key(60.0, _number(1.0, 86400.0), "s before an idle keep-alive connection is closed"),
+    },
+    "web": {  # the commissioning page and its JSON API (smallbms_bus/web, docs/api.md)
+        "host": Key("127.0.0.1", _text(), "address of the web page and API (0.0.0.0 or :: for every interface)"),
+        "port": Key(8080, _number(0, 65535, integer=True), "TCP port of the web page and API, 0 = off"),
+        "password": Key(None, _optional(_password), "password for writes (Authorization: Bearer); absent = read-only"),
+        "allow_write_from": Key(["127.0.0.1/32", "::1/128"], _networks, "clients allowed to write (with the password)"),
+        "tls_cert": Key(None, _optional(_text()), "PEM certificate: serve HTTPS"),
+        "tls_key": Key(None, _optional(_text()), "PEM private key of tls_cert"),
     },
     "outputs": {
         "backend": Key("memory", _text("memory", "modbus", "lcus", "gpiod"), "relay board kind"),
@@ -323,6 +338,10 @@ def _cross_check(s: dict[str, dict[str, Any]], source: str) -> None:
     modbus = s["modbus"]
     if (modbus["tls_cert"] is None) != (modbus["tls_key"] is None):
         raise ConfigError("modbus.tls_key" if modbus["tls_key"] is None else "modbus.tls_cert", NOT_SET,
+                          "set together with the other: TLS needs both a certificate and its key", source)
+    web = s["web"]
+    if (web["tls_cert"] is None) != (web["tls_key"] is None):
+        raise ConfigError("web.tls_key" if web["tls_key"] is None else "web.tls_cert", NOT_SET,
                           "set together with the other: TLS needs both a certificate and its key", source)
     mqtt = s["mqtt"]
     if mqtt["tls_key"] is not None and mqtt["tls_cert"] is None:

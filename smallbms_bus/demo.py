@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import math
 import os
 import signal
@@ -41,6 +42,7 @@ from smallbms_bus.sim.scenarios import DEFAULT_SCENARIO, SCENARIOS
 from smallbms_bus.store import Store
 
 METRICS_PORT = 9108  # the [metrics] port default
+WEB_PORT = 8080  # the [web] port default: the commissioning page
 MODBUS_PORT = 5020  # not 502: the demo runs without the privilege to bind below 1024
 ROLES = {"load_disconnect": "load", "charge_disconnect": "charge", "pre_alarm": "pre-alarm"}
 # How fast the demo may run. Service and simulation share one process (one GIL); measured on a 2-core machine
@@ -91,18 +93,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help=f"Prometheus /metrics on 127.0.0.1:PORT (default {METRICS_PORT}, 0 = off)")
     parser.add_argument("--modbus-port", type=int, default=MODBUS_PORT,
                         help=f"Modbus TCP on 127.0.0.1:PORT (default {MODBUS_PORT}, 0 = off)")
+    parser.add_argument("--web-port", type=int, default=WEB_PORT,
+                        help=f"the commissioning page and JSON API on 127.0.0.1:PORT (default {WEB_PORT}, 0 = off)")
+    parser.add_argument("--web-password", default=None, metavar="PASSWORD",
+                        help="password for writes from the page and API (8-256 characters; default: read-only)")
     parser.add_argument("--soc", type=float, default=None,
                         help="set the SoC to this %% once the bank is learned, as an installer would (MON-6); "
                              "default: unknown until the first full charge, as at a real first start")
     return parser
 
 
-def demo_config(channel: str, store: str, metrics_port: int = 0, modbus_port: int = 0) -> str:
+def demo_config(channel: str, store: str, metrics_port: int = 0, modbus_port: int = 0, web_port: int = 0,
+                web_password: str | None = None) -> str:
+    password = "" if web_password is None else f"password = {json.dumps(web_password)}\n"  # a TOML basic string
     return (f'[bus]\ninterface = "virtual"\nchannel = "{channel}"\n'
             f'[store]\npath = "{store}"\n'
             '[outputs]\nbackend = "memory"\n'
             f'[metrics]\nhost = "127.0.0.1"\nport = {metrics_port}\n'
-            f'[modbus]\nhost = "127.0.0.1"\nport = {modbus_port}\n')
+            f'[modbus]\nhost = "127.0.0.1"\nport = {modbus_port}\n'
+            f'[web]\nhost = "127.0.0.1"\nport = {web_port}\n{password}')
 
 
 def check_args(args: argparse.Namespace) -> str | None:
@@ -122,8 +131,11 @@ def check_args(args: argparse.Namespace) -> str | None:
                 f"clock, so at speed {args.speed:g} this process would have to handle "
                 f"{args.speed * frames_per_second(shape):.0f} frames and {10 * args.speed:.0f} BMS evaluations per "
                 "real second; docs/simulator.md \"Demo speed\")")
-    if not 0 <= args.metrics_port <= 65535 or not 0 <= args.modbus_port <= 65535:
-        return "--metrics-port and --modbus-port must be 0..65535"
+    if not all(0 <= port <= 65535 for port in (args.metrics_port, args.modbus_port, getattr(args, "web_port", 0))):
+        return "--metrics-port, --modbus-port and --web-port must be 0..65535"
+    password = getattr(args, "web_password", None)
+    if password is not None and not (8 <= len(password) <= 256 and password.isprintable()):
+        return "--web-password: 8 to 256 printable characters"
     if args.soc is not None and not 0 <= args.soc <= 100:
         return f"--soc {args.soc:g}: must be 0..100"
     try:
@@ -145,7 +157,8 @@ class Demo:
         self.store_path = f"{directory}/state.db"
         self.clock = SimClock(args.speed, running=False)  # time starts with the simulation
         self.board = MemoryBoard()
-        config = parse_config(demo_config(self.channel, self.store_path, args.metrics_port, args.modbus_port),
+        config = parse_config(demo_config(self.channel, self.store_path, args.metrics_port, args.modbus_port,
+                                          getattr(args, "web_port", 0), getattr(args, "web_password", None)),
                               "<demo>")
         check(config)  # what run checks: a demo config is held to the same rules
         self.service = Service(config, board=self.board, clock=self.clock.monotonic, wall=self.clock.wall,
@@ -178,6 +191,11 @@ class Demo:
                          f"GX); try `smallbms-bus status --port {a.modbus_port}` or\n"
                          f"         `mbpoll -m tcp -a 1 -0 -r 0 -c 40 -p {a.modbus_port} 127.0.0.1 -1` "
                          "(docs/registers.md)")
+        if getattr(a, "web_port", 0):
+            writes = ("writes with the password given by --web-password" if getattr(a, "web_password", None)
+                      else "read-only: give --web-password to change settings from it")
+            lines.append(f"web:     http://127.0.0.1:{a.web_port}/ (the commissioning page and JSON API, docs/api.md; "
+                         f"{writes})")
         return "\n".join(lines)
 
     def run(self) -> int:

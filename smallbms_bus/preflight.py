@@ -61,6 +61,11 @@ def check(config: Config) -> None:
         from smallbms_bus.modbus.tls import tls_context
 
         tls_context(modbus["tls_cert"], modbus["tls_key"], modbus["tls_client_ca"])
+    web = config["web"]
+    if web["tls_cert"] is not None:  # the same checks and messages as Modbus's, naming web.tls_*
+        from smallbms_bus.modbus.tls import tls_context
+
+        tls_context(web["tls_cert"], web["tls_key"], None, section="web")
     if config["mqtt"]["host"] is not None:
         from smallbms_bus.mqtt.client import tls_check
 

@@ -164,6 +164,7 @@ class Service:
                                                          commit=self.commit, clock=clock, started=now,
                                                          refused=self.writes.note_refusal))
         self.metrics: MetricsServer | None = None  # the Prometheus endpoint, started by run() when configured
+        self.web: Any = None  # the commissioning page and JSON API (web/server.py), started by run() when configured
         self.mqtt: MqttFrontEnd | None = None  # MQTT and Home Assistant discovery (docs/mqtt.md): [mqtt] host set
         if config["mqtt"]["host"] is not None:
             from smallbms_bus.mqtt import MqttFrontEnd  # paho is imported only where MQTT is used
@@ -290,6 +291,15 @@ class Service:
         """SET-3, for every front end: the change is applied now and answered once it is on disk; raises
         WriteRefused (03 bad value, 06 not yet, 04 the store could not commit it). See smallbms_bus/commit.py."""
         return await self.writes.commit(change)
+
+    @property
+    def writes_closed(self) -> bool:
+        """True once the service stops taking writes (shutdown has begun)."""
+        return self._stopping.is_set() or self.writes.closed
+
+    async def read_events(self, limit: int, since: float | None = None) -> list[dict[str, Any]]:
+        """The event log as saved, newest first (on the store thread, which owns the connection)."""
+        return await asyncio.get_running_loop().run_in_executor(self._db, self.store.events, limit, since)
 
     def _submit_save(self, save: PendingSave) -> asyncio.Future[bool]:
         """The hand-off to the store thread (loop thread only); the future says whether it committed."""
@@ -452,6 +462,11 @@ class Service:
                 m = self.config["metrics"]
                 self.metrics = MetricsServer(self, m["host"], m["port"], limits=limits_of(m))
                 await self.metrics.start()
+            if self.config["web"]["port"]:  # [web] port 0 = no page; a busy port is retried, never a stop
+                from smallbms_bus.web.server import WebOptions, WebServer  # aiohttp only when the page is served
+
+                self.web = WebServer(self, WebOptions.from_config(self.config["web"]))
+                await self.web.start()
             if self.mqtt is not None:  # its own threads; a broker down or slow never delays the start
                 self.mqtt.start(self._loop)
             if modbus is not None:  # READY=1 means a PLC can connect now (unless the port is taken: then retried)
@@ -537,6 +552,8 @@ class Service:
         loop = asyncio.get_running_loop()
         if self.modbus is not None:  # first: no new write may change anything while the state is being saved
             await self.modbus.stop()
+        if self.web is not None:  # the same for the page's writes; its streams end
+            await self.web.close()
         with self._pending_lock:
             self._stopping.set()  # from here no decision reaches the board
         if receiver is not None:  # the bus thread closes the link when it ends

@@ -259,11 +259,14 @@ class Store:
         with self._lock, self._transaction("append events"):
             self._insert_events(rows)
 
-    def events(self, limit: int | None = 100) -> list[dict[str, Any]]:
-        """The newest events first, as dicts with `id` and the Event fields."""
+    def events(self, limit: int | None = 100, since: float | None = None) -> list[dict[str, Any]]:
+        """The newest events first (those at or after the wall-clock time `since`, when given), as dicts with `id`
+        and the Event fields."""
+        where = "" if since is None else "WHERE wall >= ? "
+        args: tuple[Any, ...] = (-1 if limit is None else limit,) if since is None else (since, limit or -1)
         with self._lock:
-            rows = self._db.execute(f"SELECT id, {', '.join(EVENT_FIELDS)} FROM events ORDER BY id DESC LIMIT ?",
-                                    (-1 if limit is None else limit,)).fetchall()
+            rows = self._db.execute(f"SELECT id, {', '.join(EVENT_FIELDS)} FROM events {where}ORDER BY id DESC LIMIT ?",
+                                    args).fetchall()
         return [dict(zip(("id", *EVENT_FIELDS), row, strict=True)) for row in rows]
 
     def event_count(self) -> int:

@@ -25,8 +25,8 @@ class Demo:
     """`smallbms-bus demo ARGS` with its stdout read line by line by a thread, split into readouts."""
 
     def __init__(self, *args: str) -> None:
-        self.process = subprocess.Popen([*CMD, "demo", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        text=True)
+        self.process = subprocess.Popen([*CMD, "demo", "--web-port", "0", *args], stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -103,8 +103,8 @@ def test_demo_reads_the_virtual_bank_and_stops_cleanly():
 
 
 def test_demo_stops_by_itself_after_duration():
-    result = subprocess.run([*CMD, "demo", "--duration", "1.5", "--every", "0.5"], capture_output=True, text=True,
-                            timeout=90)
+    result = subprocess.run([*CMD, "demo", "--web-port", "0", "--duration", "1.5", "--every", "0.5"],
+                            capture_output=True, text=True, timeout=90)
     assert result.returncode == 0, result.stderr
     assert BLOCK in result.stdout and result.stdout.rstrip().splitlines()[-1].startswith("demo: stopped")
 

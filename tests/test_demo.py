@@ -73,7 +73,7 @@ class DemoOutput:
 
 
 def demo(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([*CMD, "demo", "--metrics-port", "0", "--modbus-port", "0", *args],
+    return subprocess.Popen([*CMD, "demo", "--metrics-port", "0", "--modbus-port", "0", "--web-port", "0", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -148,8 +148,9 @@ def test_mode_off_over_modbus_stops_the_charger_and_the_load_within_2_s():
     both relays; the simulated charger and load are wired to them (--devices relays, the default), so the
     bank current goes to 0 A; mode on brings +2 A back. Times: the service's MODE events and its readouts."""
     port = free_port()
-    process = subprocess.Popen([*CMD, "demo", "--metrics-port", "0", "--modbus-port", str(port), "--every", "0.2",
-                                "--duration", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen([*CMD, "demo", "--metrics-port", "0", "--web-port", "0", "--modbus-port", str(port),
+                                "--every", "0.2", "--duration", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
     reader = Reader(process)
     reader.start()
     client = ModbusTcpClient("127.0.0.1", port=port, timeout=3)

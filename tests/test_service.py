@@ -31,7 +31,8 @@ def config_text(store: str, channel: str, extra: str = "", bms: str = "") -> str
     return (f'[bus]\ninterface = "virtual"\nchannel = "{channel}"\n[bms]\ndiscovery_window = {DISCOVERY_S}\n{bms}'
             f'[store]\npath = "{store}"\n[outputs]\nbackend = "memory"\n{extra}'
             + ("" if "[modbus]" in extra else "[modbus]\nport = 0\n")  # no Modbus or metrics endpoint
-            + ("" if "[metrics]" in extra else "[metrics]\nport = 0\n"))  # unless a test asks for it
+            + ("" if "[metrics]" in extra else "[metrics]\nport = 0\n")  # unless a test asks for it
+            + ("" if "[web]" in extra else "[web]\nport = 0\n"))  # nor the web page (its default port is 8080)
 
 
 def event(run: Running, name: str, value: str, after: float, timeout: float = 30.0) -> dict:

@@ -57,7 +57,9 @@ from smallbms_bus.bms.rules import (
     PRE_ALARM_CAUSES,
     PRE_ALARM_LEAD_S,
     Facts,
+    active_reason,
     undervoltage_reason,
+    why_not,
 )
 from smallbms_bus.bms.settings import DEFAULT_SETTINGS, Settings
 from smallbms_bus.bms.signature import protective_signature
@@ -375,10 +377,10 @@ class BmsCore:
         atd = self.started and not discharge_blockers
         waiting = f.view.waiting_for_batteries
         if not atc:
-            f.reasons["ATC"] = _why_not(self.started, waiting, charge_blockers,
+            f.reasons["ATC"] = why_not(self.started, waiting, charge_blockers,
                                         "firmware update in progress" if f.updating else None, self._bus_down())
         if not atd:
-            f.reasons["ATD"] = _why_not(self.started, waiting, discharge_blockers, None, self._bus_down())
+            f.reasons["ATD"] = why_not(self.started, waiting, discharge_blockers, None, self._bus_down())
         enabled = self.mode_on and self.remote_on
         return atc, atd, Outputs(load_disconnect=enabled and atd, charge_disconnect=enabled and atc,
                                  pre_alarm=BmsWarning.PRE_ALARM in f.warnings)
@@ -419,7 +421,7 @@ class BmsCore:
             atd=atd, atd_state=AtdState.NO if not atd else AtdState.PRE_ALARM if pre_alarm else AtdState.YES,
             pre_alarm=pre_alarm, outputs=outputs, mode_on=self.mode_on, remote_on=self.remote_on,
             firmware_update=f.updating, link_up=self.link_up, alarms=alarms, warnings=warnings,
-            reasons={k: v for k, v in f.reasons.items() if _active(k, alarms, warnings, atc, atd, pre_alarm)},
+            reasons={k: v for k, v in f.reasons.items() if active_reason(k, alarms, warnings, atc, atd, pre_alarm)},
             error_led=Led.SOLID if alarms else Led.BLINKING if warnings else Led.OFF,
             status_led=Led.SOLID if client_recent else Led.BLINKING, balancer=self._balancer(f, wall),
             soc=soc, consumed_ah=None if soc is None else reading.consumed_ah,
@@ -580,23 +582,3 @@ def _elapsed(since: float | None, now: float) -> float | None:
 
 def _since(elapsed: float | None, now: float) -> float | None:
     return None if elapsed is None else now - float(elapsed)
-
-
-def _why_not(started: bool, waiting: bool, blockers: BmsAlarm, extra: str | None, bus_down: str | None) -> str:
-    if not started:
-        why = "waiting for batteries" if waiting else "not started: the bank is not known and fresh yet"
-        return f"{why} (bus down: {bus_down})" if bus_down else why
-    parts = [m.name for m in BmsAlarm if m in blockers and m.name]
-    if extra:
-        parts.append(extra)
-    return ", ".join(parts)
-
-
-def _active(name: str, alarms: BmsAlarm, warnings: BmsWarning, atc: bool, atd: bool, pre_alarm: bool) -> bool:
-    if name in BmsAlarm.__members__:
-        return BmsAlarm[name] in alarms
-    if name in BmsWarning.__members__:
-        return BmsWarning[name] in warnings
-    return {"ATC": not atc, "ATD": not atd}.get(name, False)
-
-

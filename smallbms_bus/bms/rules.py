@@ -248,3 +248,23 @@ ALARM_TABLE: tuple[AlarmRule, ...] = (
 )
 CHARGE_BLOCKERS: BmsAlarm = reduce(or_, (a.bit for a in ALARM_TABLE if a.blocks_charge), BmsAlarm(0))
 DISCHARGE_BLOCKERS: BmsAlarm = reduce(or_, (a.bit for a in ALARM_TABLE if a.blocks_discharge), BmsAlarm(0))
+
+
+def why_not(started: bool, waiting: bool, blockers: BmsAlarm, extra: str | None, bus_down: str | None) -> str:
+    """ATC's or ATD's reason while false: not started yet, or the blocking alarms (ALARM_TABLE's order)."""
+    if not started:
+        why = "waiting for batteries" if waiting else "not started: the bank is not known and fresh yet"
+        return f"{why} (bus down: {bus_down})" if bus_down else why
+    parts = [m.name for m in BmsAlarm if m in blockers and m.name]
+    if extra:
+        parts.append(extra)
+    return ", ".join(parts)
+
+
+def active_reason(name: str, alarms: BmsAlarm, warnings: BmsWarning, atc: bool, atd: bool, pre_alarm: bool) -> bool:
+    """Whether a reason's subject is active now: a Decision keeps only those."""
+    if name in BmsAlarm.__members__:
+        return BmsAlarm[name] in alarms
+    if name in BmsWarning.__members__:
+        return BmsWarning[name] in warnings
+    return {"ATC": not atc, "ATD": not atd}.get(name, False)

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from smallbms_bus.bms.alarms import BalancerReason, BmsAlarm, BmsWarning, BusState
+from smallbms_bus.bms.rules import CELL_SPREAD_IMBALANCED_V
 
 PREFIX = "smallbms_"
 BATTERY_LABELS = ("battery", "serial", "string", "position")
@@ -149,7 +150,7 @@ BAT_TEMP = _m("battery_temperature_celsius", "gauge", B, "Battery temperature (B
 BAT_CELL_T_MIN = _m("battery_cell_temperature_min_celsius", "gauge", B, "Lowest cell temperature (BAT_TEMPS).")
 BAT_CELL_T_MAX = _m("battery_cell_temperature_max_celsius", "gauge", B, "Highest cell temperature (BAT_TEMPS).")
 BAT_SPREAD = _m("battery_cell_voltage_spread_volts", "gauge", B, "Highest minus lowest cell voltage (BAL-1: "
-                "imbalanced above 0.10 V).")
+                f"imbalanced above {CELL_SPREAD_IMBALANCED_V:.2f} V).")
 BAT_FLAG = _m("battery_flag", "gauge", (*B, "flag"), "The battery's own BAT_STATUS flags, 1 = set.")
 CELL_VOLTAGE = _m("cell_voltage_volts", "gauge", ("battery", "cell"), "Cell voltage (cells 1..16; an unmeasured "
                   "cell is absent).")

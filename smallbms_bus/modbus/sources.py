@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from smallbms_bus import __version__
-from smallbms_bus.bank import FLAG_FIELDS, BatteryView, Topology
+from smallbms_bus.bank import CELLS_PER_UNIT, FLAG_FIELDS, BatteryView, Topology
 from smallbms_bus.bms.alarms import AtdState, BalancerStatus, BmsAlarm, BmsWarning, Led
 from smallbms_bus.bms.core import BmsCore, Decision
 from smallbms_bus.bms.monitor import pulse_limits
+from smallbms_bus.bms.rules import CELL_HIGH_SET_V
 from smallbms_bus.bms.settings import Settings
 
 STATE_WAITING, STATE_ON, STATE_OFF, STATE_FIRMWARE_UPDATE, STATE_FAULT = range(5)
@@ -322,7 +323,8 @@ def sunspec_charge_status(s: Snapshot) -> int:
 
 
 # -- SunSpec scale factors, from the bank: every value the bank can carry fits its register ----------------
-UNIT_MAX_VOLTAGE = 15.0  # a 12.8 V unit with every cell at ATC-1's 3.75 V: the highest voltage the bank shows
+# a 12.8 V unit with every cell at ATC-1's 3.75 V (15.0 V): the highest voltage the bank shows
+UNIT_MAX_VOLTAGE = CELLS_PER_UNIT * CELL_HIGH_SET_V
 UINT16_MAX, INT16_MAX = 0xFFFE, 0x7FFF  # the largest numbers (0xFFFF and 0x8000 read "not implemented")
 
 

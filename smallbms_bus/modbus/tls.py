@@ -27,23 +27,26 @@ def _no_password() -> bytes:
     return b""
 
 
-def tls_context(cert: str, key: str | None, client_ca: str | None) -> ssl.SSLContext:
+def tls_context(cert: str, key: str | None, client_ca: str | None, section: str = "modbus") -> ssl.SSLContext:
     """A server context (client certificates optional: readers need none, writers do when client_ca is set).
-    Without `key` the private key is read from the certificate's file."""
-    for name, path in (("modbus.tls_cert", cert), ("modbus.tls_key", key), ("modbus.tls_client_ca", client_ca)):
+    Without `key` the private key is read from the certificate's file. `section` names the keys in errors
+    ([web] uses the same options)."""
+    for name, path in ((f"{section}.tls_cert", cert), (f"{section}.tls_key", key),
+                       (f"{section}.tls_client_ca", client_ca)):
         if path is not None:
             _readable(name, path)
     try:
         ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(cafile=cert)
     except ssl.SSLError as error:
-        raise ConfigError("modbus.tls_cert", cert, f"a PEM certificate ({error.reason or error})") from None
+        raise ConfigError(f"{section}.tls_cert", cert, f"a PEM certificate ({error.reason or error})") from None
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
         ctx.load_cert_chain(cert, key, password=_no_password)
     except ssl.SSLError as error:
-        why = "it does not match modbus.tls_cert" if error.reason == "KEY_VALUES_MISMATCH" else error.reason or error
-        raise ConfigError("modbus.tls_key", key or cert, f"the unencrypted PEM private key of modbus.tls_cert ({why})"
-                          ) from None
+        why = (f"it does not match {section}.tls_cert" if error.reason == "KEY_VALUES_MISMATCH"
+               else error.reason or error)
+        raise ConfigError(f"{section}.tls_key", key or cert,
+                          f"the unencrypted PEM private key of {section}.tls_cert ({why})") from None
     if client_ca:
         try:
             ctx.load_verify_locations(client_ca)

@@ -151,7 +151,7 @@ def service_config(store: Path, *, bus: str = 'interface = "virtual"\nchannel = 
                    extra: str = "") -> str:
     return (f"[bus]\n{bus}\n[bms]\ndiscovery_window = 1.0\n{bms}\n[store]\npath = \"{store}\"\n{outputs}\n"
             f"[modbus]\nhost = \"127.0.0.1\"\nport = {modbus_port}\n[metrics]\nhost = \"127.0.0.1\"\n"
-            f"port = {metrics_port}\n{extra}")
+            f"port = {metrics_port}\n[web]\nport = 0\n{extra}")
 
 
 class ServiceRig:

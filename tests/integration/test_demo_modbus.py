@@ -34,8 +34,9 @@ def demo(tmp_path_factory):
     port, metrics_port = free_port(), free_port()
     log = (tmp_path_factory.mktemp("demo") / "stderr.log").open("w+")
     started = time.monotonic()
-    process = subprocess.Popen([*CMD, "demo", "--modbus-port", str(port), "--metrics-port", str(metrics_port),
-                                "--duration", "120", "--every", "1000"], stdout=subprocess.PIPE, stderr=log, text=True)
+    process = subprocess.Popen([*CMD, "demo", "--web-port", "0", "--modbus-port", str(port),
+                                "--metrics-port", str(metrics_port), "--duration", "120", "--every", "1000"],
+                               stdout=subprocess.PIPE, stderr=log, text=True)
     serving_after = None
     try:
         header = "".join(process.stdout.readline() for _ in range(5))  # printed at once, before serving

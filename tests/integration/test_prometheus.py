@@ -61,8 +61,8 @@ def demo(tmp_path_factory):
     port = free_port()
     logs = tmp_path_factory.mktemp("demo")
     out, err = (logs / "stdout").open("w+"), (logs / "stderr").open("w+")
-    command = [sys.executable, "-m", "smallbms_bus.cli", "demo", "--metrics-port", str(port), "--soc", "60",
-               "--scenario", "discharge", "--every", "60", "--modbus-port", str(free_port())]
+    command = [sys.executable, "-m", "smallbms_bus.cli", "demo", "--web-port", "0", "--metrics-port", str(port),
+               "--soc", "60", "--scenario", "discharge", "--every", "60", "--modbus-port", str(free_port())]
     process = subprocess.Popen(command, stdout=out, stderr=err, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}/metrics"
     try:

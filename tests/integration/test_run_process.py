@@ -43,6 +43,8 @@ port = {module_port}
 unit = 1
 [metrics]
 port = 0
+[web]
+port = 0
 [modbus]
 host = "127.0.0.1"
 port = {modbus_port}
@@ -283,8 +285,8 @@ def test_ready_means_modbus_answers(tmp_path):
     port = free_port()
     config = tmp_path / "smallbms-bus.toml"
     config.write_text(f'[bus]\ninterface = "virtual"\nchannel = "ready"\n[store]\npath = "{tmp_path / "state.db"}"\n'
-                      f'[outputs]\nbackend = "memory"\n[metrics]\nport = 0\n[modbus]\nhost = "127.0.0.1"\n'
-                      f"port = {port}\n")
+                      f'[outputs]\nbackend = "memory"\n[metrics]\nport = 0\n[web]\nport = 0\n'
+                      f'[modbus]\nhost = "127.0.0.1"\nport = {port}\n')
     address = str(tmp_path / "notify.sock")
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(address)

@@ -79,7 +79,7 @@ def test_status_and_metrics_say_the_bus_is_down_and_why(tmp_path, caplog, capsys
     modbus_port, metrics_port = free_port(), free_port()
     text = (f'[bus]\ninterface = "slcan"\nchannel = "{tmp_path}/ttyNONE"\n[store]\npath = "{tmp_path}/state.db"\n'
             f'[outputs]\nbackend = "memory"\n[modbus]\nhost = "127.0.0.1"\nport = {modbus_port}\n'
-            f'[metrics]\nhost = "127.0.0.1"\nport = {metrics_port}\n')
+            f'[metrics]\nhost = "127.0.0.1"\nport = {metrics_port}\n[web]\nport = 0\n')
     service = Service(parse_config(text), board=MemoryBoard())
     loop = asyncio.new_event_loop()
     stop = asyncio.Event()

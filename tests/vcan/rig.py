@@ -166,6 +166,8 @@ port = {module_port}
 unit = 1
 [metrics]
 port = 0
+[web]
+port = 0
 [modbus]
 host = "127.0.0.1"
 port = {modbus_port}
