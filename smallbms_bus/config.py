@@ -155,6 +155,27 @@ def _channel(key: str, value: Any) -> int | None:
     return _number(1, 64, integer=True)(key, value)
 
 
+def _can_interface(key: str, value: Any) -> str:
+    import can  # python-can's own list of interfaces (a typo must not pass until the first open)
+
+    names = sorted(can.interfaces.VALID_INTERFACES)
+    if value == "" or (isinstance(value, str) and value in names):
+        return value
+    raise ConfigError(key, value, '"" (off) or a python-can interface: ' + ", ".join(names))
+
+
+def _bitrate(key: str, value: Any) -> int:
+    if type(value) is int and value in (250_000, 500_000):
+        return value
+    raise ConfigError(key, value, "250000 or 500000")
+
+
+def _keepalive_timeout(key: str, value: Any) -> float:
+    if value == 0 and not isinstance(value, bool):
+        return 0.0
+    return float(_number(2.0, 3600.0)(key, value))
+
+
 _MQTT_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
@@ -246,6 +267,17 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "log": {
         "level": Key("INFO", _text(*LOG_LEVELS), "log level on stderr"),
+    },
+    # BMS-CAN to an inverter/charger (docs/inverter.md); off while interface is ""
+    "inverter": {
+        "interface": Key("", _can_interface, 'python-can interface of the inverter bus: socketcan, slcan, virtual, '
+                         '...; "" = off'),
+        "channel": Key("", _text(empty=True), "can1, /dev/ttyACM1, ..."),
+        "bitrate": Key(500_000, _bitrate, "bit/s: 500000 or 250000"),
+        "profile": Key("victron", _text("victron", "pylontech"), "frame set: victron or pylontech (adds 0x359, 0x35C)"),
+        "period": Key(1.0, _number(0.2, 2.0), "s between frame sets (0x351 at least every 1 s)"),
+        "keepalive_timeout": Key(0.0, _keepalive_timeout, "s without an inverter keep-alive (0x305/0x307) before "
+                                 "warning INVERTER_SILENT; 0 = none required"),
     },
     # MQTT and Home Assistant discovery (docs/mqtt.md): off while `host` is not set.
     "mqtt": {
@@ -339,6 +371,7 @@ def _cross_check(s: dict[str, dict[str, Any]], source: str) -> None:
     if (modbus["tls_cert"] is None) != (modbus["tls_key"] is None):
         raise ConfigError("modbus.tls_key" if modbus["tls_key"] is None else "modbus.tls_cert", NOT_SET,
                           "set together with the other: TLS needs both a certificate and its key", source)
+    _check_inverter(s, source)
     web = s["web"]
     if (web["tls_cert"] is None) != (web["tls_key"] is None):
         raise ConfigError("web.tls_key" if web["tls_key"] is None else "web.tls_cert", NOT_SET,
@@ -351,6 +384,17 @@ def _cross_check(s: dict[str, dict[str, Any]], source: str) -> None:
     if modbus["gx_unit"] == modbus["unit"]:
         raise ConfigError("modbus.gx_unit", modbus["gx_unit"], f"a unit id other than modbus.unit ({modbus['unit']})",
                           source)
+
+
+def _check_inverter(s: dict[str, dict[str, Any]], source: str) -> None:
+    inverter = s["inverter"]
+    if inverter["interface"] and not inverter["channel"]:
+        raise ConfigError("inverter.channel", "", f"the channel of inverter.interface {inverter['interface']} "
+                          "(e.g. can1, /dev/ttyACM1)", source)
+    if inverter["interface"] and (inverter["interface"], inverter["channel"]) == (s["bus"]["interface"],
+                                                                                 s["bus"]["channel"]):
+        raise ConfigError("inverter.channel", inverter["channel"], "a channel other than the battery bus's "
+                          "(BMS-CAN is a separate bus)", source)
 
 
 def load_config(path: str | Path) -> Config:

@@ -46,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import os
 import shlex
@@ -62,6 +63,8 @@ from smallbms_bus.bms.alarms import BusState
 from smallbms_bus.bms.core import BmsCore, Decision, Event, bms_state_report
 from smallbms_bus.commit import Change, Committed, WritePath
 from smallbms_bus.config import Config
+from smallbms_bus.inverter import link as inverter_link
+from smallbms_bus.inverter.frames import values_of
 from smallbms_bus.link.bus import BusConfig, Link
 from smallbms_bus.link.codec import FrameDecoder, FrameEncoder, load_dbc
 from smallbms_bus.metrics import MetricsServer, limits_of
@@ -92,11 +95,13 @@ OFF = {"load_disconnect": False, "charge_disconnect": False, "pre_alarm": False,
 class Service:
     def __init__(self, config: Config, *, board: RelayBoard | None = None, bus: BusConfig | None = None,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep, rate: float = 1.0) -> None:
         self.config = config
         # `sleep` waits seconds of `clock`: the demo runs the service on the simulation's clock (sim/clock.py),
         # so the 100 ms tick is 100 ms of simulated time like every other delay.
         self.clock, self.wall, self.sleep = clock, wall, sleep
+        self.rate = rate  # seconds of `clock` per real second (the demo's speed): the inverter thread's waits
+        self._threads: list[threading.Thread] = []  # owner threads joined at shutdown (the bus thread apart)
         self.stats = ServiceStats()
         # SET-4: before anything is opened, so a second instance never touches the first one's devices
         self.lock = StoreLock.acquire(config["store"]["path"],
@@ -123,6 +128,8 @@ class Service:
         b = config["bus"]
         bus_config = bus or BusConfig.of(b["interface"], b["channel"], b["bitrate"], slcan_wait=b["slcan_wait"])
         self.link = Link(bus_config, FrameDecoder(db), clock=clock, on_state=self._link_changed)
+        # BMS-CAN to an inverter ([inverter], docs/inverter.md): its own bus and owner thread, None while off
+        self.inverter = inverter_link.from_config(config["inverter"], clock=clock, rate=self.rate)
         out = config["outputs"]
         # make_board does no I/O: a relay board not yet enumerated at boot is a RELAY_FAULT that clears when
         # the controller's back-off re-open succeeds, not an exit (bad options still raise ValueError).
@@ -218,6 +225,8 @@ class Service:
             if self.link.offer(self.encoder.bms_state(bms_state_report(decision, self._alive))):
                 self.stats.bms_state_sent += 1  # handed to the bus thread (the link counts what it wrote)
             self._last_sent_state, self._next_state_at = state, now + TICK_S
+        if self.inverter is not None:  # latest wins: the inverter thread sends it on its own schedule
+            self.inverter.offer(values_of(decision))
         if decision.events:
             self.record(decision.events)
         return decision
@@ -228,8 +237,9 @@ class Service:
         self.view = self._view(now)
 
     def _view(self, now: float) -> ServiceView:
-        return ServiceView.build(self.decision, now, self.link, self.outputs, self.persister,
+        view = ServiceView.build(self.decision, now, self.link, self.outputs, self.persister,
                                  self.store_stalled_since is None, self.writes.refused, self.stats)
+        return view if self.inverter is None else dataclasses.replace(view, inverter=self.inverter.view(now))
 
     def record(self, events: Sequence[Event]) -> None:
         """Events of the core, the write path and the service: logged, counted, and saved with the state (one
@@ -381,6 +391,8 @@ class Service:
         next_watchdog = 0.0
         while True:
             self._sync_link()  # also the watchdog of the bus thread: a stall is found here (COM-5)
+            if self.inverter is not None:
+                self.core.set_inverter_silent(self.inverter.silent_reason(self.clock()))
             self._decide()
             now = self.clock()
             if self.mqtt is not None:  # a latest-wins hand-over to the MQTT thread: never waits for the broker
@@ -455,6 +467,11 @@ class Service:
                 kwargs={"pre_alarm_level": lambda: self.core.settings.pre_alarm_level_per_cell}, name="bus",
                 daemon=True)
             receiver.start()
+            if self.inverter is not None:  # the BMS-CAN link's owner thread
+                inverter = threading.Thread(target=self.inverter.serve, args=(self._stopping,), name="inverter",
+                                            daemon=True)
+                inverter.start()
+                self._threads.append(inverter)
             tick = asyncio.create_task(self._supervise("tick", self._tick))
             modbus_tried = asyncio.Event()
             modbus = asyncio.create_task(self._serve_modbus(modbus_tried)) if self.modbus is not None else None
@@ -565,6 +582,8 @@ class Service:
         else:
             self.link.close()
         await loop.run_in_executor(self._io, self.outputs.safe)  # queued after any in-flight apply
+        for thread in self._threads:  # the inverter thread sends its last set (every limit 0) and closes its bus
+            await loop.run_in_executor(None, thread.join, 2.0)
         self._io.shutdown(wait=True)
         if self.mqtt is not None:  # after the outputs are off: "offline" on the availability topic (bounded wait)
             await self.mqtt.stop()

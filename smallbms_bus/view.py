@@ -12,7 +12,7 @@ about 15 times a second.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from smallbms_bus.bms.alarms import BusState
 from smallbms_bus.bms.core import Decision
@@ -60,6 +60,7 @@ class ServiceView:
     evaluations: int
     task_restarts: int
     events: int
+    inverter: dict[str, Any] | None = None  # InverterLink.view(): the BMS-CAN link's counters, None while off
 
     @classmethod
     def build(cls, decision: Decision | None, now: float, link: Link, outputs: Outputs, persister: Persister,

@@ -87,8 +87,8 @@ def _wrong_values(section: str, key: str, n: int) -> list[Any]:
         return [*common, "5", True, math.nan, 1e300]
     if (section, key) == ("mqtt", "discovery_prefix"):  # "" is valid there: no Home Assistant discovery
         return [*common, 5, True, ["x"], "homeassistant/#"]
-    if isinstance(default, str):
-        return [*common, 5, True, ["x"], ""]
+    if isinstance(default, str):  # "" is wrong where the default is not empty ("" = off for [inverter])
+        return [*common, 5, True, ["x"], *([""] if default else [])]
     if isinstance(default, list):
         return [*common, "127.0.0.1", ["not-an-address"], [5]]
     if isinstance(default, dict):

@@ -39,7 +39,9 @@ CONDITIONAL = {
     "smallbms_bus_down_reason_info",  # the bus is up
 } | {spec.name for spec in metrics.METRICS.values()  # Modbus is off in this fixture: only modbus_enabled 0
      if spec.group == "modbus" and spec.name != "smallbms_modbus_enabled"} | {
-    spec.name for spec in metrics.METRICS.values() if spec.group == "mqtt"}  # no [mqtt] here (tests/mqtt have it)
+    spec.name for spec in metrics.METRICS.values() if spec.group == "mqtt"} | {  # no [mqtt] here (tests/mqtt have it)
+    spec.name for spec in metrics.METRICS.values()  # no [inverter] in this fixture: only inverter_enabled 0
+    if spec.group == "inverter" and spec.name != "smallbms_inverter_enabled"}
 
 
 @pytest.fixture(scope="module")

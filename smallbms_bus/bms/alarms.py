@@ -31,6 +31,7 @@ class BmsWarning(IntFlag):
     HIGH_DISCHARGE_CURRENT = 1 << 6
     NOT_FULLY_CHARGED_30_DAYS = 1 << 7
     DISCHARGE_TEMPERATURE = 1 << 8
+    INVERTER_SILENT = 1 << 9  # BMS-CAN: no inverter keep-alive for [inverter] keepalive_timeout (docs/inverter.md)
 
 
 def names(flags: IntFlag) -> list[str]:

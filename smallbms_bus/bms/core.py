@@ -93,6 +93,7 @@ class BmsCore:
         self.link_reason = ""
         self.bus_state = BusState.UP
         self.relay_fault: str | None = None
+        self.inverter_silent: str | None = None  # why the BMS-CAN inverter sends no keep-alive (service input)
         self.firmware_update_command = False
         self.firmware_update_since: float | None = None
         self.pre_alarm_since: float | None = None
@@ -139,6 +140,11 @@ class BmsCore:
         """REM-1: the remote on/off input as read by the outputs layer (already inverted if configured)."""
         self.remote_on = on
         self._command_reasons["REMOTE"] = "remote input"
+
+    def set_inverter_silent(self, reason: str | None) -> None:
+        """Warning INVERTER_SILENT (docs/inverter.md): None while the inverter's keep-alive arrives or none is
+        required. Information only: it never changes ATC or ATD."""
+        self.inverter_silent = reason
 
     def set_relay_fault(self, reason: str | None) -> None:
         """OUT-5: None when the relay board reads back what was commanded."""
@@ -286,6 +292,9 @@ class BmsCore:
         if self.relay_fault is not None:
             f.alarms |= BmsAlarm.RELAY_FAULT
             reasons["RELAY_FAULT"] = self.relay_fault
+        if self.inverter_silent is not None:
+            f.warnings |= BmsWarning.INVERTER_SILENT
+            reasons["INVERTER_SILENT"] = self.inverter_silent
 
     def _comms(self, f: Facts, stale: list[Any], now: float) -> None:
         """COM-2: a stale battery or the link down (not while waiting for batteries); 2 s of good data recover."""

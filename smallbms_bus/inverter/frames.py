@@ -21,7 +21,8 @@ from cantools.database.can import Database, Message
 from smallbms_bus import __version__
 from smallbms_bus.bms.alarms import BmsAlarm, BmsWarning
 from smallbms_bus.bms.charge import NO_CHARGE_LIMITS, ChargeLimits
-from smallbms_bus.bms.core import DISCHARGE_TEMP_MAX_C, Decision
+from smallbms_bus.bms.core import Decision
+from smallbms_bus.bms.rules import DISCHARGE_TEMP_MAX_C
 
 PROFILES = ("victron", "pylontech")
 VICTRON_IDS = (0x351, 0x355, 0x356, 0x35A, 0x35E, 0x35F, 0x372, 0x373, 0x374, 0x375, 0x376, 0x377, 0x379)

@@ -236,6 +236,26 @@ MODBUS_CLOSED = _m("modbus_connections_closed_total", "counter", ("reason",),
                    "Connections closed by the server: evicted (the longest-idle, for a newcomer over max_connections "
                    "or max_connections_per_address), no_request (nothing within first_request_timeout), "
                    "idle_timeout, slow_client (did not read its answers), bad_frame (not Modbus/TCP).")
+# -- BMS-CAN to the inverter ([inverter], docs/inverter.md) ------------------------------------------------------
+_group = "inverter"
+INVERTER_ENABLED = _m("inverter_enabled", "gauge", (), "1 = [inverter] is configured (the families below exist only "
+                      "then).")
+INVERTER_UP = _m("inverter_bus_up", "gauge", (), "1 = the inverter bus is open.")
+INVERTER_SETS = _m("inverter_frame_sets_sent_total", "counter", (), "Frame sets begun (one per [inverter] period).")
+INVERTER_SENT = _m("inverter_frames_sent_total", "counter", (), "Frames written to the inverter bus.")
+INVERTER_SEND_ERRORS = _m("inverter_send_errors_total", "counter", (), "Sends that failed: a full transmit queue (no "
+                          "receiver acknowledging) or a port error (then the bus is re-opened with back-off).")
+INVERTER_RECONNECTS = _m("inverter_reconnects_total", "counter", (), "Times the inverter bus was re-opened after the "
+                         "first open.")
+INVERTER_RECEIVED = _m("inverter_frames_received_total", "counter", ("kind",), "Frames received from the inverter "
+                       "by kind: keepalive (0x305), identification (0x307), other (counted and ignored).")
+INVERTER_GAP_MAX = _m("inverter_limits_gap_max_seconds", "gauge", (), "Longest time between two 0x351 (CVL/CCL/DCL) "
+                      "frames since the start (receivers stop after 3 s; the contract is 1.5 s at most).")
+INVERTER_LIMITS_AGE = _m("inverter_limits_age_seconds", "gauge", (), "Seconds since the last 0x351 went out; absent "
+                         "before the first.")
+INVERTER_KEEPALIVE_AGE = _m("inverter_keepalive_age_seconds", "gauge", (), "Seconds since the inverter's last "
+                            "keep-alive (0x305 or 0x307); absent before the first. Warning INVERTER_SILENT when it "
+                            "exceeds [inverter] keepalive_timeout.")
 # -- mqtt -----------------------------------------------------------------------------------------------------
 _group = "mqtt"
 MQTT_CONNECTED = _m("mqtt_connected", "gauge", (), "1 = connected to the MQTT broker; 0 = not (yet), reconnecting "

@@ -56,6 +56,7 @@ class Snapshot:
     service: tuple[int, int, int]  # evaluations, task restarts, events
     modbus: tuple[dict[tuple[str, str], int], ModbusStats] | None
     metrics: tuple[int, float, int, dict[str, int]] | None  # scrapes, seconds the last took, connections, closed
+    inverter: dict[str, Any] | None = None  # the BMS-CAN link's counters and ages, None while [inverter] is off
     mqtt: tuple[bool, int] | None = None  # connected, outages; None without [mqtt]
 
     @classmethod
@@ -75,7 +76,7 @@ class Snapshot:
                    (v.evaluations, v.task_restarts, v.events), modbus,
                    None if endpoint is None else (endpoint.scrapes, endpoint.encode_seconds, len(endpoint.policy),
                                                   dict(endpoint.closed)),
-                   _mqtt(source))
+                   inverter=v.inverter, mqtt=_mqtt(source))
 
 
 def _mqtt(source: object) -> tuple[bool, int] | None:
@@ -156,6 +157,7 @@ class BmsCollector(Collector):
         yield from self._relays(s)
         yield from self._store(s)
         yield from self._modbus(s)
+        yield from self._inverter(s)
         if s.mqtt is not None:
             yield from _value(m.MQTT_CONNECTED, float(s.mqtt[0]))
             yield from _value(m.MQTT_OUTAGES, s.mqtt[1])
@@ -362,6 +364,25 @@ class BmsCollector(Collector):
             family.add_metric(("bad_frame",), bad_frame)
         yield family
 
+
+    def _inverter(self, s: Snapshot) -> Iterator[Metric]:
+        c = s.inverter
+        yield from _value(m.INVERTER_ENABLED, float(c is not None))
+        if c is None:
+            return
+        yield from _value(m.INVERTER_UP, float(c["up"]))
+        yield from _value(m.INVERTER_SETS, c["sets_sent"])
+        yield from _value(m.INVERTER_SENT, c["frames_sent"])
+        yield from _value(m.INVERTER_SEND_ERRORS, c["send_errors"])
+        yield from _value(m.INVERTER_RECONNECTS, max(0, c["opens"] - 1))
+        family = _family(m.INVERTER_RECEIVED)
+        for kind, key in (("keepalive", "keepalives"), ("identification", "identifications"),
+                          ("other", "other_received")):
+            family.add_metric((kind,), c[key])
+        yield family
+        yield from _value(m.INVERTER_GAP_MAX, c["max_limits_gap_s"])
+        yield from _value(m.INVERTER_LIMITS_AGE, c["limits_age"])
+        yield from _value(m.INVERTER_KEEPALIVE_AGE, c["keepalive_age"])
 
 
 def registry_for(service: Watched) -> CollectorRegistry:

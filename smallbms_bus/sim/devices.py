@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Literal, cast
 
 from smallbms_bus.reports import BmsState
+from smallbms_bus.sim.inverter import VirtualInverter
 
 BMS_STATE_TIMEOUT_S = 1.0
 DEFAULT_ABSORPTION_PER_UNIT = 14.2  # V per 12.8 V unit in series
@@ -194,10 +195,11 @@ def _stopped_by(enabled: bool, ignore_bms: bool, control: Control, relay: RelayC
 
 @dataclass
 class Devices:
-    """The charger and the load on the bank's DC bus."""
+    """The charger and the load on the bank's DC bus, and optionally an inverter/charger on BMS-CAN (inverter.py)."""
 
     charger: Charger
     load: Load
+    inverter: VirtualInverter | None = None  # obeys 0x351 (CVL/CCL/DCL), not BMS_STATE
 
     @classmethod
     def for_bank(
@@ -235,7 +237,13 @@ class Devices:
     def characteristic(self, now: float, sim_time: float | None = None) -> Callable[[float], float]:
         """Bank current (positive = charging) as a function of the bank voltage, at this moment."""
         charge, load = self.charger.characteristic(now, sim_time), self.load.current(now)
-        return lambda bank_voltage: charge(bank_voltage) - load
+        if self.inverter is None:
+            return lambda bank_voltage: charge(bank_voltage) - load
+        solar = self.charger.solar
+        when = now if sim_time is None else sim_time
+        share = None if solar is None else self.inverter.charge_a * solar.fraction(when)
+        inverter = self.inverter.characteristic(now, share)
+        return lambda bank_voltage: charge(bank_voltage) - load + inverter(bank_voltage)
 
     def net_current(self, bank_voltage: float, now: float, sim_time: float | None = None) -> float:
         """Bank current at `bank_voltage` (positive = charging)."""

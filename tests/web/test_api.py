@@ -57,7 +57,10 @@ def test_reads_are_open_and_say_what_the_bms_knows(tmp_path):
         assert [b["node"] for b in body["batteries"]] == [1, 2]
         assert all(len(b["cells"]) == 4 and all(3.0 < v < 3.6 for v in b["cells"]) for b in body["batteries"])
         assert body["batteries"][0]["serial"] == run.service.decision.bank.batteries[0].serial
-        assert body["bank"]["series"] == 2 and body["charge"] == {"known": False}  # no charge control yet
+        assert body["bank"]["series"] == 2
+        limits = run.service.decision.charge  # CVL/CCL/DCL once charge control knows the bank (CHG)
+        assert limits.known and body["charge"]["known"] is True
+        assert body["charge"]["cvl"] == round(limits.cvl, 2) and body["charge"]["state"] == limits.state.name.lower()
         status, body = request("GET", run.url + API + "/settings")
         assert status == 200
         by_name = {s["name"]: s for s in body["settings"]}
