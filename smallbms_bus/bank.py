@@ -69,11 +69,38 @@ every known battery is fresh (otherwise the BMS is already in comms-loss).
 from __future__ import annotations
 
 import math
-from collections import Counter, deque
-from dataclasses import dataclass
+from collections import Counter
 from itertools import pairwise
 from typing import Any
 
+from smallbms_bus.bank_battery import (
+    CELLS_PERIOD,
+    STALE_TEXT,
+    TEMPS_PERIOD,
+    BatteryState,
+    push_max,
+    push_min,
+)
+from smallbms_bus.bank_validation import describe_info, info_key, nodes_text, serial_halves, validate_shape
+from smallbms_bus.bank_views import (
+    Aggregates,
+    BankIssue,
+    BankView,
+    BatteryIdentity,
+    BatteryView,
+    CellRef,
+    CellSummary,
+    LearnedBank,
+    Topology,
+)
+from smallbms_bus.protocol import (
+    CELLS_PER_FRAME,
+    CELLS_PER_UNIT,
+    FLAG_FIELDS,
+    MAX_BATTERIES_BY_UNITS,
+    MAX_SERIES_UNITS,
+    UNIT_VOLTAGE,
+)
 from smallbms_bus.reports import (
     BatteryInfo,
     BatteryStatus,
@@ -82,20 +109,15 @@ from smallbms_bus.reports import (
     Report,
     SerialFragment,
 )
+from smallbms_bus.vocabulary import BankPhase, StaleReason
 
-# Limits of the smallBMS NG (manual 2.1, PROTOCOL.md): batteries per bank by nominal voltage
-# (in 12.8 V units) and at most 4 x 12.8 V in series.
-MAX_BATTERIES_BY_UNITS = {1: 50, 2: 50, 4: 25}
-MAX_SERIES_UNITS = 4
-UNIT_VOLTAGE = 12.8
-CELLS_PER_UNIT = 4
-CELLS_PER_FRAME = 4
-
-# Periods of the slower frames (PROTOCOL.md; tests/test_bank.py checks them against the DBC). Cell and
-# temperature frames are stale `comm_timeout` after they were *due*, so a 1 s frame with ordinary
-# jitter does not trip the minimum 1 s timeout.
-CELLS_PERIOD = 0.5
-TEMPS_PERIOD = 1.0
+# The names other modules import from here, wherever they are defined now.
+__all__ = [
+    "CELLS_PERIOD", "COMM_TIMEOUT_RANGE", "DEFAULT_COMM_TIMEOUT", "FLAG_FIELDS", "MAX_BATTERIES_BY_UNITS",
+    "MAX_SERIES_UNITS", "PROTECTIVE_MEMORY_S", "STALE_TEXT", "TEMPS_PERIOD", "UNIT_VOLTAGE", "Aggregates", "Bank",
+    "BankIssue", "BankPhase", "BankView", "BatteryIdentity", "BatteryState", "BatteryView", "CellRef",
+    "CellSummary", "LearnedBank", "StaleReason", "Topology",
+]
 
 # COM-6 and defence in depth: how long a protective reading counts after its frame. Longer than the
 # slowest protective frame's period (BAT_TEMPS, 1 s) with room for jitter, so every sender's latest
@@ -106,312 +128,11 @@ TIME_EPSILON_S = 1e-9  # float noise of subtracting monotonic seconds: a frame 2
 # round every 2 s per sender).
 IDENTITY_MEMORY_MIN_S = 2.5
 COUNTER_REGRESSIONS = 2  # AliveCounter steps backwards within the identity memory that mean two senders
-SERIAL_PART_CHARS = 7
-
-# COM-1: why a battery is stale, as the metric label (code) and as users read it (the texts with an age are
-# built by BatteryState.stale_text).
-STALE_TEXT = {
-    "no_status": "no BAT_STATUS received yet",
-    "status_timeout": "no BAT_STATUS within comm_timeout",
-    "alive_stuck": "AliveCounter not advancing within comm_timeout",
-    "no_info": "no BAT_INFO received yet",
-    "no_temps": "no BAT_TEMPS received yet",
-    "temps_timeout": "no BAT_TEMPS within its period plus comm_timeout",
-    "no_cells": "no BAT_CELLS received yet for a group of cells",
-    "cells_timeout": "no BAT_CELLS for a group of cells within its period plus comm_timeout",
-}
-
-FLAG_FIELDS = ("cell_high_voltage", "cell_low_voltage", "cell_low_pre_alarm", "balancing",
-               "cell_imbalance", "hardware_fault", "firmware_updating")
 
 DEFAULT_COMM_TIMEOUT = 5.0
 COMM_TIMEOUT_RANGE = (1.0, 60.0)
 DEFAULT_DISCOVERY_WINDOW = 10.0
 DEFAULT_WAITING_GRACE = 60.0
-
-
-@dataclass(frozen=True, slots=True)
-class BatteryIdentity:
-    """What the learned bank remembers of one battery (persisted by the service)."""
-
-    node: int
-    serial: str
-    nominal_units: int
-    capacity_ah: int
-    string_index: int
-    series_index: int
-
-    def describe(self) -> str:
-        return (f"battery {self.node} ({self.serial}, {UNIT_VOLTAGE * self.nominal_units:.1f} V "
-                f"{self.capacity_ah} Ah, string {self.string_index} position {self.series_index})")
-
-
-@dataclass(frozen=True, slots=True)
-class LearnedBank:
-    batteries: tuple[BatteryIdentity, ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"version": 1, "batteries": [
-            {"node": b.node, "serial": b.serial, "nominal_units": b.nominal_units,
-             "capacity_ah": b.capacity_ah, "string_index": b.string_index,
-             "series_index": b.series_index} for b in self.batteries]}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LearnedBank:
-        if data.get("version") != 1:
-            raise ValueError(f"unsupported learned-bank version {data.get('version')!r}")
-        return cls(tuple(BatteryIdentity(**b) for b in data["batteries"]))
-
-    def by_node(self) -> dict[int, BatteryIdentity]:
-        return {b.node: b for b in self.batteries}
-
-    @property
-    def bank_capacity_ah(self) -> int | None:
-        """Strings x battery capacity (BANK-5) of the learned bank; None when empty or of mixed capacity."""
-        capacities = {b.capacity_ah for b in self.batteries}
-        if len(capacities) != 1:
-            return None
-        return capacities.pop() * len({b.string_index for b in self.batteries})
-
-
-@dataclass(frozen=True, slots=True)
-class BankIssue:
-    """One reason the bank configuration is not acceptable (BANK-3)."""
-
-    code: str
-    reason: str
-    nodes: tuple[int, ...] = ()
-
-
-class BatteryState:
-    """Mutable latest readings of one battery. Written on every frame: keep it flat."""
-
-    __slots__ = ("_summary", "_summary_key", "alive_changed_at", "any_flag_at", "cells", "cells_at",
-                 "cells_revision", "conflict_at", "flag_at", "highs", "info", "lows",
-                 "node", "notes", "regressions", "seen", "serial_parts", "status", "status_at", "temps", "temps_at",
-                 "tmaxs", "tmins", "unmeasured_at")
-
-    def __init__(self, node: int) -> None:
-        self.node = node
-        self.status: BatteryStatus | None = None
-        self.status_at = -1.0
-        self.alive_changed_at = -1.0
-        self.cells: list[float | None] = [None] * 16
-        self.cells_at = [-1.0] * 4  # per group of four cells
-        self.cells_revision = 0
-        self._summary_key: tuple[int, int] | None = None
-        self._summary: CellSummary | None = None
-        self.temps: BatteryTemps | None = None
-        self.temps_at = -1.0
-        self.info: BatteryInfo | None = None
-        self.serial_parts: list[str | None] = [None, None]
-        # Protective memory: when each flag was last reported, and sliding-window extremes as monotonic
-        # deques of (time, value, cell number): the front is the extreme of the window, O(1) to read.
-        self.flag_at = [-math.inf] * len(FLAG_FIELDS)
-        self.any_flag_at = -math.inf
-        self.highs: deque[tuple[float, float, int]] = deque()
-        self.lows: deque[tuple[float, float, int]] = deque()
-        self.tmins: deque[tuple[float, float, int]] = deque()
-        self.tmaxs: deque[tuple[float, float, int]] = deque()
-        self.unmeasured_at: dict[int, float] = {}  # cell number -> last frame that read it "not present"
-        # COM-6 evidence: identity values seen (serial half 0/1, "info") -> value -> [first, last] time seen,
-        # times the AliveCounter went backwards, the last conflicting frame and what it showed.
-        self.seen: dict[Any, dict[Any, list[float]]] = {0: {}, 1: {}, "info": {}}
-        self.regressions: deque[float] = deque()
-        self.conflict_at = -math.inf
-        self.notes: dict[Any, dict[Any, None]] = {}  # evidence kind -> values involved, in order seen
-
-    @property
-    def serial(self) -> str | None:
-        a, b = self.serial_parts
-        return None if a is None or b is None else a + b
-
-    def identity(self) -> BatteryIdentity | None:
-        serial, info = self.serial, self.info
-        if serial is None or info is None:
-            return None
-        return BatteryIdentity(self.node, serial, info.nominal_units, info.nominal_capacity_ah,
-                               info.string_index, info.series_index)
-
-    def cell_summary(self) -> CellSummary:
-        """The battery's cells and their extremes, recomputed only when a cell frame changed them."""
-        count = self.info.cell_count if self.info is not None else 16
-        key = (self.cells_revision, count)
-        if key != self._summary_key or self._summary is None:
-            self._summary = CellSummary.of(tuple(self.cells[:count]))
-            self._summary_key = key
-        return self._summary
-
-    def stale_reason(self, now: float, timeout: float) -> str | None:
-        """None when fresh, else why not (first failing condition)."""
-        if self.status is None:
-            return "no_status"
-        if now - self.status_at >= timeout:
-            return "status_timeout"
-        if now - self.alive_changed_at >= timeout:
-            return "alive_stuck"
-        if self.info is None:
-            return "no_info"
-        if self.temps is None:
-            return "no_temps"
-        if now - self.temps_at >= timeout + TEMPS_PERIOD:
-            return "temps_timeout"
-        for group in range(self.info.nominal_units):
-            at = self.cells_at[group]
-            if at < 0:
-                return "no_cells"
-            if now - at >= timeout + CELLS_PERIOD:
-                return "cells_timeout"
-        return None
-
-    def stale_text(self, code: str, now: float, timeout: float) -> str:
-        """What `stale_reason`'s code means for this battery now, in words (only called for a stale battery)."""
-        limit = f"comm_timeout {timeout:g} s"
-        if code == "status_timeout":
-            return f"no BAT_STATUS for {now - self.status_at:.1f} s ({limit})"
-        if code == "alive_stuck":
-            return f"AliveCounter stuck for {now - self.alive_changed_at:.1f} s ({limit})"
-        if code == "temps_timeout":
-            return f"no BAT_TEMPS for {now - self.temps_at:.1f} s (due every {TEMPS_PERIOD:g} s, {limit})"
-        if code in ("no_cells", "cells_timeout") and self.info is not None:
-            for group in range(self.info.nominal_units):
-                at = self.cells_at[group]
-                cells = f"cells {CELLS_PER_FRAME * group + 1}-{CELLS_PER_FRAME * (group + 1)}"
-                if at < 0:
-                    return f"no BAT_CELLS for {cells} received yet"
-                if now - at >= timeout + CELLS_PERIOD:
-                    return f"no BAT_CELLS for {cells} for {now - at:.1f} s (due every {CELLS_PERIOD:g} s, {limit})"
-        return STALE_TEXT.get(code, code)
-
-    def recently_unmeasured(self, since: float, summary: CellSummary) -> tuple[int, ...]:
-        """Cells read "not present" in the latest frames or in any frame after `since` (protective memory)."""
-        count = len(summary.cells)
-        recent = {c for c, at in self.unmeasured_at.items() if at > since and c <= count}
-        return tuple(sorted(recent.union(summary.unmeasured))) if not recent.issubset(summary.unmeasured) \
-            else summary.unmeasured
-
-
-def _push_max(window: deque[tuple[float, float, int]], entry: tuple[float, float, int]) -> None:
-    while window and window[-1][1] <= entry[1]:
-        window.pop()
-    window.append(entry)
-
-
-def _push_min(window: deque[tuple[float, float, int]], entry: tuple[float, float, int]) -> None:
-    while window and window[-1][1] >= entry[1]:
-        window.pop()
-    window.append(entry)
-
-
-@dataclass(frozen=True, slots=True)
-class CellRef:
-    node: int
-    cell: int  # 1-based
-    voltage: float
-
-
-@dataclass(slots=True)  # not frozen: rebuilt per battery whenever its cells change; treat as read-only
-class CellSummary:
-    cells: tuple[float | None, ...]  # the battery's cells (4 x units when known), None = not measured
-    low: float | None  # lowest cell voltage and its 1-based number
-    low_cell: int
-    high: float | None
-    high_cell: int
-    spread: float | None  # high - low inside this battery
-    unmeasured: tuple[int, ...]  # 1-based cells reading "not present"
-
-    @classmethod
-    def of(cls, cells: tuple[float | None, ...]) -> CellSummary:
-        present = cells if None not in cells else [c for c in cells if c is not None]
-        unmeasured = () if present is cells else tuple(i for i, c in enumerate(cells, 1) if c is None)
-        if not present:
-            return cls(cells, None, 0, None, 0, None, unmeasured)
-        lo, hi = min(present), max(present)  # in C: up to 800 cells per evaluation
-        return cls(cells, lo, cells.index(lo) + 1, hi, cells.index(hi) + 1, round(hi - lo, 3), unmeasured)
-
-
-@dataclass(slots=True)  # not frozen: built for every battery on every evaluation, and frozen init is slow
-class BatteryView:
-    """One battery as of `BankView.now`; treat as read-only."""
-
-    node: int
-    serial: str | None
-    info: BatteryInfo | None
-    status: BatteryStatus | None
-    temps: BatteryTemps | None
-    summary: CellSummary
-    fresh: bool
-    stale_reason: str | None
-    status_age: float | None  # seconds since the last BAT_STATUS, None if never
-    unmeasured: tuple[int, ...] = ()  # cells read "not present" in a frame of the last PROTECTIVE_MEMORY_S (fresh)
-    conflicted: bool = False  # COM-6: two senders on this node, or an identity other than the learned one
-    stale_text: str | None = None  # stale_reason in words, with the age (None while fresh)
-
-    @property
-    def cells(self) -> tuple[float | None, ...]:
-        return self.summary.cells
-
-    @property
-    def cell_spread(self) -> float | None:
-        return self.summary.spread
-
-
-@dataclass(frozen=True, slots=True)
-class Topology:
-    batteries: int
-    cells: int
-    series: int  # batteries per string (0 when strings are unequal or unknown)
-    parallel: int  # strings
-    nominal_units: int | None  # per battery, None when mixed or unknown
-    capacity_ah: int | None  # per battery, None when mixed or unknown
-
-    @property
-    def nominal_voltage(self) -> float | None:
-        if self.nominal_units is None or not self.series:
-            return None
-        return round(UNIT_VOLTAGE * self.nominal_units * self.series, 1)
-
-    @property
-    def series_units(self) -> int | None:
-        """12.8 V units in series across one string (the charged voltage scales with it)."""
-        return self.series * self.nominal_units if self.nominal_units and self.series else None
-
-    @property
-    def bank_capacity_ah(self) -> int | None:
-        return None if self.capacity_ah is None else self.capacity_ah * self.parallel
-
-
-@dataclass(frozen=True, slots=True)
-class Aggregates:
-    voltage: float | None
-    current: float | None
-    power: float | None
-    min_cell: CellRef | None
-    max_cell: CellRef | None
-    min_cell_temperature: float | None
-    max_cell_temperature: float | None
-    min_battery_temperature: float | None
-    max_battery_temperature: float | None
-    complete: bool  # every known battery fresh
-    # Protective memory: the same extremes over every frame of the last PROTECTIVE_MEMORY_S (the latches use these)
-    recent_min_cell: CellRef | None = None
-    recent_max_cell: CellRef | None = None
-    recent_min_cell_temperature: float | None = None
-    recent_max_cell_temperature: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class BankView:
-    now: float
-    phase: str  # waiting | discovering | learning | learned
-    batteries: tuple[BatteryView, ...]
-    stale_nodes: tuple[int, ...]
-    topology: Topology
-    issues: tuple[BankIssue, ...]
-    aggregates: Aggregates
-    flags: dict[str, tuple[int, ...]]  # flag -> fresh nodes that reported it in the last PROTECTIVE_MEMORY_S
-    waiting_for_batteries: bool  # BANK-2: a state, not an alarm, until the learned bank or the grace ends
-    conflicted: tuple[int, ...] = ()  # COM-6: nodes held as learned_mismatch (two senders or a foreign identity)
 
 
 class Bank:
@@ -441,7 +162,7 @@ class Bank:
         self.first_frame_at: float | None = None
         self.proven_at: float | None = None  # BANK-2: when a restored learned bank was proven (None: not, or learnt)
         self._noted: set[int] = set()  # nodes with COM-6 notes (held now, or until the next evaluation)
-        self._cache_key: tuple[int, int, bool, str, tuple[int, ...]] | None = None
+        self._cache_key: tuple[int, int, bool, BankPhase, tuple[int, ...]] | None = None
         self._cached: tuple[Topology, tuple[BankIssue, ...]] | None = None
 
     @property
@@ -455,7 +176,7 @@ class Bank:
         # COM-6: what each identity frame of a learned node must carry, looked up on every such frame
         self._expected: dict[tuple[int, Any], Any] = {}
         for b in self._learned_nodes.values():
-            half_0, half_1 = _serial_halves(b.serial)
+            half_0, half_1 = serial_halves(b.serial)
             self._expected |= {(b.node, 0): half_0, (b.node, 1): half_1,
                                (b.node, "info"): (b.nominal_units, b.capacity_ah, b.string_index, b.series_index)}
         self._identity_revision += 1
@@ -501,13 +222,13 @@ class Bank:
         elif kind is BatteryTemps:
             state.temps = report
             state.temps_at = now
-            _push_min(state.tmins, (now, report.cell_temp_min, 0))
-            _push_max(state.tmaxs, (now, report.cell_temp_max, 0))
+            push_min(state.tmins, (now, report.cell_temp_min, 0))
+            push_max(state.tmaxs, (now, report.cell_temp_max, 0))
         elif kind is BatteryInfo:
             if state.info != report:
                 self._identity_revision += 1
             state.info = report
-            self._identity_frame(state, "info", _info_key(report), now)
+            self._identity_frame(state, "info", info_key(report), now)
         elif kind is SerialFragment:
             if state.serial_parts[report.part] != report.chars:
                 state.serial_parts[report.part] = report.chars
@@ -526,7 +247,7 @@ class Bank:
         else:
             present = voltages  # type: ignore[assignment]
         low, high = min(present), max(present)  # type: ignore[type-var]
-        window = state.lows  # _push_min and _push_max inlined: this runs for every cell frame
+        window = state.lows  # push_min and push_max inlined: this runs for every cell frame
         while window and window[-1][1] >= low:
             window.pop()
         window.append((now, low, first + 1 + voltages.index(low)))
@@ -606,7 +327,7 @@ class Bank:
         learned = self._learned_nodes.get(node)
         parts: list[str] = []
         if 0 in notes or 1 in notes:
-            reference = _serial_halves(learned.serial) if learned is not None else (None, None)
+            reference = serial_halves(learned.serial) if learned is not None else (None, None)
             halves = []
             for part in (0, 1):
                 values = list(notes.get(part, ()))
@@ -624,10 +345,10 @@ class Bank:
             infos = list(notes["info"])
             if learned is not None:
                 expected = self._expected[(node, "info")]
-                parts.append("BAT_INFO " + " and ".join(_describe_info(i) for i in infos if i != expected)
-                             + f" instead of the learned {_describe_info(expected)}")
+                parts.append("BAT_INFO " + " and ".join(describe_info(i) for i in infos if i != expected)
+                             + f" instead of the learned {describe_info(expected)}")
             else:
-                parts.append("BAT_INFO " + " and ".join(_describe_info(i) for i in infos)
+                parts.append("BAT_INFO " + " and ".join(describe_info(i) for i in infos)
                              + f" within {self.identity_memory:g} s")
         if "counter" in notes:
             parts.append("its AliveCounter jumps back and forth")
@@ -649,18 +370,18 @@ class Bank:
                 return
         self.proven_at = now
 
-    def phase(self, now: float) -> str:
+    def phase(self, now: float) -> BankPhase:
         if self.proven_at is not None and self._learned is not None:
-            return "learned"
+            return BankPhase.LEARNED
         if self.first_frame_at is None:
-            return "waiting"
+            return BankPhase.WAITING
         if now - self.first_frame_at < self.discovery_window:  # the whole window, even when it opens late
-            return "discovering"
-        return "learned" if self.learned is not None else "learning"
+            return BankPhase.DISCOVERING
+        return BankPhase.LEARNED if self.learned is not None else BankPhase.LEARNING
 
     def _try_learn(self, now: float, conflicted: tuple[int, ...]) -> None:
         # COM-6: a node with two senders is not learned as one battery, whichever frame came last
-        if conflicted or self.phase(now) != "learning":
+        if conflicted or self.phase(now) != BankPhase.LEARNING:
             return
         identities = [s.identity() for s in self.batteries.values()]
         if all(i is not None for i in identities):
@@ -726,7 +447,8 @@ class Bank:
         flags = {f: tuple(nodes) for f, nodes in flagged.items()}
         aggregates = self._aggregates(fresh, topology.series, now, complete=not stale and bool(views))
         return BankView(now, phase, tuple(views), tuple(stale), topology, issues, aggregates,
-                        flags, waiting_for_batteries=phase != "learned" and not past_grace, conflicted=conflicted)
+                        flags, waiting_for_batteries=phase != BankPhase.LEARNED and not past_grace,
+                        conflicted=conflicted)
 
     def _infos(self) -> list[BatteryInfo]:
         return [s.info for s in self.batteries.values() if s.info is not None]
@@ -747,77 +469,24 @@ class Bank:
             capacity_ah=caps.pop() if len(caps) == 1 else None,
         )
 
-    def _validate(self, phase: str, past_grace: bool, conflicted: tuple[int, ...], now: float) -> list[BankIssue]:
+    def _validate(self, phase: BankPhase, past_grace: bool, conflicted: tuple[int, ...], now: float) -> list[BankIssue]:
         issues: list[BankIssue] = []
         if not self.batteries:
             if past_grace:
                 issues.append(BankIssue("no_batteries",
                                         f"no battery heard within {self.waiting_grace:g} s of start"))
             return issues
-        if (past_grace and phase != "discovering") or phase == "learned":
+        if (past_grace and phase != BankPhase.DISCOVERING) or phase == BankPhase.LEARNED:
             incomplete = tuple(n for n, s in sorted(self.batteries.items()) if s.identity() is None)
             if incomplete:
                 issues.append(BankIssue("identity_incomplete",
                                         "no complete BAT_INFO and serial number from battery "
-                                        + _nodes(incomplete), incomplete))
-        issues += self._validate_shape()
-        if phase == "learned" and self.learned is not None:
+                                        + nodes_text(incomplete), incomplete))
+        issues += validate_shape(self._infos())
+        if phase == BankPhase.LEARNED and self.learned is not None:
             issues += self._validate_against_learned(self.learned, conflicted, now)
         else:  # COM-6 in every phase: discovery must not learn two senders as one battery
             issues += [self._conflict_issue(self.batteries[n], now) for n in conflicted]
-        return issues
-
-    def _validate_shape(self) -> list[BankIssue]:
-        infos = sorted(self._infos(), key=lambda i: i.node)
-        issues: list[BankIssue] = []
-        if not infos:
-            return issues
-        by_units = Counter(i.nominal_units for i in infos)
-        if len(by_units) > 1:
-            detail = ", ".join(f"{UNIT_VOLTAGE * u:.1f} V x{c}" for u, c in sorted(by_units.items()))
-            issues.append(BankIssue("mixed_nominal_voltage", f"batteries of mixed nominal voltage: {detail}",
-                                    tuple(i.node for i in infos)))
-        by_cap = Counter(i.nominal_capacity_ah for i in infos)
-        if len(by_cap) > 1:
-            detail = ", ".join(f"{ah} Ah x{c}" for ah, c in sorted(by_cap.items()))
-            issues.append(BankIssue("mixed_capacity", f"batteries of mixed capacity: {detail}",
-                                    tuple(i.node for i in infos)))
-        positions = Counter((i.string_index, i.series_index) for i in infos)
-        for (string, pos), count in sorted(positions.items()):
-            if count > 1:
-                nodes = tuple(i.node for i in infos if (i.string_index, i.series_index) == (string, pos))
-                issues.append(BankIssue("duplicate_position",
-                                        f"string {string} position {pos} is claimed by batteries {_nodes(nodes)}",
-                                        nodes))
-        strings: dict[int, list[BatteryInfo]] = {}
-        for i in infos:
-            strings.setdefault(i.string_index, []).append(i)
-        sizes = {s: len(members) for s, members in strings.items()}
-        if len(set(sizes.values())) > 1:
-            detail = ", ".join(f"string {s}: {n}" for s, n in sorted(sizes.items()))
-            issues.append(BankIssue("unequal_strings", f"strings have unequal battery counts ({detail})"))
-        for s, members in sorted(strings.items()):
-            have = {m.series_index for m in members}
-            missing = sorted(set(range(1, max(have) + 1)) - have)
-            if missing:
-                issues.append(BankIssue("position_gap",
-                                        f"string {s} has no battery at position {_nodes(tuple(missing))}",
-                                        tuple(m.node for m in members)))
-        missing_strings = sorted(set(range(1, max(strings) + 1)) - set(strings))
-        if missing_strings:
-            issues.append(BankIssue("string_gap", f"no battery reports string {_nodes(tuple(missing_strings))}"))
-        for units in by_units:
-            limit = MAX_BATTERIES_BY_UNITS[units]
-            if len(infos) > limit:
-                issues.append(BankIssue("too_many_batteries",
-                                        f"{len(infos)} batteries; at most {limit} of {UNIT_VOLTAGE * units:.1f} V "
-                                        "are allowed"))
-        series = max(sizes.values())
-        for units in by_units:
-            if series * units > MAX_SERIES_UNITS:
-                issues.append(BankIssue("too_many_in_series",
-                                        f"{series} x {UNIT_VOLTAGE * units:.1f} V in series exceeds "
-                                        f"{MAX_SERIES_UNITS} x {UNIT_VOLTAGE:.1f} V"))
         return issues
 
     def _validate_against_learned(self, learned: LearnedBank, conflicted: tuple[int, ...],
@@ -852,15 +521,12 @@ class Bank:
         strings: dict[int, list[BatteryView]] = {}
         low: BatteryView | None = None
         high: BatteryView | None = None
-        tmin = tmax = bmin = bmax = None
-        # protective memory: (value, node, cell) of the worst frame of the last PROTECTIVE_MEMORY_S
+        tmin = tmax = bmin = bmax = r_tmin = r_tmax = None
         since = now - PROTECTIVE_MEMORY_S + TIME_EPSILON_S
-        r_low = r_high = (None, 0, 0)
-        r_tmin = r_tmax = None
+        r_low = r_high = (None, 0, 0)  # protective memory: (value, node, cell) of the worst frame since `since`
         batteries = self.batteries
         for v in fresh:
-            node = v.node
-            s = batteries[node]
+            s = batteries[node := v.node]
             strings.setdefault(v.info.string_index, []).append(v)  # type: ignore[union-attr]
             summary = v.summary
             if summary.low is not None:
@@ -882,8 +548,7 @@ class Bank:
                 window.popleft()
             if window and (r_high[0] is None or window[0][1] > r_high[0]):
                 r_high = (window[0][1], node, window[0][2])
-            t = v.temps
-            t_lo, t_hi = t.cell_temp_min, t.cell_temp_max  # type: ignore[union-attr]
+            t_lo, t_hi = v.temps.cell_temp_min, v.temps.cell_temp_max  # type: ignore[union-attr]
             tmin = t_lo if tmin is None or t_lo < tmin else tmin
             tmax = t_hi if tmax is None or t_hi > tmax else tmax
             window = s.tmins
@@ -909,30 +574,17 @@ class Bank:
         max_cell = None if high is None else CellRef(high.node, high.summary.high_cell, high.summary.high)  # type: ignore[arg-type]
         recent_low = None if r_low[0] is None else CellRef(r_low[1], r_low[2], r_low[0])
         recent_high = None if r_high[0] is None else CellRef(r_high[1], r_high[2], r_high[0])
-        sums = [sum(b.status.voltage for b in members)  # type: ignore[union-attr]
-                for members in strings.values() if series and len(members) == series]
-        voltage = round(sum(sums) / len(sums), 3) if sums else None
-        current = (round(sum(sum(b.status.current for b in m) / len(m) for m in strings.values()), 2)  # type: ignore[union-attr]
-                   if strings else None)
-        power = round(voltage * current, 1) if voltage is not None and current is not None else None
-        return Aggregates(voltage, current, power, min_cell, max_cell, tmin, tmax, bmin, bmax, complete,
+        return Aggregates(*_bank_totals(strings, series), min_cell, max_cell, tmin, tmax, bmin, bmax, complete,
                           recent_low, recent_high, r_tmin, r_tmax)
 
 
-def _nodes(nodes: tuple[int, ...]) -> str:
-    return ", ".join(str(n) for n in nodes)
-
-
-def _serial_halves(serial: str) -> tuple[str, str]:
-    """A learned serial number as the two BAT_SERIAL halves that carry it (PROTOCOL.md: 7 + 7 characters)."""
-    return serial[:SERIAL_PART_CHARS], serial[SERIAL_PART_CHARS:]
-
-
-def _info_key(info: BatteryInfo) -> tuple[int, int, int, int]:
-    """What of BAT_INFO is identity (the learned bank keeps it); firmware is not: an update changes it."""
-    return info.nominal_units, info.nominal_capacity_ah, info.string_index, info.series_index
-
-
-def _describe_info(key: tuple[int, int, int, int]) -> str:
-    units, capacity, string, series = key
-    return f"{UNIT_VOLTAGE * units:.1f} V {capacity} Ah string {string} position {series}"
+def _bank_totals(strings: dict[int, list[BatteryView]], series: int) -> tuple[float | None, float | None,
+                                                                               float | None]:
+    """BANK-5: voltage = mean over complete strings of their series sum; current = sum of each string's mean."""
+    sums = [sum(b.status.voltage for b in members)  # type: ignore[union-attr]
+            for members in strings.values() if series and len(members) == series]
+    voltage = round(sum(sums) / len(sums), 3) if sums else None
+    current = (round(sum(sum(b.status.current for b in m) / len(m) for m in strings.values()), 2)  # type: ignore[union-attr]
+               if strings else None)
+    power = round(voltage * current, 1) if voltage is not None and current is not None else None
+    return voltage, current, power

@@ -50,6 +50,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pymodbus.constants import ExcCodes
+
 from smallbms_bus.bms.core import BmsCore, Event
 from smallbms_bus.bms.settings import SPEC_BY_NAME, Settings
 from smallbms_bus.modbus.writes import (
@@ -58,6 +60,7 @@ from smallbms_bus.modbus.writes import (
     COMMANDS,
     ILLEGAL_VALUE,
     STORE_FAILED,
+    Refused,
     Step,
     WriteRefused,
     WriteValue,
@@ -72,8 +75,8 @@ REFUSED_EVENT_WINDOW_S = 3600.0  # refused writes and commands: at most REFUSED_
 REFUSED_EVENTS_PER_WINDOW = 10  # per window, then one summary event for the rest (a flood cannot flush the log)
 SUMMARY_SOURCES = 3  # writers a summary names (with their counts), the others only counted
 # refusal code -> the event's value: why it was refused
-REFUSAL_KINDS = {1: "not_allowed", 2: "not_writable", ILLEGAL_VALUE: "out_of_range", STORE_FAILED: "store_failed",
-                 BUSY: "not_now"}
+REFUSAL_KINDS = {ExcCodes.ILLEGAL_FUNCTION: "not_allowed", ExcCodes.ILLEGAL_ADDRESS: "not_writable",
+                 ILLEGAL_VALUE: "out_of_range", STORE_FAILED: "store_failed", BUSY: "not_now"}
 # command register value -> event name
 COMMAND_EVENTS = {1: "SYNCHRONISE_SOC", 2: "RESET_HISTORY", 3: "RESET_SETTINGS", 4: "RELEARN_BANK",
                   5: "FIRMWARE_UPDATE_BEGIN", 6: "FIRMWARE_UPDATE_DONE", 7: "FIRMWARE_UPDATE_ABORT"}
@@ -218,7 +221,7 @@ class WritePath:
                 events.append(Event(wall, now, name, "setting", shown, f"{what} {text} {by}{reset}"))
         return events
 
-    def note_refusal(self, source: str, what: str, refused: WriteRefused) -> None:
+    def note_refusal(self, source: str, what: str, refused: Refused) -> None:
         """A refused write or command is an event with who and why; bounded per window (see the module's
         docstring). Front ends call it for the refusals they make themselves (not allowed, not writable)."""
         now, wall = self.clock(), self.wall()

@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from smallbms_bus.bank import COMM_TIMEOUT_RANGE, DEFAULT_COMM_TIMEOUT
+from smallbms_bus.outputs import BACKENDS
+from smallbms_bus.vocabulary import OUTPUT_ROLES
 
-OUTPUT_ROLES = ("load_disconnect", "charge_disconnect", "pre_alarm", "error_led", "status_led")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 MAX_CONFIG_BYTES = 1 << 20  # a config is a few kB; anything near this is the wrong file
 SHOWN = 80  # characters of a bad value shown in an error (a 100 kB string stays one readable line)
@@ -245,11 +246,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "tls_key": Key(None, _optional(_text()), "PEM private key of tls_cert"),
     },
     "outputs": {
-        "backend": Key("memory", _text("memory", "modbus", "lcus", "gpiod"), "relay board kind"),
+        "backend": Key("memory", _text(*BACKENDS), "relay board kind"),
         "options": Key({}, _table, "backend options (port, unit, host, chip, ...): docs/outputs.md"),
         **{role: Key(default, _channel, f"board channel of {role.replace('_', ' ')} (0 = not mapped)")
-           for role, default in (("load_disconnect", 1), ("charge_disconnect", 2), ("pre_alarm", 3),
-                                 ("error_led", 0), ("status_led", 0))},
+           for role, default in zip(OUTPUT_ROLES, (1, 2, 3, 0, 0), strict=True)},
         "reassert_every": Key(5.0, _number(0.5, 3600.0), "s between re-asserting every output (OUT-5)"),
         "blink_leds": Key(False, _flag, "toggle LED outputs at 1 Hz when blinking (solid-state/GPIO only)"),
     },

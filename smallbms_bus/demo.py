@@ -30,34 +30,36 @@ from typing import TextIO
 import can
 
 from smallbms_bus.config import parse_config
+from smallbms_bus.modbus.status import MODBUS_DEMO_PORT
 from smallbms_bus.outputs.memory import MemoryBoard
 from smallbms_bus.preflight import check
+from smallbms_bus.protocol import CELLS_PER_FRAME, CELLS_PER_UNIT
 from smallbms_bus.readout import format_bank, format_decision
 from smallbms_bus.service import TICK_S, Service
 from smallbms_bus.sim.bank import DEFAULT_BANK, BankShape
 from smallbms_bus.sim.clock import SimClock
 from smallbms_bus.sim.devices import CONTROLS, parse_controls
-from smallbms_bus.sim.runner import STATUS_PERIOD_S, Simulator
+from smallbms_bus.sim.runner import CELLS_PERIOD_S, SLOW_PERIOD_S, STATUS_PERIOD_S, Simulator
 from smallbms_bus.sim.scenarios import DEFAULT_SCENARIO, SCENARIOS
 from smallbms_bus.store import Store
+from smallbms_bus.vocabulary import RELAY_ROLES, ROLE_LABELS
 
 METRICS_PORT = 9108  # the [metrics] port default
+MODBUS_PORT = MODBUS_DEMO_PORT
 WEB_PORT = 8080  # the [web] port default: the commissioning page
-MODBUS_PORT = 5020  # not 502: the demo runs without the privilege to bind below 1024
-ROLES = {"load_disconnect": "load", "charge_disconnect": "charge", "pre_alarm": "pre-alarm"}
 # How fast the demo may run. Service and simulation share one process (one GIL); measured on a 2-core machine
 # (docs/simulator.md "Demo speed"), the cost follows the frames per real second: ~2.5 % of a core per 100
 # frames/s (2s2p: 9 % at speed 1, 35 % at 20, 75 % at 50). The budget keeps the process under ~45 % of a core,
 # so a shared machine has room and the governor (sim/clock.py) rarely has to slow the simulation down.
 MAX_SPEED = 25.0
 FRAME_BUDGET = 1700.0  # frames per real second
-SLOW_PERIODS = 3  # BAT_TEMPS, BAT_INFO, BAT_SERIAL every 1 s
+SLOW_STREAMS = 3  # BAT_TEMPS, BAT_INFO, BAT_SERIAL
 
 
 def frames_per_second(shape: BankShape) -> float:
     """Frames a bank sends per simulated second (BAT_STATUS 10/s, each BAT_CELLS_x 2/s, 3 slow frames 1/s)."""
-    groups = math.ceil(4 * shape.units / 4)  # 4 cells per BAT_CELLS_x frame
-    return shape.count * (1.0 / STATUS_PERIOD_S + 2.0 * groups + SLOW_PERIODS)
+    groups = math.ceil(CELLS_PER_UNIT * shape.units / CELLS_PER_FRAME)
+    return shape.count * (1.0 / STATUS_PERIOD_S + groups / CELLS_PERIOD_S + SLOW_STREAMS / SLOW_PERIOD_S)
 
 
 def max_speed(shape: BankShape) -> float:
@@ -286,7 +288,7 @@ class Demo:
         if decision is not None:
             channels = service.config.output_channels()
             relays = ", ".join(f"{label} {'on' if self.board.relays[channels[role]] else 'off'}"
-                               for role, label in ROLES.items())
+                               for role, label in ((r, ROLE_LABELS[r]) for r in RELAY_ROLES))
             lines += [format_decision(decision), f"relays   {relays} (as the board holds them)",
                       format_bank(decision.bank)]
         lines.append(f"devices  {self.devices_text()} (the simulation)")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from smallbms_bus.protocol import CELLS_PER_UNIT, unit_voltage
+
 
 @dataclass(frozen=True, slots=True)
 class BatteryStatus:
@@ -54,11 +56,11 @@ class BatteryInfo:
 
     @property
     def cell_count(self) -> int:
-        return 4 * self.nominal_units
+        return CELLS_PER_UNIT * self.nominal_units
 
     @property
     def nominal_voltage(self) -> float:
-        return round(12.8 * self.nominal_units, 1)
+        return unit_voltage(self.nominal_units)
 
 
 @dataclass(frozen=True, slots=True)

@@ -71,25 +71,26 @@ from smallbms_bus.metrics import MetricsServer, limits_of
 from smallbms_bus.modbus.server import BmsAccess, ModbusOptions, ModbusServer
 from smallbms_bus.outputs import make_board
 from smallbms_bus.outputs.base import RelayBoard
-from smallbms_bus.outputs.controller import Outputs
+from smallbms_bus.outputs.controller import RelayController
 from smallbms_bus.outputs.gpiod import GpiodBoard
 from smallbms_bus.outputs.remote import RemoteInput
+from smallbms_bus.protocol import frame_period
 from smallbms_bus.reports import Report
 from smallbms_bus.store import PendingSave, Persister, Store, StoreError, StoreLock, lock_holder_description
 from smallbms_bus.systemd import sd_notify, unfinished_run
 from smallbms_bus.view import ServiceStats, ServiceView
+from smallbms_bus.vocabulary import LED_ROLES, RELAY_ROLES
 
 if TYPE_CHECKING:
     from smallbms_bus.mqtt import MqttFrontEnd
 
 log = logging.getLogger(__name__)
 
-TICK_S = 0.1  # evaluation tick and BMS_STATE period (PROTOCOL.md)
+TICK_S = frame_period("BMS_STATE")  # evaluation tick and BMS_STATE period (the DBC's GenMsgCycleTime)
 RESTART_PAUSE_S = 1.0
 MODBUS_RETRY_S = 5.0
 STORE_STALL_S = 10.0  # a save waiting longer for the disk is a stalled store: ERROR, smallbms_store_up 0
-OFF = {"load_disconnect": False, "charge_disconnect": False, "pre_alarm": False, "error_led": "off",
-       "status_led": "off"}
+OFF = {**dict.fromkeys(RELAY_ROLES, False), **dict.fromkeys(LED_ROLES, "off")}
 
 
 class Service:
@@ -139,7 +140,7 @@ class Service:
         if remote["source"] == "gpio":  # its own device: the outputs may be on any board
             remote_input = RemoteInput(GpiodBoard(remote["chip"], inputs=[remote["line"]], input_bias=remote["bias"],
                                                   consumer="smallbms-bus remote"), inverted=remote["inverted"])
-        self.outputs = Outputs(self.board, config.output_channels(), reassert_every=out["reassert_every"],
+        self.outputs = RelayController(self.board, config.output_channels(), reassert_every=out["reassert_every"],
                                blink_leds=out["blink_leds"], clock=clock,
                                remote_channel=remote["channel"] if remote["source"] == "board" else None,
                                remote_inverted=remote["inverted"], remote_input=remote_input)
@@ -211,13 +212,9 @@ class Service:
         decision = self.core.evaluate(now, wall)
         self.stats.evaluations += 1
         self.publish(decision, now)
-        wanted: dict[str, Any] = {
-            "load_disconnect": decision.outputs.load_disconnect,
-            "charge_disconnect": decision.outputs.charge_disconnect,
-            "pre_alarm": decision.outputs.pre_alarm,
-            "error_led": decision.error_led.value,
-            "status_led": decision.status_led.value,
-        }
+        # the core's Outputs fields and its LED fields are named after the roles
+        wanted: dict[str, Any] = {**{role: getattr(decision.outputs, role) for role in RELAY_ROLES},
+                                  **{role: getattr(decision, role).value for role in LED_ROLES}}
         self._want_outputs(wanted, now)
         state = (decision.atc, decision.atd, decision.pre_alarm, decision.alarms, decision.warnings)
         if now >= self._next_state_at or state != self._last_sent_state:

@@ -19,7 +19,7 @@ from smallbms_bus.bms.core import Decision
 
 if TYPE_CHECKING:
     from smallbms_bus.link.bus import Link
-    from smallbms_bus.outputs.controller import Outputs, OutputsStatus
+    from smallbms_bus.outputs.controller import OutputsStatus, RelayController
     from smallbms_bus.store import Persister
 
 
@@ -63,7 +63,7 @@ class ServiceView:
     inverter: dict[str, Any] | None = None  # InverterLink.view(): the BMS-CAN link's counters, None while off
 
     @classmethod
-    def build(cls, decision: Decision | None, now: float, link: Link, outputs: Outputs, persister: Persister,
+    def build(cls, decision: Decision | None, now: float, link: Link, outputs: RelayController, persister: Persister,
               store_up: bool, writes_refused: int, stats: ServiceStats) -> ServiceView:
         """On the event loop (the owner of every object read here), after a decision."""
         store = StoreState(persister.writes, persister.failures, persister.pending_events,

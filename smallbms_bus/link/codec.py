@@ -25,17 +25,24 @@ so 3300 * 0.001 is 3.3, not 3.3000000000000003.
 
 from __future__ import annotations
 
-import importlib.resources
+import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import can
 import cantools
-from cantools.database.can import Database, Message
+from cantools.database.can import Database, Message, Signal
 
+from smallbms_bus.protocol import (
+    BATTERY_FLAGS,
+    BMS_STATE_FLAGS,
+    SERIAL_PART_CHARS,
+    default_dbc_path,
+    message_kind,
+)
 from smallbms_bus.reports import (
     BatteryInfo,
     BatteryStatus,
@@ -46,33 +53,10 @@ from smallbms_bus.reports import (
     SerialFragment,
 )
 
+__all__ = ["MALFORMED_KINDS", "PROTOCOL", "FrameDecoder", "FrameEncoder", "default_dbc_path", "load_dbc"]
+
 MALFORMED_KINDS = ("unknown_id", "wrong_dlc", "out_of_range", "not_data_frame")
-
-CELL_MESSAGES = {"BAT_CELLS_1_4": 1, "BAT_CELLS_5_8": 5, "BAT_CELLS_9_12": 9, "BAT_CELLS_13_16": 13}
-STATUS_FLAGS = (
-    ("cell_high_voltage", "CellHighVoltage"),
-    ("cell_low_voltage", "CellLowVoltage"),
-    ("cell_low_pre_alarm", "CellLowPreAlarm"),
-    ("balancing", "Balancing"),
-    ("cell_imbalance", "CellImbalance"),
-    ("hardware_fault", "HardwareFault"),
-    ("firmware_updating", "FirmwareUpdating"),
-)
-BMS_STATE_FLAGS = (
-    ("allowed_to_charge", "AllowedToCharge"),
-    ("allowed_to_discharge", "AllowedToDischarge"),
-    ("pre_alarm", "PreAlarm"),
-    ("mode_on", "ModeOn"),
-    ("remote_on", "RemoteOn"),
-    ("firmware_update", "FirmwareUpdate"),
-)
 SERIAL_SIGNALS = ("SerialChars1to7", "SerialChars8to14")
-SERIAL_CHARS_PER_PART = 7
-
-
-def default_dbc_path() -> Path:
-    """The DBC shipped inside the package (works from a non-editable install)."""
-    return Path(str(importlib.resources.files("smallbms_bus.dbc").joinpath("lithium_ng.dbc")))
 
 
 def load_dbc(path: str | Path | None = None) -> Database:
@@ -92,6 +76,8 @@ class _Scaled:
     raw_min: int | None
     raw_max: int | None
     named: frozenset[int]  # raw values with a name in the DBC (e.g. 0xFFFF NotPresent): never out of range
+    none_raw: int | None  # the first named raw value: what "no value" (None) is sent as
+    mask: int  # the signal's width: counters and bit words wrap into it when sent
 
     def check(self, raw: int) -> int:
         if raw in self.named:
@@ -103,132 +89,217 @@ class _Scaled:
     def value(self, raw: int) -> float:
         return round(self.check(raw) * self.scale, self.digits)
 
+    def raw(self, value: float) -> int:
+        return round(value / self.scale)
 
-def _scaled(message: Message, name: str) -> _Scaled:
-    sig = message.get_signal_by_name(name)
-    scale = float(sig.scale)
+
+def _scaled(signal: Signal) -> _Scaled:
+    scale = float(signal.scale)
     digits = max(0, -math.floor(math.log10(scale))) if scale < 1 else 0
 
     def raw(limit: float | None) -> int | None:
         return None if limit is None else round(limit / scale)
 
-    named = frozenset(int(k) for k in (sig.choices or {}))
-    return _Scaled(scale, digits, raw(sig.minimum), raw(sig.maximum), named)
+    named = [int(k) for k in (signal.choices or {})]
+    return _Scaled(scale, digits, raw(signal.minimum), raw(signal.maximum), frozenset(named),
+                   named[0] if named else None, (1 << signal.length) - 1)
 
 
-def _split_name(name: str) -> tuple[str, int | None]:
-    kind, _, suffix = name.rpartition("_")
-    if kind and suffix.isdigit():
-        return kind, int(suffix)
-    return name, None
+# -- the protocol table ------------------------------------------------------------------------------------
+# One row per message kind: the report class and how each of its fields maps to DBC signals. Both the
+# decoder and the encoder iterate these rows; a field is one of the mappings below. `bind` reads the
+# signal's scale and range from the DBC message once and returns (decode raw dict -> value, encode value
+# -> dict of raw signal values).
+Decode = Callable[[dict[str, Any]], Any]
+Encode = Callable[[Any, Any], dict[str, int]]  # (field value, whole report) -> raw signal values
 
 
-Decoder = Callable[[dict[str, Any]], Report]
+@dataclass(frozen=True, slots=True)
+class Value:
+    """A scaled number, range-checked."""
+
+    field: str
+    signal: str
+
+    def bind(self, m: Message) -> tuple[Decode, Encode]:
+        s, name = _scaled(m.get_signal_by_name(self.signal)), self.signal
+        return (lambda raw: s.value(raw[name])), (lambda v, _: {name: s.raw(v)})
 
 
-def _status_decoder(message: Message, node: int) -> Decoder:
-    v, i, t = (_scaled(message, s) for s in ("Voltage", "Current", "Temperature"))
-    flags = [_scaled(message, s) for _, s in STATUS_FLAGS]
-    names = [s for _, s in STATUS_FLAGS]
+@dataclass(frozen=True, slots=True)
+class OrNone:
+    """A scaled number whose named raw value (Unknown, NotPresent) means None."""
 
-    def decode(raw: dict[str, Any]) -> Report:
-        f = [bool(c.check(raw[n])) for c, n in zip(flags, names, strict=True)]
-        return BatteryStatus(node, v.value(raw["Voltage"]), i.value(raw["Current"]),
-                             t.value(raw["Temperature"]), *f, raw["AliveCounter"])
+    field: str
+    signal: str
 
-    return decode
+    def bind(self, m: Message) -> tuple[Decode, Encode]:
+        s, name = _scaled(m.get_signal_by_name(self.signal)), self.signal
+        none_raw = s.none_raw
 
+        def decode(raw: dict[str, Any]) -> float | None:
+            r = raw[name]
+            return None if r in s.named else s.value(r)
 
-def _cells_decoder(message: Message, node: int, first: int) -> Decoder:
-    names = [f"Cell{first + k}" for k in range(4)]
-    specs = [_scaled(message, n) for n in names]
-    # The named raw value of a cell signal (0xFFFF NotPresent) means "no reading".
-    absent = [s.named for s in specs]
-
-    def decode(raw: dict[str, Any]) -> Report:
-        values = tuple(
-            None if raw[n] in a else s.value(raw[n])
-            for n, s, a in zip(names, specs, absent, strict=True)
-        )
-        return CellVoltages(node, first, values)
-
-    return decode
+        return decode, (lambda v, _: {name: none_raw if v is None else s.raw(v)})
 
 
-def _temps_decoder(message: Message, node: int) -> Decoder:
-    lo, hi = _scaled(message, "CellTempMin"), _scaled(message, "CellTempMax")
+@dataclass(frozen=True, slots=True)
+class Raw:
+    """An integer sent as is, range-checked; `wraps`: a counter or bit word masked to the signal's width."""
 
-    def decode(raw: dict[str, Any]) -> Report:
-        return BatteryTemps(node, lo.value(raw["CellTempMin"]), hi.value(raw["CellTempMax"]))
+    field: str
+    signal: str
+    wraps: bool = False
 
-    return decode
+    def bind(self, m: Message) -> tuple[Decode, Encode]:
+        s, name = _scaled(m.get_signal_by_name(self.signal)), self.signal
+        mask = s.mask if self.wraps else -1
+        return (lambda raw: s.check(raw[name])), (lambda v, _: {name: v & mask})
 
 
-def _info_decoder(message: Message, node: int) -> Decoder:
-    names = ("NominalVoltage", "NominalCapacity", "StringIndex", "SeriesIndex")
-    nv, cap, si, pi = (_scaled(message, n) for n in names)
-    valid_units = nv.named  # the DBC names the valid unit counts (1, 2, 4); 3 is invalid
+@dataclass(frozen=True, slots=True)
+class Flag:
+    """One bit, a bool in the report."""
 
-    def decode(raw: dict[str, Any]) -> Report:
-        units = nv.check(raw["NominalVoltage"])
-        if units not in valid_units:
-            raise OutOfRange(units)
-        return BatteryInfo(
-            node, units, cap.check(raw["NominalCapacity"]),
-            (raw["FirmwareMajor"], raw["FirmwareMinor"], raw["FirmwarePatch"]),
-            si.check(raw["StringIndex"]), pi.check(raw["SeriesIndex"]),
-        )
+    field: str
+    signal: str
 
-    return decode
+    def bind(self, m: Message) -> tuple[Decode, Encode]:
+        s, name = _scaled(m.get_signal_by_name(self.signal)), self.signal
+        return (lambda raw: bool(s.check(raw[name]))), (lambda v, _: {name: int(v)})
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """An integer that must be one of the signal's named values (NominalVoltage: 1, 2 or 4 units; 3 is invalid)."""
+
+    field: str
+    signal: str
+
+    def bind(self, m: Message) -> tuple[Decode, Encode]:
+        s, name = _scaled(m.get_signal_by_name(self.signal)), self.signal
+
+        def decode(raw: dict[str, Any]) -> int:
+            value = s.check(raw[name])
+            if value not in s.named:
+                raise OutOfRange(value)
+            return value
+
+        return decode, (lambda v, _: {name: v})
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    """A tuple field spread over several signals: scaled numbers or None (cells) or plain integers (firmware)."""
+
+    field: str
+    signals: tuple[str, ...]
+    optional: bool = False
+
+    def bind(self, m: Message) -> tuple[Decode, Encode]:
+        kind = OrNone if self.optional else Raw
+        parts = [kind("", n).bind(m) for n in self.signals]  # type: ignore[operator]
+        decoders = [d for d, _ in parts]
+
+        def encode(values: Sequence[Any], report: Any) -> dict[str, int]:
+            out: dict[str, int] = {}
+            for (_, enc), v in zip(parts, values, strict=True):
+                out |= enc(v, report)
+            return out
+
+        return (lambda raw: tuple([d(raw) for d in decoders])), encode
+
+
+@dataclass(frozen=True, slots=True)
+class SerialChars:
+    """BAT_SERIAL's text: 7 ASCII characters in the signal the multiplexer `part` selects."""
+
+    field: str
+    signals: tuple[str, ...]
+
+    def bind(self, m: Message) -> tuple[Decode, Encode]:
+        part_spec, signals = _scaled(m.get_signal_by_name("SerialPart")), self.signals
+
+        def encode(chars: str, report: Any) -> dict[str, int]:
+            text = chars.encode("ascii")[:SERIAL_PART_CHARS].ljust(SERIAL_PART_CHARS, b"\0")
+            return {signals[report.part]: int.from_bytes(text, "little")}
+
+        return (lambda raw: _serial_text(raw[signals[part_spec.check(raw["SerialPart"])]])), encode
+
+
+Field = Value | OrNone | Raw | Flag | Choice | Group | SerialChars
+
+
+@dataclass(frozen=True, slots=True)
+class MessageSpec:
+    """One message kind: its report class, the constant fields it implies, and its field <-> signal mapping."""
+
+    kind: str  # the DBC message name without the node suffix
+    report: type[Any]
+    fields: tuple[Field, ...]
+    constants: tuple[tuple[str, Any], ...] = ()  # fields the kind itself fixes (which four cells)
+    per_node: bool = True  # `<KIND>_<NN>` per battery, or one message (BMS_STATE)
+
+
+def _cells(kind: str, first: int) -> MessageSpec:
+    return MessageSpec(kind, CellVoltages, (Group("voltages", tuple(f"Cell{first + k}" for k in range(4)), True),),
+                       (("first_cell", first),))
+
+
+PROTOCOL: tuple[MessageSpec, ...] = (
+    MessageSpec("BAT_STATUS", BatteryStatus, (
+        Value("voltage", "Voltage"), Value("current", "Current"), Value("temperature", "Temperature"),
+        *(Flag(f, s) for f, s in BATTERY_FLAGS), Raw("alive_counter", "AliveCounter", wraps=True))),
+    _cells("BAT_CELLS_1_4", 1), _cells("BAT_CELLS_5_8", 5), _cells("BAT_CELLS_9_12", 9), _cells("BAT_CELLS_13_16", 13),
+    MessageSpec("BAT_TEMPS", BatteryTemps, (Value("cell_temp_min", "CellTempMin"),
+                                            Value("cell_temp_max", "CellTempMax"))),
+    MessageSpec("BAT_INFO", BatteryInfo, (
+        Choice("nominal_units", "NominalVoltage"), Raw("nominal_capacity_ah", "NominalCapacity"),
+        Group("firmware", ("FirmwareMajor", "FirmwareMinor", "FirmwarePatch")),
+        Raw("string_index", "StringIndex"), Raw("series_index", "SeriesIndex"))),
+    MessageSpec("BAT_SERIAL", SerialFragment, (Raw("part", "SerialPart"), SerialChars("chars", SERIAL_SIGNALS))),
+    MessageSpec("BMS_STATE", BmsState, (
+        *(Flag(f, s) for f, s in BMS_STATE_FLAGS), OrNone("state_of_charge", "StateOfCharge"),
+        Raw("alarms", "Alarms", wraps=True), Raw("warnings", "Warnings", wraps=True),
+        Raw("battery_count", "BatteryCount"), Raw("alive_counter", "AliveCounter", wraps=True)), per_node=False),
+)
+_SPEC_BY_KIND = {spec.kind: spec for spec in PROTOCOL}
 
 
 def _serial_text(raw: int) -> str:
-    data = raw.to_bytes(SERIAL_CHARS_PER_PART, "little").rstrip(b"\0")
+    data = raw.to_bytes(SERIAL_PART_CHARS, "little").rstrip(b"\0")
     if any(b < 0x20 or b > 0x7E for b in data):  # NUL inside, control or non-ASCII bytes
         raise OutOfRange(data)
     return data.decode("ascii")
 
 
-def _serial_decoder(message: Message, node: int) -> Decoder:
-    part_spec = _scaled(message, "SerialPart")
-
-    def decode(raw: dict[str, Any]) -> Report:
-        part = part_spec.check(raw["SerialPart"])
-        return SerialFragment(node, part, _serial_text(raw[SERIAL_SIGNALS[part]]))
-
-    return decode
-
-
-def _bms_state_decoder(message: Message) -> Decoder:
-    soc = _scaled(message, "StateOfCharge")
-    count = _scaled(message, "BatteryCount")
-
-    def decode(raw: dict[str, Any]) -> Report:
-        flags = [bool(raw[s]) for _, s in BMS_STATE_FLAGS]
-        r = raw["StateOfCharge"]
-        return BmsState(*flags, None if r in soc.named else soc.value(r), raw["Alarms"], raw["Warnings"],
-                        count.check(raw["BatteryCount"]), raw["AliveCounter"])
-
-    return decode
-
-
-def _decoder_for(message: Message) -> Decoder | None:
-    kind, node = _split_name(message.name)
-    if kind == "BMS_STATE":
-        return _bms_state_decoder(message)
-    if node is None:
+def _spec_of(message: Message) -> tuple[MessageSpec, int | None] | None:
+    kind, node = message_kind(message.name)
+    spec = _SPEC_BY_KIND.get(kind)
+    if spec is None or spec.per_node != (node is not None):
         return None
-    if kind == "BAT_STATUS":
-        return _status_decoder(message, node)
-    if kind in CELL_MESSAGES:
-        return _cells_decoder(message, node, CELL_MESSAGES[kind])
-    if kind == "BAT_TEMPS":
-        return _temps_decoder(message, node)
-    if kind == "BAT_INFO":
-        return _info_decoder(message, node)
-    if kind == "BAT_SERIAL":
-        return _serial_decoder(message, node)
-    return None
+    return spec, node
+
+
+Decoder = Callable[[dict[str, Any]], Report]
+
+
+def _decoder(spec: MessageSpec, message: Message, node: int | None) -> Decoder:
+    fixed = {"node": node} if spec.per_node else {}
+    fixed.update(spec.constants)
+    by_field = {f.field: f.bind(message)[0] for f in spec.fields}
+    # positional, in the report's field order: this runs for every frame
+    order = [f.name for f in dataclasses.fields(spec.report)]
+    if set(order) != set(fixed) | set(by_field):
+        raise ValueError(f"{spec.kind}: the table does not map every field of {spec.report.__name__}")
+    decoders = [by_field.get(name) or (lambda _, v=fixed[name]: v) for name in order]
+    cls = spec.report
+
+    def decode(raw: dict[str, Any]) -> Report:
+        return cls(*[d(raw) for d in decoders])  # type: ignore[no-any-return]
+
+    return decode
 
 
 class FrameDecoder:
@@ -241,9 +312,10 @@ class FrameDecoder:
         self.decoded = 0
         self._table: dict[int, tuple[Message, int, Decoder]] = {}
         for message in self.db.messages:
-            decoder = _decoder_for(message)
-            if decoder is not None and not message.is_extended_frame:
-                self._table[message.frame_id] = (message, message.length, decoder)
+            found = _spec_of(message)
+            if found is not None and not message.is_extended_frame:
+                spec, node = found
+                self._table[message.frame_id] = (message, message.length, _decoder(spec, message, node))
 
     def _drop(self, kind: str) -> None:
         self.malformed[kind] += 1
@@ -276,85 +348,32 @@ class FrameDecoder:
 
 
 class FrameEncoder:
-    """Reports -> python-can messages, through the same DBC (used by the simulator and BMS_STATE)."""
+    """Reports -> python-can messages through the same table and DBC (the simulator and BMS_STATE use it)."""
 
     def __init__(self, db: Database | None = None) -> None:
         self.db = db or load_dbc()
         self._by_name = {m.name: m for m in self.db.messages}
+        self._kind_of: dict[Any, str] = {
+            (spec.report, dict(spec.constants).get("first_cell")): spec.kind for spec in PROTOCOL}
+        self._bound: dict[str, tuple[Message, list[tuple[str, Encode]]]] = {}
 
-    def _frame(self, name: str, values: dict[str, Any]) -> can.Message:
-        message = self._by_name[name]
+    def _encoders(self, name: str, spec: MessageSpec) -> tuple[Message, list[tuple[str, Encode]]]:
+        bound = self._bound.get(name)
+        if bound is None:
+            message = self._by_name[name]
+            bound = self._bound[name] = (message, [(f.field, f.bind(message)[1]) for f in spec.fields])
+        return bound
+
+    def encode(self, report: Report) -> can.Message:
+        kind = self._kind_of[type(report), getattr(report, "first_cell", None)]
+        spec = _SPEC_BY_KIND[kind]
+        name = f"{kind}_{report.node:02d}" if spec.per_node else kind  # type: ignore[union-attr]
+        message, encoders = self._encoders(name, spec)
+        values: dict[str, int] = {}
+        for field, enc in encoders:
+            values |= enc(getattr(report, field), report)
         data = message.encode(values, scaling=False, strict=False)
         return can.Message(arbitration_id=message.frame_id, data=data, is_extended_id=False)
 
-    def _raw(self, name: str, signal: str, value: float) -> int:
-        return round(value / self._by_name[name].get_signal_by_name(signal).scale)
-
-    def status(self, r: BatteryStatus) -> can.Message:
-        name = f"BAT_STATUS_{r.node:02d}"
-        values: dict[str, Any] = {
-            "Voltage": self._raw(name, "Voltage", r.voltage),
-            "Current": self._raw(name, "Current", r.current),
-            "Temperature": self._raw(name, "Temperature", r.temperature),
-            "AliveCounter": r.alive_counter & 0xFF,
-        }
-        for field, signal in STATUS_FLAGS:
-            values[signal] = int(getattr(r, field))
-        return self._frame(name, values)
-
-    def cells(self, r: CellVoltages) -> can.Message:
-        kind = next(k for k, first in CELL_MESSAGES.items() if first == r.first_cell)
-        name = f"{kind}_{r.node:02d}"
-        message = self._by_name[name]
-        values: dict[str, Any] = {}
-        for k, v in enumerate(r.voltages):
-            signal = message.get_signal_by_name(f"Cell{r.first_cell + k}")
-            values[signal.name] = (
-                next(iter(signal.choices)) if v is None else round(v / signal.scale)
-            )
-        return self._frame(name, values)
-
-    def temps(self, r: BatteryTemps) -> can.Message:
-        name = f"BAT_TEMPS_{r.node:02d}"
-        return self._frame(name, {
-            "CellTempMin": self._raw(name, "CellTempMin", r.cell_temp_min),
-            "CellTempMax": self._raw(name, "CellTempMax", r.cell_temp_max),
-        })
-
-    def info(self, r: BatteryInfo) -> can.Message:
-        return self._frame(f"BAT_INFO_{r.node:02d}", {
-            "NominalVoltage": r.nominal_units, "NominalCapacity": r.nominal_capacity_ah,
-            "FirmwareMajor": r.firmware[0], "FirmwareMinor": r.firmware[1], "FirmwarePatch": r.firmware[2],
-            "StringIndex": r.string_index, "SeriesIndex": r.series_index,
-        })
-
-    def serial(self, r: SerialFragment) -> can.Message:
-        text = r.chars.encode("ascii")[:SERIAL_CHARS_PER_PART].ljust(SERIAL_CHARS_PER_PART, b"\0")
-        return self._frame(f"BAT_SERIAL_{r.node:02d}", {
-            "SerialPart": r.part, SERIAL_SIGNALS[r.part]: int.from_bytes(text, "little"),
-        })
-
-    def bms_state(self, r: BmsState) -> can.Message:
-        name = "BMS_STATE"
-        values: dict[str, Any] = {signal: int(getattr(r, field)) for field, signal in BMS_STATE_FLAGS}
-        soc_signal = self._by_name[name].get_signal_by_name("StateOfCharge")
-        values["StateOfCharge"] = (
-            next(iter(soc_signal.choices)) if r.state_of_charge is None
-            else self._raw(name, "StateOfCharge", r.state_of_charge)
-        )
-        values.update(Alarms=r.alarms & 0xFFFF, Warnings=r.warnings & 0xFFFF,
-                      BatteryCount=r.battery_count, AliveCounter=r.alive_counter & 0xFF)
-        return self._frame(name, values)
-
-    def encode(self, report: Report) -> can.Message:
-        if isinstance(report, BatteryStatus):
-            return self.status(report)
-        if isinstance(report, CellVoltages):
-            return self.cells(report)
-        if isinstance(report, BatteryTemps):
-            return self.temps(report)
-        if isinstance(report, BatteryInfo):
-            return self.info(report)
-        if isinstance(report, SerialFragment):
-            return self.serial(report)
-        return self.bms_state(report)
+    # the named entry points callers use; every one goes through the table
+    status = cells = temps = info = serial = bms_state = encode

@@ -18,18 +18,18 @@ from dataclasses import dataclass
 
 from smallbms_bus.bms.alarms import BalancerReason, BmsAlarm, BmsWarning, BusState
 from smallbms_bus.bms.rules import CELL_SPREAD_IMBALANCED_V
+from smallbms_bus.protocol import FLAG_FIELDS, MAX_CELLS
+from smallbms_bus.vocabulary import RELAY_ROLES, BankPhase, StaleReason
 
 PREFIX = "smallbms_"
 BATTERY_LABELS = ("battery", "serial", "string", "position")
-STALE_REASONS = ("no_status", "status_timeout", "alive_stuck", "no_info", "no_temps", "temps_timeout", "no_cells",
-                 "cells_timeout")
-BATTERY_FLAGS = ("cell_high_voltage", "cell_low_voltage", "cell_low_pre_alarm", "balancing", "cell_imbalance",
-                 "hardware_fault", "firmware_updating")
-PHASES = ("waiting", "discovering", "learning", "learned")
-OUTPUT_NAMES = ("load_disconnect", "charge_disconnect", "pre_alarm")
+STALE_REASONS = tuple(r.value for r in StaleReason)
+BATTERY_FLAGS = FLAG_FIELDS
+PHASES = tuple(p.value for p in BankPhase)
+OUTPUT_NAMES = RELAY_ROLES
 KWH_TO_JOULES = 3.6e6
 AH_TO_COULOMBS = 3600.0
-CELL_NUMBERS = tuple(str(i) for i in range(1, 17))
+CELL_NUMBERS = tuple(str(i) for i in range(1, MAX_CELLS + 1))
 # alarm / warning label values: the names of docs/behaviour.md in lower case, like every other label value
 ALARM_LABELS = tuple((m, (m.name or "").lower()) for m in BmsAlarm)
 WARNING_LABELS = tuple((m, (m.name or "").lower()) for m in BmsWarning)

@@ -17,9 +17,9 @@ from types import TracebackType
 from typing import Any
 
 from smallbms_bus.bank import UNIT_VOLTAGE
+from smallbms_bus.modbus.codes import exception_text
 from smallbms_bus.modbus.regmap import Register, RegisterMap, decode, decode_block, load_map
 from smallbms_bus.modbus.status import (
-    MODBUS_EXCEPTIONS,
     RESET,
     StatusError,
     _arguments,
@@ -148,7 +148,7 @@ class Client:
             raise StatusError(f"{self.where}: {what}: {error.strerror or error}") from None
         if body[0] == WRITE_SINGLE | 0x80 and len(body) == 2:
             code = body[1]
-            reason = WRITE_REASONS.get(code, MODBUS_EXCEPTIONS.get(code, "unknown"))
+            reason = WRITE_REASONS.get(code, exception_text(code))
             raise Refused(code, f"{reason} (Modbus exception {code:02d})")
         if body != pdu:
             raise StatusError(f"{self.where}: not a Modbus answer to {what} (function {body[0]})")

@@ -1,4 +1,4 @@
-"""The words a unit answers with: register maps compiled against one Snapshot, built lazily per block.
+"""The words a unit answers with: register maps compiled against one ModbusView, built lazily per block.
 
 A unit serves one or more maps (unit 1: native + SunSpec; the GX unit: gx). Each placed block's words
 are built on the first read after a new snapshot and reused until the next one, so a PLC polling
@@ -21,13 +21,13 @@ from smallbms_bus.modbus.regmap import (
     RegisterMap,
     encode,
 )
-from smallbms_bus.modbus.sources import BANK, BATTERY, Snapshot
+from smallbms_bus.modbus.sources import BANK, BATTERY, ModbusView
 
-Getter = Callable[[Snapshot], Any]
+Getter = Callable[[ModbusView], Any]
 Layout = tuple[tuple[int, int], ...]  # (node, cells) per battery in the bank
 
 
-def layout_of(snapshot: Snapshot) -> Layout:
+def layout_of(snapshot: ModbusView) -> Layout:
     """What the address space depends on: the batteries in the bank and each one's cell count."""
     return tuple((node, b.info.cell_count if b.info is not None else MAX_CELLS)
                  for node, b in sorted(snapshot.batteries.items()))
@@ -82,9 +82,9 @@ class UnitImage:
                 for word in range(reg.words):
                     self.registers[base + reg.address + word] = (reg, i)
         self._cache: list[list[int] | None] = [None] * len(self.blocks)
-        self._snapshot: Snapshot | None = None
+        self._snapshot: ModbusView | None = None
 
-    def _words(self, i: int, snapshot: Snapshot) -> list[int]:
+    def _words(self, i: int, snapshot: ModbusView) -> list[int]:
         if snapshot is not self._snapshot:
             self._cache = [None] * len(self.blocks)
             self._snapshot = snapshot
@@ -101,7 +101,7 @@ class UnitImage:
             self._cache[i] = words
         return words
 
-    def read(self, snapshot: Snapshot, address: int, count: int) -> list[int] | None:
+    def read(self, snapshot: ModbusView, address: int, count: int) -> list[int] | None:
         """`count` words from `address`, or None when any of them is not mapped (exception 02)."""
         i = bisect_right(self.starts, address) - 1
         out: list[int] = []

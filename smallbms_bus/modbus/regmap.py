@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
+from smallbms_bus.protocol import MAX_CELLS  # a battery whose cell count is unknown gets 16
+
 # type -> (words, signed, not-available marker); strings and reserved space take `words` from the map.
 TYPES: dict[str, tuple[int, bool, int | None]] = {
     "uint16": (1, False, 0xFFFF), "enum16": (1, False, 0xFFFF), "bitfield16": (1, False, 0xFFFF),
@@ -35,7 +37,6 @@ TYPES: dict[str, tuple[int, bool, int | None]] = {
 }
 ACCESS = ("r", "rw", "w")
 MAP_NAMES = ("native", "sunspec", "gx")
-MAX_CELLS = 16  # cells of the largest Lithium NG battery (51.2 V); a battery whose cell count is unknown gets 16
 MODEL_LENGTH = "model.length"  # a source: the length of the placed block minus ID and L (SunSpec's L)
 SF_NOT_IMPLEMENTED = -32768  # a sunssf of 0x8000: the points it scales are not implemented either
 

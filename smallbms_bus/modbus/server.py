@@ -57,6 +57,7 @@ from pymodbus.transaction import TransactionManager
 
 from smallbms_bus.bms.core import BmsCore, Decision
 from smallbms_bus.commit import Change, Committed
+from smallbms_bus.config import defaults
 from smallbms_bus.connections import (
     ACCEPT_BATCH,
     ConnectionPolicy,
@@ -72,10 +73,10 @@ from smallbms_bus.connections import (
 )
 from smallbms_bus.modbus.image import UnitImage, layout_of
 from smallbms_bus.modbus.regmap import RegisterMap, decode_word, load_maps
-from smallbms_bus.modbus.sources import Snapshot
+from smallbms_bus.modbus.sources import ModbusView
 from smallbms_bus.modbus.stats import ModbusStats
 from smallbms_bus.modbus.tls import tls_context
-from smallbms_bus.modbus.writes import StringPatch, WriteRefused, WriteValue
+from smallbms_bus.modbus.writes import Refused, StringPatch, WriteRefused, WriteValue
 
 log = logging.getLogger(__name__)
 # pymodbus logs a WARNING per undecodable frame: a misbehaving client would fill the journal. Ours are counted.
@@ -84,26 +85,25 @@ logging.getLogger("pymodbus.logging").setLevel(logging.ERROR)
 READ, WRITE_SINGLE, WRITE_MULTIPLE = (3, 4), 6, 16
 MAX_READ, MAX_WRITE = 125, 123
 BATCH = 32  # pipelined requests answered per turn of the event loop, per connection
-ILLEGAL_FUNCTION, ILLEGAL_ADDRESS, ILLEGAL_VALUE = 1, 2, 3
-GATEWAY_NO_RESPONSE = 0x0B
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_DEFAULT = defaults()["modbus"]  # the config schema is the one place a default is written
 
 
 @dataclass(frozen=True)
 class ModbusOptions:
-    host: str = "127.0.0.1"
-    port: int | None = 502  # None = no plain Modbus TCP listener (config: 0); 0 here = any free port (tests)
-    unit: int = 1
-    gx_unit: int = 225  # 0 = off
-    allow_write_from: tuple[Network, ...] = (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128"))
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_client_ca: str | None = None
-    tls_port: int = 802  # Modbus/TCP Security's registered port
-    max_connections: int = 32
-    max_connections_per_address: int = 8
-    first_request_timeout: float = 10.0
-    idle_timeout: float = 300.0
+    host: str = _DEFAULT["host"]
+    port: int | None = _DEFAULT["port"]  # None = no plain Modbus TCP listener (config: 0); 0 here = any free port
+    unit: int = _DEFAULT["unit"]
+    gx_unit: int = _DEFAULT["gx_unit"]  # 0 = off
+    allow_write_from: tuple[Network, ...] = tuple(ipaddress.ip_network(n) for n in _DEFAULT["allow_write_from"])
+    tls_cert: str | None = _DEFAULT["tls_cert"]
+    tls_key: str | None = _DEFAULT["tls_key"]
+    tls_client_ca: str | None = _DEFAULT["tls_client_ca"]
+    tls_port: int = _DEFAULT["tls_port"]  # Modbus/TCP Security's registered port
+    max_connections: int = _DEFAULT["max_connections"]
+    max_connections_per_address: int = _DEFAULT["max_connections_per_address"]
+    first_request_timeout: float = _DEFAULT["first_request_timeout"]
+    idle_timeout: float = _DEFAULT["idle_timeout"]
 
     @classmethod
     def from_config(cls, section: dict[str, Any]) -> ModbusOptions:
@@ -128,7 +128,7 @@ class BmsAccess:
     clock: Callable[[], float]
     started: float
     # a write this server refused itself (not allowed, not writable, bad value): the event log's (source, what, why)
-    refused: Callable[[str, str, WriteRefused], None] = lambda source, what, refused: None
+    refused: Callable[[str, str, Refused], None] = lambda source, what, refused: None
 
 
 class _NoDatastore(ModbusServerContext):
@@ -308,7 +308,8 @@ class _Connection(ServerRequestHandler):
         if len(frame) < 8:
             return  # a unit id and no function code: nothing to answer
         tid, _, _, unit, function = struct.unpack(">HHHBB", frame[:8])
-        code = ILLEGAL_VALUE if function in (*READ, WRITE_SINGLE, WRITE_MULTIPLE) else ILLEGAL_FUNCTION
+        known = function in (*READ, WRITE_SINGLE, WRITE_MULTIPLE)
+        code = ExcCodes.ILLEGAL_VALUE if known else ExcCodes.ILLEGAL_FUNCTION
         self.app.stats.count(function, code)
         self.pdu_send(ExceptionResponse(function & 0x7F, code, device_id=unit, transaction=tid))
 
@@ -329,7 +330,7 @@ class ModbusServer:
             self.units[options.gx_unit] = [self.maps["gx"]]
         self._images: dict[int, UnitImage] = {}
         self._decision: Decision | None = None
-        self._snapshot: Snapshot | None = None
+        self._snapshot: ModbusView | None = None
         self._listeners: list[Any] = []
         self._reaper: asyncio.Task | None = None
         self.bound: list[tuple[str, int]] = []  # (host, port) actually listening, for logs and tests
@@ -438,17 +439,17 @@ class ModbusServer:
             return allowed and bool(peercert)  # a certificate is only there when tls_client_ca verified it
         return allowed
 
-    def snapshot(self) -> Snapshot | None:
+    def snapshot(self) -> ModbusView | None:
         decision = self.access.decision()
         if decision is None:
             return None
         if decision is not self._decision:
             self._decision = decision
-            self._snapshot = Snapshot.of(decision, self.access.core, self.access.clock() - self.access.started,
+            self._snapshot = ModbusView.of(decision, self.access.core, self.access.clock() - self.access.started,
                                          self.options.unit)
         return self._snapshot
 
-    def image(self, unit: int, snapshot: Snapshot) -> UnitImage:
+    def image(self, unit: int, snapshot: ModbusView) -> UnitImage:
         layout = layout_of(snapshot)
         image = self._images.get(unit)
         if image is None or (image.layout != layout and any(m.dynamic for m in self.units[unit])):
@@ -465,7 +466,7 @@ class ModbusServer:
             if isinstance(answer, Change):
                 return self._answer_write(pdu, answer)
             response, code = answer, None
-        except WriteRefused as refused:
+        except Refused as refused:
             code = refused.code
             response = ExceptionResponse(fc, code, device_id=unit, transaction=tid)
             if fc in (WRITE_SINGLE, WRITE_MULTIPLE) and unit in self.units:
@@ -502,27 +503,27 @@ class ModbusServer:
     def _answer(self, conn: _Connection, pdu: ModbusPDU) -> ModbusPDU | Change:
         fc, unit = pdu.function_code, pdu.dev_id
         if unit not in self.units:
-            raise WriteRefused(GATEWAY_NO_RESPONSE, f"unit {unit}")
+            raise Refused(ExcCodes.GATEWAY_NO_RESPONSE, f"unit {unit}")
         if fc not in (*READ, WRITE_SINGLE, WRITE_MULTIPLE):
-            raise WriteRefused(ILLEGAL_FUNCTION, f"function {fc}")
+            raise Refused(ExcCodes.ILLEGAL_FUNCTION, f"function {fc}")
         snapshot = self.snapshot()
         if snapshot is None:
-            raise WriteRefused(ExcCodes.DEVICE_BUSY, "no decision yet")
+            raise Refused(ExcCodes.DEVICE_BUSY, "no decision yet")
         now = self.access.clock()
         self.access.core.modbus_client_seen(now)  # LED-2
         image = self.image(unit, snapshot)
         if fc in READ:
             if not 1 <= pdu.count <= MAX_READ:
-                raise WriteRefused(ILLEGAL_VALUE, f"quantity {pdu.count}")
+                raise Refused(ExcCodes.ILLEGAL_VALUE, f"quantity {pdu.count}")
             words = image.read(snapshot, pdu.address, pdu.count)
             if words is None:
-                raise WriteRefused(ILLEGAL_ADDRESS, f"{pdu.address}+{pdu.count}")
+                raise Refused(ExcCodes.ILLEGAL_ADDRESS, f"{pdu.address}+{pdu.count}")
             cls = ReadHoldingRegistersResponse if fc == 3 else ReadInputRegistersResponse
             return cls(registers=words)
         values = list(pdu.registers)
         if fc == WRITE_MULTIPLE and not (1 <= pdu.count <= MAX_WRITE and pdu.byte_count == 2 * pdu.count
                                          == getattr(pdu, "_payload_byte_count", None) == 2 * len(values)):
-            raise WriteRefused(ILLEGAL_VALUE, f"quantity {pdu.count} / byte count {pdu.byte_count}")
+            raise WriteRefused(ExcCodes.ILLEGAL_VALUE, f"quantity {pdu.count} / byte count {pdu.byte_count}")
         if not conn.may_write:
             self._refuse_write(conn, unit, pdu.address, len(values))
         return self._write(conn, image, unit, pdu.address, values)
@@ -534,7 +535,7 @@ class ModbusServer:
         log.log(level, "Modbus: refused a write from %s (unit %d, %d register(s) at %d): not in "
                 "modbus.allow_write_from%s", conn.peer, unit, count, address,
                 " or no verified client certificate" if self.options.tls else "")
-        raise WriteRefused(ILLEGAL_FUNCTION, "write not allowed")
+        raise WriteRefused(ExcCodes.ILLEGAL_FUNCTION, "write not allowed")
 
     def _write(self, conn: _Connection, image: UnitImage, unit: int, address: int, values: Sequence[int]) -> Change:
         """Each word checked (address, range); the change as the service's write path takes it. The words of a
@@ -545,7 +546,7 @@ class ModbusServer:
             found = image.register_at(address + offset)
             reg = None if found is None else found[0]
             if found is None or reg is None or not reg.writable or reg.target is None:
-                raise WriteRefused(ILLEGAL_ADDRESS, f"{address + offset} is not a writable register")
+                raise WriteRefused(ExcCodes.ILLEGAL_ADDRESS, f"{address + offset} is not a writable register")
             if reg.type == "string":
                 take = min(reg.words - found[1], len(values) - offset)
                 writes.append((reg.name, reg.target, StringPatch(found[1], tuple(values[offset:offset + take]),
@@ -554,7 +555,7 @@ class ModbusServer:
                 continue
             value = decode_word(reg, values[offset])
             if reg.range is not None and not reg.range[0] <= value <= reg.range[1]:
-                raise WriteRefused(ILLEGAL_VALUE, f"{reg.name} = {value:g}")
+                raise WriteRefused(ExcCodes.ILLEGAL_VALUE, f"{reg.name} = {value:g}")
             writes.append((reg.name, reg.target, value))
             offset += 1
         return Change(tuple(writes), source=f"Modbus {conn.peer} unit {unit}", reason="Modbus write")

@@ -1,7 +1,7 @@
 """The fields a register can show: every `source` named in register_maps/ is a key of BANK or BATTERY.
 
 A register map says *where* a value lives and how it is encoded; this module says *what* the value
-is, read from one `Snapshot` (the core's latest Decision plus the settings), in engineering units.
+is, read from one `ModbusView` (the core's latest Decision plus the settings), in engineering units.
 None means "the service does not have this value" and is encoded as the map's not-available marker.
 A test fails when a map names a source that is not defined here.
 """
@@ -14,22 +14,30 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from smallbms_bus import __version__
-from smallbms_bus.bank import CELLS_PER_UNIT, FLAG_FIELDS, BatteryView, Topology
-from smallbms_bus.bms.alarms import AtdState, BalancerStatus, BmsAlarm, BmsWarning, Led
+from smallbms_bus.bank import BatteryView, Topology
+from smallbms_bus.bms.alarms import AtdState, BalancerStatus, BmsAlarm, BmsWarning
 from smallbms_bus.bms.core import BmsCore, Decision
 from smallbms_bus.bms.monitor import pulse_limits
 from smallbms_bus.bms.rules import CELL_HIGH_SET_V
 from smallbms_bus.bms.settings import Settings
+from smallbms_bus.modbus.codes import (
+    BALANCER_CODES,
+    LED_CODES,
+    STATE_FAULT,
+    STATE_FIRMWARE_UPDATE,
+    STATE_OFF,
+    STATE_ON,
+    STATE_WAITING,
+)
+from smallbms_bus.modbus.setting_registers import SETTING_REGISTERS, SettingRegister
+from smallbms_bus.protocol import CELLS_PER_UNIT, FLAG_FIELDS
+from smallbms_bus.vocabulary import RELAY_ROLES
 
-STATE_WAITING, STATE_ON, STATE_OFF, STATE_FIRMWARE_UPDATE, STATE_FAULT = range(5)
-LED_CODES = {Led.OFF: 0, Led.BLINKING: 1, Led.SOLID: 2}
-BALANCER_CODES = {BalancerStatus.UNKNOWN: 0, BalancerStatus.BALANCED: 1, BalancerStatus.BALANCING: 2,
-                  BalancerStatus.IMBALANCED: 3}
 PRESENCE_ABSENT, PRESENCE_FRESH, PRESENCE_STALE = 0, 1, 2
 
 
 @dataclass(frozen=True)
-class Snapshot:
+class ModbusView:
     """What one register image is built from: taken on the event loop, never mutated afterwards."""
 
     decision: Decision
@@ -43,8 +51,8 @@ class Snapshot:
         object.__setattr__(self, "batteries", {b.node: b for b in self.decision.bank.batteries})
 
     @classmethod
-    def of(cls, decision: Decision, core: BmsCore, uptime_s: float, modbus_unit: int = 1) -> Snapshot:
-        """The snapshot of a decision and what the core holds besides it (settings, the controller heartbeat)."""
+    def of(cls, decision: Decision, core: BmsCore, uptime_s: float, modbus_unit: int = 1) -> ModbusView:
+        """The view of a decision and what the core holds besides it (settings, the controller heartbeat)."""
         return cls(decision, core.settings, uptime_s, modbus_unit, core.controller_heartbeat)
 
     @property
@@ -52,7 +60,7 @@ class Snapshot:
         return self.decision.bank.topology.series_units
 
 
-def state(s: Snapshot) -> int:
+def state(s: ModbusView) -> int:
     d = s.decision
     if d.firmware_update:
         return STATE_FIRMWARE_UPDATE
@@ -65,32 +73,29 @@ def state(s: Snapshot) -> int:
     return STATE_ON
 
 
-def _outputs(s: Snapshot) -> int:
+def _outputs(s: ModbusView) -> int:
     o = s.decision.outputs
-    return int(o.load_disconnect) | int(o.charge_disconnect) << 1 | int(o.pre_alarm) << 2
+    return sum(int(getattr(o, role)) << bit for bit, role in enumerate(RELAY_ROLES))
 
 
-def _per_bank(name: str) -> Callable[[Snapshot], float | None]:
-    """A voltage setting kept per 12.8 V unit, shown for the bank: unknown until the units in series are."""
-    def get(s: Snapshot) -> float | None:
-        units = s.series_units
-        return None if units is None else getattr(s.settings, name) * units
-    return get
+def _setting(register: SettingRegister) -> Callable[[ModbusView], float | int | None]:
+    """A setting register's value, read through its one descriptor (modbus/setting_registers.py)."""
+    return lambda s: register.read(s.settings, s.series_units)
 
 
 def _cell_voltage(ref: Any) -> float | None:
     return None if ref is None else ref.voltage
 
 
-def _time_remaining(s: Snapshot) -> float | None:
+def _time_remaining(s: ModbusView) -> float | None:
     return s.decision.time_remaining_s  # inf encodes as not available: infinite while the SoC is known, else unknown
 
 
-def _history_since_full(s: Snapshot) -> float | None:
+def _history_since_full(s: ModbusView) -> float | None:
     return s.decision.history.time_since_full_charge(s.decision.wall)
 
 
-BANK: dict[str, Callable[[Snapshot], Any]] = {
+BANK: dict[str, Callable[[ModbusView], Any]] = {
     "state": state,
     "voltage": lambda s: s.decision.bank.aggregates.voltage,
     "soc": lambda s: s.decision.soc,
@@ -128,17 +133,7 @@ BANK: dict[str, Callable[[Snapshot], Any]] = {
     "heartbeat": lambda s: int(s.uptime_s) & 0xFFFF,
     "uptime": lambda s: int(s.uptime_s),
     # settings and mode (block B), reported in the map's units
-    "charged_voltage": _per_bank("charged_voltage_per_unit"),
-    "tail_current": lambda s: s.settings.tail_current_pct,
-    "charged_detection_time": lambda s: s.settings.charged_detection_time_min,
-    "low_soc_warning": lambda s: s.settings.low_soc_warning_pct,
-    "discharge_floor": lambda s: s.settings.discharge_floor_pct,
-    "pre_alarm_level": lambda s: s.settings.pre_alarm_level_per_cell,
-    "absorption_voltage": _per_bank("absorption_voltage_per_unit"),
-    "float_voltage": _per_bank("float_voltage_per_unit"),
-    "absorption_time": lambda s: s.settings.absorption_time_min,
-    "rebulk_soc": lambda s: s.settings.rebulk_soc_pct,
-    "dcl_zero_at_pre_alarm": lambda s: int(s.settings.dcl_zero_at_pre_alarm),
+    **{r.target: _setting(r) for r in SETTING_REGISTERS},
     "mode": lambda s: int(s.decision.mode_on),
     "custom_name": lambda s: s.settings.custom_name,
     # history (block D)
@@ -282,7 +277,7 @@ SS_INVERTER_STOPPED, SS_INVERTER_STANDBY, SS_INVERTER_STARTED = 1, 2, 3  # SetIn
 IDLE_CURRENT_A = 0.5  # below this the bank is neither charging nor discharging (ChaSt holding)
 
 
-def sunspec_evt1(s: Snapshot) -> int:
+def sunspec_evt1(s: ModbusView) -> int:
     d = s.decision
     bits = 0
     for flag, bit in EVT1_ALARMS.items():
@@ -298,7 +293,7 @@ def sunspec_evt1(s: Snapshot) -> int:
     return bits
 
 
-def sunspec_state(s: Snapshot) -> int:
+def sunspec_state(s: ModbusView) -> int:
     code = state(s)
     if code == STATE_FAULT:
         return SS_STATE_SOC_PROTECTION if s.decision.alarms == BmsAlarm.LOW_SOC else SS_STATE_FAULT
@@ -306,7 +301,7 @@ def sunspec_state(s: Snapshot) -> int:
             STATE_FIRMWARE_UPDATE: SS_STATE_SUSPENDING}[code]
 
 
-def sunspec_charge_status(s: Snapshot) -> int:
+def sunspec_charge_status(s: ModbusView) -> int:
     d = s.decision
     if not d.atc and not d.atd:
         return CHA_ST_OFF
@@ -328,11 +323,11 @@ UNIT_MAX_VOLTAGE = CELLS_PER_UNIT * CELL_HIGH_SET_V
 UINT16_MAX, INT16_MAX = 0xFFFE, 0x7FFF  # the largest numbers (0xFFFF and 0x8000 read "not implemented")
 
 
-def _fit(limit: Callable[[Topology], float | None], finest: int, largest: int) -> Callable[[Snapshot], int]:
+def _fit(limit: Callable[[Topology], float | None], finest: int, largest: int) -> Callable[[ModbusView], int]:
     """The finest scale factor (10^sf per count, from `finest` up) at which `limit` of the bank still fits
     `largest` counts. Computed from the bank's shape, so it changes only while the bank is heard for the first
     time or re-learned; a client reads a point and its scale factor in one request (pysunspec2 reads the model)."""
-    def sf(s: Snapshot) -> int:
+    def sf(s: ModbusView) -> int:
         value = limit(s.decision.bank.topology)
         exponent = finest
         while value is not None and value / 10.0 ** exponent > largest:
@@ -367,7 +362,7 @@ BANK.update({
 })
 
 
-def _one_c_power(s: Snapshot) -> float | None:
+def _one_c_power(s: ModbusView) -> float | None:
     """1C (the Lithium NG continuous limit, MON-7) at nominal voltage."""
     topo = s.decision.bank.topology
     if topo.bank_capacity_ah is None or topo.nominal_voltage is None:
@@ -375,9 +370,9 @@ def _one_c_power(s: Snapshot) -> float | None:
     return topo.bank_capacity_ah * topo.nominal_voltage
 
 
-def _allowed_current(allowed: Callable[[Decision], bool]) -> Callable[[Snapshot], float | None]:
+def _allowed_current(allowed: Callable[[Decision], bool]) -> Callable[[ModbusView], float | None]:
     """SunSpec's way to tell an inverter "do not charge/discharge": a maximum current of 0; else 1C."""
-    def get(s: Snapshot) -> float | None:
+    def get(s: ModbusView) -> float | None:
         capacity = s.decision.bank.topology.bank_capacity_ah
         if not allowed(s.decision):
             return 0.0
@@ -385,8 +380,8 @@ def _allowed_current(allowed: Callable[[Decision], bool]) -> Callable[[Snapshot]
     return get
 
 
-def _battery_with(ref_of: Callable[[Any], Any], what: str) -> Callable[[Snapshot], int | None]:
-    def get(s: Snapshot) -> int | None:
+def _battery_with(ref_of: Callable[[Any], Any], what: str) -> Callable[[ModbusView], int | None]:
+    def get(s: ModbusView) -> int | None:
         ref = ref_of(s.decision.bank.aggregates)
         if ref is None:
             return None
@@ -447,42 +442,42 @@ GX_STATES = {STATE_WAITING: 4, STATE_ON: 9, STATE_OFF: 14, STATE_FIRMWARE_UPDATE
 GX_MODE_ON, GX_MODE_STANDBY = 3, 252
 
 
-def _gx_alarm(alarms: BmsAlarm, warnings: BmsWarning) -> Callable[[Snapshot], int]:
-    def level(s: Snapshot) -> int:
+def _gx_alarm(alarms: BmsAlarm, warnings: BmsWarning) -> Callable[[ModbusView], int]:
+    def level(s: ModbusView) -> int:
         if s.decision.alarms & alarms:
             return GX_ALARM
         return GX_WARNING if s.decision.warnings & warnings else GX_OK
     return level
 
 
-def _gx_error(s: Snapshot) -> int:
+def _gx_error(s: ModbusView) -> int:
     return next((code for flag, code in GX_ERRORS if flag in s.decision.alarms), 0)
 
 
-def _negative(get: Callable[[Snapshot], float | None]) -> Callable[[Snapshot], float | None]:
+def _negative(get: Callable[[ModbusView], float | None]) -> Callable[[ModbusView], float | None]:
     """Victron reports Ah drawn as negative numbers (the sign of a discharge current)."""
-    def value(s: Snapshot) -> float | None:
+    def value(s: ModbusView) -> float | None:
         v = get(s)
         return None if v is None else -v
     return value
 
 
-def _cells_per_battery(s: Snapshot) -> int | None:
+def _cells_per_battery(s: ModbusView) -> int | None:
     topo = s.decision.bank.topology
-    return None if topo.nominal_units is None else 4 * topo.nominal_units
+    return None if topo.nominal_units is None else CELLS_PER_UNIT * topo.nominal_units
 
 
-def _cell_id(which: str) -> Callable[[Snapshot], str | None]:
-    def ident(s: Snapshot) -> str | None:
+def _cell_id(which: str) -> Callable[[ModbusView], str | None]:
+    def ident(s: ModbusView) -> str | None:
         ref = getattr(s.decision.bank.aggregates, which)
         return None if ref is None else f"B{ref.node}C{ref.cell}"
     return ident
 
 
-def _temperature_id(pick: Callable[..., Any], field_name: str) -> Callable[[Snapshot], str | None]:
+def _temperature_id(pick: Callable[..., Any], field_name: str) -> Callable[[ModbusView], str | None]:
     """B<node> of the battery with the lowest (highest) cell temperature: a battery reports its extremes,
     not which cell has them."""
-    def ident(s: Snapshot) -> str | None:
+    def ident(s: ModbusView) -> str | None:
         temps = [(getattr(b.temps, field_name), b.node) for b in s.batteries.values()
                  if b.fresh and b.temps is not None]
         if not temps:
@@ -492,22 +487,22 @@ def _temperature_id(pick: Callable[..., Any], field_name: str) -> Callable[[Snap
     return ident
 
 
-def _average_discharge(s: Snapshot) -> float | None:
+def _average_discharge(s: ModbusView) -> float | None:
     """A BMV's average discharge: the Ah drawn over the charge cycles; none before the first cycle."""
     h = s.decision.history
     return h.cumulative_ah_drawn / h.charge_cycles if h.charge_cycles else None
 
 
-def _last_errors(s: Snapshot) -> tuple[int, ...]:
+def _last_errors(s: ModbusView) -> tuple[int, ...]:
     codes = {alarm.name: code for alarm, code in GX_ERRORS}
     return tuple(codes.get(name, 0) for name, _ in s.decision.diagnostics.last_errors)
 
 
-def _last_error_times(s: Snapshot) -> tuple[int, ...]:
+def _last_error_times(s: ModbusView) -> tuple[int, ...]:
     return tuple(int(wall) for _, wall in s.decision.diagnostics.last_errors)
 
 
-def _nodes_flagged(*flags: str) -> Callable[[Snapshot], int]:
+def _nodes_flagged(*flags: str) -> Callable[[ModbusView], int]:
     return lambda s: len({n for f in flags for n in s.decision.bank.flags.get(f, ())})
 
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from smallbms_bus.modbus.codes import exception_label
+
 FUNCTION_NAMES = {
     1: "read_coils", 2: "read_discrete_inputs", 3: "read_holding_registers", 4: "read_input_registers",
     5: "write_single_coil", 6: "write_single_register", 15: "write_multiple_coils",
     16: "write_multiple_registers", 22: "mask_write_register", 23: "read_write_multiple_registers",
 }
-EXCEPTION_NAMES = {1: "illegal_function", 2: "illegal_data_address", 3: "illegal_data_value",
-                   4: "server_device_failure", 6: "server_device_busy", 11: "gateway_target_no_response"}
-
 
 def function_name(code: int) -> str:
     return FUNCTION_NAMES.get(code, f"function_{code}")
@@ -22,7 +21,7 @@ def outcome_name(exception_code: int | None) -> str:
     """"ok" for a normal answer, else the exception's Modbus name."""
     if exception_code is None:
         return "ok"
-    return EXCEPTION_NAMES.get(exception_code, f"exception_{exception_code}")
+    return exception_label(exception_code)
 
 
 @dataclass

@@ -22,18 +22,18 @@ import time
 from typing import Any, TextIO
 
 from smallbms_bus.bms.alarms import BalancerReason, BalancerStatus, BmsAlarm, BmsWarning, BusState, balancer_text
-from smallbms_bus.config import ConfigError, load_config
+from smallbms_bus.config import ConfigError, defaults, load_config
+from smallbms_bus.modbus.codes import ATD_TEXT, BALANCER_BY_CODE, LED_BY_CODE, STATE_TEXT, exception_text
 from smallbms_bus.readout import consumed_text, time_remaining_text
+from smallbms_bus.vocabulary import RELAY_ROLES, ROLE_LABELS
 
-STATES = {0: "waiting for batteries", 1: "on", 2: "off (mode or remote)", 3: "firmware update", 4: "fault"}
-ATD = {0: "no", 1: "yes", 2: "pre-alarm"}
-LEDS = {0: "off", 1: "blinking", 2: "solid"}
-BALANCER = {0: BalancerStatus.UNKNOWN, 1: BalancerStatus.BALANCED, 2: BalancerStatus.BALANCING,
-            3: BalancerStatus.IMBALANCED}
-OUTPUT_BITS = ("load", "charge", "pre-alarm")
+MODBUS_DEMO_PORT = 5020  # the demo's Modbus port (not 502: it runs without the privilege to bind below 1024)
+STATES = STATE_TEXT
+ATD = ATD_TEXT
+LEDS = {code: led.value for code, led in LED_BY_CODE.items()}
+BALANCER = BALANCER_BY_CODE
+OUTPUT_BITS = tuple(ROLE_LABELS[role] for role in RELAY_ROLES)  # bit n of the outputs register
 READ_HOLDING = 3
-MODBUS_EXCEPTIONS = {1: "illegal function", 2: "illegal data address", 3: "illegal data value",
-                     4: "device failure", 6: "device busy", 11: "gateway target did not respond"}
 
 
 RESET = "connection reset by the server (it refused this client: its connection limit, or a firewall?)"
@@ -47,9 +47,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser = subparsers.add_parser("status", help="print the instant readout of a running service (over Modbus)",
                                    description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="take host, port and unit from this configuration file's [modbus]")
-    parser.add_argument("--host", default=None, help="service address (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=None, help="Modbus TCP port (default 502; the demo uses 5020)")
-    parser.add_argument("--unit", type=int, default=None, help="unit id of the native map (default 1)")
+    default = defaults()["modbus"]  # what a service without a config file serves
+    parser.add_argument("--host", default=None, help=f"service address (default {default['host']})")
+    parser.add_argument("--port", type=int, default=None,
+                        help=f"Modbus TCP port (default {default['port']}; the demo uses {MODBUS_DEMO_PORT})")
+    parser.add_argument("--unit", type=int, default=None, help=f"unit id of the native map (default {default['unit']})")
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the service (default 3)")
     parser.add_argument("--json", action="store_true", help="JSON: register name -> value (null = unknown); with "
                         "--cells a `per_battery` list")
@@ -73,7 +75,8 @@ def _arguments(args: argparse.Namespace) -> str | None:
 def _target(args: argparse.Namespace) -> tuple[str, int, int] | str:
     if (bad := _arguments(args)) is not None:
         return bad
-    host, port, unit = "127.0.0.1", 502, 1
+    default = defaults()["modbus"]
+    host, port, unit = default["host"], default["port"], default["unit"]
     if args.config:
         try:
             modbus = load_config(args.config)["modbus"]
@@ -174,7 +177,7 @@ def read_registers(sock: socket.socket, tid: int, unit: int, start: int, count: 
     fc = body[0]
     if fc == READ_HOLDING | 0x80 and len(body) == 2:
         raise StatusError(f"{where} unit {unit} answered {what} with Modbus exception {body[1]:02d} "
-                          f"({MODBUS_EXCEPTIONS.get(body[1], 'unknown')})")
+                          f"({exception_text(body[1])})")
     if fc != READ_HOLDING or len(body) != 2 + 2 * count or body[1] != 2 * count:
         raise StatusError(f"{where}: not a Modbus answer to {what} (function {fc}, {len(body) - 2} data bytes, "
                           f"{2 * count} expected)")

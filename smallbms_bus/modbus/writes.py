@@ -20,8 +20,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias
 
+from pymodbus.constants import ExcCodes
+
 from smallbms_bus.bms.core import BmsCore
 from smallbms_bus.bms.settings import CUSTOM_NAME_LENGTH, SPEC_BY_NAME, SettingError
+from smallbms_bus.modbus.setting_registers import SETTING_REGISTERS
 from smallbms_bus.modbus.sources import (
     GX_MODE_ON,
     GX_MODE_STANDBY,
@@ -31,27 +34,16 @@ from smallbms_bus.modbus.sources import (
     SS_SET_OP_CONNECT,
     SS_SET_OP_DISCONNECT,
 )
+from smallbms_bus.protocol import UNIT_VOLTAGE
 
 # Refusal codes are Modbus exception numbers; other front ends map them (e.g. HTTP 400 / 503 / 409).
-ILLEGAL_VALUE = 3  # Modbus exception 03
-STORE_FAILED = 4  # Modbus exception 04 (SERVER_DEVICE_FAILURE): the store could not commit the change (SET-3)
-BUSY = 6  # Modbus exception 06: valid, but not possible yet (the bank is not learned, the service is stopping)
+ILLEGAL_VALUE = ExcCodes.ILLEGAL_VALUE  # 03
+STORE_FAILED = ExcCodes.DEVICE_FAILURE  # 04: the store could not commit the change (SET-3)
+BUSY = ExcCodes.DEVICE_BUSY  # 06: valid, but not possible yet (the bank is not learned, the service is stopping)
 
 # register target -> the core's setting name (block B; SunSpec's SoCRsvMin is the discharge floor)
-SETTING_TARGETS = {
-    "charged_voltage": "charged_voltage_per_unit",
-    "tail_current": "tail_current_pct",
-    "charged_detection_time": "charged_detection_time_min",
-    "low_soc_warning": "low_soc_warning_pct",
-    "discharge_floor": "discharge_floor_pct",
-    "pre_alarm_level": "pre_alarm_level_per_cell",
-    "absorption_voltage": "absorption_voltage_per_unit",
-    "float_voltage": "float_voltage_per_unit",
-    "absorption_time": "absorption_time_min",
-    "rebulk_soc": "rebulk_soc_pct",
-    "dcl_zero_at_pre_alarm": "dcl_zero_at_pre_alarm",
-}
-PER_UNIT_TARGETS = frozenset({"charged_voltage", "absorption_voltage", "float_voltage"})  # per bank on the wire
+SETTING_TARGETS = {r.target: r.spec.name for r in SETTING_REGISTERS}
+PER_UNIT_TARGETS = frozenset(r.target for r in SETTING_REGISTERS if r.per_unit)  # per bank on the wire
 COMMANDS = {1: "synchronise SoC", 2: "reset history", 3: "reset settings", 4: "re-learn bank",
             5: "begin firmware update", 6: "firmware update completed", 7: "abort firmware update"}
 # SunSpec 802 SetOp / SetInvState value -> mode on (True) or off (False)
@@ -87,12 +79,16 @@ class StringPatch:
 WriteValue: TypeAlias = float | StringPatch
 
 
-class WriteRefused(Exception):
-    """A write the server answers with a Modbus exception; `code` is the exception code."""
+class Refused(Exception):
+    """A request the server answers with a Modbus exception; `code` is the exception code."""
 
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class WriteRefused(Refused):
+    """A write refused: by the server (not writable, out of range) or by the write path (busy, store failed)."""
 
 
 @dataclass(frozen=True)
@@ -115,7 +111,7 @@ def target_range(target: str) -> str:
         extra = {"low_soc_warning": ", >= discharge_floor", "float_voltage": ", < absorption_voltage",
                  "pre_alarm_level": " per cell"}.get(target, "")
         if target in PER_UNIT_TARGETS:
-            span += " x 12.8 V units in series"
+            span += f" x {UNIT_VOLTAGE} V units in series"
         return f"{span}{extra}".rstrip()
     if target == "gx_mode":
         return f"{GX_MODE_ON} on, {GX_MODE_STANDBY} standby"

@@ -5,7 +5,7 @@ memory.py      in-process board for the demo and tests, with switchable faults
 modbus.py      Modbus RTU (serial/RS-485) and Modbus TCP relay boards and I/O modules (pymodbus)
 lcus.py        LCUS-1/2/4/8 CH340 USB serial relay boards (write-only)
 gpiod.py       Linux GPIO character device through libgpiod v2 (optional extra `gpio`)
-controller.py  `Outputs`: roles -> channels, read-back verification, re-assert, back-off, safe()
+controller.py  `RelayController`: roles -> channels, read-back verification, re-assert, back-off, safe()
 
 A backend is looked up by name, the way python-can maps interface names to bus classes:
 `open_board("modbus", transport="tcp", host="10.0.0.5")`. Options are the backend class's keyword

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-`Outputs` maps roles (load_disconnect, charge_disconnect, pre_alarm, error_led, status_led) to board
+`RelayController` maps roles (load_disconnect, charge_disconnect, pre_alarm, error_led, status_led) to board
 channels. It is synchronous and meant for one worker thread; time comes from the caller (`now`) or
 the injected clock, so tests drive re-assert and back-off without sleeping.
 
@@ -42,11 +42,11 @@ from typing import Any
 from smallbms_bus.backoff import Backoff
 from smallbms_bus.outputs.base import OutputError, RelayBoard
 from smallbms_bus.outputs.remote import RemoteInput
+from smallbms_bus.vocabulary import LED_ROLES, OUTPUT_ROLES
 
 log = logging.getLogger(__name__)
 
-ROLES = ("load_disconnect", "charge_disconnect", "pre_alarm", "error_led", "status_led")
-LED_ROLES = frozenset({"error_led", "status_led"})
+ROLES = OUTPUT_ROLES  # the roles a channel map may name
 LED_STATES = ("off", "blinking", "solid")
 BLINK_PERIOD = 1.0  # s: 1 Hz, on for the first half of each second
 PROBE_EVERY = 1.0  # s between read-back probes while nothing is written (one Modbus request: ~20 ms at 9600 baud)
@@ -70,7 +70,7 @@ class OutputsStatus:
     reconnects: int  # successful re-opens after the board was lost
 
 
-class Outputs:
+class RelayController:
     def __init__(self, board: RelayBoard, channel_map: Mapping[str, int | None], *, reassert_every: float = 5.0,
                  backoff: Backoff | None = None, clock: Callable[[], float] = time.monotonic,
                  blink_leds: bool = False, remote_channel: int | None = None, remote_inverted: bool = False,

@@ -25,11 +25,8 @@ from pymodbus import FramerType, ModbusException
 from pymodbus.client import ModbusSerialClient, ModbusTcpClient
 from pymodbus.pdu import ModbusPDU
 
+from smallbms_bus.modbus.codes import exception_text
 from smallbms_bus.outputs.base import OptionError, OutputError, RelayBoard
-
-MODBUS_EXCEPTIONS = {1: "illegal function", 2: "illegal data address", 3: "illegal data value",
-                     4: "device failure", 6: "device busy", 10: "gateway path unavailable",
-                     11: "gateway target did not respond"}
 
 
 def _integer(option: str, value: object, low: int, high: int) -> int:
@@ -115,7 +112,7 @@ class ModbusBoard(RelayBoard):
         if response.isError():
             code = getattr(response, "exception_code", 0)
             raise OutputError(self.describe(), f"{what}: Modbus exception {code:02d} "
-                              f"({MODBUS_EXCEPTIONS.get(code, 'unknown')})", channel)
+                              f"({exception_text(code)})", channel)
         return response
 
     def _write(self, channel: int, on: bool) -> None:

@@ -27,10 +27,9 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from smallbms_bus.sim.battery import VALID_UNITS, VirtualBattery
+from smallbms_bus.protocol import MAX_BATTERIES_BY_UNITS, MAX_SERIES_UNITS, UNIT_VOLTAGE, VALID_UNITS, unit_voltage
+from smallbms_bus.sim.battery import VirtualBattery
 
-MAX_UNITS_IN_SERIES = 4  # 4 x 12.8 V = 51.2 V
-MAX_BATTERIES = {1: 50, 2: 50, 4: 25}
 VOLTAGE_TO_UNITS = {12: 1, 24: 2, 48: 4}
 UNITS_TO_VOLTAGE = {units: volts for volts, units in VOLTAGE_TO_UNITS.items()}
 SERIAL_PREFIX = "HQ2234"
@@ -62,15 +61,16 @@ class BankShape:
             raise ValueError(f"battery voltage must be 12v, 24v or 48v (units 1, 2, 4), not units={self.units}")
         if self.series < 1 or self.parallel < 1:
             raise ValueError("a bank needs at least 1 battery in series and 1 string")
-        if self.series * self.units > MAX_UNITS_IN_SERIES:
+        if self.series * self.units > MAX_SERIES_UNITS:
             raise ValueError(
-                f"{self.series} x {12.8 * self.units:.1f} V in series is {12.8 * self.series * self.units:.1f} V:"
-                f" the bank voltage is limited to 4 x 12.8 V = 51.2 V"
+                f"{self.series} x {unit_voltage(self.units):.1f} V in series is "
+                f"{unit_voltage(self.series * self.units):.1f} V: the bank voltage is limited to "
+                f"{MAX_SERIES_UNITS} x {UNIT_VOLTAGE} V = {unit_voltage(MAX_SERIES_UNITS)} V"
             )
-        limit = MAX_BATTERIES[self.units]
+        limit = MAX_BATTERIES_BY_UNITS[self.units]
         if self.count > limit:
             raise ValueError(
-                f"{self.count} batteries of {12.8 * self.units:.1f} V: at most {limit} are allowed"
+                f"{self.count} batteries of {unit_voltage(self.units):.1f} V: at most {limit} are allowed"
             )
         if not 1 <= self.capacity_ah <= 65535:
             raise ValueError(f"capacity must be 1..65535 Ah, not {self.capacity_ah}")
@@ -104,14 +104,14 @@ class BankShape:
 
     @property
     def nominal_voltage(self) -> float:
-        return round(12.8 * self.units_in_series, 1)
+        return unit_voltage(self.units_in_series)
 
     @property
     def capacity_total_ah(self) -> int:
         return self.parallel * self.capacity_ah
 
     def describe(self) -> str:
-        return (f"{self.name}: {self.count} x {12.8 * self.units:.1f} V {self.capacity_ah} Ah"
+        return (f"{self.name}: {self.count} x {unit_voltage(self.units):.1f} V {self.capacity_ah} Ah"
                 f" ({self.series} in series, {self.parallel} parallel)"
                 f" = {self.nominal_voltage} V {self.capacity_total_ah} Ah")
 

@@ -30,13 +30,10 @@ import math
 import random
 from dataclasses import dataclass
 
+from smallbms_bus.protocol import CELLS_PER_FRAME, CELLS_PER_UNIT, SERIAL_PART_CHARS, VALID_UNITS
 from smallbms_bus.reports import BatteryInfo, BatteryStatus, BatteryTemps, CellVoltages, SerialFragment
 
-VALID_UNITS = (1, 2, 4)
-CELLS_PER_UNIT = 4
-CELLS_PER_FRAME = 4
-SERIAL_LENGTH = 14
-SERIAL_PART_LENGTH = 7
+SERIAL_LENGTH = 2 * SERIAL_PART_CHARS
 
 # Open-circuit voltage of one LFP cell: (state of charge as a fraction, volts). The middle rows
 # are a typical LFP curve; the first and last rows extend it at 2.5 V per 10 % beyond empty and
@@ -403,5 +400,5 @@ class VirtualBattery:
     def serial_fragment(self, part: int) -> SerialFragment:
         if part not in (0, 1):
             raise ValueError(f"serial part must be 0 or 1, not {part}")
-        start = part * SERIAL_PART_LENGTH
-        return SerialFragment(self.node, part, self.serial[start:start + SERIAL_PART_LENGTH])
+        start = part * SERIAL_PART_CHARS
+        return SerialFragment(self.node, part, self.serial[start:start + SERIAL_PART_CHARS])

@@ -41,6 +41,7 @@ from typing import Protocol
 import can
 
 from smallbms_bus.link.codec import FrameDecoder, FrameEncoder
+from smallbms_bus.protocol import frame_period
 from smallbms_bus.reports import BmsState, Report
 from smallbms_bus.sim.bank import DEFAULT_BANK, BankShape, VirtualBank
 from smallbms_bus.sim.battery import VirtualBattery
@@ -49,9 +50,9 @@ from smallbms_bus.sim.scenarios import DEFAULT_SCENARIO, Scenario, ScenarioPlaye
 
 log = logging.getLogger(__name__)
 
-STATUS_PERIOD_S = 0.1
-CELLS_PERIOD_S = 0.5
-SLOW_PERIOD_S = 1.0  # BAT_TEMPS, BAT_INFO, BAT_SERIAL
+STATUS_PERIOD_S = frame_period("BAT_STATUS")  # the DBC's GenMsgCycleTime
+CELLS_PERIOD_S = frame_period("BAT_CELLS_1_4")
+SLOW_PERIOD_S = frame_period("BAT_TEMPS")  # BAT_TEMPS, BAT_INFO, BAT_SERIAL (one stream: the DBC gives them one period)
 STAGGER_S = 0.09  # battery phases spread over this window (< the 100 ms status period)
 PHYSICS_STEP_S = 2.0
 MIN_PHYSICS_STEP_S = 0.05  # simulated seconds: half the BAT_STATUS period

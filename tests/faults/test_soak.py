@@ -2,7 +2,7 @@
 
 Accelerated: the solar-day scenario (a 2S1P bank, sun 06:00-20:00, a 0.03C load, the SoC set to the
 scenario's 40 % once the bank is learned) on a clock the test advances in 0.5 s ticks, through the same parts
-the service wires (FrameEncoder -> FrameDecoder -> BmsCore -> Outputs on a memory relay board -> Persister on
+the service wires (FrameEncoder -> FrameDecoder -> BmsCore -> RelayController on a memory relay board -> Persister on
 a real SQLite store, BMS_STATE back to the virtual charger and load), without sleeping. The service ticks
 every 100 ms; 0.5 s keeps a simulated day near two minutes and changes no rule: frames arrive within the tick
 they are due in, BMS_STATE comes well inside the devices' 1 s watchdog, and the battery monitor integrates
@@ -26,7 +26,7 @@ import pytest
 
 from smallbms_bus.bms.core import BmsCore, bms_state_report
 from smallbms_bus.link.codec import FrameDecoder, FrameEncoder, load_dbc
-from smallbms_bus.outputs.controller import Outputs
+from smallbms_bus.outputs.controller import RelayController
 from smallbms_bus.outputs.memory import MemoryBoard
 from smallbms_bus.sim.runner import Simulator
 from smallbms_bus.store import Persister, Store
@@ -50,7 +50,7 @@ def test_hours_of_simulated_time_on_an_injected_clock(tmp_path: Path, campaign, 
     core = BmsCore(0.0, WALL0, discovery_window=10.0)
     board = MemoryBoard()
     t = 0.0
-    outputs = Outputs(board, CHANNELS, clock=lambda: t)
+    outputs = RelayController(board, CHANNELS, clock=lambda: t)
     outputs.safe()
     store = Store.open(tmp_path / "state.db")
     persister = Persister(store, interval=60.0)

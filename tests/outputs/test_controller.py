@@ -9,7 +9,7 @@ import pytest
 
 from smallbms_bus.backoff import Backoff
 from smallbms_bus.outputs import open_board
-from smallbms_bus.outputs.controller import ROLES, Outputs
+from smallbms_bus.outputs.controller import ROLES, RelayController
 from smallbms_bus.outputs.memory import MemoryBoard
 from tests.outputs.conftest import FAST
 
@@ -23,7 +23,7 @@ RUNNING = {"load_disconnect": True, "charge_disconnect": True, "pre_alarm": Fals
 def memory_outputs(clock, **kwargs):
     board = MemoryBoard(channels=8)
     board.open()
-    return board, Outputs(board, MAP, clock=clock, **kwargs)
+    return board, RelayController(board, MAP, clock=clock, **kwargs)
 
 
 def relays(board, count=5):
@@ -52,7 +52,7 @@ def test_roles_missing_from_wanted_are_switched_off(clock):
 
 
 def test_a_relay_flipped_behind_its_back_is_reasserted(rtu_board, rtu_client, clock):
-    out = Outputs(rtu_client, MAP, reassert_every=5.0, clock=clock)
+    out = RelayController(rtu_client, MAP, reassert_every=5.0, clock=clock)
     out.apply(RUNNING, 100.0)
     rtu_board.set_relay(1, False)  # someone flips load_disconnect by hand
     out.apply(RUNNING, 104.9)
@@ -63,7 +63,7 @@ def test_a_relay_flipped_behind_its_back_is_reasserted(rtu_board, rtu_client, cl
 
 
 def test_a_board_that_rebooted_gets_everything_back(rtu_board, rtu_client, clock):
-    out = Outputs(rtu_client, MAP, clock=clock)
+    out = RelayController(rtu_client, MAP, clock=clock)
     out.apply(RUNNING, 100.0)
     rtu_board.reboot()
     assert not any(rtu_board.relays.values())
@@ -73,7 +73,7 @@ def test_a_board_that_rebooted_gets_everything_back(rtu_board, rtu_client, clock
 
 # -- read-back faults ----------------------------------------------------------------------------------
 def test_stuck_relay_is_a_fault_naming_role_and_channel_within_one_apply(rtu_board, rtu_client, clock):
-    out = Outputs(rtu_client, MAP, clock=clock)
+    out = RelayController(rtu_client, MAP, clock=clock)
     out.apply(ALL_OFF, 100.0)
     rtu_board.stuck.add(2)  # charge relay welded open
     status = out.apply(RUNNING, 100.1)
@@ -112,7 +112,7 @@ def test_a_changed_target_is_written_at_once_even_while_backing_off(clock):
 
 # -- I/O errors, back-off, recovery ------------------------------------------------------------------
 def test_unplugged_board_faults_and_recovers_with_backoff_reasserting_everything(rtu_board, rtu_client, clock):
-    out = Outputs(rtu_client, MAP, clock=clock, backoff=Backoff(initial=1.0, maximum=4.0))
+    out = RelayController(rtu_client, MAP, clock=clock, backoff=Backoff(initial=1.0, maximum=4.0))
     out.apply(RUNNING, 100.0)
     rtu_board.unplug()
     status = out.apply({**RUNNING, "load_disconnect": False}, 101.0)
@@ -135,7 +135,7 @@ def test_unplugged_board_faults_and_recovers_with_backoff_reasserting_everything
 def test_a_board_unplugged_while_nothing_changes_is_a_fault_at_the_next_probe(rtu_board, rtu_client, clock):
     """Between writes one output is read back every second: a board that went away is RELAY_FAULT within
     about a second, not only at the next 5 s re-assert (issue 7: RELAY_FAULT within 2 s)."""
-    out = Outputs(rtu_client, MAP, reassert_every=5.0, clock=clock)
+    out = RelayController(rtu_client, MAP, reassert_every=5.0, clock=clock)
     out.apply(RUNNING, 100.0)
     requests = rtu_board.requests
     assert out.apply(RUNNING, 100.5).fault is None and rtu_board.requests == requests  # nothing due: no traffic
@@ -176,7 +176,7 @@ def test_backoff_doubles_and_resets_after_a_clean_reassert(clock):
 
 def test_board_missing_at_startup_is_a_fault_until_it_opens(clock):
     board = MemoryBoard(fail_open=True)
-    out = Outputs(board, MAP, clock=clock)
+    out = RelayController(board, MAP, clock=clock)
     status = out.apply(RUNNING, 100.0)
     assert status.fault == "memory: open failed (fail_open is set)" and not status.board_up
     board.fail_open = False
@@ -187,7 +187,7 @@ def test_board_missing_at_startup_is_a_fault_until_it_opens(clock):
 def test_lcus_without_read_back_is_reasserted_after_replug(lcus_board, clock):
     board = open_board("lcus", port=lcus_board.path, channels=4)
     lcus_map = {"load_disconnect": 1, "charge_disconnect": 2, "pre_alarm": 3}
-    out = Outputs(board, lcus_map, clock=clock, backoff=Backoff(initial=1.0))
+    out = RelayController(board, lcus_map, clock=clock, backoff=Backoff(initial=1.0))
     try:
         status = out.apply(RUNNING, 100.0)
         assert lcus_board.wait_frames(3)
@@ -207,7 +207,7 @@ def test_lcus_without_read_back_is_reasserted_after_replug(lcus_board, clock):
 
 # -- safe() ---------------------------------------------------------------------------------------------
 def test_safe_switches_everything_off(rtu_board, rtu_client, clock):
-    out = Outputs(rtu_client, MAP, clock=clock)
+    out = RelayController(rtu_client, MAP, clock=clock)
     out.apply(RUNNING, 100.0)
     out.safe()
     assert not any(rtu_board.relays.values())
@@ -226,7 +226,7 @@ def test_safe_never_raises_and_still_switches_the_channels_that_work(clock):
 
 
 def test_safe_on_an_unplugged_board_does_not_raise(rtu_board, rtu_client, clock):
-    out = Outputs(rtu_client, MAP, clock=clock)
+    out = RelayController(rtu_client, MAP, clock=clock)
     out.apply(RUNNING, 100.0)
     rtu_board.unplug()
     out.safe()
@@ -236,14 +236,14 @@ def test_safe_on_an_unplugged_board_does_not_raise(rtu_board, rtu_client, clock)
 def test_safe_at_startup_opens_the_board(clock):
     board = MemoryBoard()
     board.relays[1] = True  # whatever state the relays were left in
-    out = Outputs(board, MAP, clock=clock)
+    out = RelayController(board, MAP, clock=clock)
     out.safe()
     assert board.is_open and not any(board.relays.values())
 
 
 # -- remote input ----------------------------------------------------------------------------------------
 def test_remote_follows_the_boards_discrete_input(rtu_board, rtu_client, clock):
-    out = Outputs(rtu_client, MAP, clock=clock, remote_channel=2)
+    out = RelayController(rtu_client, MAP, clock=clock, remote_channel=2)
     assert out.remote(100.0) is False
     rtu_board.set_input(2, True)
     assert out.remote(100.1) is True
@@ -251,7 +251,7 @@ def test_remote_follows_the_boards_discrete_input(rtu_board, rtu_client, clock):
 
 
 def test_remote_inverted(rtu_board, rtu_client, clock):
-    out = Outputs(rtu_client, MAP, clock=clock, remote_channel=1, remote_inverted=True)
+    out = RelayController(rtu_client, MAP, clock=clock, remote_channel=1, remote_inverted=True)
     assert out.remote(100.0) is True
     rtu_board.set_input(1, True)
     assert out.remote(100.1) is False
@@ -263,7 +263,7 @@ def test_remote_not_configured_is_none(clock):
 
 
 def test_remote_io_error_is_a_fault_and_counts_as_off(rtu_board, rtu_client, clock):
-    out = Outputs(rtu_client, MAP, clock=clock, remote_channel=1, backoff=Backoff(initial=1.0))
+    out = RelayController(rtu_client, MAP, clock=clock, remote_channel=1, backoff=Backoff(initial=1.0))
     rtu_board.set_input(1, True)
     assert out.remote(100.0) is True
     rtu_board.unplug()
@@ -280,7 +280,7 @@ def test_remote_needs_a_board_with_inputs(lcus_board):
     board = open_board("lcus", port=lcus_board.path, channels=4)
     try:
         with pytest.raises(ValueError, match=r"remote_channel=1: lcus-4 .* has no inputs"):
-            Outputs(board, {"load_disconnect": 1}, remote_channel=1)
+            RelayController(board, {"load_disconnect": 1}, remote_channel=1)
     finally:
         board.close()
 
@@ -320,26 +320,26 @@ def test_led_accepts_the_cores_enum_and_rejects_nonsense(clock):
 # -- construction ---------------------------------------------------------------------------------------------
 def test_two_roles_on_one_channel_is_refused():
     with pytest.raises(ValueError, match="charge_disconnect: channel 1 is already used by load_disconnect"):
-        Outputs(MemoryBoard(), {"load_disconnect": 1, "charge_disconnect": 1})
+        RelayController(MemoryBoard(), {"load_disconnect": 1, "charge_disconnect": 1})
 
 
 def test_unknown_role_and_foreign_channel_are_refused():
     with pytest.raises(ValueError, match=r"unknown output role 'buzzer': allowed " + ", ".join(ROLES)):
-        Outputs(MemoryBoard(), {"buzzer": 1})
+        RelayController(MemoryBoard(), {"buzzer": 1})
     with pytest.raises(ValueError, match=r"pre_alarm: channel 9 is not on memory \(channels 1..8\)"):
-        Outputs(MemoryBoard(), {"pre_alarm": 9})
+        RelayController(MemoryBoard(), {"pre_alarm": 9})
 
 
 def test_unmapped_roles_are_ignored(clock):
     board = MemoryBoard()
-    out = Outputs(board, {"load_disconnect": 1, "charge_disconnect": 2, "error_led": None}, clock=clock)
+    out = RelayController(board, {"load_disconnect": 1, "charge_disconnect": 2, "error_led": None}, clock=clock)
     status = out.apply(RUNNING, 100.0)
     assert set(status.commanded) == {"load_disconnect", "charge_disconnect"}
 
 
 def test_tcp_module_end_to_end(tcp_module, clock):
     board = open_board("modbus", transport="tcp", host="127.0.0.1", port=tcp_module.port, **FAST)
-    out = Outputs(board, MAP, clock=clock, remote_channel=8)
+    out = RelayController(board, MAP, clock=clock, remote_channel=8)
     try:
         tcp_module.set_input(8, True)
         status = out.apply(RUNNING, 100.0)

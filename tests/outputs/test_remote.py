@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from smallbms_bus.outputs.controller import Outputs
+from smallbms_bus.outputs.controller import RelayController
 from smallbms_bus.outputs.gpiod import GpiodBoard, line_plan
 from smallbms_bus.outputs.memory import MemoryBoard
 from smallbms_bus.outputs.remote import RemoteInput
@@ -41,7 +41,7 @@ def test_a_device_that_cannot_be_opened_or_read_reads_off_reports_a_fault_and_re
 def test_outputs_take_the_remote_from_its_own_device_and_report_its_fault():
     relays = MemoryBoard(channels=4, inputs=0, name="relays")
     device = MemoryBoard(channels=1, inputs=1, name="pi-gpio")
-    outputs = Outputs(relays, ROLES, remote_input=RemoteInput(device, 1))
+    outputs = RelayController(relays, ROLES, remote_input=RemoteInput(device, 1))
     outputs.apply({"load_disconnect": True, "charge_disconnect": True}, 0.0)
     assert outputs.remote(0.0) is False
     device.set_input(1, True)
@@ -55,7 +55,7 @@ def test_outputs_take_the_remote_from_its_own_device_and_report_its_fault():
 
 def test_a_remote_is_a_board_input_or_its_own_device_not_both():
     with pytest.raises(ValueError, match="not both"):
-        Outputs(MemoryBoard(), ROLES, remote_channel=1, remote_input=RemoteInput(MemoryBoard(), 1))
+        RelayController(MemoryBoard(), ROLES, remote_channel=1, remote_input=RemoteInput(MemoryBoard(), 1))
     with pytest.raises(ValueError, match="has no inputs"):
         RemoteInput(GpiodBoard("/dev/gpiochip0", lines=[5]), 1)
     with pytest.raises(ValueError, match=r"inputs 1\.\.1"):
