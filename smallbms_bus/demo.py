@@ -29,6 +29,7 @@ from typing import TextIO
 
 import can
 
+from smallbms_bus.bms.core import Decision
 from smallbms_bus.config import parse_config
 from smallbms_bus.modbus.status import MODBUS_DEMO_PORT
 from smallbms_bus.outputs.memory import MemoryBoard
@@ -39,6 +40,7 @@ from smallbms_bus.service import TICK_S, Service
 from smallbms_bus.sim.bank import DEFAULT_BANK, BankShape
 from smallbms_bus.sim.clock import SimClock
 from smallbms_bus.sim.devices import CONTROLS, parse_controls
+from smallbms_bus.sim.inverter import InverterPeer, VirtualInverter
 from smallbms_bus.sim.runner import CELLS_PERIOD_S, SLOW_PERIOD_S, STATUS_PERIOD_S, Simulator
 from smallbms_bus.sim.scenarios import DEFAULT_SCENARIO, SCENARIOS
 from smallbms_bus.store import Store
@@ -99,6 +101,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help=f"the commissioning page and JSON API on 127.0.0.1:PORT (default {WEB_PORT}, 0 = off)")
     parser.add_argument("--web-password", default=None, metavar="PASSWORD",
                         help="password for writes from the page and API (8-256 characters; default: read-only)")
+    parser.add_argument("--inverter", action="store_true",
+                        help="the charger and the load are an inverter/charger on BMS-CAN ([inverter] on a virtual "
+                             "channel): it obeys CVL/CCL/DCL (0x351) as a Victron GX's DVCC does, not the relays "
+                             "(docs/inverter.md)")
     parser.add_argument("--soc", type=float, default=None,
                         help="set the SoC to this %% once the bank is learned, as an installer would (MON-6); "
                              "default: unknown until the first full charge, as at a real first start")
@@ -159,12 +165,16 @@ class Demo:
         self.store_path = f"{directory}/state.db"
         self.clock = SimClock(args.speed, running=False)  # time starts with the simulation
         self.board = MemoryBoard()
+        wanted = getattr(args, "inverter", False) or SCENARIOS[args.scenario].inverter  # a scenario may need one
+        self.inverter_channel = f"{self.channel}-bms-can" if wanted else None
+        inverter = ("" if self.inverter_channel is None else
+                    f'[inverter]\ninterface = "virtual"\nchannel = "{self.inverter_channel}"\nkeepalive_timeout = 10\n')
         config = parse_config(demo_config(self.channel, self.store_path, args.metrics_port, args.modbus_port,
-                                          getattr(args, "web_port", 0), getattr(args, "web_password", None)),
-                              "<demo>")
+                                          getattr(args, "web_port", 0), getattr(args, "web_password", None))
+                              + inverter, "<demo>")
         check(config)  # what run checks: a demo config is held to the same rules
         self.service = Service(config, board=self.board, clock=self.clock.monotonic, wall=self.clock.wall,
-                               sleep=self.clock.sleep)
+                               sleep=self.clock.sleep, rate=args.speed)
         self.simulator = Simulator.from_scenario(args.scenario, self.shape)  # speed 1: the clock carries it
         channels = config.output_channels()
         charge, load = channels["charge_disconnect"], channels["load_disconnect"]
@@ -174,6 +184,12 @@ class Demo:
                                     load_relay=lambda: self.board.relays[load])
         self.clock.watch("simulation", lambda: self.simulator.last_now)
         self.clock.watch("BMS_STATE", lambda: self.simulator.last_bms_state_at)
+        self.virtual_inverter: VirtualInverter | None = None
+        if self.inverter_channel is not None and self.service.inverter is not None:
+            # the scenario's charger and load become the inverter's own, limited by 0x351 (sim/devices.py)
+            self.virtual_inverter = self.simulator.devices.inverter = VirtualInverter(charge_a=0.0)
+            link = self.service.inverter
+            self.clock.watch("BMS-CAN", lambda: link.progress)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._last_readout = (0.0, 0.0)  # (simulated, real) elapsed at the last readout
@@ -208,11 +224,18 @@ class Demo:
             target=self.simulator.run, args=(sim_bus,),
             kwargs={"stop_event": sim_stop, "clock": self.clock.monotonic, "rate": self.args.speed},
             name="virtual-batteries", daemon=True)
+        peer = None if self.virtual_inverter is None else InverterPeer(
+            can.Bus(interface="virtual", channel=self.inverter_channel), self.virtual_inverter,
+            clock=self.clock.monotonic, rate=self.args.speed)
         self.clock.start()
         sim_thread.start()
+        if peer is not None:
+            peer.start()
         try:
             return asyncio.run(self._serve())
         finally:
+            if peer is not None:
+                peer.close()
             sim_stop.set()
             sim_thread.join(timeout=2)
             sim_bus.shutdown()
@@ -289,7 +312,8 @@ class Demo:
             channels = service.config.output_channels()
             relays = ", ".join(f"{label} {'on' if self.board.relays[channels[role]] else 'off'}"
                                for role, label in ((r, ROLE_LABELS[r]) for r in RELAY_ROLES))
-            lines += [format_decision(decision), f"relays   {relays} (as the board holds them)",
+            lines += [format_decision(decision), charge_limits_text(decision),
+                      f"relays   {relays} (as the board holds them)",
                       format_bank(decision.bank)]
         lines.append(f"devices  {self.devices_text()} (the simulation)")
         return "\n".join(lines)
@@ -303,7 +327,15 @@ class Demo:
             why = device.stopped_by(now)
             parts.append(f"no {name} in this scenario" if amps <= 0 else f"{name} {'on' if why is None else 'off'}"
                          + ("" if why is None else f" ({why})"))
-        return ", ".join(parts) + f", bank {sim.bank.current:+.1f} A"
+        return ", ".join(parts) + self.inverter_text() + f", bank {sim.bank.current:+.1f} A"
+
+    def inverter_text(self) -> str:
+        inverter, sim = self.virtual_inverter, self.simulator
+        if inverter is None:
+            return ""
+        now = sim.last_now if sim.last_now is not None else self.clock.monotonic()
+        why = inverter.stopped_by(now)
+        return f", inverter {'obeys 0x351' if why is None else 'stopped (' + why + ')'}"
 
     def _print_events(self) -> None:
         """The service's own event log, in simulated seconds since the start (read after the final save)."""
@@ -329,6 +361,15 @@ class Demo:
         achieved = simulated / real if real > 0 else clock.speed
         return (f"demo: stopped after {simulated:.1f} simulated s ({real:.1f} s real at speed {clock.speed:g}, "
                 f"achieved {achieved:.1f}){consumed}")
+
+
+def charge_limits_text(d: Decision) -> str:
+    """CHG: what the BMS allows a charger/inverter now (BMS-CAN 0x351, GX 305-308)."""
+    c = d.charge
+    if not c.known:
+        return "limits   CVL/CCL/DCL 0: the bank is not known (CHG-6)"
+    return (f"limits   CVL {c.cvl:.2f} V  CCL {c.ccl:.1f} A  DCL {c.dcl:.1f} A  DVL {c.dvl:.2f} V  "
+            f"charge state {c.state.name.lower()}")
 
 
 def _controls_text(devices: str) -> str:

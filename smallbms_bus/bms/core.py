@@ -51,8 +51,8 @@ from smallbms_bus.bms.rules import (
     COMMS_RECOVERY_S,
     DISCHARGE_BLOCKERS,
     FIRMWARE_UPDATE_TIMEOUT_S,
-    LATCH_TABLE,
     LATCHES,
+    LATCHES_OF_STEP,
     NOT_FULLY_CHARGED_S,
     PRE_ALARM_CAUSES,
     PRE_ALARM_LEAD_S,
@@ -240,8 +240,9 @@ class BmsCore:
         reading = self._monitor(f, now, wall)  # 4
         self._pre_alarm(f, now)  # 5
         atc, atd, outputs = self._allowed(f)  # 6
-        decision = self._report(f, reading, atc, atd, outputs, now, wall)  # 7
-        return replace(decision, charge=self._charge(f, decision))  # 8
+        decision, events = self._report(f, reading, atc, atd, outputs, now, wall)  # 7
+        # one copy of the (large) Decision per evaluation: the events and the charge limits go in together
+        return replace(decision, events=events, diagnostics=self.diagnostics, charge=self._charge(f, decision))  # 8
 
     def _start_up(self, f: Facts) -> None:
         """1. OUT-4, BANK-2: started once the bank is learned, consistent, every battery fresh and the link up."""
@@ -254,11 +255,9 @@ class BmsCore:
     def _latch_step(self, f: Facts, step: int) -> None:
         """2 (and the latches of steps 3 and 4): LATCH_TABLE's rows of `step`, on the protective memory. Nothing
         clears while a node has two senders (COM-6): no frame of such a node may switch an output on."""
-        latched, flags = self.latched, f.view.flags
+        latched, flags = self.latched, f.flags
         self._frozen = bool(f.view.conflicted)
-        for latch in LATCH_TABLE:
-            if latch.step != step:
-                continue
+        for latch in LATCHES_OF_STEP[step]:
             name = latch.name
             if (latch.flag is not None and flags[latch.flag]) or latch.set(f):
                 latched[name] = True
@@ -284,7 +283,7 @@ class BmsCore:
             reasons["BANK_CONFIGURATION"] = "; ".join(i.reason for i in view.issues)
         faulty = [f"battery {n} reports HardwareFault" for n in view.flags["hardware_fault"]]
         faulty += [f"battery {b.node} cell {i} not measured"  # project decision: it cannot be protected
-                   for b in view.batteries if b.fresh for i in b.unmeasured]
+                   for b in f.fresh for i in b.unmeasured]
         if faulty:
             f.alarms |= BmsAlarm.BATTERY_FAULT
             reasons["BATTERY_FAULT"] = "; ".join(faulty)
@@ -347,7 +346,7 @@ class BmsCore:
             self.history.record(
                 wall=wall, soc_before=reading.soc_before, soc=f.soc, depth_change_ah=reading.depth_change_ah,
                 voltage=agg.voltage, charged_ah=reading.charged_ah, discharged_ah=reading.discharged_ah,
-                synchronised=reading.synchronised, serials=[b.serial for b in view.batteries if b.serial],
+                synchronised=reading.synchronised, serials=f.serials,
                 cell_range=(min_cell, max_cell) if min_cell is not None and max_cell is not None else None,
                 temperature_range=(agg.min_battery_temperature, agg.max_battery_temperature)  # type: ignore[arg-type]
                 if agg.min_battery_temperature is not None else None)
@@ -397,7 +396,7 @@ class BmsCore:
     def _warnings(self, f: Facts, now: float, wall: float) -> None:
         """7a. The warnings no earlier step raises: current limits (MON-7), cell imbalance, 30 days without a
         full charge."""
-        fresh = [b for b in f.view.batteries if b.fresh]
+        fresh = f.fresh
         over_charge, over_discharge = self.current_limits.step(now, [
             (b.node, b.info.nominal_units, b.info.nominal_capacity_ah, b.status.current)  # type: ignore[union-attr]
             for b in fresh])
@@ -420,7 +419,7 @@ class BmsCore:
                                                       else "no full charge since the first start, over 30 days ago")
 
     def _report(self, f: Facts, reading: MonitorReading, atc: bool, atd: bool, outputs: Outputs, now: float,
-                wall: float) -> Decision:
+                wall: float) -> tuple[Decision, tuple[Event, ...]]:
         """7. Warnings, LEDs (LED-1, LED-2), balancer (BAL-1); events by difference with the event log."""
         self._warnings(f, now, wall)
         view, alarms, warnings, soc, pre_alarm = f.view, f.alarms, f.warnings, f.soc, outputs.pre_alarm
@@ -437,11 +436,11 @@ class BmsCore:
             time_remaining_s=reading.time_remaining_s, average_current=reading.average_current, bank=view,
             history=replace(self.history), events=(), bus_state=self.bus_state, link_reason=self.link_reason,
             balancer_reason=balancer_unknown_reason(soc_known=soc is not None, history=self.history, wall=wall,
-                                                    serials=[b.serial for b in view.batteries if b.serial]),
+                                                    serials=f.serials),
         )
         events, raised = self._events(decision)
         self.diagnostics = self.diagnostics.record(raised, alarms & (CHARGE_BLOCKERS | DISCHARGE_BLOCKERS), wall)
-        return replace(decision, events=tuple(events), diagnostics=self.diagnostics)
+        return decision, tuple(events)
 
     def _charge(self, f: Facts, d: Decision) -> ChargeLimits:
         """8. CHG-1..7 (bms/charge.py) from what this evaluation decided; a new charge state is persisted at once."""
@@ -460,9 +459,8 @@ class BmsCore:
     def _balancer(self, f: Facts, wall: float) -> BalancerStatus:
         """BAL-1 from the fresh batteries' cell spreads and flags."""
         view, current = f.view, f.view.aggregates.current
-        spreads = [sp for b in view.batteries if b.fresh and (sp := b.cell_spread) is not None]
-        return balancer_status(soc_known=f.soc is not None, history=self.history, wall=wall,
-                               serials=[b.serial for b in view.batteries if b.serial],
+        spreads = [sp for b in f.fresh if (sp := b.cell_spread) is not None]
+        return balancer_status(soc_known=f.soc is not None, history=self.history, wall=wall, serials=f.serials,
                                charging=current is not None and current >= ZERO_CURRENT_A,
                                any_balancing=bool(view.flags["balancing"]),
                                any_imbalance_flag=bool(view.flags["cell_imbalance"]),
@@ -490,6 +488,8 @@ class BmsCore:
             self._held_alarms, self._held_warnings = BmsAlarm(0), BmsWarning(0)
         for kind, now_flags, logged, held in (("alarm", d.alarms, self._logged_alarms, held_alarms),
                                               ("warning", d.warnings, self._logged_warnings, held_warnings)):
+            if now_flags == logged:  # nothing changed (nearly every evaluation): no member to compare
+                continue
             for member in type(now_flags):
                 on, was_on = member in now_flags, member in logged
                 if on == was_on or (member in held and not d.started):

@@ -13,7 +13,7 @@ from functools import reduce
 from operator import or_
 from typing import Any
 
-from smallbms_bus.bank import BankView, CellRef
+from smallbms_bus.bank import BankView, BatteryView, CellRef
 from smallbms_bus.bms.alarms import BmsAlarm, BmsWarning
 from smallbms_bus.bms.settings import Settings
 
@@ -41,7 +41,8 @@ NOT_FULLY_CHARGED_S = 30 * 24 * 3600.0  # warning NOT_FULLY_CHARGED_30_DAYS
 
 @dataclass(slots=True)
 class Facts:
-    """What one evaluation knows, filled step by step (core.py); the tables' conditions read it."""
+    """What one evaluation knows, filled step by step (core.py); the tables' conditions read it. Built once per
+    evaluation from the bank view: plain fields, so the tables' conditions cost an attribute read each."""
 
     view: BankView
     settings: Settings
@@ -49,6 +50,14 @@ class Facts:
     max_ref: CellRef | None
     tmin: float | None
     tmax: float | None
+    flags: dict[str, tuple[int, ...]] = field(init=False)
+    fresh: list[BatteryView] = field(init=False)
+    serials: list[str] = field(init=False)
+    min_cell: float | None = field(init=False)
+    max_cell: float | None = field(init=False)
+    high_by_value: bool = field(init=False)  # ATC-1's set level crossed (not the battery's flag)
+    low_by_value: bool = field(init=False)  # ATD-1's
+    pre_by_value: bool = field(init=False)  # PRE-1's (the pre-alarm level setting)
     started: bool = False
     soc: float | None = None  # step 4
     comms_bad: bool = False  # step 3: link down or a battery stale (not while waiting for batteries)
@@ -59,29 +68,16 @@ class Facts:
     warnings: BmsWarning = field(default_factory=lambda: BmsWarning(0))
     reasons: dict[str, str] = field(default_factory=dict)
 
-    @property
-    def flags(self) -> dict[str, tuple[int, ...]]:
-        return self.view.flags
-
-    @property
-    def min_cell(self) -> float | None:
-        return None if self.min_ref is None else self.min_ref.voltage
-
-    @property
-    def max_cell(self) -> float | None:
-        return None if self.max_ref is None else self.max_ref.voltage
-
-    @property
-    def high_by_value(self) -> bool:
-        return self.max_cell is not None and self.max_cell >= CELL_HIGH_SET_V
-
-    @property
-    def low_by_value(self) -> bool:
-        return self.min_cell is not None and self.min_cell <= CELL_LOW_SET_V
-
-    @property
-    def pre_by_value(self) -> bool:
-        return self.min_cell is not None and self.min_cell <= self.settings.pre_alarm_level_per_cell
+    def __post_init__(self) -> None:
+        view = self.view
+        self.flags = view.flags
+        self.fresh = [b for b in view.batteries if b.fresh]
+        self.serials = [b.serial for b in view.batteries if b.serial]
+        low = self.min_cell = None if self.min_ref is None else self.min_ref.voltage
+        high = self.max_cell = None if self.max_ref is None else self.max_ref.voltage
+        self.high_by_value = high is not None and high >= CELL_HIGH_SET_V
+        self.low_by_value = low is not None and low <= CELL_LOW_SET_V
+        self.pre_by_value = low is not None and low <= self.settings.pre_alarm_level_per_cell
 
 
 Condition = Callable[[Facts], bool]
@@ -213,6 +209,8 @@ LATCH_TABLE: tuple[Latch, ...] = (
         holds_on_conflict=False),
 )
 LATCHES = tuple(latch.name for latch in LATCH_TABLE)
+LATCHES_OF_STEP: dict[int, tuple[Latch, ...]] = {
+    step: tuple(latch for latch in LATCH_TABLE if latch.step == step) for step in (2, 3, 4)}
 
 # PRE-1..3, COM-2: what raises the pre-alarm (step 5), as its reason names it, by latch.
 PRE_ALARM_CAUSES: tuple[tuple[str, str], ...] = (

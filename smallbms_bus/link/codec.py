@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +79,11 @@ class _Scaled:
     named: frozenset[int]  # raw values with a name in the DBC (e.g. 0xFFFF NotPresent): never out of range
     none_raw: int | None  # the first named raw value: what "no value" (None) is sent as
     mask: int  # the signal's width: counters and bit words wrap into it when sent
+
+    @property
+    def unbounded(self) -> bool:
+        """No range to check (counters, bit words, flags): decoding is reading the raw value."""
+        return self.raw_min is None and self.raw_max is None
 
     def check(self, raw: int) -> int:
         if raw in self.named:
@@ -155,7 +161,9 @@ class Raw:
     def bind(self, m: Message) -> tuple[Decode, Encode]:
         s, name = _scaled(m.get_signal_by_name(self.signal)), self.signal
         mask = s.mask if self.wraps else -1
-        return (lambda raw: s.check(raw[name])), (lambda v, _: {name: v & mask})
+        # every frame decodes these: an unbounded signal is read by itemgetter (C) instead of a checked lambda
+        decode: Decode = operator.itemgetter(name) if s.unbounded else (lambda raw: s.check(raw[name]))
+        return decode, (lambda v, _: {name: v & mask})
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,7 +175,8 @@ class Flag:
 
     def bind(self, m: Message) -> tuple[Decode, Encode]:
         s, name = _scaled(m.get_signal_by_name(self.signal)), self.signal
-        return (lambda raw: bool(s.check(raw[name]))), (lambda v, _: {name: int(v)})
+        decode: Decode = (lambda raw: bool(raw[name])) if s.unbounded else (lambda raw: bool(s.check(raw[name])))
+        return decode, (lambda v, _: {name: int(v)})
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,11 +302,15 @@ def _decoder(spec: MessageSpec, message: Message, node: int | None) -> Decoder:
     order = [f.name for f in dataclasses.fields(spec.report)]
     if set(order) != set(fixed) | set(by_field):
         raise ValueError(f"{spec.kind}: the table does not map every field of {spec.report.__name__}")
-    decoders = [by_field.get(name) or (lambda _, v=fixed[name]: v) for name in order]
+    lead = 0  # the constants (node, first_cell) lead the field order: passed as they are, not called per frame
+    while lead < len(order) and order[lead] in fixed:
+        lead += 1
+    prefix = tuple(fixed[name] for name in order[:lead])
+    decoders = [by_field.get(name) or (lambda _, v=fixed[name]: v) for name in order[lead:]]
     cls = spec.report
 
     def decode(raw: dict[str, Any]) -> Report:
-        return cls(*[d(raw) for d in decoders])  # type: ignore[no-any-return]
+        return cls(*prefix, *[d(raw) for d in decoders])  # type: ignore[no-any-return]
 
     return decode
 

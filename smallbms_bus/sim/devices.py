@@ -199,7 +199,9 @@ class Devices:
 
     charger: Charger
     load: Load
-    inverter: VirtualInverter | None = None  # obeys 0x351 (CVL/CCL/DCL), not BMS_STATE
+    # An inverter/charger on BMS-CAN (inverter.py): when set, the charger and the load above are its own, limited by
+    # 0x351 (CVL/CCL/DCL) instead of being switched by relays or BMS_STATE.
+    inverter: VirtualInverter | None = None
 
     @classmethod
     def for_bank(
@@ -236,14 +238,12 @@ class Devices:
 
     def characteristic(self, now: float, sim_time: float | None = None) -> Callable[[float], float]:
         """Bank current (positive = charging) as a function of the bank voltage, at this moment."""
+        if self.inverter is not None:  # the charger and the load are the inverter's own: it limits them by 0x351
+            when = now if sim_time is None else sim_time
+            available = self.charger.available_current(when) if self.charger.enabled else 0.0
+            return self.inverter.characteristic(now, available, self.load.current_a if self.load.enabled else 0.0)
         charge, load = self.charger.characteristic(now, sim_time), self.load.current(now)
-        if self.inverter is None:
-            return lambda bank_voltage: charge(bank_voltage) - load
-        solar = self.charger.solar
-        when = now if sim_time is None else sim_time
-        share = None if solar is None else self.inverter.charge_a * solar.fraction(when)
-        inverter = self.inverter.characteristic(now, share)
-        return lambda bank_voltage: charge(bank_voltage) - load + inverter(bank_voltage)
+        return lambda bank_voltage: charge(bank_voltage) - load
 
     def net_current(self, bank_voltage: float, now: float, sim_time: float | None = None) -> float:
         """Bank current at `bank_voltage` (positive = charging)."""

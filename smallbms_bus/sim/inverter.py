@@ -67,17 +67,20 @@ class VirtualInverter:
             return "no 0x351 yet"
         return None if self.obeying(now) is not None else f"no 0x351 for {LIMITS_TIMEOUT_S:g} s"
 
-    def characteristic(self, now: float, charge_available: float | None = None) -> Callable[[float], float]:
-        """Bank current (positive = charging) as a function of the bank voltage, as DVCC limits it."""
+    def characteristic(self, now: float, charge_available: float | None = None,
+                       load_a: float | None = None) -> Callable[[float], float]:
+        """Bank current (positive = charging) as a function of the bank voltage, as DVCC limits it. The charger's
+        available current and the loads' draw default to the inverter's own `charge_a` and `load_a`."""
         limits = self.obeying(now)
         if limits is None:
             return lambda volts: 0.0
         available = self.charge_a if charge_available is None else charge_available
+        load = self.load_a if load_a is None else load_a
         band = CV_BAND_FRACTION * limits.cvl if limits.cvl > 0 else 1.0
 
         def current(volts: float) -> float:
             charger = available * min(1.0, max(0.0, (limits.cvl - volts) / band))
-            net = charger - self.load_a
+            net = charger - load
             if net >= 0:
                 return min(net, limits.ccl)
             if volts <= limits.dvl:

@@ -61,7 +61,8 @@ def test_closed_loop_the_service_limits_the_virtual_inverter(tmp_path):
     extra = f'[inverter]\ninterface = "virtual"\nchannel = "{channel}"\nperiod = 0.5\nkeepalive_timeout = 3\n'
     rig = RunningBms(tmp_path, metrics_extra=extra)
     inverter = VirtualInverter(charge_a=500.0)
-    rig.sim.devices.charger.enabled = rig.sim.devices.load.enabled = False
+    rig.sim.devices.charger.max_current = 500.0  # the inverter's own charger: far more than any CCL here
+    rig.sim.devices.load.enabled = False
     rig.sim.devices.inverter = inverter
     peer = InverterPeer(can.Bus(interface="virtual", channel=channel), inverter).start()
     try:

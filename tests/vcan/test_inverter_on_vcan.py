@@ -78,7 +78,8 @@ def test_closed_loop_on_vcan1_with_gaps_keepalive_and_interface_down_up(tmp_path
     extra = f'[inverter]\ninterface = "socketcan"\nchannel = "{vcan1}"\nkeepalive_timeout = 3\n'
     rig = RunningBms(tmp_path, metrics_extra=extra)
     inverter = VirtualInverter(charge_a=500.0)
-    rig.sim.devices.charger.enabled = rig.sim.devices.load.enabled = False
+    rig.sim.devices.charger.max_current = 500.0  # the inverter's own charger: far more than any CCL here
+    rig.sim.devices.load.enabled = False
     rig.sim.devices.inverter = inverter
     peer = InverterPeer(can.Bus(interface="socketcan", channel=vcan1), inverter).start()
     recorder = Recorder(vcan1)
