@@ -61,9 +61,9 @@ class Snapshot:
 
     @classmethod
     def of(cls, source: Watched) -> Snapshot:
-        """The service's view of its last decision (built on the loop, immutable) with copies of the Modbus and
-        endpoint counters, which change per request: taken on the loop, so none of them moves under the scrape."""
-        v = source.view
+        """The service's view (its last decision and copies of its counters, immutable) with copies of the Modbus
+        and endpoint counters: taken on the loop, so none of them moves under the scrape."""
+        v = source.view()
         server = source.modbus
         modbus = None
         if server is not None:  # a copy: the live counters go on counting while this scrape is encoded
@@ -97,10 +97,10 @@ class _EndpointCounters(Protocol):
 
 
 class Watched(Protocol):
-    """What a scrape reads of the service (`smallbms_bus.service.Service` is one): the per-decision view, the
-    Modbus server's and this endpoint's own counters, and the clock (the decision's age)."""
+    """What a scrape reads of the service (`smallbms_bus.service.Service` is one): its view, the Modbus server's
+    and this endpoint's own counters, and the clock (the decision's age)."""
 
-    view: ServiceView
+    view: Callable[[], ServiceView]
     modbus: _HasModbusStats | None
     metrics: _EndpointCounters | None
     clock: Callable[[], float]
