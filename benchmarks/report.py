@@ -108,6 +108,7 @@ def summary(b: dict[str, Any]) -> list[dict[str, Any]]:
         n = s["nominal_slcan"]
         rows.append(_row("peak RSS at nominal load", n["workload"], f"{n['peak_rss_mb']} MB", "<= 80 MB",
                          n["peak_rss_mb"] <= 80.0))
+        rows += ratio_rows(s)
     if "modbus" in b:
         m = b["modbus"]["results"]
         ours, bare = m["smallbms-bus"], m["bare"]
@@ -133,6 +134,31 @@ def summary(b: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append(_row("longest gap between two 0x351 (BMS-CAN)", f"{x['seconds']:g} s: {x['workload']}",
                          f"{x['max_gap_s']} s over {x['frames_0x351']} frames (mean {x['mean_gap_s']} s)",
                          "<= 1.5 s", x["max_gap_s"] is not None and x["max_gap_s"] <= 1.5))
+    return rows
+
+
+def ratio_rows(s: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 14's targets as ratios of two figures of the same run (a run without those figures has no rows)."""
+    rows: list[dict[str, Any]] = []
+    for key, label, bound in (("nominal_slcan", "SLCAN", None), ("nominal_virtual", "virtual bus", 5.0)):
+        n = s.get(key, {})
+        d = n.get("decode_alone")
+        if d is None:
+            continue
+        ratio = n["cpu_percent_of_one_core"] / max(d["cpu_percent_of_one_core"], 1e-9)
+        met = ratio <= 3.0 and (bound is None or n["cpu_percent_of_one_core"] <= bound)
+        rows.append(_row(f"service CPU / decoding alone ({label})", n["workload"] + "; vs plain cantools decoding "
+                         "of the same frames, same run", f"{n['cpu_percent_of_one_core']} % vs "
+                         f"{d['cpu_percent_of_one_core']} % of one core ({d['frames']} frames) = {ratio:.1f} x",
+                         "<= 3 x" + (f", <= {bound:g} % of a core" if bound else ""), met))
+    loaded = s.get("reaction", {}).get("charge", {})
+    quiet = s.get("reaction_quiet", {}).get("charge", {})
+    if loaded.get("measured") and quiet.get("measured"):
+        ratio = loaded["p99_ms"] / max(quiet["p99_ms"], 1e-9)
+        rows.append(_row("reaction p99 with clients / without", "CellHighVoltage -> charge output command; 32 "
+                         "pollers at 10 Hz and 1 s scrapes vs no client, same run",
+                         f"{loaded['p99_ms']} ms vs {quiet['p99_ms']} ms = {ratio:.1f} x", "<= 2 x, <= 20 ms",
+                         ratio <= 2.0 and loaded["p99_ms"] <= 20.0))
     return rows
 
 

@@ -165,7 +165,8 @@ class Demo:
         self.store_path = f"{directory}/state.db"
         self.clock = SimClock(args.speed, running=False)  # time starts with the simulation
         self.board = MemoryBoard()
-        self.inverter_channel = f"{self.channel}-bms-can" if getattr(args, "inverter", False) else None
+        wanted = getattr(args, "inverter", False) or SCENARIOS[args.scenario].inverter  # a scenario may need one
+        self.inverter_channel = f"{self.channel}-bms-can" if wanted else None
         inverter = ("" if self.inverter_channel is None else
                     f'[inverter]\ninterface = "virtual"\nchannel = "{self.inverter_channel}"\nkeepalive_timeout = 10\n')
         config = parse_config(demo_config(self.channel, self.store_path, args.metrics_port, args.modbus_port,

@@ -79,7 +79,7 @@ from smallbms_bus.protocol import frame_period
 from smallbms_bus.reports import Report
 from smallbms_bus.store import PendingSave, Persister, Store, StoreError, StoreLock, lock_holder_description
 from smallbms_bus.systemd import sd_notify, unfinished_run
-from smallbms_bus.view import ServiceStats, ServiceView
+from smallbms_bus.view import ServiceStats, ServiceView, summary_line
 from smallbms_bus.vocabulary import LED_ROLES, RELAY_ROLES
 
 log = logging.getLogger(__name__)
@@ -174,7 +174,7 @@ class Service:
         self.mqtt: MqttFrontEnd | None = None  # MQTT and Home Assistant discovery (docs/mqtt.md): [mqtt] host set
         if config["mqtt"]["host"] is not None:
             self.mqtt = MqttFrontEnd(config["mqtt"], self.commit, self.writes.note_refusal)
-        self.view = self._view(now)  # what watchers read (smallbms_bus/view.py); replaced after every decision
+        self.view: Callable[[], ServiceView] = self._view  # what watchers read (smallbms_bus/view.py)
 
     # -- the decision path ------------------------------------------------------------------------
     def _on_reports(self, reports: list[Report]) -> None:
@@ -225,11 +225,12 @@ class Service:
         return decision
 
     def publish(self, decision: Decision, now: float) -> None:
-        """Loop: `decision` is the latest, and the view watchers read is rebuilt around it (once per decision)."""
+        """Loop: `decision` is the latest (what `view()` and Modbus read from now on)."""
         self.decision = decision
-        self.view = self._view(now)
 
-    def _view(self, now: float) -> ServiceView:
+    def _view(self) -> ServiceView:
+        """Loop: the latest decision with copies of the counters around it, now (smallbms_bus/view.py)."""
+        now = self.clock()
         view = ServiceView.build(self.decision, now, self.link, self.outputs, self.persister,
                                  self.store_stalled_since is None, self.writes.refused, self.stats)
         return view if self.inverter is None else dataclasses.replace(view, inverter=self.inverter.view(now))
@@ -529,32 +530,7 @@ class Service:
 
     def summary(self) -> str:
         """One line of state for the log (SIGUSR1)."""
-        d = self.decision
-        parts: list[str] = []
-        if d is None:
-            parts.append("no decision yet")
-        else:
-            def on(flag: bool) -> str:
-                return "on" if flag else "off"
-            o = d.outputs
-            parts += [f"mode {on(d.mode_on)}", f"remote {on(d.remote_on)}",
-                      f"load {on(o.load_disconnect)}, charge {on(o.charge_disconnect)}, pre-alarm {on(o.pre_alarm)}",
-                      "SoC unknown" if d.soc is None else f"SoC {d.soc:.1f} %",
-                      f"{len(d.bank.batteries)} batteries", f"alarms {d.alarms.name or 'none'}",
-                      f"warnings {d.warnings.name or 'none'}"]
-        parts.append("bus up" if self.link.up else f"bus DOWN ({self.link.reason})")
-        fault = self.outputs.status().fault
-        parts.append(f"relay board FAULT ({fault})" if fault else "relay board ok")
-        p = self.persister
-        if self.store_stalled_since is not None:
-            waited = time.monotonic() - self.store_stalled_since
-            parts.append(f"store STALLED: a save has waited {waited:.0f} s for the disk")
-        elif p.ok:
-            parts.append(f"store ok ({p.writes} saves)")
-        else:
-            parts.append(f"store FAILING since {time.strftime('%H:%M:%S', time.localtime(p.failing_since))} "
-                         f"({p.last_error})")
-        return ", ".join(parts)
+        return summary_line(self.decision, self.link, self.outputs, self.persister, self.store_stalled_since)
 
     async def shutdown(self, receiver: threading.Thread | None = None) -> bool:
         """OUT-4: every output off before exit; then the state is saved and everything closed. True when

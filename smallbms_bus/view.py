@@ -1,16 +1,16 @@
-"""The seam between the service and what only watches it: one typed, immutable `ServiceView` per decision.
+"""The seam between the service and what only watches it: a typed, immutable `ServiceView`.
 
 The event loop owns the core, the link's counters, the relay controller's status and the store's bookkeeping.
-Readers on other paths (the metrics scrape today; any front end that only reports) do not reach into those
-live objects: after every decision the service builds a `ServiceView` on the loop -- the `Decision` itself
-(already immutable) plus copies of the counters around it -- and publishes it by replacing one reference.
-A reader takes that reference once and sees one consistent instant: the bus counters, relay status and store
-state of the same evaluation as the bank values. Building it is a handful of small dict copies (~20 µs),
-about 15 times a second.
+Readers (the metrics scrape today; any front end that only reports) do not reach into those live objects:
+they call `Service.view()` on the loop, which returns the latest `Decision` (immutable, built once per
+evaluation) with copies of the counters around it, taken at that instant. Nothing in it moves afterwards,
+so a scrape encoded on another thread sees one consistent instant. The counters are copied when asked,
+not per decision: a refused write or a finished save between two decisions is counted at once, as before.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -71,3 +71,35 @@ class ServiceView:
         return cls(decision, link.counters(), link.status(now), (link.config.interface, link.config.channel),
                    outputs.status(), dict(outputs.channel_map), store, stats.evaluations, stats.task_restarts,
                    stats.events)
+
+
+def summary_line(decision: Decision | None, link: Link, outputs: RelayController, persister: Persister,
+                 stalled_since: float | None) -> str:
+    """One line of state for the log (SIGUSR1), on the loop; `stalled_since`: when a save began waiting for a
+    disk that does not answer (time.monotonic), or None."""
+    d = decision
+    parts: list[str] = []
+    if d is None:
+        parts.append("no decision yet")
+    else:
+        def on(flag: bool) -> str:
+            return "on" if flag else "off"
+        o = d.outputs
+        parts += [f"mode {on(d.mode_on)}", f"remote {on(d.remote_on)}",
+                  f"load {on(o.load_disconnect)}, charge {on(o.charge_disconnect)}, pre-alarm {on(o.pre_alarm)}",
+                  "SoC unknown" if d.soc is None else f"SoC {d.soc:.1f} %",
+                  f"{len(d.bank.batteries)} batteries", f"alarms {d.alarms.name or 'none'}",
+                  f"warnings {d.warnings.name or 'none'}"]
+    parts.append("bus up" if link.up else f"bus DOWN ({link.reason})")
+    fault = outputs.status().fault
+    parts.append(f"relay board FAULT ({fault})" if fault else "relay board ok")
+    p = persister
+    if stalled_since is not None:
+        waited = time.monotonic() - stalled_since
+        parts.append(f"store STALLED: a save has waited {waited:.0f} s for the disk")
+    elif p.ok:
+        parts.append(f"store ok ({p.writes} saves)")
+    else:
+        parts.append(f"store FAILING since {time.strftime('%H:%M:%S', time.localtime(p.failing_since))} "
+                     f"({p.last_error})")
+    return ", ".join(parts)

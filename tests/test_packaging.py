@@ -27,6 +27,8 @@ def test_non_editable_install_ships_the_dbc_and_the_register_maps(tmp_path):
                     "--target", str(target), str(REPO)], check=True, timeout=240,
                    capture_output=True)
     assert (target / "smallbms_bus" / "dbc" / "lithium_ng.dbc").is_file()
+    for page in ("index.html", "app.js", "style.css"):  # the commissioning page is package data (no build step)
+        assert (target / "smallbms_bus" / "web" / "static" / page).is_file(), page
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {**os.environ, "PYTHONPATH": str(target)}

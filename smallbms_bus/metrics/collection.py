@@ -61,9 +61,9 @@ class Snapshot:
 
     @classmethod
     def of(cls, source: Watched) -> Snapshot:
-        """The service's view of its last decision (built on the loop, immutable) with copies of the Modbus and
-        endpoint counters, which change per request: taken on the loop, so none of them moves under the scrape."""
-        v = source.view
+        """The service's view (its last decision and copies of its counters, immutable) with copies of the Modbus
+        and endpoint counters: taken on the loop, so none of them moves under the scrape."""
+        v = source.view()
         server = source.modbus
         modbus = None
         if server is not None:  # a copy: the live counters go on counting while this scrape is encoded
@@ -97,10 +97,10 @@ class _EndpointCounters(Protocol):
 
 
 class Watched(Protocol):
-    """What a scrape reads of the service (`smallbms_bus.service.Service` is one): the per-decision view, the
-    Modbus server's and this endpoint's own counters, and the clock (the decision's age)."""
+    """What a scrape reads of the service (`smallbms_bus.service.Service` is one): its view, the Modbus server's
+    and this endpoint's own counters, and the clock (the decision's age)."""
 
-    view: ServiceView
+    view: Callable[[], ServiceView]
     modbus: _HasModbusStats | None
     metrics: _EndpointCounters | None
     clock: Callable[[], float]
@@ -151,6 +151,7 @@ class BmsCollector(Collector):
         if d is not None:
             yield from self._state(s, d)
             yield from self._bank(d)
+            yield from self._charge(d)
             yield from self._batteries(d, pace)
             yield from self._history(d)
         yield from self._bus(s)
@@ -231,6 +232,21 @@ class BmsCollector(Collector):
         yield from _value(m.CELL_MAX, None if a.max_cell is None else a.max_cell.voltage)
         yield from _value(m.CELL_T_MIN, a.min_cell_temperature)
         yield from _value(m.CELL_T_MAX, a.max_cell_temperature)
+
+    def _charge(self, d: Decision) -> Iterator[Metric]:
+        """CHG: the same values as BMS-CAN 0x351, GX 305-308, SunSpec 802 and native block F."""
+        c = d.charge
+        yield from _value(m.CHARGE_KNOWN, float(c.known))
+        yield from _value(m.CVL, c.cvl if c.known else None)
+        yield from _value(m.CCL, c.ccl)
+        yield from _value(m.DCL, c.dcl)
+        yield from _value(m.DVL, c.dvl if c.known else None)
+        yield from _value(m.CHARGE_RATING, c.rating if c.known else None)
+        family = _family(m.CHARGE_STATE)
+        for labels, value in _states(m.CHARGE_STATE, m.CHARGE_STATES[int(c.state)], m.CHARGE_STATES):
+            family.add_metric(labels, value)
+        yield family
+        yield from _value(m.CELL_LIMITING, float(c.cell_limiting))
 
     def _batteries(self, d: Decision, pace: Callable[[], None]) -> Iterator[Metric]:
         names = (m.BAT_UP, m.BAT_STALE, m.BAT_AGE, m.BAT_INFO, m.BAT_VOLTAGE, m.BAT_CURRENT, m.BAT_TEMP,

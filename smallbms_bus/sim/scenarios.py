@@ -82,7 +82,19 @@ class SetAmbient:
         bank.set_ambient(self.celsius)
 
 
-Action = SetFault | SetLoad | SetCharger | SetAmbient
+@dataclass(frozen=True)
+class SetInverter:
+    """The virtual inverter on BMS-CAN (`demo --inverter`, sim/inverter.py): its keep-alive on or off."""
+
+    at: float
+    keepalive: bool
+
+    def apply(self, bank: VirtualBank, devices: Devices) -> None:
+        if devices.inverter is not None:  # without --inverter there is no inverter to silence
+            devices.inverter.keepalive = self.keepalive
+
+
+Action = SetFault | SetLoad | SetCharger | SetAmbient | SetInverter
 
 
 @dataclass(frozen=True)
@@ -105,6 +117,7 @@ class Scenario:
     charge_c: float = 0.06
     absorption_per_unit: float = DEFAULT_ABSORPTION_PER_UNIT
     solar: bool = False
+    inverter: bool = False  # the demo runs it with --inverter (the charger and load on BMS-CAN)
     actions: tuple[Action, ...] = ()
     expect: tuple[Expectation, ...] = ()
 
@@ -251,6 +264,19 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
         actions=(SetFault(FAULT_AT, "hardware_fault"),),
         expect=(Expectation(FAULT_AT, FAULT_AT + FRAME_LAG_S,
                             "HardwareFault on node N: BATTERY_FAULT, ATC and ATD false (ATC-5, ATD-3)"),),
+    ),
+    Scenario(
+        "inverter-silent",
+        f"the steady background through an inverter on BMS-CAN (the demo turns --inverter on) whose keep-alive "
+        f"stops at {FAULT_AT:.0f} s and comes back at {FAULT_CLEARED_AT:.0f} s",
+        inverter=True,
+        actions=(SetInverter(FAULT_AT, keepalive=False), SetInverter(FAULT_CLEARED_AT, keepalive=True)),
+        expect=(
+            Expectation(FAULT_AT, FAULT_AT, "the inverter's last keep-alive (0x305)"),
+            Expectation(FAULT_AT + 10.0, FAULT_AT + 11.0, "INVERTER_SILENT (keepalive_timeout 10 s in the demo); "
+                        "the limits keep coming and the inverter keeps obeying them; ATC and ATD unchanged"),
+            Expectation(FAULT_CLEARED_AT, FAULT_CLEARED_AT + 2.0, "keep-alive again: INVERTER_SILENT cleared"),
+        ),
     ),
 )}
 DEFAULT_SCENARIO = "steady"

@@ -20,3 +20,18 @@ def test_demo_with_the_virtual_inverter_shows_the_limits_it_obeys():
     assert float(cvl) > float(dvl) > 0 and float(ccl) > 0 and float(dcl) > 0 and state in ("absorption", "float")
     assert "inverter obeys 0x351" in out.stdout.split("--- t=")[-1]
     assert "INVERTER_SILENT" not in out.stdout  # its keep-alive arrives (keepalive_timeout 10 s in the demo)
+
+
+def test_inverter_silent_scenario_raises_and_clears_the_warning_on_the_simulations_clock():
+    """The scenario's keep-alive stops at 60 s: INVERTER_SILENT 10 s later (the demo's keepalive_timeout), with
+    the limits still obeyed; it clears once the keep-alive is back at 180 s. The event log has the times."""
+    out = subprocess.run([sys.executable, "-m", "smallbms_bus.cli", "demo", "--scenario", "inverter-silent",
+                          "--speed", "20", "--duration", "200", "--every", "1", "--metrics-port", "0",
+                          "--modbus-port", "0", "--web-port", "0", "--soc", "60"],
+                         capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-2000:]
+    events = re.findall(r"event t=\s*([\d.]+) s  INVERTER_SILENT -> (\w+)", out.stdout)
+    assert [v for _, v in events] == ["raised", "cleared"], out.stdout[-3000:]
+    raised, cleared = (float(t) for t, _ in events)
+    assert 69.0 <= raised <= 73.0 and 180.0 <= cleared <= 184.0  # generous: the demo's tick and the clock's hold
+    assert "inverter obeys 0x351" in out.stdout

@@ -4,6 +4,7 @@ and checks as Modbus, and a page served over HTTPS."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import subprocess
 import sys
@@ -62,11 +63,27 @@ def test_the_page_and_api_over_https(tmp_path):
     with Running(tmp_path, extra=extra) as run:
         run.wait_for(lambda: run.service.web is not None and run.service.web.bound, 10, "the page bound")
 
-        async def get() -> tuple[int, dict]:
+        async def get() -> tuple[int, dict, int, str]:
             context = ssl.create_default_context(cafile=str(tmp_path / "web.pem"))
-            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as session, \
-                    session.get(f"https://127.0.0.1:{port}/api/v1/settings") as api:
-                return api.status, await api.json()
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as session:
+                async with session.get(f"https://127.0.0.1:{port}/") as page:
+                    html = await page.text()
+                async with session.get(f"https://127.0.0.1:{port}/api/v1/settings") as api:
+                    return api.status, await api.json(), page.status, html
 
-        status, body = asyncio.run(get())
+        status, body, page, html = asyncio.run(get())
         assert status == 200 and body["settings"][0]["name"] == "charged_voltage"
+        assert page == 200 and "<title>smallbms-bus</title>" in html
+
+
+def test_a_demo_whose_web_port_is_taken_runs_on_and_says_so():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "smallbms_bus.cli", "demo", "--web-port", str(port),
+                                 "--modbus-port", "0", "--metrics-port", "0", "--duration", "2", "--every", "1"],
+                                capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"web: cannot serve the page on 127.0.0.1:{port}" in result.stderr and "--web-port" in result.stderr
+    assert "Traceback" not in result.stderr and "demo: stopped" in result.stdout

@@ -1,5 +1,5 @@
-"""The metrics seam (issue 14, item 4): a scrape reads the immutable view the service published with its last
-decision and copies of the Modbus counters, never the live objects that go on changing under it."""
+"""Issue 14 (item 4): a scrape reads the immutable view the service published with its last decision and copies
+of the Modbus counters, never the live objects that go on changing under it."""
 
 from __future__ import annotations
 
@@ -32,20 +32,22 @@ def _scrape(service: Service) -> str:
     return TextEncoder().encode(BmsCollector(service).families(Snapshot.of(service))).decode()
 
 
-def test_the_view_is_built_per_decision_and_the_scrape_reads_only_it(service):
-    assert isinstance(service.view, ServiceView) and service.view.decision is None
+def test_the_view_is_an_immutable_copy_and_the_scrape_reads_only_it(service):
+    assert isinstance(service.view(), ServiceView) and service.view().decision is None
     decision = service.core.evaluate(service.clock(), service.wall())
     service.publish(decision, service.clock())
-    view = service.view
+    view = service.view()
     assert view.decision is decision
-    # the link goes on counting after the decision: the view (and so the scrape) keeps the decision's instant
+    # the link goes on counting: a view taken (and a scrape's snapshot) keeps its instant
     received = view.link["frames_received"]
+    snapshot = Snapshot.of(service)
     service.link.decoder.received += 1000
-    assert service.view is view and view.link["frames_received"] == received
-    assert f"smallbms_bus_frames_received_total {float(received)}" in _scrape(service)
-    service.publish(service.core.evaluate(service.clock(), service.wall()), service.clock())
-    assert service.view is not view and service.view.link["frames_received"] == received + 1000
-    assert f"smallbms_bus_frames_received_total {float(received + 1000)}" in _scrape(service)
+    assert view.link["frames_received"] == received and snapshot.link["frames_received"] == received
+    text = TextEncoder().encode(BmsCollector(service).families(snapshot)).decode()
+    assert f"smallbms_bus_frames_received_total {float(received)}" in text
+    assert f"smallbms_bus_frames_received_total {float(received + 1000)}" in _scrape(service)  # a new scrape
+    with pytest.raises(AttributeError):
+        view.evaluations = 99  # type: ignore[misc]
 
 
 def test_a_snapshot_copies_the_modbus_counters(service):
@@ -61,3 +63,4 @@ def test_a_snapshot_copies_the_modbus_counters(service):
     requests, stats = snapshot.modbus
     assert stats is not Server.stats and stats.connections_open == 2
     assert requests == {("read_holding_registers", "ok"): 1}
+
