@@ -377,6 +377,11 @@ def _cross_check(s: dict[str, dict[str, Any]], source: str) -> None:
     if (web["tls_cert"] is None) != (web["tls_key"] is None):
         raise ConfigError("web.tls_key" if web["tls_key"] is None else "web.tls_cert", NOT_SET,
                           "set together with the other: TLS needs both a certificate and its key", source)
+    taken = {"metrics.port": s["metrics"]["port"], "modbus.port": modbus["port"],
+             **({"modbus.tls_port": modbus["tls_port"]} if modbus["tls_cert"] is not None else {})}
+    for key, port in taken.items():  # the page would retry a port the service itself holds, forever
+        if web["port"] and port == web["port"]:
+            raise ConfigError("web.port", web["port"], f"a port other than {key} ({port})", source)
     mqtt = s["mqtt"]
     if mqtt["tls_key"] is not None and mqtt["tls_cert"] is None:
         raise ConfigError("mqtt.tls_cert", NOT_SET, "set with mqtt.tls_key: the key is of a client certificate", source)
