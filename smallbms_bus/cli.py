@@ -29,6 +29,8 @@ COMMANDS: dict[str, str | None] = {"demo": "smallbms_bus.demo", "simulate": "sma
 # the installer's commands against a running service (docs/cli.md); module:name = add_parser_name / run_name
 COMMANDS |= {name: f"smallbms_bus.modbus.control:{name.replace('-', '_')}"
              for name in ("settings", "set", "mode", "command", "set-soc", "history")}
+COMMANDS["events"] = "smallbms_bus.web_cli"  # the event log is only on the web JSON API
+COMMANDS["completion"] = "smallbms_bus.completion"
 
 
 def _load_config(path: str, command: str) -> Config | None:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from smallbms_bus.bank import COMM_TIMEOUT_RANGE, DEFAULT_COMM_TIMEOUT
-from smallbms_bus.outputs import BACKENDS
+from smallbms_bus.outputs import BACKENDS, may_have_inputs
 from smallbms_bus.vocabulary import OUTPUT_ROLES
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -362,8 +362,9 @@ def _cross_check(s: dict[str, dict[str, Any]], source: str) -> None:
     remote = s["remote"]
     if remote["source"] == "board" and remote["channel"] == 0:
         raise ConfigError("remote.channel", 0, "the relay board's input of the remote on/off (1..64)", source)
-    if remote["source"] == "board" and outputs["backend"] in ("lcus",):
-        raise ConfigError("remote.source", "board", "gpio or none: LCUS relay boards have no inputs", source)
+    if remote["source"] == "board" and not may_have_inputs(outputs["backend"]):  # the registry knows (LCUS has none)
+        raise ConfigError("remote.source", "board",
+                          f"gpio or none: {outputs['backend'].upper()} relay boards have no inputs", source)
     if remote["source"] == "gpio" and remote["line"] is None:
         raise ConfigError("remote.line", NOT_SET,
                           'the GPIO line of the remote on/off: an offset (17) or a name ("GPIO17")', source)
@@ -376,6 +377,11 @@ def _cross_check(s: dict[str, dict[str, Any]], source: str) -> None:
     if (web["tls_cert"] is None) != (web["tls_key"] is None):
         raise ConfigError("web.tls_key" if web["tls_key"] is None else "web.tls_cert", NOT_SET,
                           "set together with the other: TLS needs both a certificate and its key", source)
+    taken = {"metrics.port": s["metrics"]["port"], "modbus.port": modbus["port"],
+             **({"modbus.tls_port": modbus["tls_port"]} if modbus["tls_cert"] is not None else {})}
+    for key, port in taken.items():  # the page would retry a port the service itself holds, forever
+        if web["port"] and port == web["port"]:
+            raise ConfigError("web.port", web["port"], f"a port other than {key} ({port})", source)
     mqtt = s["mqtt"]
     if mqtt["tls_key"] is not None and mqtt["tls_cert"] is None:
         raise ConfigError("mqtt.tls_cert", NOT_SET, "set with mqtt.tls_key: the key is of a client certificate", source)

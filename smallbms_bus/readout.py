@@ -61,11 +61,22 @@ def format_decision(d: Decision) -> str:
         f"{d.atd_state.name.lower().replace('_', '-')}  outputs: load {onoff[d.outputs.load_disconnect]}, "
         f"charge {onoff[d.outputs.charge_disconnect]}, pre-alarm {onoff[d.outputs.pre_alarm]}"
         + ("" if d.started else "  [not started: outputs held off]"),
+        "charge   " + charge_text(d.charge.known, d.charge.state.name.lower(), d.charge.cvl, d.charge.ccl,
+                                  d.charge.dcl, d.charge.dvl, d.charge.cell_limiting),
     ]
     for kind, flags in (("alarm", d.alarms), ("warning", d.warnings)):
         for name in names(flags):
             lines.append(f"{kind:<8} {name}: {d.reasons.get(name, '')}")
     return "\n".join(lines)
+
+
+def charge_text(known: bool, state: str, cvl: float | None, ccl: float | None, dcl: float | None,
+                dvl: float | None, cell_limiting: bool) -> str:
+    """CHG: what inverters and chargers are told, in the words of docs/behaviour.md."""
+    if not known or cvl is None or dvl is None:
+        return f"{state}, limits not known yet (the bank is not proven): charge 0 A, discharge 0 A"
+    return (f"{state}  CVL {cvl:.2f} V  CCL {ccl or 0.0:.1f} A  DCL {dcl or 0.0:.1f} A  DVL {dvl:.2f} V"
+            + ("  (CVL held down: a cell reached 3.55 V)" if cell_limiting else ""))
 
 
 def consumed_text(ah: float | None) -> str:

@@ -56,7 +56,7 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from smallbms_bus import __version__
 from smallbms_bus.bms.alarms import BusState
@@ -69,7 +69,6 @@ from smallbms_bus.link.bus import BusConfig, Link
 from smallbms_bus.link.codec import FrameDecoder, FrameEncoder, load_dbc
 from smallbms_bus.metrics import MetricsServer, limits_of
 from smallbms_bus.modbus.server import BmsAccess, ModbusOptions, ModbusServer
-from smallbms_bus.mqtt import MqttFrontEnd
 from smallbms_bus.outputs import make_board
 from smallbms_bus.outputs.base import RelayBoard
 from smallbms_bus.outputs.controller import RelayController
@@ -81,6 +80,9 @@ from smallbms_bus.store import PendingSave, Persister, Store, StoreError, StoreL
 from smallbms_bus.systemd import sd_notify, unfinished_run
 from smallbms_bus.view import ServiceStats, ServiceView, summary_line
 from smallbms_bus.vocabulary import LED_ROLES, RELAY_ROLES
+
+if TYPE_CHECKING:
+    from smallbms_bus.mqtt import MqttFrontEnd
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +175,8 @@ class Service:
         self.web: Any = None  # the commissioning page and JSON API (web/server.py), started by run() when configured
         self.mqtt: MqttFrontEnd | None = None  # MQTT and Home Assistant discovery (docs/mqtt.md): [mqtt] host set
         if config["mqtt"]["host"] is not None:
+            from smallbms_bus.mqtt import MqttFrontEnd  # paho is imported only where MQTT is used
+
             self.mqtt = MqttFrontEnd(config["mqtt"], self.commit, self.writes.note_refusal)
         self.view: Callable[[], ServiceView] = self._view  # what watchers read (smallbms_bus/view.py)
 

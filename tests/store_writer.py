@@ -78,7 +78,10 @@ def main(db_path: str, log_path: str, seed: int) -> None:
     log(k="start", restored=stored is not None, saved_wall=saved_wall)
     batteries = [FakeBattery(node=(s - 1) * 2 + p, string=s, series=p) for s in (1, 2) for p in (1, 2)]
     persister = Persister(store, interval=INTERVAL)
-    t, seq, amps, newest_event = 0.0, 0, -40.0, None
+    # the newest event the store holds: on a resume it is the previous run's until this run logs one
+    newest = store.events(limit=1)
+    newest_event = [newest[0]["wall"], newest[0]["name"], newest[0]["value"]] if newest else None
+    t, seq, amps = 0.0, 0, -40.0
     ready = False
     while True:
         t += DT

@@ -41,7 +41,7 @@ def test_bad_arguments_exit_2_naming_them(args, named):
 def test_help_lists_every_command_and_each_command_has_its_own_help():
     listing = subprocess.run([*CMD, "--help"], capture_output=True, text=True, timeout=60, check=True).stdout
     commands = ("demo", "simulate", "regmap", "status", "check-config", "run", "settings", "set", "mode", "command",
-                "set-soc", "history")
+                "set-soc", "history", "events", "completion")
     assert all(command in listing for command in commands)
     for command in commands:
         own = subprocess.run([*CMD, command, "--help"], capture_output=True, text=True, timeout=60, check=True)

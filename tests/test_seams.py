@@ -177,3 +177,20 @@ def test_a_refused_read_is_not_called_a_refused_write():
     from smallbms_bus.modbus.writes import Refused, WriteRefused
 
     assert issubclass(WriteRefused, Refused) and not issubclass(Refused, WriteRefused)
+
+
+def test_the_config_asks_the_outputs_registry_which_backends_can_read_the_remote_input(tmp_path):
+    import pytest
+
+    from smallbms_bus.config import ConfigError, load_config
+    from smallbms_bus.outputs import BACKENDS, may_have_inputs
+
+    assert {b for b in BACKENDS if not may_have_inputs(b)} == {"lcus"}
+    path = tmp_path / "c.toml"
+    for backend in BACKENDS:
+        path.write_text(f'[outputs]\nbackend = "{backend}"\n[remote]\nsource = "board"\nchannel = 1\n')
+        if may_have_inputs(backend):
+            assert load_config(path)["remote"]["source"] == "board"
+        else:
+            with pytest.raises(ConfigError, match=r"remote\.source.*LCUS relay boards have no inputs"):
+                load_config(path)

@@ -109,6 +109,32 @@ def timeline(board: Board, title: str, targets: list[tuple[str, str]], mappings:
               options={"showValue": "never", "mergeValues": True, "rowHeight": 0.8}, **kw)
 
 
+def charge_control(b: Board) -> None:
+    """CHG: what inverters and chargers are told (CVL, CCL, DCL, DVL), against what the bank does."""
+    b.row("Charge control")
+    stat(b, "Charge state", f"smallbms_charge_state{{{INST}}} == 1", "{{state}}", graph="none", w=4,
+         description="absorption (CVL = absorption voltage) or float (CVL = float voltage), CHG-1.")
+    stat(b, "CVL", f"smallbms_charge_voltage_limit_volts{{{INST}}}", unit="volt", decimals=2, w=4,
+         description="Charge voltage limit. No data until the bank is proven (then nothing is allowed).")
+    stat(b, "CCL", f"smallbms_charge_current_limit_amperes{{{INST}}}", unit="amp", decimals=1, w=4,
+         description="Charge current limit: 0 = do not charge.")
+    stat(b, "DCL", f"smallbms_discharge_current_limit_amperes{{{INST}}}", unit="amp", decimals=1, w=4,
+         description="Discharge current limit: 0 = do not discharge.")
+    stat(b, "DVL", f"smallbms_discharge_voltage_limit_volts{{{INST}}}", unit="volt", decimals=2, w=4)
+    stat(b, "Cell-voltage limiting", f"smallbms_charge_cell_voltage_limiting{{{INST}}}", mappings=ACTIVE,
+         graph="none", w=4, description="Active: a cell reached 3.55 V and CVL is held below the bank voltage.")
+    series(b, "Voltage limits against the bank voltage",
+           [(f"smallbms_charge_voltage_limit_volts{{{INST}}}", "CVL"),
+            (f"smallbms_bank_voltage_volts{{{INST}}}", "bank voltage"),
+            (f"smallbms_discharge_voltage_limit_volts{{{INST}}}", "DVL")], unit="volt",
+           description="The charger keeps the bank voltage at or below CVL; an inverter stops discharging at DVL.")
+    series(b, "Current limits against the bank current",
+           [(f"smallbms_charge_current_limit_amperes{{{INST}}}", "CCL"),
+            (f"smallbms_bank_current_amperes{{{INST}}}", "bank current"),
+            (f"-smallbms_discharge_current_limit_amperes{{{INST}}}", "-DCL")], unit="amp",
+           description="Positive = charging: the bank current stays between -DCL and CCL.")
+
+
 def build() -> dict[str, Any]:
     b = Board()
     b.row("Bank overview")
@@ -144,6 +170,7 @@ def build() -> dict[str, Any]:
                                             (f"smallbms_bank_power_watts{{{INST}}}", "power")],
            unit="percent", overrides=[on_axis("A", "percent", min=0, max=100), on_axis("B", "watt", right=True)],
            description="SoC on the left axis (0-100 %), power (positive = charging) on the right.")
+    charge_control(b)
 
     b.row("Alarms and warnings")
     timeline(b, "Alarms (an action was taken)", [(f"smallbms_alarm{{{INST}}}", "{{alarm}}")], ACTIVE, h=9)

@@ -9,13 +9,19 @@ Theory of operation
 -------------------
 Each evaluation of the core calls `ChargeControl.step` once, after ATC and ATD are decided:
 
-1. Size (CHG-6). Without the 12.8 V units in series, the strings and the battery model there is nothing to
-   compute from: `NO_CHARGE_LIMITS` (every value 0, known = False).
+1. Size (CHG-6). Before the core has first started (the bank learned and every battery heard: until then a
+   partly heard bank may look smaller than it is), or without the 12.8 V units in series, the strings and a
+   single battery model, there is nothing to compute from: `NO_CHARGE_LIMITS` (every value 0, known = False;
+   the charge state as persisted).
 2. Charge state (CHG-1). The absorption timer counts time with the bank voltage at or above the absorption
-   voltage minus 0.05 V per unit, from trusted data only (paused otherwise, reset when the voltage is seen
-   below the window). Project decision: float is entered once the timer has run out *and* none of the
-   re-bulk conditions holds (SoC unknown, SoC <= re-bulk SoC, no full charge for 30 days); any of them in
-   float means absorption again with the timer at 0. So the state never flips back and forth each tick.
+   voltage minus 0.05 V per unit, or with CVL held down by the cell-voltage limiting (project decision: the
+   highest cell is then at its limit, the bank is as full as it may be charged, and an imbalanced bank could
+   otherwise never reach the window nor float), from trusted data only; it restarts from 0 once the voltage
+   is below the window and every cell below 3.45 V (no cell near full: the bank is not being held charged)
+   and pauses otherwise (untrusted data; a cell the limiting just released is still near full).
+   Project decision: float is entered once the timer has run out *and* none of the re-bulk conditions holds
+   (SoC unknown, SoC <= re-bulk SoC, no full charge for 30 days); any of them in float means absorption again
+   with the timer at 0. So the state never flips back and forth each tick.
 3. CVL (CHG-2, CHG-5). The state's voltage; while the cell-voltage limiting is latched (highest cell >=
    3.55 V, released once every cell <= 3.50 V) at most bank voltage minus 0 .. 0.1 V per unit, growing
    linearly with the highest cell from 3.50 to 3.55 V, so the charge tapers and the cell settles below
@@ -27,7 +33,7 @@ Each evaluation of the core calls `ChargeControl.step` once, after ATC and ATD a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import IntEnum
 from typing import Any
 
@@ -73,9 +79,10 @@ class ChargeLimits:
 NO_CHARGE_LIMITS = ChargeLimits(cvl=0.0, ccl=0.0, dcl=0.0, dvl=0.0, state=ChargeState.ABSORPTION, known=False)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ChargeInputs:
-    """What the core knows at one evaluation. Cell values are the worst of the protective memory."""
+    """What the core knows at one evaluation (built for every evaluation: not frozen, which is cheaper).
+    Cell values are the worst of the protective memory. The core passes them by position: keep the order."""
 
     now: float  # monotonic s
     series_units: int | None  # 12.8 V units in series per string
@@ -92,6 +99,7 @@ class ChargeInputs:
     pre_alarm: bool
     trusted: bool  # started, every battery fresh, a consistent bank: the voltage may run the absorption timer
     not_fully_charged: bool  # no full charge for 30 days (the core's warning NOT_FULLY_CHARGED_30_DAYS)
+    started: bool = True  # the core has started once (OUT-4): before, even the bank's size is not proven
 
 
 def ramp(value: float, x0: float, y0: float, x1: float, y1: float) -> float:
@@ -148,9 +156,11 @@ class ChargeControl:
         dt = 0.0 if self._last_now is None else max(0.0, x.now - self._last_now)
         self._last_now = x.now
         units, capacity = x.series_units, x.capacity_ah
-        if not units or not capacity or x.strings <= 0:
+        if not x.started or not units or not capacity or x.strings <= 0:
             self._ccl = self._dcl = 0.0
-            return NO_CHARGE_LIMITS
+            return NO_CHARGE_LIMITS if self.state is ChargeState.ABSORPTION else replace(NO_CHARGE_LIMITS,
+                                                                                         state=self.state)
+        self._cell_latch(x.max_cell)
         self._charge_state(x, settings, units, dt)
         dvl = dvl_for(units)
         cvl = self._cvl(x, settings, units, dvl)
@@ -174,22 +184,25 @@ class ChargeControl:
             return
         if x.trusted and x.voltage is not None:
             window = (settings.absorption_voltage_per_unit - ABSORPTION_WINDOW_V_PER_UNIT) * units
-            if x.voltage >= window - 1e-9:
+            if x.voltage >= window - 1e-9 or self.cell_limiting:
                 self.absorption_s += min(dt, MAX_TIMER_STEP_S)
-            else:
+            elif x.max_cell is None or x.max_cell < CCL_CELL_FULL_V:  # no cell near full: charged no more
                 self.absorption_s = 0.0
         if self.absorption_s >= settings.absorption_time_min * 60.0 and not rebulk:
             self.state, self.absorption_s = ChargeState.FLOAT, 0.0
+
+    def _cell_latch(self, max_cell: float | None) -> None:
+        """CHG-2: set at 3.55 V, released once every cell is at or below 3.50 V."""
+        if max_cell is not None and max_cell >= CELL_LIMIT_SET_V - 1e-9:
+            self.cell_limiting = True
+        elif max_cell is not None and max_cell <= CELL_LIMIT_CLEAR_V + 1e-9:
+            self.cell_limiting = False
 
     def _cvl(self, x: ChargeInputs, settings: Settings, units: int, dvl: float) -> float:
         """CHG-1's voltage, lowered by CHG-2 and CHG-5; never below DVL."""
         per_unit = settings.float_voltage_per_unit if self.state is ChargeState.FLOAT \
             else settings.absorption_voltage_per_unit
         cvl = per_unit * units
-        if x.max_cell is not None and x.max_cell >= CELL_LIMIT_SET_V - 1e-9:
-            self.cell_limiting = True
-        elif x.max_cell is not None and x.max_cell <= CELL_LIMIT_CLEAR_V + 1e-9:
-            self.cell_limiting = False
         if self.cell_limiting and x.voltage is not None and x.max_cell is not None:
             excess = ramp(x.max_cell, CELL_LIMIT_CLEAR_V, 0.0, CELL_LIMIT_SET_V, 1.0)
             cvl = min(cvl, x.voltage - excess * CELL_LIMIT_MAX_DROP_V_PER_UNIT * units)

@@ -447,11 +447,9 @@ class BmsCore:
         view, agg, topo = f.view, f.view.aggregates, f.view.topology
         before = self.charge_control.state
         limits = self.charge_control.step(ChargeInputs(
-            now=d.now, series_units=topo.series_units, strings=topo.parallel, capacity_ah=topo.capacity_ah,
-            voltage=agg.voltage, max_cell=f.max_cell, min_cell=f.min_cell, min_temperature=f.tmin,
-            max_temperature=f.tmax, soc=d.soc, atc=d.atc, atd=d.atd, pre_alarm=d.pre_alarm,
-            trusted=self.started and agg.complete and not view.issues,
-            not_fully_charged=BmsWarning.NOT_FULLY_CHARGED_30_DAYS in d.warnings), self.settings)
+            d.now, topo.series_units, topo.parallel, topo.capacity_ah, agg.voltage, f.max_cell, f.min_cell, f.tmin,
+            f.tmax, d.soc, d.atc, d.atd, d.pre_alarm, self.started and agg.complete and not view.issues,
+            BmsWarning.NOT_FULLY_CHARGED_30_DAYS in d.warnings, self.started), self.settings)
         if self.charge_control.state is not before:
             self.state_revision += 1
         return limits

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from smallbms_bus.bms.alarms import BalancerReason, BmsAlarm, BmsWarning, BusState
+from smallbms_bus.bms.charge import ChargeState
 from smallbms_bus.bms.rules import CELL_SPREAD_IMBALANCED_V
 from smallbms_bus.protocol import FLAG_FIELDS, MAX_CELLS
 from smallbms_bus.vocabulary import RELAY_ROLES, BankPhase, StaleReason
@@ -135,6 +136,25 @@ CELL_MAX = _m("bank_cell_voltage_max_volts", "gauge", (), "Highest cell voltage 
 CELL_T_MIN = _m("bank_cell_temperature_min_celsius", "gauge", (), "Lowest cell temperature of the fresh batteries.")
 CELL_T_MAX = _m("bank_cell_temperature_max_celsius", "gauge", (), "Highest cell temperature of the fresh batteries.")
 BANK_COMPLETE = _m("bank_complete", "gauge", (), "1 when every known battery is fresh (bank values cover all).")
+# -- charge control (CHG): what inverters and chargers are told, the values of BMS-CAN and the Modbus maps ----------
+_group = "charge"
+CHARGE_STATES = tuple(s.name.lower() for s in ChargeState)  # indexed by the wire code
+CHARGE_KNOWN = _m("charge_limits_known", "gauge", (), "1 once the bank's size is proven and the limits are computed "
+                  "(CHG-6); 0: every limit is 0 and the voltage limits are absent.")
+CVL = _m("charge_voltage_limit_volts", "gauge", (), "Charge voltage limit CVL (CHG-1, CHG-2, CHG-5); absent while "
+         "the limits are not known.")
+CCL = _m("charge_current_limit_amperes", "gauge", (), "Charge current limit CCL (CHG-3, CHG-6, CHG-7); 0 = do not "
+         "charge.")
+DCL = _m("discharge_current_limit_amperes", "gauge", (), "Discharge current limit DCL, positive (CHG-4, CHG-6, "
+         "CHG-7); 0 = do not discharge.")
+DVL = _m("discharge_voltage_limit_volts", "gauge", (), "Discharge voltage limit DVL, 2.80 V per cell (CHG-5); "
+         "absent while the limits are not known.")
+CHARGE_RATING = _m("charge_current_rating_amperes", "gauge", (), "Strings x the battery model's 1C: the most CCL and "
+                   "DCL can be (CHG-3, CHG-4); absent while the limits are not known.")
+CHARGE_STATE = _m("charge_state", "gauge", ("state",), "Charge state (CHG-1, persisted): one of absorption, float "
+                  "is 1.")
+CELL_LIMITING = _m("charge_cell_voltage_limiting", "gauge", (), "1 while CVL is held down because a cell reached "
+                   "3.55 V (CHG-2).")
 # -- batteries ------------------------------------------------------------------------------------------
 _group = "battery"
 BAT_UP = _m("battery_up", "gauge", B, "1 = the battery's readings are fresh (COM-1); 0 = stale, readings withheld.")

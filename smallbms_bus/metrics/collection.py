@@ -151,6 +151,7 @@ class BmsCollector(Collector):
         if d is not None:
             yield from self._state(s, d)
             yield from self._bank(d)
+            yield from self._charge(d)
             yield from self._batteries(d, pace)
             yield from self._history(d)
         yield from self._bus(s)
@@ -231,6 +232,21 @@ class BmsCollector(Collector):
         yield from _value(m.CELL_MAX, None if a.max_cell is None else a.max_cell.voltage)
         yield from _value(m.CELL_T_MIN, a.min_cell_temperature)
         yield from _value(m.CELL_T_MAX, a.max_cell_temperature)
+
+    def _charge(self, d: Decision) -> Iterator[Metric]:
+        """CHG: the same values as BMS-CAN 0x351, GX 305-308, SunSpec 802 and native block F."""
+        c = d.charge
+        yield from _value(m.CHARGE_KNOWN, float(c.known))
+        yield from _value(m.CVL, c.cvl if c.known else None)
+        yield from _value(m.CCL, c.ccl)
+        yield from _value(m.DCL, c.dcl)
+        yield from _value(m.DVL, c.dvl if c.known else None)
+        yield from _value(m.CHARGE_RATING, c.rating if c.known else None)
+        family = _family(m.CHARGE_STATE)
+        for labels, value in _states(m.CHARGE_STATE, m.CHARGE_STATES[int(c.state)], m.CHARGE_STATES):
+            family.add_metric(labels, value)
+        yield family
+        yield from _value(m.CELL_LIMITING, float(c.cell_limiting))
 
     def _batteries(self, d: Decision, pace: Callable[[], None]) -> Iterator[Metric]:
         names = (m.BAT_UP, m.BAT_STALE, m.BAT_AGE, m.BAT_INFO, m.BAT_VOLTAGE, m.BAT_CURRENT, m.BAT_TEMP,

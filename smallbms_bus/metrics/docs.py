@@ -6,7 +6,8 @@ from smallbms_bus.config import defaults
 from smallbms_bus.metrics.catalog import METRICS
 
 # -- docs ---------------------------------------------------------------------------------------------------
-GROUP_TITLES = {"service": "Service", "state": "BMS state", "bank": "Bank", "battery": "Batteries and cells",
+GROUP_TITLES = {"service": "Service", "state": "BMS state", "bank": "Bank",
+                "charge": "Charge control (CHG)", "battery": "Batteries and cells",
                 "history": "History (HIS, persisted)", "bus": "Battery bus", "relay": "Relay outputs",
                 "store": "Store", "modbus": "Modbus TCP server", "mqtt": "MQTT",
                 "inverter": "Inverter (BMS-CAN)"}

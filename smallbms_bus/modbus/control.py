@@ -160,7 +160,8 @@ def add_parser_set(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
         "set", help="change one setting of a running service, in engineering units (set discharge_floor 15)",
         description="Change one setting, in the unit shown (voltages per bank). Settings and ranges:\n"
                     + setting_list(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("name", metavar="NAME", help="setting name: " + ", ".join(SETTINGS))
+    name = parser.add_argument("name", metavar="NAME", help="setting name: " + ", ".join(SETTINGS))
+    name.completions = tuple(SETTINGS)  # type: ignore[attr-defined]  # for `smallbms-bus completion bash`
     parser.add_argument("value", metavar="VALUE", help="new value in the setting's unit (0/1 or off/on for switches)")
     add_target_arguments(parser)
     return parser

@@ -370,14 +370,18 @@ def _one_c_power(s: ModbusView) -> float | None:
     return topo.bank_capacity_ah * topo.nominal_voltage
 
 
-def _allowed_current(allowed: Callable[[Decision], bool]) -> Callable[[ModbusView], float | None]:
-    """SunSpec's way to tell an inverter "do not charge/discharge": a maximum current of 0; else 1C."""
+def _charge_limit(name: str) -> Callable[[ModbusView], float | None]:
+    """A voltage limit of charge control (CHG): unknown (None) until the bank's size is known."""
     def get(s: ModbusView) -> float | None:
-        capacity = s.decision.bank.topology.bank_capacity_ah
-        if not allowed(s.decision):
-            return 0.0
-        return None if capacity is None else float(capacity)
+        charge = s.decision.charge
+        return getattr(charge, name) if charge.known else None
     return get
+
+
+def _charge_current(name: str) -> Callable[[ModbusView], float]:
+    """CCL or DCL (CHG-3, CHG-4): 0 is SunSpec's and the GX's way to say "do not charge/discharge", and it is
+    what the BMS allows while the bank is not proven (CHG-6), so it is never "not available"."""
+    return lambda s: getattr(s.decision.charge, name)
 
 
 def _battery_with(ref_of: Callable[[Any], Any], what: str) -> Callable[[ModbusView], int | None]:
@@ -397,8 +401,14 @@ BANK.update({
     "instance_name": lambda s: socket.gethostname(),
     "energy_rating": lambda s: _energy(s.decision.bank.topology),
     "one_c_power": _one_c_power,
-    "max_charge_current": _allowed_current(lambda d: d.atc),
-    "max_discharge_current": _allowed_current(lambda d: d.atd),
+    # charge control (CHG, bms/charge.py): the same values on every map, metrics and BMS-CAN
+    "max_charge_current": _charge_current("ccl"),
+    "max_discharge_current": _charge_current("dcl"),
+    "charge_voltage_limit": _charge_limit("cvl"),
+    "discharge_voltage_limit": _charge_limit("dvl"),
+    "charge_current_rating": _charge_limit("rating"),
+    "charge_state": lambda s: int(s.decision.charge.state),
+    "cell_voltage_limiting": lambda s: int(s.decision.charge.cell_limiting),
     "sunspec.charge_status": sunspec_charge_status,
     "sunspec.state": sunspec_state,
     "sunspec.evt1": sunspec_evt1,

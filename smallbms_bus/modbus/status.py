@@ -1,6 +1,7 @@
 """`smallbms-bus status`: the instant readout of a running service, read over Modbus like a PLC would.
 
-Reads block A (the manual's status page) and block D (history) of the native map and prints them;
+Reads block A (the manual's status page), block F (charge control) and block D (history) of the native map
+and prints them;
 the addresses and scales come from register_maps/native.toml, so this command is also a check that
 the map and the server agree.
 
@@ -22,14 +23,16 @@ import time
 from typing import Any, TextIO
 
 from smallbms_bus.bms.alarms import BalancerReason, BalancerStatus, BmsAlarm, BmsWarning, BusState, balancer_text
+from smallbms_bus.bms.charge import ChargeState
 from smallbms_bus.config import ConfigError, defaults, load_config
 from smallbms_bus.modbus.codes import ATD_TEXT, BALANCER_BY_CODE, LED_BY_CODE, STATE_TEXT, exception_text
-from smallbms_bus.readout import consumed_text, time_remaining_text
+from smallbms_bus.readout import charge_text, consumed_text, time_remaining_text
 from smallbms_bus.vocabulary import RELAY_ROLES, ROLE_LABELS
 
 MODBUS_DEMO_PORT = 5020  # the demo's Modbus port (not 502: it runs without the privilege to bind below 1024)
 STATES = STATE_TEXT
 ATD = ATD_TEXT
+CHARGE_STATES = {int(s): s.name.lower() for s in ChargeState}
 LEDS = {code: led.value for code, led in LED_BY_CODE.items()}
 BALANCER = BALANCER_BY_CODE
 OUTPUT_BITS = tuple(ROLE_LABELS[role] for role in RELAY_ROLES)  # bit n of the outputs register
@@ -130,12 +133,31 @@ def _readout(args: argparse.Namespace, host: str, port: int, unit: int) -> str:
     from smallbms_bus.modbus.client import Client  # it builds on this module
 
     with Client(host, port, unit, args.timeout) as client:
-        values = client.block("A") | {f"history.{k}": v for k, v in client.block("D").items()}
+        values = client.block("A") | _charge_block(client) | {f"history.{k}": v for k, v in client.block("D").items()}
         batteries = client.batteries() if args.cells else None
     if args.json:
         return json.dumps(values | ({"per_battery": batteries} if batteries is not None else {}), ensure_ascii=False)
     text = format_status(values, f"{host}:{port} unit {unit}")
     return text if batteries is None else text + "\n" + format_cells(batteries)
+
+
+def _charge_block(client: Any) -> dict[str, Any]:
+    """Block F (charge control); a service from before charge control answers exception 02: shown as absent."""
+    try:
+        return client.block("F")
+    except StatusError as error:
+        if "exception 02" in str(error):
+            return {}
+        raise
+
+
+def _charge(v: dict[str, Any]) -> str:
+    if "charge_state" not in v:
+        return "not served by this service version"
+    state = CHARGE_STATES.get(v["charge_state"], f"state {v['charge_state']}")
+    known = v["charge_voltage_limit"] is not None
+    return charge_text(known, state, v["charge_voltage_limit"], v["charge_current_limit"],
+                       v["discharge_current_limit"], v["discharge_voltage_limit"], bool(v["cell_voltage_limiting"]))
 
 
 def _connect(host: str, port: int, timeout: float) -> socket.socket:
@@ -243,6 +265,7 @@ def format_status(v: dict[str, Any], where: str) -> str:
         f"cell voltage       {_v(v['min_cell_voltage'], '.3f', 'V')} .. {_v(v['max_cell_voltage'], '.3f', 'V')}",
         f"allowed to charge  {'yes' if v['allowed_to_charge'] else 'no'}    allowed to discharge "
         f"{ATD.get(v['allowed_to_discharge'], '?')}",
+        f"charge control     {_charge(v)}",
         "outputs            " + ", ".join(f"{name} {'high' if outputs >> bit & 1 else 'low'}"
                                           for bit, name in enumerate(OUTPUT_BITS)),
         f"alarms             {', '.join(alarms) or 'none'}",

@@ -1,17 +1,18 @@
 """MQTT and Home Assistant discovery (docs/mqtt.md): the service's front end for brokers.
 
-`MqttFrontEnd` is what the service holds when `[mqtt] host` is set: on the event loop, `tick` builds the
-retained messages (discovery + state, pure: topics.py, discovery.py) at most once per `publish_period`,
-or sooner (at most every MIN_GAP_S) when an output, ATC/ATD, an alarm or a warning changed, and offers
-them to the client (client.py), which publishes only what changed on its own thread. Writes arriving
-from the broker go through commands.py to `Service.commit`. Nothing here can stop or slow a decision:
-a failure to build the messages is logged once and skipped.
+`MqttFrontEnd` is what the service holds when `[mqtt] host` is set: on the event loop, `tick` offers the
+client (client.py) the latest decision and settings (both immutable) at most once per `publish_period`,
+or sooner (at most every MIN_GAP_S) when an output, ATC/ATD, the mode, an alarm or a warning changed.
+The client's publisher thread builds the retained messages from them (`messages`: discovery + state,
+pure: topics.py, discovery.py) and publishes only what changed. Writes arriving from the broker go
+through commands.py to `Service.commit`. Nothing here can stop or slow a decision: the loop's part is a
+comparison and an assignment, and a failure to build the messages is logged and retried with the next.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
+import functools
 import socket
 from collections.abc import Awaitable, Callable, Mapping
 from types import MappingProxyType
@@ -25,8 +26,6 @@ from smallbms_bus.mqtt.client import MqttLink
 from smallbms_bus.mqtt.commands import Commands
 from smallbms_bus.mqtt.discovery import discovery
 from smallbms_bus.mqtt.topics import Names, state
-
-log = logging.getLogger(__name__)
 
 MIN_GAP_S = 0.5  # a change of outputs, ATC/ATD, alarms or warnings is published this soon, never faster
 
@@ -43,7 +42,6 @@ class MqttFrontEnd:
         self._next_at = 0.0
         self._last_key: tuple | None = None
         self._last_at = -MIN_GAP_S
-        self._failed = False
         self._discovery_nodes: tuple[int, ...] | None = None
         self._discovery: dict[str, str] = {}
 
@@ -61,17 +59,11 @@ class MqttFrontEnd:
         due = now >= self._next_at or (key != self._last_key and now - self._last_at >= MIN_GAP_S)
         if not due:
             return
-        try:
-            self.link.offer(self.messages(decision, settings))
-        except Exception:
-            if not self._failed:
-                log.exception("MQTT: building the state failed; not published until it works again")
-            self._failed = True
-        else:
-            self._failed = False
+        self.link.offer(functools.partial(self.messages, decision, settings))
         self._last_key, self._last_at, self._next_at = key, now, now + self.period
 
     def messages(self, decision: Decision, settings: Settings) -> Mapping[str, str]:
+        """Every retained message of one decision (the publisher thread calls it; the discovery cache is its)."""
         nodes = tuple(b.node for b in decision.bank.batteries)
         if nodes != self._discovery_nodes:  # the discovery messages change only with the bank's batteries
             self._discovery = discovery(self.names, nodes, self.commands_enabled)

@@ -4,14 +4,17 @@ Theory of operation
 -------------------
 paho's network loop (`loop_start`) runs on its own thread "mqtt-network": it connects, reconnects with
 back-off (`reconnect_delay_set`, 1 s doubling to 60 s) and delivers incoming writes. A second thread,
-"mqtt-publish", sends the state. The event loop only calls `offer(messages)`: a latest-wins slot of
-one immutable mapping (topic -> payload), a lock held for an assignment. It never blocks on the broker;
-when the client lags, older snapshots are simply overwritten.
+"mqtt-publish", builds and sends the state. The event loop only calls `offer(build)`: a latest-wins slot
+of one callable over an immutable snapshot (a Decision and the Settings, both never mutated) that returns
+the mapping topic -> payload, a lock held for an assignment. The JSON is built here, not on the loop (for
+50 batteries it is tens of milliseconds: benchmarks/mqtt.py). The loop never blocks on the broker; when
+the client lags, older snapshots are simply overwritten.
 
 The publisher keeps what the broker was last sent and publishes only the topics whose payload changed,
 all retained; a topic that is no longer in the snapshot (a battery that left the bank) is cleared with an
-empty retained message. On every (re)connect that memory is forgotten, so the whole state is sent again
-after `online`, and the broker holds it for new subscribers. The last will is `offline` (retained) on
+empty retained message. On every (re)connect that memory is marked unknown, so the whole state is sent
+again after `online` (the broker holds it for new subscribers) and a topic that left during the outage is
+cleared then. The last will is `offline` (retained) on
 the availability topic; a clean stop publishes `offline` itself before disconnecting.
 
 Outages: one WARNING when the broker is lost or refuses the connection, one INFO when it answers again
@@ -40,6 +43,7 @@ KEEPALIVE_S = 30
 RECONNECT_MIN_S, RECONNECT_MAX_S = 1, 60
 MAX_QUEUED = 5000  # messages paho may hold for a slow broker; beyond that publish() fails and the topic is retried
 STOP_WAIT_S = 2.0  # a clean stop waits this long for "offline" to reach the broker
+_UNKNOWN = object()  # a topic published on an earlier connection: what the broker holds now is not known
 
 
 def tls_check(section: Mapping[str, Any]) -> None:
@@ -86,10 +90,11 @@ class MqttLink:
         self.outages = 0  # times the broker was lost or refused us
         self._in_outage = False
         self._lock = threading.Lock()
-        self._latest: Mapping[str, str] | None = None
+        self._latest: Callable[[], Mapping[str, str]] | None = None
+        self._built: tuple[Callable[[], Mapping[str, str]], Mapping[str, str]] | None = None  # publisher thread
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._sent: dict[str, str] = {}  # publisher thread only: what the broker holds from this connection
+        self._sent: dict[str, Any] = {}  # publisher thread only: topic -> what the broker was sent (or _UNKNOWN)
         self._resend = threading.Event()  # set on (re)connect: forget _sent, send everything
         self._publisher = threading.Thread(target=self._publish_loop, name="mqtt-publish", daemon=True)
 
@@ -100,10 +105,11 @@ class MqttLink:
         self.client.loop_start()
         self._publisher.start()
 
-    def offer(self, messages: Mapping[str, str]) -> None:
-        """The newest state; replaces one the publisher has not taken yet. Never blocks."""
+    def offer(self, build: Callable[[], Mapping[str, str]]) -> None:
+        """The newest state (`build()` gives its messages, on the publisher thread); replaces one the publisher
+        has not taken yet. Never blocks."""
         with self._lock:
-            self._latest = messages
+            self._latest = build
         self._wake.set()
 
     def publish_result(self, result: Mapping[str, Any]) -> None:
@@ -173,19 +179,23 @@ class MqttLink:
             self._wake.clear()
             if self._stop.is_set() or not self.connected:
                 continue
-            if self._resend.is_set():
+            if self._resend.is_set():  # a (re)connect: send everything again, and clear what left meanwhile
                 self._resend.clear()
-                self._sent = {}
+                self._sent = dict.fromkeys(self._sent, _UNKNOWN)
             with self._lock:
                 latest = self._latest
-            if latest is not None:
-                try:
-                    self._send(latest)
-                except Exception:  # a bug must not stop publication for good: the next snapshot retries
-                    log.exception("MQTT: publishing the state failed")
+            if latest is None:
+                continue
+            try:
+                if self._built is None or self._built[0] is not latest:
+                    self._built = (latest, latest())
+                self._send(self._built[1])
+            except Exception:  # a bug must not stop publication for good: the next snapshot retries
+                self._built = None
+                log.exception("MQTT: building or publishing the state failed")
 
     def _send(self, latest: Mapping[str, str]) -> None:
-        sent = self._sent
+        sent: dict[str, Any] = self._sent
         for topic, payload in latest.items():
             if (sent.get(topic) != payload and self.connected
                     and self.client.publish(topic, payload, qos=0, retain=True).rc == paho.MQTT_ERR_SUCCESS):

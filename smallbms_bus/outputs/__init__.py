@@ -42,6 +42,13 @@ def board_class(backend: str) -> type[RelayBoard]:
     return getattr(importlib.import_module(module), name)
 
 
+def may_have_inputs(backend: str) -> bool:
+    """Whether a backend can read a remote on/off input with some options: the class says it has inputs, or it
+    takes an `inputs` option (Modbus, GPIO). What the configured options give is checked by preflight."""
+    cls = board_class(backend)
+    return cls.has_inputs or "inputs" in inspect.signature(cls).parameters
+
+
 def make_board(backend: str, /, **options: Any) -> RelayBoard:
     """Build a board from its backend name and options, without any I/O (the controller opens it).
 
@@ -108,4 +115,5 @@ def open_board(backend: str, /, **options: Any) -> RelayBoard:
     return board
 
 
-__all__ = ["BACKENDS", "OptionError", "OutputError", "RelayBoard", "board_class", "make_board", "open_board"]
+__all__ = ["BACKENDS", "OptionError", "OutputError", "RelayBoard", "board_class", "make_board", "may_have_inputs",
+           "open_board"]

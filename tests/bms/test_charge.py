@@ -72,6 +72,16 @@ def test_chg1_a_voltage_below_the_window_restarts_the_absorption_time():
     assert clock.run(20 * 60 + 1, voltage=56.7, soc=95.0).state is ChargeState.FLOAT
 
 
+def test_chg1_the_absorption_time_also_counts_while_the_cell_voltage_limiting_holds_cvl_down():
+    """An imbalanced bank: one cell at its limit keeps the bank voltage far below the window."""
+    clock = Clock()
+    clock.run(120 * 60 - 1, voltage=54.0, max_cell=3.53, soc=95.0)
+    assert clock.control.absorption_s == 0.0  # not limiting (never reached 3.55 V): not counted
+    clock.step(voltage=54.0, max_cell=3.55, soc=95.0)
+    assert clock.run(120 * 60 - 2, voltage=54.0, max_cell=3.52, soc=95.0).state is ChargeState.ABSORPTION
+    assert clock.step(voltage=54.0, max_cell=3.52, soc=95.0).state is ChargeState.FLOAT
+
+
 def test_chg1_untrusted_data_pauses_the_absorption_time():
     clock = Clock()
     clock.run(100 * 60, voltage=56.7, soc=95.0)
@@ -248,12 +258,20 @@ def test_chg6_an_unknown_bank_allows_nothing():
     assert Clock().run(30, series_units=None) == NO_CHARGE_LIMITS
     assert Clock().run(30, capacity_ah=None) == NO_CHARGE_LIMITS  # mixed models
     assert Clock().run(30, strings=0) == NO_CHARGE_LIMITS
+    assert Clock().run(30, started=False) == NO_CHARGE_LIMITS  # a partly heard bank is not a size to trust
+
+
+def test_chg6_before_the_start_the_limits_are_unknown_but_the_persisted_state_is_shown():
+    clock = Clock()
+    to_float(clock)
+    limits = clock.run(30, started=False, voltage=54.0, soc=99.0)
+    assert not limits.known and limits.state is ChargeState.FLOAT and limits.ccl == limits.cvl == 0.0
 
 
 def test_chg6_not_started_comms_loss_and_bank_fault_zero_both_currents():
     rig = Rig(2, 2, units=1, capacity=200)
     d = rig.tick()
-    assert not d.started and d.charge.ccl == 0.0 and d.charge.dcl == 0.0
+    assert not d.started and d.charge == NO_CHARGE_LIMITS
     rig.start()
     d = rig.run(15)
     assert d.charge.known and d.charge.ccl == pytest.approx(400.0) and d.charge.dcl == pytest.approx(400.0)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from smallbms_bus.bms.alarms import BmsAlarm
@@ -38,8 +38,10 @@ def test_soc_never_moves_with_zero_current(start, dts, small):
     assert m.consumed_ah == before
 
 
+@settings(deadline=None)  # up to 7200 steps: the 200 ms default deadline trips on a loaded CI machine
 @given(start=st.floats(20, 80), amps=st.floats(0.1, 50), seconds=st.integers(1, 3600))
 def test_charge_then_equal_discharge_returns_soc_at_100_percent_efficiency(start, amps, seconds):
+    assume(start + amps * seconds / 3600 / 200.0 * 100 < 100)  # a charge past 100 % is clamped there: not returned
     m = BatteryMonitor(charge_efficiency=1.0, peukert=1.0)
     m.set_soc(start, 200.0)
     t = 0.0

@@ -67,9 +67,10 @@ def stop(process: subprocess.Popen[str]) -> tuple[int, str]:
     return process.returncode, err or ""
 
 
-def write_config(path: Path, channel: str, port: int, extra: str = "") -> Path:
+def write_config(path: Path, channel: str, port: int, extra: str = "", web_port: int = 0) -> Path:
     path.write_text(f'[bus]\ninterface = "slcan"\nchannel = "{channel}"\n[bms]\ndiscovery_window = 1.0\n'
                     f'[store]\npath = "{path.parent / "state.db"}"\n[metrics]\nport = 0\n'
+                    f'[web]\nhost = "127.0.0.1"\nport = {web_port}\n'
                     f'[modbus]\nhost = "127.0.0.1"\nport = {port}\n{extra}')
     return path
 
@@ -97,7 +98,7 @@ def rig(tmp_path_factory) -> Iterator[tuple[Path, int, str]]:
         channel = read_line(simulator, r"run this port: (\S+)", 60).group(1)
         printed = channel + "".join(simulator.stdout.readline() for _ in range(4))
         port = free_port()
-        config = write_config(tmp / "smallbms-bus.toml", channel, port)
+        config = write_config(tmp / "smallbms-bus.toml", channel, port, web_port=free_port())
         service = subprocess.Popen([*CMD, "run", "--config", str(config)], stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL, text=True)
         wait_for_status(config, lambda v: v["state"] == 1 and v["batteries"] == 2, 60)
@@ -274,9 +275,12 @@ def test_nothing_answers_one_line_exit_1(args):
 @pytest.mark.parametrize(("args", "named"), [(("set", "discharge_flor", "15"), "discharge_flor"),
                                              (("set", "discharge_floor", "lots"), "lots"),
                                              (("mode", "maybe"), "maybe"), (("command", "explode"), "explode"),
-                                             (("set-soc", "x"), "'x'"), (("status", "--watch", "0"), "--watch")])
+                                             (("set-soc", "x"), "'x'"), (("status", "--watch", "0"), "--watch"),
+                                             (("events", "--since", "yesterday"), "yesterday"),
+                                             (("events", "-n", "0"), "-n 0"),
+                                             (("events", "--url", "ftp://x"), "--url")])
 def test_bad_arguments_exit_2(args, named):
-    result = cli(*args, "--port", "1")
+    result = cli(*args, *(("--web-port", "1") if args[0] == "events" else ("--port", "1")))
     assert result.returncode == 2 and "Traceback" not in result.stderr and named in result.stderr, result.stderr
 
 
@@ -287,3 +291,59 @@ def test_set_help_lists_every_setting_with_unit_and_range():
         assert re.search(rf"\n  {setting.name} +{spec.minimum:.{setting.digits}f}-{spec.maximum:.{setting.digits}f}"
                          if not spec.choices else rf"\n  {setting.name} +0 off, 1 on", text), setting.name
     assert "charged_voltage         13.00-14.60 V per 12.8 V unit in series" in text
+
+
+def test_events_with_nothing_listening_or_not_the_api_is_one_line_exit_1(tmp_path):
+    port = free_port()
+    line = refused(cli("events", "--web-port", str(port)))
+    assert line.startswith(f"events: no web API at http://127.0.0.1:{port} (connection refused"), line
+    (tmp_path / "api" / "v1").mkdir(parents=True)
+    (tmp_path / "api" / "v1" / "events").write_text("<html>not the API</html>")
+    server = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port)], cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while "not JSON" not in (result := cli("events", "--web-port", str(port))).stderr:
+            assert time.monotonic() < deadline, result
+            time.sleep(0.1)
+        assert "the answer is not JSON" in refused(result)
+        assert "HTTP 404" in refused(cli("events", "--url", f"http://127.0.0.1:{port}/nothing"))
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+@pytest.mark.parametrize(("words", "expected"), [
+    ("smallbms-bus set dis", "discharge_floor"), ("smallbms-bus set-s", "set-soc"),
+    ("smallbms-bus command reset-", "reset-history reset-settings"), ("smallbms-bus mode o", "on off"),
+    ("smallbms-bus status --c", "--config --cells"), ("smallbms-bus events --s", "--since"),
+])
+def test_bash_completion_completes_commands_settings_and_options(words, expected):
+    script = cli("completion", "bash").stdout
+    words_list = words.split()
+    probe = (f'{script}\nCOMP_WORDS=({" ".join(words_list)}); COMP_CWORD={len(words_list) - 1}; _smallbms_bus; '
+             'echo "${COMPREPLY[@]}"')
+    result = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, timeout=30)
+    assert result.stdout.split() == expected.split(), result
+
+
+def test_events_shows_what_the_cli_wrote_from_the_web_api(rig):
+    config = str(rig[0])
+    started = time.time()
+    assert cli("set", "discharge_floor", "13", "--config", config).returncode == 0
+    assert cli("set", "discharge_floor", "14", "--config", config).returncode == 0
+    result = cli("events", "--config", config, "--since", f"{started - 1:.0f}")
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if "setting" in line and "by Modbus" in line]
+    assert len(lines) >= 2 and "13" in lines[-2] and "14" in lines[-1], result.stdout  # oldest first
+    newest = json.loads(cli("events", "--config", config, "-n", "1", "--json").stdout)["events"]
+    assert len(newest) == 1 and newest[0]["time"] >= started - 1
+    assert len(cli("events", "--config", config, "-n", "3").stdout.splitlines()) == 3
+    later = cli("events", "--config", config, "--since", f"{time.time() + 3600:.0f}")
+    assert later.returncode == 0 and later.stdout.strip() == "no events since then", later
+
+
+def test_events_says_so_when_the_web_api_is_off(tmp_path):
+    config = write_config(tmp_path / "off.toml", "/dev/null", free_port(), web_port=0)
+    line = refused(cli("events", "--config", str(config)))
+    assert "web.port = 0" in line and "serves no web API" in line, line

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from smallbms_bus.modbus.server import ModbusOptions
 from tests.bms.rig import Rig
 from tests.modbus.harness import RunningServer
 from tests.ports import recv_exact
@@ -14,7 +15,11 @@ from tests.ports import recv_exact
 @pytest.fixture
 def server() -> Iterator[RunningServer]:
     """A learned 2S2P bank of 12.8 V 100 Ah batteries behind a real Modbus TCP server."""
-    running = RunningServer(Rig(series=2, parallel=2))
+    # The `client` fixture connects before the test body, which may first run minutes of simulated time (several
+    # real seconds on a loaded machine) before its first request: the real-time first-request/idle timeouts must
+    # not close it meanwhile. Those timeouts are tested with servers of their own (test_connections.py).
+    options = ModbusOptions(port=0, tls_port=0, first_request_timeout=3600.0, idle_timeout=3600.0)
+    running = RunningServer(Rig(series=2, parallel=2), options)
     yield running
     running.close()
 

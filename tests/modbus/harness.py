@@ -64,7 +64,15 @@ class RunningServer:
         return self.on_loop_async(call())
 
     def tick(self, seconds: float = 0.1) -> None:
-        self.on_loop(self.rig.run, seconds)
+        # In chunks of 10 simulated seconds (100 ticks), each within on_loop's 10 s bound: a long run (600 s is
+        # 6000 evaluations) must not hit that bound on a loaded machine. Same ticks, same dt, as one run.
+        left = seconds
+        while True:
+            step = min(left, 10.0)
+            self.on_loop(self.rig.run, step)
+            left -= step
+            if left <= 1e-9:
+                return
 
     def client(self, **kwargs: Any) -> ModbusTcpClient:
         client = ModbusTcpClient("127.0.0.1", port=self.port, timeout=3, retries=0, **kwargs)

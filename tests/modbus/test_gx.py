@@ -44,6 +44,7 @@ def test_gx_blocks_read_whole_with_victrons_types_and_scales(server, client):
 
 
 def test_gx_alarm_enums_and_allow_flags_follow_the_bms(server, client):
+    server.tick(10.0)  # CHG-7: the limits rise from 0 to 1C over 10 s after the start
     server.on_loop(server.rig.battery(3).flags.__setitem__, "cell_high_voltage", True)
     server.tick(0.5)
     assert gx_read(client, 269, 1) == [2]  # high voltage alarm
@@ -70,7 +71,7 @@ def test_gx_addresses_outside_victrons_blocks_are_exception_02(client, address, 
 
 
 def test_the_native_blocks_are_not_on_the_gx_unit_and_vice_versa(client):
-    assert client.read_holding_registers(300, count=1, device_id=1).exception_code == 2
+    assert client.read_holding_registers(320, count=1, device_id=1).exception_code == 2
     assert client.read_holding_registers(100, count=1, device_id=GX).exception_code == 2
 
 

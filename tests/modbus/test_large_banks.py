@@ -98,7 +98,7 @@ def test_large_banks_read_their_true_limits_through_pysunspec2(bank):
     bank_ah = parallel * capacity
     amps = 0.8 * bank_ah  # charging at 0.8C
     running.on_loop(running.rig.set_current, amps)
-    running.tick(0.5)
+    running.tick(10.0)  # CHG-7: the limits rise from 0 to 1C over 10 s after the start
     d = running.rig.last
     device = SunSpecModbusClientDeviceTCP(slave_id=1, ipaddr="127.0.0.1", ipport=running.port, timeout=5)
     try:

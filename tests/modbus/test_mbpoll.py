@@ -60,6 +60,7 @@ def test_mbpoll_writes_and_reads_the_gx_custom_name(server):
 def test_mbpoll_reads_a_50_battery_bank_clamped_where_victrons_registers_end_never_0():
     running = RunningServer(Rig(series=1, parallel=50, capacity=300))
     try:
+        running.tick(10.0)  # CHG-7: the limits rise from 0 to 1C over 10 s after the start
         limits = words(mbpoll(running.port, 225, 307, count=3))
         assert [limits[a] for a in (307, 308, 309)] == [65534] * 3  # 15,000 A and Ah do not fit uint16 x 10
         assert words(mbpoll(running.port, 225, 1297, count=2)) == {1297: 1, 1298: 1}

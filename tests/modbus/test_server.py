@@ -408,7 +408,7 @@ def test_the_whole_map_of_both_units_reads_without_exceptions(server, client):
                     words = read(client, start, count, unit=unit, fc=3)
                     assert words == read(client, start, count, unit=unit, fc=4)
                     total += count
-    assert total == 40 + 20 + 2 + 22 + 50 * 40 + 2 + 68 + 64 + 4 * (44 + 4 * 4) + 2 + 76 + 62
+    assert total == 40 + 20 + 2 + 22 + 10 + 50 * 40 + 2 + 68 + 64 + 4 * (44 + 4 * 4) + 2 + 76 + 62
 
 
 def test_a_setting_written_in_tenths_is_stored_as_written(server, client):

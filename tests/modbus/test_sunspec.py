@@ -27,7 +27,7 @@ def device():
 def test_pysunspec2_discovers_model_1_802_and_one_805_per_battery(device):
     running, d = device
     running.on_loop(running.rig.set_current, 30.0)
-    running.tick(0.5)
+    running.tick(10.0)  # CHG-7: the limits rise from 0 to 1C over 10 s after the start
     d.scan()
     assert sorted(k for k in d.models if isinstance(k, int)) == [1, 802, 805]
     assert len(d.models[805]) == 4
@@ -81,6 +81,7 @@ def test_each_805_has_one_cell_group_per_cell_of_its_battery_and_cell_temperatur
 
 def test_alarms_reach_evt1_and_charge_limits_drop_to_zero(device):
     running, d = device
+    running.tick(10.0)  # CHG-7: the limits rise from 0 to 1C over 10 s after the start
     running.on_loop(running.rig.battery(2).flags.__setitem__, "cell_high_voltage", True)
     running.tick(0.5)
     assert BmsAlarm.CELL_HIGH_VOLTAGE in running.rig.last.alarms

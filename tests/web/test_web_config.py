@@ -28,6 +28,8 @@ from tests.test_service import Running
     ('[web]\ntls_cert = "/etc/c.pem"', "web.tls_key", "both a certificate and its key"),
     ('[web]\ntls_key = "/etc/c.key"', "web.tls_cert", "both a certificate and its key"),
     ('[web]\nhots = "0.0.0.0"', "web.hots", "one of the keys of [web]"),
+    ("[web]\nport = 9108", "web.port", "other than metrics.port (9108)"),
+    ("[web]\nport = 5020\n[modbus]\nport = 5020", "web.port", "other than modbus.port"),
 ])
 def test_bad_web_values_name_the_key(text, key, allowed):
     with pytest.raises(ConfigError) as info:
