@@ -106,9 +106,8 @@ def summary(b: dict[str, Any]) -> list[dict[str, Any]]:
             rows.append(_row(f"CPU at nominal load ({label})", n["workload"], f"{n['cpu_percent_of_one_core']} % "
                              "of one core", "<= 10 %", n["cpu_percent_of_one_core"] <= 10.0))
         n = s["nominal_slcan"]
-        rows.append(_row("peak RSS at nominal load", n["workload"], f"{n['peak_rss_mb']} MB", "<= 80 MB",
-                         n["peak_rss_mb"] <= 80.0))
-        rows += ratio_rows(s)
+        rows += [_row("peak RSS at nominal load", n["workload"], f"{n['peak_rss_mb']} MB", "<= 80 MB",
+                      n["peak_rss_mb"] <= 80.0), *ratio_rows(s)]
     if "modbus" in b:
         m = b["modbus"]["results"]
         ours, bare = m["smallbms-bus"], m["bare"]
