@@ -30,6 +30,7 @@ from typing import TextIO
 import can
 
 from smallbms_bus.bms.core import Decision
+from smallbms_bus.commit import Change
 from smallbms_bus.config import parse_config
 from smallbms_bus.modbus.status import MODBUS_DEMO_PORT
 from smallbms_bus.outputs.memory import MemoryBoard
@@ -274,11 +275,20 @@ class Demo:
                     service.core.set_soc(args.soc)
                     return
 
+        async def scenario_settings() -> None:  # through the one write path, as an installer's write would go
+            writes = tuple((name, name, value) for name, value in SCENARIOS[args.scenario].settings)
+            while writes:
+                await clock.sleep(TICK_S / 2)
+                if service.decision is not None and service.decision.started:
+                    await service.commit(Change(writes, source=f"scenario {args.scenario}", reason="demo scenario"))
+                    return
+
         async def stopping() -> None:  # the speed achieved while running, not while shutting down
             await stop.wait()
             self._stopped_at = (clock.elapsed(), clock.real_elapsed())
 
-        tasks = [asyncio.create_task(coroutine) for coroutine in (readouts(), deadline(), set_soc(), stopping())]
+        tasks = [asyncio.create_task(coroutine) for coroutine in (readouts(), deadline(), set_soc(),
+                                                                 scenario_settings(), stopping())]
         try:
             return await service.run(stop)
         finally:

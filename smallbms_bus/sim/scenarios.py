@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from smallbms_bus.sim.bank import BankShape, VirtualBank
+from smallbms_bus.sim.battery import CELL_SOC_MAX, CELL_SOC_MIN
 from smallbms_bus.sim.devices import DEFAULT_ABSORPTION_PER_UNIT, Devices, SolarProfile
 
 Fault = Literal["silent", "alive_frozen", "hardware_fault", "firmware_updating"]
@@ -94,7 +95,25 @@ class SetInverter:
             devices.inverter.keepalive = self.keepalive
 
 
-Action = SetFault | SetLoad | SetCharger | SetAmbient | SetInverter
+@dataclass(frozen=True)
+class ShiftCell:
+    """Imbalance: one cell of a battery holds `soc_pct` percentage points more (or less) charge than it did."""
+
+    at: float
+    soc_pct: float
+    node: int = -1
+    cell: int = 1  # 1-based, within the battery
+
+    def apply(self, bank: VirtualBank, devices: Devices) -> None:
+        battery = bank.battery(resolve_node(bank, self.node))
+        if not 1 <= self.cell <= len(battery.cells):
+            raise ValueError(f"cell {self.cell} does not exist in a battery of {len(battery.cells)} cells")
+        target = battery.cells[self.cell - 1]
+        soc = target.charge_ah / target.capacity_ah + self.soc_pct / 100.0
+        target.charge_ah = target.capacity_ah * min(CELL_SOC_MAX, max(CELL_SOC_MIN, soc))
+
+
+Action = SetFault | SetLoad | SetCharger | SetAmbient | SetInverter | ShiftCell
 
 
 @dataclass(frozen=True)
@@ -118,6 +137,8 @@ class Scenario:
     absorption_per_unit: float = DEFAULT_ABSORPTION_PER_UNIT
     solar: bool = False
     inverter: bool = False  # the demo runs it with --inverter (the charger and load on BMS-CAN)
+    # Settings (the core's names, SettingSpec) the demo commits once the bank is learned, as an installer would.
+    settings: tuple[tuple[str, float], ...] = ()
     actions: tuple[Action, ...] = ()
     expect: tuple[Expectation, ...] = ()
 
@@ -279,6 +300,39 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
         ),
     ),
 )}
+# The charge-control scenarios (CHG, docs/inverter.md) run through the virtual inverter on BMS-CAN.
+IMBALANCE_PCT = 3.0  # the last battery's first cell this many points fuller than the rest
+SCENARIOS.update({s.name: s for s in (
+    Scenario(
+        "imbalanced-charge",
+        f"a full charge through the inverter at 0.5C from 95 % with one cell {IMBALANCE_PCT:g} points fuller than the"
+        " rest and the absorption time at its 10 min minimum: CVL held down and CCL tapering as that cell nears"
+        " 3.55 V (CHG-2, CHG-3), never 3.65 V, no ATC-1 trip, float once the absorption time has run (CHG-1)",
+        soc=95.0, load_c=0.0, charge_c=0.5, inverter=True,
+        actions=(ShiftCell(0.0, IMBALANCE_PCT),),
+        settings=(("absorption_time_min", 10.0),),
+        expect=(Expectation(0.0, 1800.0, "highest cell < 3.65 V throughout, ATC never false, CCL tapers"),
+                Expectation(600.0, 1800.0, "charge state float (absorption time 10 min)")),
+    ),
+    Scenario(
+        "cold-morning",
+        "batteries at 2 degC in 0 degC air, a 0.3C charger waiting from 50 %; the heating comes on at 60 s (air"
+        " 30 degC) and the batteries warm: CCL 0 (ATC false) below 5 degC, rising to the full rating at 10 degC",
+        soc=50.0, ambient=0.0, temperature=2.0, load_c=0.0, charge_c=0.3, inverter=True,
+        actions=(SetAmbient(60.0, 30.0),),
+        expect=(Expectation(0.0, 260.0, "lowest cell < 5 degC: ATC false, CCL 0 (ATC-2, CHG-3)"),
+                Expectation(200.0, 400.0, "lowest cell >= 5 degC: ATC back, CCL rising with the temperature factor"),
+                Expectation(550.0, 800.0, "lowest cell >= 10 degC: CCL = the rating (1C) x the cell factor")),
+    ),
+    Scenario(
+        "deep-discharge",
+        "10 % SoC, a 0.5C load through the inverter, no charger: DCL derates as the lowest cell falls below 3.15 V"
+        " (CHG-4), and is 0 once ATD goes false",
+        soc=10.0, load_c=0.5, charge_c=0.0, inverter=True,
+        expect=(Expectation(0.0, 900.0, "DCL below the rating once the lowest cell is under 3.15 V"),
+                Expectation(0.0, 1800.0, "ATD false (pre-alarm, ATD-1): DCL 0 in the same evaluation")),
+    ),
+)})
 DEFAULT_SCENARIO = "steady"
 
 
