@@ -26,11 +26,15 @@ needs_mosquitto = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not
 class Mosquitto:
     """mosquitto on a free loopback port with its own config; `stop`/`start` keep the port (a broker restart)."""
 
-    def __init__(self, directory: Path, acl: Path | None = None, passwords: Path | None = None) -> None:
+    def __init__(self, directory: Path, acl: Path | None = None, passwords: Path | None = None,
+                 persistence: bool = False) -> None:
         self.port = free_port()
         self.config = directory / "mosquitto.conf"
-        lines = [f"listener {self.port} 127.0.0.1", "persistence false", "log_dest stderr", "log_type error",
-                 "log_type warning"]
+        # persistence: retained messages survive a `terminate` (saved on a clean exit), not a `stop` (SIGKILL)
+        lines = [f"listener {self.port} 127.0.0.1", f"persistence {str(persistence).lower()}", "log_dest stderr",
+                 "log_type error", "log_type warning"]
+        if persistence:
+            lines.append(f"persistence_location {directory}/")
         if os.geteuid() == 0:  # as root mosquitto would become user "mosquitto", who cannot read pytest's tmp dirs
             lines.append("user root")
         if passwords is None:
@@ -61,6 +65,12 @@ class Mosquitto:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()  # a broker that dies, not one that says goodbye
             self.process.wait(timeout=10)
+
+    def terminate(self) -> None:
+        """A clean shutdown (SIGTERM): with persistence the retained messages are saved for the next start."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=20)
 
 
 class Observer:
@@ -104,8 +114,8 @@ class Observer:
             time.sleep(0.05)
         raise AssertionError(f"{what}: not seen within {timeout} s")
 
-    def publish(self, topic: str, payload: str) -> None:
-        self.client.publish(topic, payload, qos=1).wait_for_publish(10)
+    def publish(self, topic: str, payload: str, retain: bool = False) -> None:
+        self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(10)
 
     def close(self) -> None:
         self.client.disconnect()
