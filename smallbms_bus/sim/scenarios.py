@@ -326,9 +326,9 @@ SCENARIOS.update({s.name: s for s in (
     ),
     Scenario(
         "deep-discharge",
-        "10 % SoC, a 0.5C load through the inverter, no charger: DCL derates as the lowest cell falls below 3.15 V"
+        "13 % SoC, a 0.5C load through the inverter, no charger: DCL derates as the lowest cell falls below 3.15 V"
         " (CHG-4), and is 0 once ATD goes false",
-        soc=10.0, load_c=0.5, charge_c=0.0, inverter=True,
+        soc=13.0, load_c=0.5, charge_c=0.0, inverter=True,
         expect=(Expectation(0.0, 900.0, "DCL below the rating once the lowest cell is under 3.15 V"),
                 Expectation(0.0, 1800.0, "ATD false (pre-alarm, ATD-1): DCL 0 in the same evaluation")),
     ),
