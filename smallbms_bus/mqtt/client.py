@@ -11,10 +11,10 @@ the mapping topic -> payload, a lock held for an assignment. The JSON is built h
 the client lags, older snapshots are simply overwritten.
 
 The publisher keeps what the broker was last sent and publishes only the topics whose payload changed,
-all retained; a topic that is no longer in the snapshot (a battery that left the bank) is cleared with an
-empty retained message. On every (re)connect that memory is marked unknown, so the whole state is sent
-again after `online` (the broker holds it for new subscribers) and a topic that left during the outage is
-cleared then. The last will is `offline` (retained) on
+all retained; a topic that is no longer in the snapshot is cleared with an empty retained message (not
+reachable today: the bank never drops a battery while it runs, docs/mqtt.md). On every (re)connect that
+memory is marked unknown, so the whole state is sent again after `online` (the broker holds it for new
+subscribers) and a topic that left during the outage is cleared then. The last will is `offline` (retained) on
 the availability topic; a clean stop publishes `offline` itself before disconnecting.
 
 Outages: one WARNING when the broker is lost or refuses the connection, one INFO when it answers again
