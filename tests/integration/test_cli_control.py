@@ -56,6 +56,13 @@ def read_line(process: subprocess.Popen[str], pattern: str, timeout: float) -> r
     raise AssertionError(f"{pattern!r} not printed within {timeout} s (exit {process.poll()}): {seen}")
 
 
+def ctrl_c_as_on_a_terminal() -> None:
+    """Popen's preexec_fn: SIGINT back to its default, as a shell gives a foreground command. A background CI job
+    (started with `&` by a non-interactive shell) ignores SIGINT and its children inherit that, so a Ctrl-C sent
+    before the command installs its own handler would be lost and the test would wait for nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def stop(process: subprocess.Popen[str]) -> tuple[int, str]:
     process.send_signal(signal.SIGINT)
     try:
@@ -92,7 +99,8 @@ def rig(tmp_path_factory) -> Iterator[tuple[Path, int, str]]:
     """(config, Modbus port, what simulate --pty printed): the service on the simulator's pty wire, bank learned."""
     tmp = tmp_path_factory.mktemp("cli")
     simulator = subprocess.Popen([*CMD, "simulate", "--pty", "--bank", "2s1p-12v100", "--scenario", "steady"],
-                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                 preexec_fn=ctrl_c_as_on_a_terminal)
     service = None
     try:
         channel = read_line(simulator, r"run this port: (\S+)", 60).group(1)
@@ -133,7 +141,8 @@ def test_simulate_pty_then_run_on_the_printed_path_sees_the_batteries(rig):
 
 def test_simulate_pty_stops_cleanly_on_ctrl_c_and_removes_its_port(tmp_path):
     simulator = subprocess.Popen([*CMD, "simulate", "--pty", "--pty-dir", str(tmp_path / "wire")],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 preexec_fn=ctrl_c_as_on_a_terminal)
     path = Path(read_line(simulator, r"run this port: (\S+)", 60).group(1))
     assert path == tmp_path / "wire" / "bms" and os.readlink(path).startswith("/dev/pts/")
     code, err = stop(simulator)
@@ -236,7 +245,8 @@ def test_status_json_and_watch_until_ctrl_c(rig, modbus):
     assert values["batteries"] == 2 and [b["node"] for b in values["per_battery"]] == [1, 2]
     assert all(len(b["cells"]) == 4 and all(3.0 < c < 3.5 for c in b["cells"]) for b in values["per_battery"])
     watch = subprocess.Popen([*CMD, "status", "--config", config, "--watch", "0.3"], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+                             stderr=subprocess.PIPE, text=True,
+                                 preexec_fn=ctrl_c_as_on_a_terminal)
     heartbeats = [int(read_line(watch, r"heartbeat (\d+)", 30).group(1))]
     while heartbeats[-1] == heartbeats[0] and len(heartbeats) < 200:  # +1 a second: fresh readouts, not one reprinted
         heartbeats.append(int(read_line(watch, r"heartbeat (\d+)", 30).group(1)))
