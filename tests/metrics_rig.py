@@ -68,7 +68,7 @@ class RunningBms:
             f"[bms]\ndiscovery_window = 1.0\ncomm_timeout = {comm_timeout}\n"
             f'[store]\npath = "{tmp_path / "state.db"}"\n[outputs]\nbackend = "memory"\n'
             f'[modbus]\nhost = "127.0.0.1"\nport = {modbus_port}\n'
-            f'[metrics]\nhost = "127.0.0.1"\nport = {self.port}\n[web]\nport = 0\n{metrics_extra}')
+            f'[web]\nport = 0\n[metrics]\nhost = "127.0.0.1"\nport = {self.port}\n{metrics_extra}')
         self.service = Service(self.config, board=MemoryBoard())
         self.sim = Simulator.from_scenario(scenario, bank)
         self.sim_bus = can.Bus(interface="virtual", channel=channel)
