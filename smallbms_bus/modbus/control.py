@@ -19,11 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from smallbms_bus.bms.settings import DEFAULT_SETTINGS, SPEC_BY_NAME, SettingError, Settings, SettingSpec
+from smallbms_bus.bms.settings import DEFAULT_SETTINGS, SettingError, Settings, SettingSpec
 from smallbms_bus.modbus.client import Client, Refused, add_target_arguments, series_units, target
 from smallbms_bus.modbus.regmap import Register, load_map
+from smallbms_bus.modbus.setting_registers import BY_TARGET, SettingRegister
 from smallbms_bus.modbus.status import STATES, StatusError
-from smallbms_bus.modbus.writes import PER_UNIT_TARGETS, SETTING_TARGETS
 
 # `command NAME` -> the command register's code (block C; docs/behaviour.md's command table)
 COMMAND_CODES = {"sync": 1, "reset-history": 2, "reset-settings": 3, "relearn": 4, "firmware-begin": 5,
@@ -39,15 +39,19 @@ class Setting:
     """A setting as the register map shows it: per bank for the voltages the core keeps per 12.8 V unit."""
 
     register: Register
-    spec: SettingSpec
+    descriptor: SettingRegister  # the one descriptor of this setting register (modbus/setting_registers.py)
 
     @property
     def name(self) -> str:
         return self.register.name
 
     @property
+    def spec(self) -> SettingSpec:
+        return self.descriptor.spec
+
+    @property
     def per_unit(self) -> bool:
-        return self.register.target in PER_UNIT_TARGETS
+        return self.descriptor.per_unit
 
     @property
     def digits(self) -> int:
@@ -62,7 +66,7 @@ class Setting:
 
     def bank(self, value: float, units: int | None) -> float | None:
         """A core value (per unit for voltages) as the register shows it."""
-        return value if not self.per_unit else None if units is None else value * units
+        return self.descriptor.to_bank(value, units)
 
     def allowed(self, units: int | None) -> str:
         spec, d = self.spec, self.digits
@@ -80,8 +84,7 @@ class Setting:
 def settings_table() -> dict[str, Setting]:
     """Block B's settings in map order, each with the core's spec."""
     block = next(b for b in load_map("native").blocks if b.name == "B")
-    return {r.name: Setting(r, SPEC_BY_NAME[SETTING_TARGETS[r.target]]) for r in block.registers
-            if r.target in SETTING_TARGETS}
+    return {r.name: Setting(r, BY_TARGET[r.target]) for r in block.registers if r.target in BY_TARGET}
 
 
 SETTINGS = settings_table()

@@ -33,12 +33,18 @@ class SettingRegister:
     def per_unit(self) -> bool:
         return self.spec.name.endswith("_per_unit")
 
+    def to_bank(self, value: float, series_units: int | None) -> float | None:
+        """A core value as the register shows it: per-unit voltages for the whole bank (None until it is known)."""
+        if self.per_unit:
+            return None if series_units is None else value * series_units
+        return value
+
     def read(self, settings: Any, series_units: int | None) -> float | int | None:
         """The register's value in the map's units (before scaling to words)."""
         value = getattr(settings, self.spec.name)
-        if self.per_unit:
-            return None if series_units is None else value * series_units
-        return int(value) if self.spec.choices else value
+        if self.spec.choices and not self.per_unit:
+            return int(value)
+        return self.to_bank(value, series_units)
 
 
 SETTING_REGISTERS = tuple(SettingRegister(register_target(spec.name), spec) for spec in SPECS)
