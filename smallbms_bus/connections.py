@@ -57,7 +57,7 @@ import struct
 import termios
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -71,6 +71,7 @@ RESERVE_FDS = 128  # descriptors kept for the service itself (bus, relay board, 
 # kernel's queue (where a waiting connection costs no descriptor) is deep: a burst waits there instead of having
 # its SYNs dropped, which would cost a poller a 1 s retransmission.
 ACCEPT_BATCH = 64
+RETRY_BIND_S = 10.0  # a listener whose port is taken tries again this often; the BMS runs on meanwhile
 ACCEPT_QUEUE = 1024
 # Reserved once for the process (the flood test: at most 150 descriptors in all, 17 before it, caps 32 + 16).
 IN_FLIGHT_FDS = 4 * ACCEPT_BATCH
@@ -384,3 +385,14 @@ def quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
 
     loop.set_exception_handler(handler)
     loop._smallbms_accept_guard = True  # type: ignore[attr-defined]
+
+
+async def keep_binding(bind: Callable[[], Awaitable[None]], what: str) -> None:
+    """Retry `bind` every RETRY_BIND_S until it succeeds (a task of the listener that could not bind at start)."""
+    while True:
+        await asyncio.sleep(RETRY_BIND_S)
+        try:
+            await bind()
+            return
+        except OSError as error:
+            log.debug("%s: bind retry failed: %s", what, error)

@@ -16,6 +16,7 @@ from typing import Any
 from smallbms_bus.config import defaults
 from smallbms_bus.connections import (
     ACCEPT_BATCH,
+    RETRY_BIND_S,
     ConnectionPolicy,
     Limits,
     RateLimitedLog,
@@ -24,6 +25,7 @@ from smallbms_bus.connections import (
     bytes_waiting,
     fd_budget,
     guarded_sockets,
+    keep_binding,
     quiet_accept_errors,
     release_fds,
 )
@@ -37,7 +39,6 @@ log = logging.getLogger(__package__)  # "smallbms_bus.metrics", the name operato
 SLICE_S = 0.0005  # encode this long, then pause: the GIL goes to whoever waits for it (the event loop, the bus)
 PAUSE_S = 0.0001
 MAX_HEAD_BYTES = 16_384
-RETRY_BIND_S = 10.0
 
 
 
@@ -148,7 +149,7 @@ class MetricsServer:
         except OSError as error:
             log.error("metrics: cannot listen on %s:%s (%s); retrying every %g s, the BMS runs on",
                       self.host, self.port, error.strerror or error, RETRY_BIND_S)
-            self._retry = asyncio.get_running_loop().create_task(self._keep_binding())
+            self._retry = asyncio.get_running_loop().create_task(keep_binding(self._bind, "metrics"))
 
     async def _bind(self) -> None:
         sockets = await guarded_sockets(self.host, self.port, self._refuse)
@@ -163,15 +164,6 @@ class MetricsServer:
             await self._close_servers()
             raise
         log.info("metrics: serving %s", self.url)
-
-    async def _keep_binding(self) -> None:
-        while True:
-            await asyncio.sleep(RETRY_BIND_S)
-            try:
-                await self._bind()
-                return
-            except OSError as error:
-                log.debug("metrics: bind retry failed: %s", error)
 
     async def close(self) -> None:
         self._closing = True

@@ -22,12 +22,12 @@ from typing import Any
 
 from aiohttp import web
 
+from smallbms_bus.connections import RETRY_BIND_S, keep_binding
 from smallbms_bus.web.api import PREFIX, Access, Api, error_response, json_errors
 from smallbms_bus.web.status import status_json
 
 log = logging.getLogger(__name__)
 
-RETRY_BIND_S = 10.0
 STREAM_PERIOD_S = 0.5  # at most 2 status events a second per client
 KEEPALIVE_S = 15.0  # a comment line when nothing changed, so proxies and phones keep the connection
 MAX_STREAMS = 32  # open event streams; a newcomer beyond it is answered 503
@@ -195,7 +195,7 @@ class WebServer:
             log.error("web: cannot serve the page on %s:%s (%s): is another service or demo using the port? "
                       "Retrying every %.0f s; choose another with [web] port (demo: --web-port)",
                       self.options.host, self.options.port, error.strerror or error, RETRY_BIND_S)
-            self._retry = asyncio.get_running_loop().create_task(self._keep_binding())
+            self._retry = asyncio.get_running_loop().create_task(keep_binding(self._bind, "web"))
 
     async def _bind(self) -> None:
         assert self._runner is not None
@@ -209,15 +209,6 @@ class WebServer:
         self.bound = True
         log.info("web: the commissioning page is on %s (writes %s)", self.url,
                  "with the password" if self.options.password else "off: no [web] password")
-
-    async def _keep_binding(self) -> None:
-        while True:
-            await asyncio.sleep(RETRY_BIND_S)
-            try:
-                await self._bind()
-                return
-            except OSError:
-                continue
 
     async def close(self) -> None:
         self.closing.set()  # the streams end
