@@ -198,9 +198,11 @@ class Demo:
 
     def header(self) -> str:
         a = self.args
+        devices = (_controls_text(a.devices) if self.virtual_inverter is None else
+                   f"an inverter/charger on BMS-CAN (virtual:{self.inverter_channel}) obeying 0x351, not the relays")
         lines = [f"smallbms-bus demo: {self.shape.describe()}, scenario {a.scenario}, bus virtual:{self.channel},",
                  "  memory relay board (channel 1 load, 2 charge, 3 pre-alarm), a throwaway store. Ctrl-C stops.",
-                 f"  simulated charger and load: {_controls_text(a.devices)}; speed {a.speed:g}: the BMS runs on the "
+                 f"  simulated charger and load: {devices}; speed {a.speed:g}: the BMS runs on the "
                  "simulation's clock, times below are simulated seconds."]
         if a.metrics_port:
             lines.append(f"metrics: http://127.0.0.1:{a.metrics_port}/metrics (curl it, or point Prometheus at it: "
@@ -331,21 +333,18 @@ class Demo:
     def devices_text(self) -> str:
         sim = self.simulator
         now = sim.last_now if sim.last_now is not None else self.clock.monotonic()
-        parts = []
         charger, load = sim.devices.charger, sim.devices.load
+        if self.virtual_inverter is not None:  # the relays switch nothing here: 0x351 limits the inverter's own
+            why = self.virtual_inverter.stopped_by(now)
+            return (f"inverter {'obeys 0x351' if why is None else 'stopped (' + why + ')'}: its charger "
+                    f"{charger.available_current(sim.sim_time) if charger.enabled else 0.0:.1f} A available, its "
+                    f"loads {load.current_a if load.enabled else 0.0:.1f} A, bank {sim.bank.current:+.1f} A")
+        parts = []
         for name, device, amps in (("charger", charger, charger.max_current), ("load", load, load.current_a)):
             why = device.stopped_by(now)
             parts.append(f"no {name} in this scenario" if amps <= 0 else f"{name} {'on' if why is None else 'off'}"
                          + ("" if why is None else f" ({why})"))
-        return ", ".join(parts) + self.inverter_text() + f", bank {sim.bank.current:+.1f} A"
-
-    def inverter_text(self) -> str:
-        inverter, sim = self.virtual_inverter, self.simulator
-        if inverter is None:
-            return ""
-        now = sim.last_now if sim.last_now is not None else self.clock.monotonic()
-        why = inverter.stopped_by(now)
-        return f", inverter {'obeys 0x351' if why is None else 'stopped (' + why + ')'}"
+        return ", ".join(parts) + f", bank {sim.bank.current:+.1f} A"
 
     def _print_events(self) -> None:
         """The service's own event log, in simulated seconds since the start (read after the final save)."""
