@@ -113,3 +113,28 @@ def test_before_the_bank_is_proven_every_interface_says_not_known():
         assert not scrape.series("smallbms_charge_voltage_limit_volts")  # unknown: absent, not 0
     finally:
         running.close()
+
+
+def test_inverter_silent_reads_where_our_warnings_read_and_raises_no_battery_alarm(server):
+    """docs/inverter.md "Keep-alive": bit 9 of the native warnings (21) and of SunSpec's EvtVnd2; neither SunSpec's
+    standard Evt1 nor the GX unit's /Alarms/* (267-279, 320-329), which describe the battery, not the inverter."""
+    def sunspec_events() -> tuple[int, int]:
+        device = SunSpecModbusClientDeviceTCP(slave_id=1, ipaddr="127.0.0.1", ipport=server.port, timeout=5)
+        try:
+            device.scan()
+            battery = device.models[802][0]
+            return battery.Evt1.cvalue, battery.EvtVnd2.cvalue
+        finally:
+            device.close()
+
+    server.tick(12.0)
+    quiet_gx, (quiet_evt1, quiet_vnd2) = (read(server, 267, 13, GX), read(server, 320, 10, GX)), sunspec_events()
+    assert not read(server, 21, 1, 1)[0] & (1 << 9) and not quiet_vnd2 & (1 << 9)
+    server.on_loop(server.rig.core.set_inverter_silent, "no keep-alive for 10 s")
+    server.tick(0.2)
+    assert server.on_loop(lambda: server.rig.last).reasons["INVERTER_SILENT"] == "no keep-alive for 10 s"
+    assert read(server, 21, 1, 1)[0] & (1 << 9)
+    assert (read(server, 267, 13, GX), read(server, 320, 10, GX)) == quiet_gx
+    evt1, vnd2 = sunspec_events()
+    assert vnd2 == quiet_vnd2 | (1 << 9) and evt1 == quiet_evt1
+    assert metrics_of(server.on_loop(lambda: server.rig.last)).value("smallbms_warning", warning="inverter_silent") == 1
