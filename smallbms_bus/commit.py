@@ -66,6 +66,7 @@ from smallbms_bus.modbus.writes import (
     WriteValue,
     plan_writes,
 )
+from smallbms_bus.protocol import PER_UNIT
 from smallbms_bus.store import PendingSave, Persister
 
 log = logging.getLogger(__name__)
@@ -299,7 +300,7 @@ def _setting_text(name: str, old: Any, new: Any) -> tuple[str, str, str]:
     if spec is None:  # the GX custom name
         return "custom name", repr(new), f"{old!r} -> {new!r}"
     unit = f" {spec.unit}" if spec.unit else ""
-    per_unit = " per 12.8 V unit" if name.endswith("_per_unit") else ""
+    per_unit = f" {PER_UNIT}" if name.endswith("_per_unit") else ""
     return spec.label, f"{new:g}{unit}", f"{old:g}{unit} -> {new:g}{unit}{per_unit}"
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 # 12.8 V LiFePO4 units: a battery is 1, 2 or 4 of them, each 4 cells in series (manual 2.1, PROTOCOL.md).
 UNIT_VOLTAGE = 12.8
+PER_UNIT = f"per {UNIT_VOLTAGE:g} V unit"  # how a per-unit setting's text names its unit
 CELLS_PER_UNIT = 4
 VALID_UNITS = (1, 2, 4)
 MAX_CELLS = CELLS_PER_UNIT * max(VALID_UNITS)  # 16 cells, in four BAT_CELLS frames

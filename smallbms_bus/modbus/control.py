@@ -24,6 +24,7 @@ from smallbms_bus.modbus.client import Client, Refused, add_target_arguments, se
 from smallbms_bus.modbus.regmap import Register, load_map
 from smallbms_bus.modbus.setting_registers import BY_TARGET, SettingRegister
 from smallbms_bus.modbus.status import STATES, StatusError
+from smallbms_bus.protocol import PER_UNIT
 
 # `command NAME` -> the command register's code (block C; docs/behaviour.md's command table)
 COMMAND_CODES = {"sync": 1, "reset-history": 2, "reset-settings": 3, "relearn": 4, "firmware-begin": 5,
@@ -76,9 +77,9 @@ class Setting:
         if not self.per_unit:
             return per
         if units is None:
-            return f"{per} per 12.8 V unit in series (the bank is not learned yet)"
+            return f"{per} {PER_UNIT} in series (the bank is not learned yet)"
         bank = f"{spec.minimum * units:.{d}f}-{spec.maximum * units:.{d}f} {spec.unit}"
-        return f"{bank} ({per} per 12.8 V unit x {units})"
+        return f"{bank} ({per} {PER_UNIT} x {units})"
 
 
 def settings_table() -> dict[str, Setting]:
@@ -94,7 +95,7 @@ def setting_list() -> str:
     """Every setting name with its unit and range (the help of `set`)."""
     def span(s: Setting) -> str:
         if s.per_unit:  # written per bank: the range scales with the 12.8 V units in series
-            return (f"{s.allowed(None).split(' per ')[0]} per 12.8 V unit in series; write the bank's voltage "
+            return (f"{s.allowed(None).split(' per ')[0]} {PER_UNIT} in series; write the bank's voltage "
                     f"(24 V bank: {s.allowed(2).split(' (')[0]})")
         return s.allowed(1) + (" per cell" if s.register.target == "pre_alarm_level" else "")
 

@@ -22,6 +22,7 @@ from smallbms_bus import __version__
 from smallbms_bus.bms.alarms import BmsAlarm, BmsWarning
 from smallbms_bus.bms.settings import SPECS
 from smallbms_bus.mqtt.topics import AVAILABILITY, SET, Names, dumps
+from smallbms_bus.protocol import PER_UNIT
 
 V = {"device_class": "voltage", "unit_of_measurement": "V", "state_class": "measurement"}
 A = {"device_class": "current", "unit_of_measurement": "A", "state_class": "measurement"}
@@ -142,7 +143,7 @@ def discovery(names: Names, batteries: Iterable[int], commands: bool) -> dict[st
 
 def _label(name: str, label: str) -> str:
     """A setting's name as Home Assistant shows it: what its number is of."""
-    per = " per 12.8 V unit" if name.endswith("_per_unit") else " per cell" if name.endswith("_per_cell") else ""
+    per = f" {PER_UNIT}" if name.endswith("_per_unit") else " per cell" if name.endswith("_per_cell") else ""
     return label.capitalize() + per
 
 
