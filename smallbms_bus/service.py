@@ -5,15 +5,14 @@ Theory of operation
 The BMS core is pure; this shell gives it time and I/O and never decides anything itself.
 
 - Bus: the link is a device owned by ONE thread, "bus" (`Link.serve`): it alone opens, reads, writes and
-  closes the python-can bus, and hands decoded reports to the event loop, which feeds the core (a report
-  that may cross a threshold at once, the others within 20 ms). BMS_STATE goes the other way through
-  `Link.offer`, a latest-wins slot of one frame: the loop never waits on the port. Every tick the loop
-  asks `Link.status`, which also finds a stall (BMS_STATE unsent for 1 s, COM-5) even when the bus thread
-  is stuck inside a system call; any state but up is a comms loss (COM-4), decided at once. A frame that
-  moves a battery across a protective threshold (a flag, a cell voltage, a temperature limit, its
-  identity) is evaluated at once: CellHighVoltage reaches the charge output without waiting for a tick.
-  The others (50 batteries send ~750 frames/s, nearly all of them "still fine") only update the readings
-  that the next tick evaluates.
+  closes the python-can bus, and hands decoded reports to the event loop, which feeds the core. A report
+  that may move a battery across a protective threshold (a flag, a cell voltage, a temperature limit, its
+  identity) is evaluated at once, so CellHighVoltage reaches the charge output without waiting for a tick;
+  the others (~750 frames/s from 50 batteries, nearly all "still fine") arrive within 20 ms and wait for
+  the tick. BMS_STATE goes the other way through `Link.offer`, a latest-wins slot of one frame: the loop
+  never waits on the port. Every tick the loop asks `Link.status`, which also finds a stall (BMS_STATE
+  unsent for 1 s, COM-5) even when the bus thread is stuck in a system call; any state but up is a comms
+  loss (COM-4), decided at once.
 - Tick: every 100 ms the core is evaluated even without frames (timers, staleness) and BMS_STATE is
   handed to the link; it is also handed over at once when ATC, ATD, pre-alarm, alarms or warnings change.
 - Outputs: every decision's wanted outputs go to the relay board through one worker thread (blocking
@@ -76,6 +75,7 @@ from smallbms_bus.outputs.gpiod import GpiodBoard
 from smallbms_bus.outputs.remote import RemoteInput
 from smallbms_bus.protocol import frame_period
 from smallbms_bus.reports import Report
+from smallbms_bus.signals import loop_signal_handlers
 from smallbms_bus.store import PendingSave, Persister, Store, StoreError, StoreLock, lock_holder_description
 from smallbms_bus.systemd import sd_notify, unfinished_run
 from smallbms_bus.view import ServiceStats, ServiceView, summary_line
@@ -124,26 +124,7 @@ class Service:
                      else BmsCore(now, wall(), **options))
         self._previous_run = unfinished_run(self.store)  # why the last run recorded no STOPPED, or None
         self._stop_cause = "stop requested"
-        db = load_dbc(config["bus"]["dbc"])
-        self.encoder = FrameEncoder(db)
-        b = config["bus"]
-        bus_config = bus or BusConfig.of(b["interface"], b["channel"], b["bitrate"], slcan_wait=b["slcan_wait"])
-        self.link = Link(bus_config, FrameDecoder(db), clock=clock, on_state=self._link_changed)
-        # BMS-CAN to an inverter ([inverter], docs/inverter.md): its own bus and owner thread, None while off
-        self.inverter = inverter_link.from_config(config["inverter"], clock=clock, rate=self.rate)
-        out = config["outputs"]
-        # make_board does no I/O: a relay board not yet enumerated at boot is a RELAY_FAULT that clears when
-        # the controller's back-off re-open succeeds, not an exit (bad options still raise ValueError).
-        self.board = board or make_board(out["backend"], **out["options"])
-        remote = config["remote"]
-        remote_input = None
-        if remote["source"] == "gpio":  # its own device: the outputs may be on any board
-            remote_input = RemoteInput(GpiodBoard(remote["chip"], inputs=[remote["line"]], input_bias=remote["bias"],
-                                                  consumer="smallbms-bus remote"), inverted=remote["inverted"])
-        self.outputs = RelayController(self.board, config.output_channels(), reassert_every=out["reassert_every"],
-                               blink_leds=out["blink_leds"], clock=clock,
-                               remote_channel=remote["channel"] if remote["source"] == "board" else None,
-                               remote_inverted=remote["inverted"], remote_input=remote_input)
+        self._open_devices(config, board, bus)
         self.decision: Decision | None = None
         self._alive = 0
         self._last_sent_state: tuple | None = None
@@ -165,28 +146,55 @@ class Service:
         self.writes = WritePath(self.core, self.persister, self._save, self._decide_now, clock, wall, self.record)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready = False  # READY=1 sent
+        self._front_ends(config, now)
+        self.view: Callable[[], ServiceView] = self._view  # what watchers read (smallbms_bus/view.py)
+
+    def _open_devices(self, config: Config, board: RelayBoard | None, bus: BusConfig | None) -> None:
+        """The bus link, the inverter link and the relay board: objects only, no I/O (their threads open them)."""
+        clock = self.clock
+        db = load_dbc(config["bus"]["dbc"])
+        self.encoder = FrameEncoder(db)
+        b = config["bus"]
+        bus_config = bus or BusConfig.of(b["interface"], b["channel"], b["bitrate"], slcan_wait=b["slcan_wait"])
+        self.link = Link(bus_config, FrameDecoder(db), clock=clock, on_state=self._link_changed)
+        # BMS-CAN to an inverter ([inverter], docs/inverter.md): its own bus and owner thread, None while off
+        self.inverter = inverter_link.from_config(config["inverter"], clock=clock, rate=self.rate)
+        out = config["outputs"]
+        # make_board does no I/O: a relay board not yet enumerated at boot is a RELAY_FAULT that clears when
+        # the controller's back-off re-open succeeds, not an exit (bad options still raise ValueError).
+        self.board = board or make_board(out["backend"], **out["options"])
+        remote = config["remote"]
+        remote_input = None
+        if remote["source"] == "gpio":  # its own device: the outputs may be on any board
+            remote_input = RemoteInput(GpiodBoard(remote["chip"], inputs=[remote["line"]], input_bias=remote["bias"],
+                                                  consumer="smallbms-bus remote"), inverted=remote["inverted"])
+        self.outputs = RelayController(self.board, config.output_channels(), reassert_every=out["reassert_every"],
+                               blink_leds=out["blink_leds"], clock=clock,
+                               remote_channel=remote["channel"] if remote["source"] == "board" else None,
+                               remote_inverted=remote["inverted"], remote_input=remote_input)
+
+    def _front_ends(self, config: Config, now: float) -> None:
+        """Modbus and MQTT built here; metrics and the web page by run() (they need the running loop)."""
         modbus = ModbusOptions.from_config(config["modbus"])
         self.modbus: ModbusServer | None = None  # the Modbus TCP server; None when [modbus] serves no port
         if modbus.port is not None or modbus.tls:
             self.modbus = ModbusServer(modbus, BmsAccess(core=self.core, decision=lambda: self.decision,
-                                                         commit=self.commit, clock=clock, started=now,
+                                                         commit=self.commit, clock=self.clock, started=now,
                                                          refused=self.writes.note_refusal))
-        self.metrics: MetricsServer | None = None  # the Prometheus endpoint, started by run() when configured
-        self.web: Any = None  # the commissioning page and JSON API (web/server.py), started by run() when configured
+        self.metrics: MetricsServer | None = None  # the Prometheus endpoint (run() starts it when configured)
+        self.web: Any = None  # the commissioning page and JSON API (web/server.py; likewise)
         self.mqtt: MqttFrontEnd | None = None  # MQTT and Home Assistant discovery (docs/mqtt.md): [mqtt] host set
         if config["mqtt"]["host"] is not None:
             from smallbms_bus.mqtt import MqttFrontEnd  # paho is imported only where MQTT is used
 
             self.mqtt = MqttFrontEnd(config["mqtt"], self.commit, self.writes.note_refusal)
-        self.view: Callable[[], ServiceView] = self._view  # what watchers read (smallbms_bus/view.py)
 
     # -- the decision path ------------------------------------------------------------------------
     def _on_reports(self, reports: list[Report]) -> None:
         if self._stopping.is_set():  # a batch the receiver queued just before shutdown
             return
         try:
-            now = self.clock()
-            urgent = False
+            now, urgent = self.clock(), False
             for report in reports:
                 urgent |= self.core.on_report(report, now)
             if urgent:  # a threshold crossed: decide now; other frames wait for the tick (<= 100 ms)
@@ -240,8 +248,7 @@ class Service:
         return view if self.inverter is None else dataclasses.replace(view, inverter=self.inverter.view(now))
 
     def record(self, events: Sequence[Event]) -> None:
-        """Events of the core, the write path and the service: logged, counted, and saved with the state (one
-        transaction) by the next save."""
+        """Events of the core, the write path and the service: logged, counted, saved with the state (one save)."""
         self.stats.events += len(events)
         for event in events:
             log.info("event %s %s -> %s: %s", event.kind, event.name, event.value, event.reason)
@@ -443,47 +450,15 @@ class Service:
         """Serve until `stop` (or SIGTERM/SIGINT); 0 after a clean stop, 1 when the final save failed."""
         stop = stop or asyncio.Event()
         self._loop = asyncio.get_running_loop()
-
-        def stop_by(cause: str) -> Callable[[], None]:
-            def handler() -> None:
-                self._stop_cause = cause
-                stop.set()
-            return handler
-
-        handlers: dict[int, Callable[[], object]] = {
-            signal.SIGTERM: stop_by("SIGTERM"), signal.SIGINT: stop_by("SIGINT"), signal.SIGHUP: self._on_sighup,
-            signal.SIGUSR1: self._on_sigusr1, signal.SIGUSR2: self._on_sigusr2}
-        for sig, handler in handlers.items():  # their default action would kill the service with the outputs on
-            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread (tests)
-                self._loop.add_signal_handler(sig, handler)
         saved = False
-        try:
+        with loop_signal_handlers(self._loop, self._signal_handlers(stop)):
             await self._loop.run_in_executor(self._io, self.outputs.safe)  # OUT-4: start from a known safe state
             self._record_start()
-            receiver = threading.Thread(  # the link's owner thread
-                target=self.link.serve, args=(self._stopping, self._deliver),
-                kwargs={"pre_alarm_level": lambda: self.core.settings.pre_alarm_level_per_cell}, name="bus",
-                daemon=True)
-            receiver.start()
-            if self.inverter is not None:  # the BMS-CAN link's owner thread
-                inverter = threading.Thread(target=self.inverter.serve, args=(self._stopping,), name="inverter",
-                                            daemon=True)
-                inverter.start()
-                self._threads.append(inverter)
+            receiver = self._start_device_threads()
             tick = asyncio.create_task(self._supervise("tick", self._tick))
             modbus_tried = asyncio.Event()
             modbus = asyncio.create_task(self._serve_modbus(modbus_tried)) if self.modbus is not None else None
-            if self.config["metrics"]["port"]:  # [metrics] port 0 = no endpoint; a busy port never stops the BMS
-                m = self.config["metrics"]
-                self.metrics = MetricsServer(self, m["host"], m["port"], limits=limits_of(m))
-                await self.metrics.start()
-            if self.config["web"]["port"]:  # [web] port 0 = no page; a busy port is retried, never a stop
-                from smallbms_bus.web.server import WebOptions, WebServer  # aiohttp only when the page is served
-
-                self.web = WebServer(self, WebOptions.from_config(self.config["web"]))
-                await self.web.start()
-            if self.mqtt is not None:  # its own threads; a broker down or slow never delays the start
-                self.mqtt.start(self._loop)
+            await self._start_front_ends()
             if modbus is not None:  # READY=1 means a PLC can connect now (unless the port is taken: then retried)
                 await modbus_tried.wait()
             sd_notify("READY=1")
@@ -499,11 +474,44 @@ class Service:
                     modbus.cancel()
                 await asyncio.gather(tick, *([modbus] if modbus else []), return_exceptions=True)
                 saved = await self.shutdown(receiver)
-        finally:
-            for sig in handlers:
-                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                    self._loop.remove_signal_handler(sig)
         return 0 if saved else 1
+
+    def _signal_handlers(self, stop: asyncio.Event) -> dict[int, Callable[[], object]]:
+        """Every signal whose default action would kill the service with the outputs on."""
+        def stop_by(cause: str) -> Callable[[], None]:
+            def handler() -> None:
+                self._stop_cause = cause
+                stop.set()
+            return handler
+
+        return {signal.SIGTERM: stop_by("SIGTERM"), signal.SIGINT: stop_by("SIGINT"), signal.SIGHUP: self._on_sighup,
+                signal.SIGUSR1: self._on_sigusr1, signal.SIGUSR2: self._on_sigusr2}
+
+    def _start_device_threads(self) -> threading.Thread:
+        """The bus link's owner thread (returned: shutdown joins it last) and the inverter link's."""
+        receiver = threading.Thread(target=self.link.serve, args=(self._stopping, self._deliver), name="bus",
+                                    kwargs={"pre_alarm_level": lambda: self.core.settings.pre_alarm_level_per_cell},
+                                    daemon=True)
+        receiver.start()
+        if self.inverter is not None:
+            self._threads.append(threading.Thread(target=self.inverter.serve, args=(self._stopping,), name="inverter",
+                                                  daemon=True))
+            self._threads[-1].start()
+        return receiver
+
+    async def _start_front_ends(self) -> None:
+        """/metrics, the web page and MQTT (Modbus has its own task); none of them can stop the BMS starting."""
+        if (m := self.config["metrics"])["port"]:  # [metrics] port 0 = no endpoint; a busy port is retried
+            self.metrics = MetricsServer(self, m["host"], m["port"], limits=limits_of(m))
+            await self.metrics.start()
+        if self.config["web"]["port"]:  # [web] port 0 = no page; a busy port is retried, never a stop
+            from smallbms_bus.web.server import WebOptions, WebServer  # aiohttp only when the page is served
+
+            self.web = WebServer(self, WebOptions.from_config(self.config["web"]))
+            await self.web.start()
+        if self.mqtt is not None:  # its own threads; a broker down or slow never delays the start
+            assert self._loop is not None
+            self.mqtt.start(self._loop)
 
     # -- signals (documented in README "Operations" and docs/store.md) ---------------------------------------
     def _on_sighup(self) -> None:

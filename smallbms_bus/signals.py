@@ -1,11 +1,13 @@
-"""Signals as a stop request: SIGINT and SIGTERM end a command cleanly instead of with a traceback."""
+"""Signals as a stop request: SIGINT and SIGTERM end a command cleanly instead of with a traceback; the service's
+own handlers on its event loop."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from types import FrameType
 
 
@@ -25,3 +27,18 @@ def stop_on_signals(stop: threading.Event) -> Iterator[None]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+@contextmanager
+def loop_signal_handlers(loop: asyncio.AbstractEventLoop,
+                         handlers: dict[int, Callable[[], object]]) -> Iterator[None]:
+    """The service's handlers on its event loop while the block runs (none outside the main thread: tests)."""
+    for sig, handler in handlers.items():
+        with suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, handler)
+    try:
+        yield
+    finally:
+        for sig in handlers:
+            with suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.remove_signal_handler(sig)
