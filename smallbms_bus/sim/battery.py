@@ -149,6 +149,35 @@ def _clamp(value: float, low: float, high: float) -> float:
     return min(high, max(low, value))
 
 
+def _check_identity(node: int, units: int, capacity_ah: int, serial: str, soc: float) -> None:
+    if units not in VALID_UNITS:
+        raise ValueError(f"units must be one of {VALID_UNITS} (12.8/25.6/51.2 V), not {units}")
+    if not 1 <= node <= 50:
+        raise ValueError(f"node must be 1..50, not {node}")
+    if len(serial) != SERIAL_LENGTH or not serial.isascii() or not serial.isprintable():
+        raise ValueError(f"serial must be {SERIAL_LENGTH} printable ASCII characters, not {serial!r}")
+    if not 1 <= capacity_ah <= 65535:
+        raise ValueError(f"capacity_ah must be 1..65535, not {capacity_ah}")
+    if not 0.0 <= soc <= 100.0:
+        raise ValueError(f"soc must be 0..100 %, not {soc}")
+
+
+def _manufacture_cells(count: int, capacity_ah: int, soc: float, rng: random.Random) -> list[Cell]:
+    """Cells as a factory makes them: capacity, charge, resistance and temperature each a little apart (seeded)."""
+    nominal_r = CELL_RESISTANCE_PER_100AH * 100.0 / capacity_ah
+    cells: list[Cell] = []
+    for _ in range(count):
+        capacity = capacity_ah * (1.0 + rng.uniform(-CAPACITY_SPREAD, CAPACITY_SPREAD))
+        cell_soc = _clamp(soc / 100.0 + rng.uniform(-INITIAL_SOC_SPREAD, INITIAL_SOC_SPREAD), 0.0, 1.0)
+        cells.append(Cell(
+            capacity_ah=capacity,
+            charge_ah=capacity * cell_soc,
+            resistance_25c=nominal_r * (1.0 + rng.uniform(-RESISTANCE_SPREAD, RESISTANCE_SPREAD)),
+            temp_offset=rng.uniform(-CELL_TEMP_OFFSET, CELL_TEMP_OFFSET),
+        ))
+    return cells
+
+
 class VirtualBattery:
     """One Lithium NG battery. Pure: time only moves through `step`."""
 
@@ -166,16 +195,7 @@ class VirtualBattery:
         ambient: float = 25.0,
         seed: int | str = 0,
     ) -> None:
-        if units not in VALID_UNITS:
-            raise ValueError(f"units must be one of {VALID_UNITS} (12.8/25.6/51.2 V), not {units}")
-        if not 1 <= node <= 50:
-            raise ValueError(f"node must be 1..50, not {node}")
-        if len(serial) != SERIAL_LENGTH or not serial.isascii() or not serial.isprintable():
-            raise ValueError(f"serial must be {SERIAL_LENGTH} printable ASCII characters, not {serial!r}")
-        if not 1 <= capacity_ah <= 65535:
-            raise ValueError(f"capacity_ah must be 1..65535, not {capacity_ah}")
-        if not 0.0 <= soc <= 100.0:
-            raise ValueError(f"soc must be 0..100 %, not {soc}")
+        _check_identity(node, units, capacity_ah, serial, soc)
         self.node = node
         self.units = units
         self.capacity_ah = int(capacity_ah)
@@ -188,17 +208,7 @@ class VirtualBattery:
         self.current = 0.0  # A through the terminals, positive = charging
 
         rng = random.Random(f"battery:{seed}:{node}")
-        nominal_r = CELL_RESISTANCE_PER_100AH * 100.0 / capacity_ah
-        self.cells: list[Cell] = []
-        for _ in range(CELLS_PER_UNIT * units):
-            capacity = capacity_ah * (1.0 + rng.uniform(-CAPACITY_SPREAD, CAPACITY_SPREAD))
-            cell_soc = _clamp(soc / 100.0 + rng.uniform(-INITIAL_SOC_SPREAD, INITIAL_SOC_SPREAD), 0.0, 1.0)
-            self.cells.append(Cell(
-                capacity_ah=capacity,
-                charge_ah=capacity * cell_soc,
-                resistance_25c=nominal_r * (1.0 + rng.uniform(-RESISTANCE_SPREAD, RESISTANCE_SPREAD)),
-                temp_offset=rng.uniform(-CELL_TEMP_OFFSET, CELL_TEMP_OFFSET),
-            ))
+        self.cells = _manufacture_cells(CELLS_PER_UNIT * units, capacity_ah, soc, rng)
         self._resistance_25c = sum(c.resistance_25c for c in self.cells)
         self.heat_capacity = SPECIFIC_HEAT_J_PER_KG_K * MASS_KG_PER_UNIT_AH * capacity_ah * units
 

@@ -209,6 +209,25 @@ def bus_config(args: argparse.Namespace) -> BusConfig:
     return BusConfig.of(args.interface, args.channel, args.bitrate, slcan_wait=args.slcan_wait)
 
 
+def _print_start(args: argparse.Namespace, shape: BankShape, controls: tuple[Control, Control]) -> None:
+    """What runs, on stderr (stdout stays free), and what a speed-up does to a BMS in another process."""
+    print(f"simulate: bank {shape.describe()}; scenario {args.scenario}; interface {args.interface};"
+          f" channel {args.channel}; speed {args.speed:g}"
+          + (f"; started at {args.start_at:g} simulated s" if args.start_at else "")
+          + ("; IGNORING BMS_STATE and relays (unsafe with real chargers and loads)" if args.ignore_bms
+             else f"; charger: {_control_text(controls[0], 'charge')}, load: "
+                  f"{_control_text(controls[1], 'load')}"
+                  + (f" of {args.relay_board.describe()}" if args.relay_board is not None else "")),
+          file=sys.stderr, flush=True)
+    if args.speed != 1:
+        print(f"simulate: WARNING speed {args.speed:g}: the batteries change {args.speed:g} x faster than"
+              " real time, the BMS on the bus counts real time: its consumed Ah and time remaining will"
+              f" be 1/{args.speed:g} of the batteries' (the status lines here show theirs), and its delays"
+              " (30 s pre-alarm lead, comm timeout, discovery) last longer in the batteries' time. Figures"
+              " hold at --speed 1 (--start-at skips ahead); `smallbms-bus demo` runs the BMS on the"
+              " simulation's clock.", file=sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace, stop_event: threading.Event | None = None) -> int:
     if args.list:
         print_list()
@@ -245,21 +264,7 @@ def run(args: argparse.Namespace, stop_event: threading.Event | None = None) -> 
                   file=sys.stderr)
             return 2
         try:
-            print(f"simulate: bank {shape.describe()}; scenario {args.scenario}; interface {args.interface};"
-                  f" channel {args.channel}; speed {args.speed:g}"
-                  + (f"; started at {args.start_at:g} simulated s" if args.start_at else "")
-                  + ("; IGNORING BMS_STATE and relays (unsafe with real chargers and loads)" if args.ignore_bms
-                     else f"; charger: {_control_text(controls[0], 'charge')}, load: "
-                          f"{_control_text(controls[1], 'load')}"
-                          + (f" of {args.relay_board.describe()}" if args.relay_board is not None else "")),
-                  file=sys.stderr, flush=True)
-            if args.speed != 1:
-                print(f"simulate: WARNING speed {args.speed:g}: the batteries change {args.speed:g} x faster than"
-                      " real time, the BMS on the bus counts real time: its consumed Ah and time remaining will"
-                      f" be 1/{args.speed:g} of the batteries' (the status lines here show theirs), and its delays"
-                      " (30 s pre-alarm lead, comm timeout, discovery) last longer in the batteries' time. Figures"
-                      " hold at --speed 1 (--start-at skips ahead); `smallbms-bus demo` runs the BMS on the"
-                      " simulation's clock.", file=sys.stderr, flush=True)
+            _print_start(args, shape, controls)
             if reader is not None:
                 reader.start()
 
