@@ -142,6 +142,12 @@ def run_load(modbus_port: int, metrics_port: int, clients: int, poll_period: flo
     print(json.dumps(dict(zip(("modbus_requests", "scrapes"), asyncio.run(main()), strict=True))))
 
 
+def admit_pollers(config_text: str) -> str:
+    """The load's 32 pollers all come from 127.0.0.1: let them all in (the default share of one address is 8,
+    and an evicted poller ends the load process)."""
+    return config_text.replace("[modbus]\n", "[modbus]\nmax_connections = 40\nmax_connections_per_address = 40\n")
+
+
 def start_load(modbus_port: int, metrics_port: int, clients: int, poll_period: float, scrape_period: float,
                seconds: float) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, __file__, "--load", str(modbus_port), str(metrics_port), str(clients),
@@ -155,9 +161,8 @@ def reaction_latency(trials: int, low_trials: int, clients: bool = True) -> dict
     channel = f"bench-{os.getpid()}-{int(clients)}"
     modbus_port, metrics_port = free_port(), free_port()
     with tempfile.TemporaryDirectory() as tmp:
-        text = demo_config(channel, f"{tmp}/state.db", metrics_port, modbus_port) + "[bms]\ndiscovery_window = 2.0\n"
-        # the 32 pollers all come from 127.0.0.1: let them all in (the default share of one address is 8)
-        text = text.replace("[modbus]\n", "[modbus]\nmax_connections = 40\nmax_connections_per_address = 40\n")
+        text = admit_pollers(demo_config(channel, f"{tmp}/state.db", metrics_port, modbus_port)
+                             + "[bms]\ndiscovery_window = 2.0\n")
         board = TimedBoard()
         service = Service(parse_config(text), board=board)
         simulator = Simulator.from_scenario("steady", "2s25p-12v100", ignore_bms=True)
