@@ -4,8 +4,8 @@
     python deploy/grafana/dashboard.py --check  # exit 1 if the committed JSON is not what this writes
 
 Panels are declared as data below; every PromQL expression selects job="smallbms-bus" through the
-`$instance` variable (chosen among the instances of the `$site` variable). tests/integration/test_prometheus.py runs each expression against a real Prometheus
-scraping `smallbms-bus demo` and requires data.
+`$instance` variable (chosen among the instances of the `$site` variable). tests/integration/test_prometheus.py
+runs each expression against a real Prometheus scraping `smallbms-bus demo` and requires data.
 """
 
 from __future__ import annotations
