@@ -72,10 +72,11 @@ def state_values(d: Decision) -> dict[str, str]:
 
 
 def bms_state_report(decision: Decision, alive_counter: int) -> BmsState:
-    """The BMS_STATE frame's content (PROTOCOL.md) for a decision; chargers and loads obey it."""
+    """The BMS_STATE frame's content (PROTOCOL.md) for a decision; chargers and loads obey it. The SoC goes as it
+    is: the encoder rounds it to the DBC's 0.5 % step (link/codec.py), like every scaled signal."""
     return BmsState(
         allowed_to_charge=decision.atc, allowed_to_discharge=decision.atd, pre_alarm=decision.pre_alarm,
         mode_on=decision.mode_on, remote_on=decision.remote_on, firmware_update=decision.firmware_update,
-        state_of_charge=None if decision.soc is None else round(decision.soc * 2) / 2,
+        state_of_charge=decision.soc,
         alarms=int(decision.alarms), warnings=int(decision.warnings),
         battery_count=decision.bank.topology.batteries, alive_counter=alive_counter & 0xFF)

@@ -109,3 +109,13 @@ def test_random_bytes_on_any_id_never_raise(can_id, data, extended, remote):
 
 
 _SHARED = FrameDecoder()
+
+
+@pytest.mark.parametrize(("soc", "raw"), [(80.3, 161), (80.2, 160), (80.25, 160), (80.75, 162), (0.0, 0),
+                                          (100.0, 200), (None, 0xFF)])
+def test_bms_state_soc_goes_on_the_wire_in_the_dbcs_half_percent_steps(soc, raw, decoder, encoder):
+    """The core hands BMS_STATE its SoC unrounded; the encoder rounds it to the DBC's 0.5 % step (ties to even,
+    as every scaled signal) and 0xFF is "unknown"."""
+    message = encoder.bms_state(BmsState(True, True, False, True, False, False, soc, 0, 0, 2, 1))
+    assert message.data[1] == raw
+    assert decoder.decode(message).state_of_charge == (None if soc is None else raw / 2)
