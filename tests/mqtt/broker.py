@@ -27,12 +27,15 @@ class Mosquitto:
     """mosquitto on a free loopback port with its own config; `stop`/`start` keep the port (a broker restart)."""
 
     def __init__(self, directory: Path, acl: Path | None = None, passwords: Path | None = None,
-                 persistence: bool = False) -> None:
+                 persistence: bool = False, pki: Path | None = None) -> None:
         self.port = free_port()
         self.config = directory / "mosquitto.conf"
         # persistence: retained messages survive a `terminate` (saved on a clean exit), not a `stop` (SIGKILL)
         lines = [f"listener {self.port} 127.0.0.1", f"persistence {str(persistence).lower()}", "log_dest stderr",
                  "log_type error", "log_type warning"]
+        if pki is not None:  # TLS only, and only for clients with a certificate of that CA
+            lines += [f"cafile {pki / 'ca.pem'}", f"certfile {pki / 'server.pem'}", f"keyfile {pki / 'server.key'}",
+                      "require_certificate true"]
         if persistence:
             lines.append(f"persistence_location {directory}/")
         if os.geteuid() == 0:  # as root mosquitto would become user "mosquitto", who cannot read pytest's tmp dirs
@@ -77,7 +80,7 @@ class Observer:
     """A paho client subscribed to `topics`: the last payload of each topic, and every message in order."""
 
     def __init__(self, port: int, topics: tuple[str, ...] = ("#",), username: str | None = None,
-                 password: str | None = None) -> None:
+                 password: str | None = None, pki: Path | None = None) -> None:
         self.retained: dict[str, bytes] = {}
         self.messages: list[tuple[str, bytes, bool]] = []
         self.lock = threading.Lock()
@@ -85,6 +88,9 @@ class Observer:
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"observer-{id(self)}")
         if username is not None:
             self.client.username_pw_set(username, password)
+        if pki is not None:
+            self.client.tls_set(ca_certs=str(pki / "ca.pem"), certfile=str(pki / "client.pem"),
+                                keyfile=str(pki / "client.key"))
         self.client.on_message = self._message
         self.client.on_connect = lambda c, u, f, rc, p: (
             [c.subscribe(t, qos=1) for t in topics], self.connected.set()) if not rc.is_failure else None
@@ -120,3 +126,11 @@ class Observer:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+def tear_down(service: subprocess.Popen, observer: Observer, broker: Mosquitto) -> None:
+    """After a test, whatever happened: a service still running is killed, the observer and the broker stop."""
+    if service.poll() is None:
+        service.kill()
+    observer.close()
+    broker.stop()

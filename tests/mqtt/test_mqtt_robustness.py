@@ -8,7 +8,7 @@ import json
 import time
 
 from tests.integration.test_run_process import LOAD, rig, start, wait_for  # noqa: F401 (rig is a fixture)
-from tests.mqtt.broker import Mosquitto, Observer, needs_mosquitto
+from tests.mqtt.broker import Mosquitto, Observer, needs_mosquitto, tear_down
 from tests.mqtt.test_mqtt_service import modbus, stop, with_mqtt
 
 pytestmark = needs_mosquitto
@@ -86,10 +86,7 @@ def test_a_retained_write_is_ignored_and_a_fresh_one_is_acted_upon(rig, tmp_path
         answers = results(observer, "smallbms/loft")
         err = stop(service)
     finally:
-        if service.poll() is None:
-            service.kill()
-        observer.close()
-        broker.stop()
+        tear_down(service, observer, broker)
     # nothing ever answered (so nothing handled) the retained writes; the fresh ones were logged as writes
     assert all(a["payload"] in ("12", "OFF") and a["ok"] for a in answers), answers
     assert [a["topic"] for a in answers].count("set/mode") == 1, answers

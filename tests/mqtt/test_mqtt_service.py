@@ -25,7 +25,7 @@ from tests.integration.test_run_process import (  # noqa: F401 (rig is a fixture
     wait_for,
     write_config,
 )
-from tests.mqtt.broker import Mosquitto, Observer, needs_mosquitto
+from tests.mqtt.broker import Mosquitto, Observer, needs_mosquitto, tear_down
 from tests.mqtt.ha_rules import check_config
 from tests.ports import free_port
 
@@ -109,10 +109,7 @@ def test_state_follows_the_bank_and_a_setting_written_over_mqtt_reads_back_over_
         client.close()
         err = stop(service)
     finally:
-        if service.poll() is None:
-            service.kill()
-        observer.close()
-        broker.stop()
+        tear_down(service, observer, broker)
     assert "discharge floor 10 % -> 15 % by MQTT smallbms-home" in err
     assert observer.retained["smallbms/home/status"] == b"offline"  # the clean stop said so
 
@@ -140,10 +137,7 @@ def test_writes_are_refused_when_commands_are_off_and_change_nothing(rig, tmp_pa
                                                                   "homeassistant/button"))]
         err = stop(service)
     finally:
-        if service.poll() is None:
-            service.kill()
-        observer.close()
-        broker.stop()
+        tear_down(service, observer, broker)
     assert "refused" in err and "set/mode" in err
     db = sqlite3.connect(f"file:{store}?mode=ro", uri=True)
     refused = db.execute("SELECT name, value, reason FROM events WHERE kind = 'refused'").fetchall()
@@ -184,10 +178,7 @@ def test_broker_killed_mid_run_loses_no_protection_and_the_state_is_republished(
         assert "smallbms_mqtt_connected 1.0" in scrape(metrics_port)
         err = stop(service)
     finally:
-        if service.poll() is None:
-            service.kill()
-        observer.close()
-        broker.stop()
+        tear_down(service, observer, broker)
     assert "WARNING" in err and "MQTT: broker 127.0.0.1" in err and "again; republishing" in err
 
 
