@@ -15,6 +15,7 @@ import shutil
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,12 @@ from typing import Any
 import can
 import can.interfaces
 
+from smallbms_bus.config import SCHEMA
 from smallbms_bus.link.bus import BusConfig, open_bus
 from smallbms_bus.signals import stop_on_signals
 from smallbms_bus.sim.bank import DEFAULT_BANK, BankShape, preset_list
 from smallbms_bus.sim.devices import CONTROLS, Control, parse_controls
+from smallbms_bus.sim.inverter import InverterPeer, VirtualInverter
 from smallbms_bus.sim.runner import Simulator
 from smallbms_bus.sim.scenarios import DEFAULT_SCENARIO, SCENARIOS
 from smallbms_bus.sim.slcan_hub import SlcanHub
@@ -35,6 +38,7 @@ DEFAULT_INTERFACE = "socketcan"
 DEFAULT_CHANNEL = "vcan0"
 DEFAULT_BITRATE = 500000
 STATUS_EVERY_S = 5.0
+INVERTER_BITRATE = SCHEMA["inverter"]["bitrate"].default  # BMS-CAN, as `run` opens it by default
 
 
 def _number(name: str, low: float, high: float, *, integer: bool = False) -> Callable[[str], Any]:
@@ -74,6 +78,16 @@ def _relay_board(text: str) -> RelayBoardSpec:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _inverter(text: str) -> tuple[str, str]:
+    """`--inverter`: ("pty", "") or (python-can interface, channel)."""
+    if text == "pty":
+        return "pty", ""
+    interface, _, channel = text.partition(":")
+    if not channel:
+        raise argparse.ArgumentTypeError(f"{text!r}: give pty or INTERFACE:CHANNEL, e.g. socketcan:vcan1")
+    return _interface(interface), channel
+
+
 def _controls(text: str) -> tuple[Control, Control]:
     try:
         return parse_controls(text)
@@ -101,7 +115,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    bus = parser.add_argument_group("bus")
+    _add_bus_arguments(parser.add_argument_group("bus"))
+    _add_simulation_arguments(parser.add_argument_group("simulation"))
+    _add_wiring_arguments(parser.add_argument_group("charger and load wiring"))
+    parser.add_argument("--status-every", type=_number("status-every", 0.1, 86400), default=STATUS_EVERY_S,
+                        metavar="SECONDS", help=f"real seconds between status lines (default {STATUS_EVERY_S:g})")
+    parser.add_argument("--list", action="store_true", help="print bank presets and scenarios and exit")
+
+
+def _add_bus_arguments(bus: argparse._ArgumentGroup) -> None:
     bus.add_argument("--interface", type=_interface, default=DEFAULT_INTERFACE,
                      help=f"python-can interface: socketcan, slcan, virtual, ... (default {DEFAULT_INTERFACE})")
     bus.add_argument("--channel", default=DEFAULT_CHANNEL,
@@ -113,10 +135,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "give `smallbms-bus run` ([bus] interface = \"slcan\", channel = PATH); no hardware needed")
     bus.add_argument("--pty-dir", default=None, metavar="DIR",
                      help="--pty: put the ports in DIR as DIR/bms (for run) and DIR/simulator, so the path stays the "
-                          "same between runs (default: a new temporary directory)")
+                          "same between runs (default: a new temporary directory); --inverter pty adds "
+                          "DIR/inverter-bms (for run's [inverter]) and DIR/inverter-simulator")
     bus.add_argument("--slcan-wait", action="store_true",
                      help="slcan: wait 2 s after opening the port (some Arduino-based adapters reset on open)")
-    sim = parser.add_argument_group("simulation")
+
+
+def _add_simulation_arguments(sim: argparse._ArgumentGroup) -> None:
     sim.add_argument("--bank", type=_bank, default=BankShape.parse(DEFAULT_BANK),
                      help=f"shape like 2s2p-12v100 (S series, P strings, 12v/24v/48v, Ah) or a preset"
                           f" (default {DEFAULT_BANK}; see --list)")
@@ -141,7 +166,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sim.add_argument("--ignore-bms", action="store_true",
                      help="charger and load run without BMS_STATE and relays (bench check only: NEVER with real"
                           " hardware)")
-    wiring = parser.add_argument_group("charger and load wiring")
+
+
+def _add_wiring_arguments(wiring: argparse._ArgumentGroup) -> None:
     wiring.add_argument("--relay-board", type=_relay_board, default=None, metavar="modbus-tcp:HOST:PORT[:UNIT]",
                         help="the Modbus TCP relay module `smallbms-bus run` drives: the simulated charger and load"
                              " follow its charge and load relays (read as a second client, every 0.1 s)")
@@ -154,9 +181,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              " charger=CONTROL,load=CONTROL (relays: switched by the relays of --relay-board;"
                              " bms-state: CAN devices following BMS_STATE; both). Default: relays with"
                              " --relay-board, else bms-state")
-    parser.add_argument("--status-every", type=_number("status-every", 0.1, 86400), default=STATUS_EVERY_S,
-                        metavar="SECONDS", help=f"real seconds between status lines (default {STATUS_EVERY_S:g})")
-    parser.add_argument("--list", action="store_true", help="print bank presets and scenarios and exit")
+    wiring.add_argument("--inverter", type=_inverter, default=None, metavar="pty|INTERFACE:CHANNEL",
+                        help="the charger and load are an inverter/charger on BMS-CAN that obeys the 0x351 limits"
+                             " `smallbms-bus run` sends from [inverter] (as a Victron GX's DVCC does,"
+                             " docs/inverter.md) and sends its keep-alive: `pty` makes an SLCAN wire and prints the"
+                             " port for [inverter], or a bus such as socketcan:vcan1 or slcan:/dev/ttyACM1. Not with"
+                             " --relay-board, --devices or --ignore-bms")
 
 
 def print_list(out: Any = None) -> None:
@@ -205,19 +235,72 @@ def _run_on_pty(args: argparse.Namespace, stop_event: threading.Event | None) ->
             shutil.rmtree(directory, ignore_errors=True)
 
 
+class BmsCanInverter:
+    """`--inverter`: a virtual inverter/charger (sim/inverter.py) on its own BMS-CAN bus, in real time like the
+    rest of `simulate`; the simulation's charger and load become its own, limited by the 0x351 it receives."""
+
+    def __init__(self, peer: InverterPeer, where: str, hub: SlcanHub | None, made: Path | None) -> None:
+        self.peer, self.where, self.hub, self.made = peer, where, hub, made
+
+    @classmethod
+    def open(cls, spec: tuple[str, str] | None, pty_dir: str | None, simulator: Simulator) -> BmsCanInverter | None:
+        if spec is None:
+            return None
+        (interface, channel), hub, made = spec, None, None
+        if interface == "pty":  # an SLCAN wire of its own, beside --pty's (in --pty-dir when given)
+            directory = Path(pty_dir) if pty_dir else Path(tempfile.mkdtemp(prefix="smallbms-bms-can-"))
+            made = None if pty_dir else directory
+            directory.mkdir(parents=True, exist_ok=True)
+            hub = SlcanHub(("inverter-simulator", "inverter-bms"), str(directory))
+            interface, channel = "slcan", hub.path("inverter-simulator")
+            print(f"BMS-CAN wire ready. Give smallbms-bus run this port for the inverter: {hub.path('inverter-bms')}"
+                  f"\n  [inverter]\n  interface = \"slcan\"\n  channel = \"{hub.path('inverter-bms')}\"", flush=True)
+        try:
+            bus = open_bus(BusConfig.of(interface, channel, INVERTER_BITRATE))
+        except BaseException:
+            if hub is not None:
+                hub.close()
+            if made is not None:
+                shutil.rmtree(made, ignore_errors=True)
+            raise
+        simulator.devices.inverter = VirtualInverter(charge_a=0.0)
+        return cls(InverterPeer(bus, simulator.devices.inverter).start(), f"{interface}:{channel}", hub, made)
+
+    def describe(self) -> str:
+        inverter = self.peer.inverter
+        why = inverter.stopped_by(time.monotonic())
+        if why is not None:
+            return f"inverter stopped ({why})"
+        limits = inverter.limits
+        assert limits is not None
+        return (f"inverter obeys 0x351: CVL {limits.cvl:.2f} V CCL {limits.ccl:.1f} A DCL {limits.dcl:.1f} A "
+                f"({self.peer.received} received)")
+
+    def close(self) -> None:
+        self.peer.close()
+        if self.hub is not None:
+            self.hub.close()
+        if self.made is not None:
+            shutil.rmtree(self.made, ignore_errors=True)
+
+
 def bus_config(args: argparse.Namespace) -> BusConfig:
     return BusConfig.of(args.interface, args.channel, args.bitrate, slcan_wait=args.slcan_wait)
 
 
-def _print_start(args: argparse.Namespace, shape: BankShape, controls: tuple[Control, Control]) -> None:
+def _print_start(args: argparse.Namespace, shape: BankShape, controls: tuple[Control, Control],
+                 inverter: BmsCanInverter | None = None) -> None:
     """What runs, on stderr (stdout stays free), and what a speed-up does to a BMS in another process."""
+    if inverter is not None:
+        devices = f"; charger and load: an inverter/charger on BMS-CAN ({inverter.where}) obeying 0x351"
+    elif args.ignore_bms:
+        devices = "; IGNORING BMS_STATE and relays (unsafe with real chargers and loads)"
+    else:
+        devices = (f"; charger: {_control_text(controls[0], 'charge')}, load: {_control_text(controls[1], 'load')}"
+                   + (f" of {args.relay_board.describe()}" if args.relay_board is not None else ""))
     print(f"simulate: bank {shape.describe()}; scenario {args.scenario}; interface {args.interface};"
           f" channel {args.channel}; speed {args.speed:g}"
-          + (f"; started at {args.start_at:g} simulated s" if args.start_at else "")
-          + ("; IGNORING BMS_STATE and relays (unsafe with real chargers and loads)" if args.ignore_bms
-             else f"; charger: {_control_text(controls[0], 'charge')}, load: "
-                  f"{_control_text(controls[1], 'load')}"
-                  + (f" of {args.relay_board.describe()}" if args.relay_board is not None else "")),
+          + (f"; started at {args.start_at:g} simulated s" if args.start_at else "") + devices,
           file=sys.stderr, flush=True)
     if args.speed != 1:
         print(f"simulate: WARNING speed {args.speed:g}: the batteries change {args.speed:g} x faster than"
@@ -228,6 +311,19 @@ def _print_start(args: argparse.Namespace, shape: BankShape, controls: tuple[Con
               " simulation's clock.", file=sys.stderr, flush=True)
 
 
+def _refusal(args: argparse.Namespace, controls: tuple[Control, Control]) -> str | None:
+    """Options that cannot go together, in words (exit 2), or None."""
+    if args.relay_board is None and controls != ("bms-state", "bms-state"):
+        return (f"--devices charger={controls[0]},load={controls[1]} follows relays: give --relay-board"
+                " modbus-tcp:HOST:PORT (the relay module smallbms-bus run drives)")
+    if args.load_relay == args.charge_relay:
+        return f"--load-relay and --charge-relay are both {args.load_relay}"
+    if getattr(args, "inverter", None) is not None and (args.relay_board or args.devices or args.ignore_bms):
+        return ("--inverter: the charger and load are the inverter's, limited by 0x351; leave out --relay-board,"
+                " --devices and --ignore-bms")
+    return None
+
+
 def run(args: argparse.Namespace, stop_event: threading.Event | None = None) -> int:
     if args.list:
         print_list()
@@ -236,12 +332,9 @@ def run(args: argparse.Namespace, stop_event: threading.Event | None = None) -> 
         return _run_on_pty(args, stop_event)
     shape = args.bank if isinstance(args.bank, BankShape) else _bank(args.bank)
     controls = args.devices or (("relays", "relays") if args.relay_board is not None else ("bms-state", "bms-state"))
-    if args.relay_board is None and controls != ("bms-state", "bms-state"):
-        print(f"simulate: --devices charger={controls[0]},load={controls[1]} follows relays: give --relay-board"
-              " modbus-tcp:HOST:PORT (the relay module smallbms-bus run drives)", file=sys.stderr)
-        return 2
-    if args.load_relay == args.charge_relay:
-        print(f"simulate: --load-relay and --charge-relay are both {args.load_relay}", file=sys.stderr)
+    refusal = _refusal(args, controls)
+    if refusal is not None:
+        print(f"simulate: {refusal}", file=sys.stderr)
         return 2
     simulator = Simulator.from_scenario(
         args.scenario, shape, soc=args.soc, ambient=args.ambient, seed=args.seed,
@@ -264,24 +357,40 @@ def run(args: argparse.Namespace, stop_event: threading.Event | None = None) -> 
                   file=sys.stderr)
             return 2
         try:
-            _print_start(args, shape, controls)
-            if reader is not None:
-                reader.start()
-
-            def status(sim: Simulator) -> None:
-                line = sim.status_line() + (f" | {reader.describe()}" if reader is not None else "")
-                print(line, file=sys.stderr, flush=True)
-
-            simulator.run(bus, duration=args.duration, stop_event=stop, status_every=args.status_every,
-                          on_status=status)
-        except KeyboardInterrupt:  # only when not in the main thread (no handler of ours)
-            pass
-        finally:
-            if reader is not None:
-                reader.close()
-            with contextlib.suppress(can.CanError, OSError):  # the port may be gone (adapter unplugged)
+            inverter = BmsCanInverter.open(getattr(args, "inverter", None), getattr(args, "pty_dir", None), simulator)
+        except (can.CanError, OSError, ValueError, ImportError) as error:
+            print(f"simulate: cannot open --inverter: {error}", file=sys.stderr)
+            with contextlib.suppress(can.CanError, OSError):
                 bus.shutdown()
+            return 2
+        _print_start(args, shape, controls, inverter)
+        _play(args, simulator, bus, stop, reader, inverter)
     stats = simulator.stats
     print(f"simulate: stopped after {simulator.sim_time:.1f} simulated s; frames sent {stats.frames_sent},"
           f" send errors {stats.send_errors}, BMS_STATE received {stats.bms_states}", file=sys.stderr)
     return 0
+
+
+def _play(args: argparse.Namespace, simulator: Simulator, bus: can.BusABC, stop: threading.Event,
+          reader: RelayReader | None, inverter: BmsCanInverter | None) -> None:
+    """The batteries on the bus until --duration or a stop, a status line every --status-every s; then closes
+    what it was given."""
+    def status(sim: Simulator) -> None:
+        line = (sim.status_line() + (f" | {reader.describe()}" if reader is not None else "")
+                + (f" | {inverter.describe()}" if inverter is not None else ""))
+        print(line, file=sys.stderr, flush=True)
+
+    try:
+        if reader is not None:
+            reader.start()
+        simulator.run(bus, duration=args.duration, stop_event=stop, status_every=args.status_every,
+                      on_status=status)
+    except KeyboardInterrupt:  # only when not in the main thread (no handler of ours)
+        pass
+    finally:
+        if reader is not None:
+            reader.close()
+        if inverter is not None:
+            inverter.close()
+        with contextlib.suppress(can.CanError, OSError):  # the port may be gone (adapter unplugged)
+            bus.shutdown()
