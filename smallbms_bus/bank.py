@@ -387,9 +387,19 @@ class Bank:
         if all(i is not None for i in identities):
             self._set_learned(LearnedBank(tuple(sorted(identities, key=lambda i: i.node))))  # type: ignore[arg-type]
 
+    def heard(self, now: float) -> tuple[int, ...]:
+        """Nodes whose BAT_STATUS arrived within comm_timeout: the batteries on the bus now."""
+        return tuple(n for n, s in sorted(self.batteries.items())
+                     if s.status is not None and now - s.status_at < self.comm_timeout)
+
     def relearn(self, now: float) -> LearnedBank:
-        """BANK-4: accept the batteries with a complete identity as the bank from now on. A node with two
-        senders (COM-6) keeps the identity learned before (or stays out): which one is real is not known."""
+        """BANK-4: the bank as it is now: the batteries `heard` with a complete identity; one no longer heard
+        (taken out) is forgotten, an unknown battery (BANK-3) should it come back. A node with two senders
+        (COM-6) keeps the identity learned before (or stays out): which one is real is not known."""
+        heard = self.heard(now)
+        for node in [n for n in self.batteries if n not in heard]:
+            del self.batteries[node]
+            self._noted.discard(node)
         identities = []
         for node, state in self.batteries.items():
             if self._two_senders(state, now):

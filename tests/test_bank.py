@@ -499,3 +499,23 @@ def test_flags_and_extremes_are_remembered_for_2_s():
     view = bank.evaluate(2.1)
     assert view.flags["cell_high_voltage"] == () and view.aggregates.recent_max_cell.voltage == 3.3
     assert view.aggregates.recent_min_cell_temperature == 19.0 and view.batteries[0].unmeasured == ()
+
+
+def test_relearn_forgets_a_battery_taken_out_and_learns_the_bank_as_it_is_now():
+    """BANK-4 "accepts the bank as it is now": a battery no longer heard (taken out deliberately) is neither learned
+    nor kept as a stale battery; back again, it is an unknown battery (BANK-3) until the next re-learn."""
+    bank = bank_of([(1, 1), (2, 1), (3, 1)])  # three strings of one battery
+    bank.evaluate(20.0)
+    for second in range(20, 30):  # battery 3 is out of the bank from 20 s
+        feed_battery(bank, 1, second, string=1, alive=second)
+        feed_battery(bank, 2, second, string=2, alive=second)
+    view = bank.evaluate(30.0)
+    assert view.stale == (3,)
+    assert bank.heard(30.0) == (1, 2)
+    learned = bank.relearn(30.0)
+    assert [b.node for b in learned.batteries] == [1, 2]
+    view = bank.evaluate(30.0)
+    assert [b.node for b in view.batteries] == [1, 2] and view.stale == () and view.issues == ()
+    assert view.topology.batteries == 2 and view.topology.parallel == 2
+    feed_battery(bank, 3, 31.0, string=3, alive=1)  # put back without a re-learn
+    assert codes(bank.evaluate(31.0)) == ["unknown_battery"]

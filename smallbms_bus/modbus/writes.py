@@ -199,5 +199,8 @@ def _command(core: BmsCore, code: int, now: float) -> Step:
     if code not in actions:
         raise WriteRefused(ILLEGAL_VALUE, f"command {code}: one of " +
                            ", ".join(f"{k} {v}" for k, v in COMMANDS.items()))
+    if code == 4 and not core.bank.heard(now):  # BANK-4 would learn an empty bank: every battery unknown after
+        raise WriteRefused(BUSY, f"command 4 ({COMMANDS[4]}): no battery heard within comm_timeout "
+                                 f"({core.bank.comm_timeout:g} s), nothing to learn: is the bus connected?")
     action, part = actions[code]
     return Step(f"command {code} ({COMMANDS[code]})", action, (part,))

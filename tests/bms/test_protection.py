@@ -206,6 +206,19 @@ def test_bank_change_after_start_raises_bank_configuration():
     assert A.BANK_CONFIGURATION not in d.alarms and d.atc and d.atd
 
 
+def test_a_battery_taken_out_and_the_bank_relearned_gives_the_outputs_back():
+    """BANK-4 after a deliberate removal: the re-learned bank is the batteries on the bus; the one taken out is no
+    longer a battery whose comms are lost (which would keep loads and chargers off for good)."""
+    rig = started(1, 2)
+    rig.battery(2).silent = True  # taken out
+    d = rig.run(6.0)
+    assert A.BATTERY_COMMS_LOST in d.alarms and not d.atc and not d.atd
+    rig.core.relearn_bank(rig.t)  # BANK-4
+    d = rig.run(2.5)  # COM-2: the bank fresh for 2 s
+    assert not d.alarms and d.atc and d.atd, d.reasons
+    assert d.bank.topology.batteries == 1 and [b.node for b in d.bank.batteries] == [1]
+
+
 # -- COM-2, COM-4 -------------------------------------------------------------------------------------
 
 def test_comms_loss_stops_both_at_once_and_recovers_after_2_s_fresh():

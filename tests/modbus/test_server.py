@@ -193,6 +193,23 @@ def test_set_soc_and_charged_voltage_wait_for_a_learned_bank_with_exception_06()
         running.close()
 
 
+def test_relearn_with_no_battery_heard_is_refused_with_exception_06_and_changes_nothing():
+    """BANK-4 with the bus down would learn an empty bank (every battery unknown once it is back): refused."""
+    running = RunningServer(Rig(series=2))
+    try:
+        for battery in running.rig.batteries:
+            battery.silent = True
+        running.tick(6.0)  # past comm_timeout (5 s)
+        learned = running.on_loop(lambda: running.rig.core.bank.learned)
+        c = running.client()
+        reply = c.write_register(120, 4, device_id=1)
+        assert exception_of(reply) == 6
+        c.close()
+        assert running.on_loop(lambda: running.rig.core.bank.learned) == learned
+    finally:
+        running.close()
+
+
 # -- exceptions ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("address", "count"), [(40, 1), (36, 10), (99, 2), (120, 3), (122, 1), (199, 1), (222, 1),
                                                 (999, 2), (3000, 1), (2990, 20), (39999, 1), (65535, 1)])
