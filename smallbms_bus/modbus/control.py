@@ -24,15 +24,14 @@ from smallbms_bus.modbus.client import Client, Refused, add_target_arguments, se
 from smallbms_bus.modbus.regmap import Register, load_map
 from smallbms_bus.modbus.setting_registers import BY_TARGET, SettingRegister
 from smallbms_bus.modbus.status import STATES, StatusError
+from smallbms_bus.modbus.writes import COMMAND_CODES
 from smallbms_bus.protocol import PER_UNIT
 
-# `command NAME` -> the command register's code (block C; docs/behaviour.md's command table)
-COMMAND_CODES = {"sync": 1, "reset-history": 2, "reset-settings": 3, "relearn": 4, "firmware-begin": 5,
-                 "firmware-done": 6, "firmware-abort": 7}
 # asked for on a terminal (or --yes): what they lose or switch off
-DESTRUCTIVE = {"reset-history": "erase the history counters", "reset-settings": "put every setting back to its "
-               "default", "relearn": "forget the learned bank and learn it again", "firmware-begin": "switch "
-               "charging off until the update is completed or aborted"}
+DESTRUCTIVE = {"reset-history": "erase the history counters",
+               "reset-settings": "put every setting back to its default",
+               "relearn": "accept the bank as it is now (a battery no longer heard is forgotten)",
+               "firmware-begin": "switch charging off until the update is completed or aborted"}
 
 
 @dataclass(frozen=True)

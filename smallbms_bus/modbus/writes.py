@@ -46,6 +46,9 @@ SETTING_TARGETS = {r.target: r.spec.name for r in SETTING_REGISTERS}
 PER_UNIT_TARGETS = frozenset(r.target for r in SETTING_REGISTERS if r.per_unit)  # per bank on the wire
 COMMANDS = {1: "synchronise SoC", 2: "reset history", 3: "reset settings", 4: "re-learn bank",
             5: "begin firmware update", 6: "firmware update completed", 7: "abort firmware update"}
+# the command words of the CLI (`smallbms-bus command NAME`) and the web API (/api/v1/commands/NAME) -> code
+COMMAND_CODES = {"sync": 1, "reset-history": 2, "reset-settings": 3, "relearn": 4, "firmware-begin": 5,
+                 "firmware-done": 6, "firmware-abort": 7}
 # SunSpec 802 SetOp / SetInvState value -> mode on (True) or off (False)
 MODE_TARGETS: dict[str, dict[int, bool]] = {
     "mode": {0: False, 1: True},

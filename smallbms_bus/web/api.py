@@ -28,6 +28,7 @@ from smallbms_bus.bms.settings import SPEC_BY_NAME
 from smallbms_bus.commit import Change, Committed
 from smallbms_bus.modbus.writes import (
     BUSY,
+    COMMAND_CODES,
     ILLEGAL_VALUE,
     PER_UNIT_TARGETS,
     SETTING_TARGETS,
@@ -43,9 +44,6 @@ AUTH_FAILURES = 5  # failed password attempts one address may make per AUTH_WIND
 AUTH_WINDOW_S = 60.0
 AUTH_TRACKED = 1024  # addresses remembered (oldest windows forgotten first): a flood cannot grow the table
 EVENTS_DEFAULT, EVENTS_MAX = 100, 10_000
-# command word of the URL -> the command register's value (docs/registers.md, block B `command`)
-COMMAND_CODES = {"sync": 1, "reset-history": 2, "reset-settings": 3, "relearn": 4, "firmware-begin": 5,
-                 "firmware-done": 6, "firmware-abort": 7}
 HTTP_OF_REFUSAL = {ILLEGAL_VALUE: 400, BUSY: 409, STORE_FAILED: 503}
 
 
