@@ -510,12 +510,12 @@ def test_relearn_forgets_a_battery_taken_out_and_learns_the_bank_as_it_is_now():
         feed_battery(bank, 1, second, string=1, alive=second)
         feed_battery(bank, 2, second, string=2, alive=second)
     view = bank.evaluate(30.0)
-    assert view.stale == (3,)
+    assert view.stale_nodes == (3,)
     assert bank.heard(30.0) == (1, 2)
     learned = bank.relearn(30.0)
     assert [b.node for b in learned.batteries] == [1, 2]
     view = bank.evaluate(30.0)
-    assert [b.node for b in view.batteries] == [1, 2] and view.stale == () and view.issues == ()
+    assert [b.node for b in view.batteries] == [1, 2] and view.stale_nodes == () and view.issues == ()
     assert view.topology.batteries == 2 and view.topology.parallel == 2
     feed_battery(bank, 3, 31.0, string=3, alive=1)  # put back without a re-learn
     assert codes(bank.evaluate(31.0)) == ["unknown_battery"]
