@@ -301,6 +301,9 @@ def test_learned_bank_round_trips_and_detects_changes():
     assert "now battery 2 (HQ999999999999" in view.issues[1].reason
     assert "battery 3 is not part of the learned bank" in view.issues[2].reason
 
+    feed_battery(swapped, 1, 10.0)  # still sending: heard when the re-learn comes
+    feed_battery(swapped, 2, 10.0, series=2, serial="HQ999999999999")
+    feed_battery(swapped, 3, 10.0, string=2)
     swapped.relearn(10.0)  # BANK-4: accept the bank as it is now
     view = swapped.evaluate(10.1)
     assert codes(view) == ["unequal_strings"]  # still a shape problem, but now the learned bank
@@ -427,6 +430,7 @@ def test_relearn_accepts_a_swapped_battery_at_once():
     bank.evaluate(20.0)
     feed_battery(bank, 2, 20.0, series=2, alive=1)  # the old battery's last frames
     feed_battery(bank, 2, 21.0, series=2, alive=0, serial="HQ000000000077")  # then the new one's
+    feed_battery(bank, 1, 21.0, alive=21)  # battery 1 goes on sending
     assert bank.evaluate(21.0).conflicted == (2,)
     learned = bank.relearn(21.5)
     assert learned.by_node()[2].serial == "HQ000000000077"
