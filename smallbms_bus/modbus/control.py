@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from pymodbus.constants import ExcCodes
+
 from smallbms_bus.bms.settings import DEFAULT_SETTINGS, SettingError, Settings, SettingSpec
 from smallbms_bus.modbus.client import Client, Refused, add_target_arguments, series_units, target
 from smallbms_bus.modbus.regmap import Register, load_map
@@ -27,6 +29,8 @@ from smallbms_bus.modbus.status import STATES, StatusError
 from smallbms_bus.modbus.writes import COMMAND_CODES
 from smallbms_bus.protocol import PER_UNIT
 
+# what a busy refusal (06) of a command means (modbus/writes.py refuses it for that reason only)
+BUSY_MEANS = {"relearn": "no battery is heard on the bus now, and a re-learn would learn an empty bank (BANK-4)"}
 # asked for on a terminal (or --yes): what they lose or switch off
 DESTRUCTIVE = {"reset-history": "erase the history counters",
                "reset-settings": "put every setting back to its default",
@@ -349,7 +353,8 @@ def run_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
         try:
             client.write("command", COMMAND_CODES[name])
         except Refused as refused:
-            return _fail("command", f"{name} refused: {refused}")
+            hint = f"; {BUSY_MEANS[name]}" if refused.code == ExcCodes.DEVICE_BUSY and name in BUSY_MEANS else ""
+            return _fail("command", f"{name} refused: {refused}{hint}")
         print(f"command {name}: done; state {_state_text(client)}", file=out)
         return 0
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import ipaddress
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 
@@ -205,6 +207,11 @@ def test_relearn_with_no_battery_heard_is_refused_with_exception_06_and_changes_
         reply = c.write_register(120, 4, device_id=1)
         assert exception_of(reply) == 6
         c.close()
+        cli = subprocess.run([sys.executable, "-m", "smallbms_bus.cli", "command", "relearn", "--yes", "--port",
+                              str(running.port)], capture_output=True, text=True, timeout=60)
+        assert cli.returncode == 1 and cli.stderr.strip() == (
+            "command: relearn refused: the service cannot take it yet (Modbus exception 06); no battery is heard on "
+            "the bus now, and a re-learn would learn an empty bank (BANK-4)"), cli.stderr
         assert running.on_loop(lambda: running.rig.core.bank.learned) == learned
     finally:
         running.close()
