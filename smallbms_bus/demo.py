@@ -335,8 +335,7 @@ class Demo:
         now = sim.last_now if sim.last_now is not None else self.clock.monotonic()
         charger, load = sim.devices.charger, sim.devices.load
         if self.virtual_inverter is not None:  # the relays switch nothing here: 0x351 limits the inverter's own
-            why = self.virtual_inverter.stopped_by(now)
-            return (f"inverter {'obeys 0x351' if why is None else 'stopped (' + why + ')'}: its charger "
+            return (f"inverter {self.virtual_inverter.state_text(now)}: its charger "
                     f"{charger.available_current(sim.sim_time) if charger.enabled else 0.0:.1f} A available, its "
                     f"loads {load.current_a if load.enabled else 0.0:.1f} A, bank {sim.bank.current:+.1f} A")
         parts = []

@@ -267,13 +267,11 @@ class BmsCanInverter:
         return cls(InverterPeer(bus, simulator.devices.inverter).start(), f"{interface}:{channel}", hub, made)
 
     def describe(self) -> str:
-        inverter = self.peer.inverter
-        why = inverter.stopped_by(time.monotonic())
-        if why is not None:
-            return f"inverter stopped ({why})"
-        limits = inverter.limits
-        assert limits is not None
-        return (f"inverter obeys 0x351: CVL {limits.cvl:.2f} V CCL {limits.ccl:.1f} A DCL {limits.dcl:.1f} A "
+        inverter, now = self.peer.inverter, time.monotonic()
+        limits, state = inverter.obeying(now), inverter.state_text(now)
+        if limits is None:
+            return f"inverter {state}"
+        return (f"inverter {state}: CVL {limits.cvl:.2f} V CCL {limits.ccl:.1f} A DCL {limits.dcl:.1f} A "
                 f"({self.peer.received} received)")
 
     def close(self) -> None:

@@ -67,6 +67,11 @@ class VirtualInverter:
             return "no 0x351 yet"
         return None if self.obeying(now) is not None else f"no 0x351 for {LIMITS_TIMEOUT_S:g} s"
 
+    def state_text(self, now: float) -> str:
+        """"obeys 0x351" or "stopped (why)": what the demo's and simulate's readouts say of it."""
+        why = self.stopped_by(now)
+        return "obeys 0x351" if why is None else f"stopped ({why})"
+
     def characteristic(self, now: float, charge_available: float | None = None,
                        load_a: float | None = None) -> Callable[[float], float]:
         """Bank current (positive = charging) as a function of the bank voltage, as DVCC limits it. The charger's
