@@ -211,14 +211,12 @@ def _run_on_pty(args: argparse.Namespace, stop_event: threading.Event | None) ->
     if args.interface != DEFAULT_INTERFACE or args.channel != DEFAULT_CHANNEL:
         print("simulate: --pty makes its own wire: leave out --interface and --channel", file=sys.stderr)
         return 2
-    made = args.pty_dir is None
     try:
-        directory = Path(tempfile.mkdtemp(prefix="smallbms-slcan-") if made else args.pty_dir)
-        directory.mkdir(parents=True, exist_ok=True)
-        hub = SlcanHub(("simulator", "bms"), str(directory))
+        wire = PtyWire(("simulator", "bms"), args.pty_dir, "smallbms-slcan-")
     except OSError as error:
         print(f"simulate: --pty-dir {args.pty_dir}: {error.strerror or error}", file=sys.stderr)
         return 2
+    hub = wire.hub
     try:
         channel = hub.path("bms")
         print(f"SLCAN wire ready. Give smallbms-bus run this port: {channel}\n"
@@ -230,41 +228,57 @@ def _run_on_pty(args: argparse.Namespace, stop_event: threading.Event | None) ->
     except KeyboardInterrupt:  # Ctrl-C before run's own handlers: a clean stop all the same
         return 0
     finally:
-        hub.close()
-        if made:
-            shutil.rmtree(directory, ignore_errors=True)
+        wire.close()
+
+
+class PtyWire:
+    """An SLCAN wire of pseudo-terminals (SlcanHub) in `directory` when given (kept), else in a new temporary
+    directory that `close` removes with the ports."""
+
+    def __init__(self, names: tuple[str, ...], directory: str | None, prefix: str) -> None:
+        self.made = None if directory else Path(tempfile.mkdtemp(prefix=prefix))
+        try:
+            path = self.made or Path(str(directory))
+            path.mkdir(parents=True, exist_ok=True)
+            self.hub = SlcanHub(names, str(path))
+        except BaseException:
+            self._remove()
+            raise
+
+    def _remove(self) -> None:
+        if self.made is not None:
+            shutil.rmtree(self.made, ignore_errors=True)
+
+    def close(self) -> None:
+        self.hub.close()
+        self._remove()
 
 
 class BmsCanInverter:
     """`--inverter`: a virtual inverter/charger (sim/inverter.py) on its own BMS-CAN bus, in real time like the
     rest of `simulate`; the simulation's charger and load become its own, limited by the 0x351 it receives."""
 
-    def __init__(self, peer: InverterPeer, where: str, hub: SlcanHub | None, made: Path | None) -> None:
-        self.peer, self.where, self.hub, self.made = peer, where, hub, made
+    def __init__(self, peer: InverterPeer, where: str, wire: PtyWire | None) -> None:
+        self.peer, self.where, self.wire = peer, where, wire
 
     @classmethod
     def open(cls, spec: tuple[str, str] | None, pty_dir: str | None, simulator: Simulator) -> BmsCanInverter | None:
         if spec is None:
             return None
-        (interface, channel), hub, made = spec, None, None
+        (interface, channel), wire = spec, None
         if interface == "pty":  # an SLCAN wire of its own, beside --pty's (in --pty-dir when given)
-            directory = Path(pty_dir) if pty_dir else Path(tempfile.mkdtemp(prefix="smallbms-bms-can-"))
-            made = None if pty_dir else directory
-            directory.mkdir(parents=True, exist_ok=True)
-            hub = SlcanHub(("inverter-simulator", "inverter-bms"), str(directory))
-            interface, channel = "slcan", hub.path("inverter-simulator")
-            print(f"BMS-CAN wire ready. Give smallbms-bus run this port for the inverter: {hub.path('inverter-bms')}"
-                  f"\n  [inverter]\n  interface = \"slcan\"\n  channel = \"{hub.path('inverter-bms')}\"", flush=True)
+            wire = PtyWire(("inverter-simulator", "inverter-bms"), pty_dir, "smallbms-bms-can-")
+            interface, channel, port = "slcan", wire.hub.path("inverter-simulator"), wire.hub.path("inverter-bms")
+            print(f"BMS-CAN wire ready. Give smallbms-bus run this port for the inverter: {port}"
+                  f"\n  [inverter]\n  interface = \"slcan\"\n  channel = \"{port}\"", flush=True)
         try:
             bus = open_bus(BusConfig.of(interface, channel, INVERTER_BITRATE))
         except BaseException:
-            if hub is not None:
-                hub.close()
-            if made is not None:
-                shutil.rmtree(made, ignore_errors=True)
+            if wire is not None:
+                wire.close()
             raise
         simulator.devices.inverter = VirtualInverter(charge_a=0.0)
-        return cls(InverterPeer(bus, simulator.devices.inverter).start(), f"{interface}:{channel}", hub, made)
+        return cls(InverterPeer(bus, simulator.devices.inverter).start(), f"{interface}:{channel}", wire)
 
     def describe(self) -> str:
         inverter, now = self.peer.inverter, time.monotonic()
@@ -276,10 +290,8 @@ class BmsCanInverter:
 
     def close(self) -> None:
         self.peer.close()
-        if self.hub is not None:
-            self.hub.close()
-        if self.made is not None:
-            shutil.rmtree(self.made, ignore_errors=True)
+        if self.wire is not None:
+            self.wire.close()
 
 
 def bus_config(args: argparse.Namespace) -> BusConfig:
