@@ -215,7 +215,7 @@ class Bank:
             voltages = report.voltages
             state.cells[first:first + CELLS_PER_FRAME] = voltages
             state.cells_at[first // CELLS_PER_FRAME] = now
-            state.cells_revision += 1
+            state.cells_changed()
             info = state.info
             if info is None or first < CELLS_PER_UNIT * info.nominal_units:  # cells it does not have: not data
                 self._remember_cells(state, first, voltages, now)
@@ -227,11 +227,11 @@ class Bank:
         elif kind is BatteryInfo:
             if state.info != report:
                 self._identity_revision += 1
-            state.info = report
+                state.info = report
+                state.cells_changed()  # the cell count may differ
             self._identity_frame(state, "info", info_key(report), now)
         elif kind is SerialFragment:
-            if state.serial_parts[report.part] != report.chars:
-                state.serial_parts[report.part] = report.chars
+            if state.set_serial_part(report.part, report.chars):
                 self._identity_revision += 1
             self._identity_frame(state, report.part, report.chars, now)
 
@@ -389,8 +389,7 @@ class Bank:
 
     def heard(self, now: float) -> tuple[int, ...]:
         """Nodes whose BAT_STATUS arrived within comm_timeout: the batteries on the bus now."""
-        return tuple(n for n, s in sorted(self.batteries.items())
-                     if s.status is not None and now - s.status_at < self.comm_timeout)
+        return tuple(n for n, s in sorted(self.batteries.items()) if s.heard(now, self.comm_timeout))
 
     def relearn(self, now: float) -> LearnedBank:
         """BANK-4: the bank as it is now: the batteries `heard` with a complete identity; one no longer heard
@@ -431,10 +430,10 @@ class Bank:
             reason = s.stale_reason(now, timeout)
             if reason is not None:
                 stale.append(node)
-            views.append(BatteryView(node, s.serial, s.info, s.status, s.temps, s.cell_summary(), reason is None,
-                                     reason, None if s.status is None else now - s.status_at,
-                                     conflicted=node in conflicted,
-                                     stale_text=None if reason is None else s.stale_text(reason, now, timeout)))
+            views.append(BatteryView(  # positional: one per battery per evaluation
+                node, s.serial, s.info, s.status, s.temps, s.cell_summary(), reason is None, reason,
+                None if s.status is None else now - s.status_at, (), node in conflicted,
+                None if reason is None else s.stale_text(reason, now, timeout)))
         past_grace = now - self.started_at >= self.waiting_grace
         if (self.proven_at is None and self._learned is not None and not stale and self.first_frame_at is not None
                 and now - self.first_frame_at < self.discovery_window):  # after the window: learned anyway

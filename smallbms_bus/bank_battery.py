@@ -36,10 +36,9 @@ STALE_TEXT = {
 class BatteryState:
     """Mutable latest readings of one battery. Written on every frame: keep it flat."""
 
-    __slots__ = ("_summary", "_summary_key", "alive_changed_at", "any_flag_at", "cells", "cells_at",
-                 "cells_revision", "conflict_at", "flag_at", "highs", "info", "lows",
-                 "node", "notes", "regressions", "seen", "serial_parts", "status", "status_at", "temps", "temps_at",
-                 "tmaxs", "tmins", "unmeasured_at")
+    __slots__ = ("_summary", "alive_changed_at", "any_flag_at", "cells", "cells_at", "conflict_at",
+                 "flag_at", "highs", "info", "lows", "node", "notes", "regressions", "seen", "serial", "serial_parts",
+                 "status", "status_at", "temps", "temps_at", "tmaxs", "tmins", "unmeasured_at")
 
     def __init__(self, node: int) -> None:
         self.node = node
@@ -48,13 +47,12 @@ class BatteryState:
         self.alive_changed_at = -1.0
         self.cells: list[float | None] = [None] * MAX_CELLS
         self.cells_at = [-1.0] * (MAX_CELLS // CELLS_PER_FRAME)  # per BAT_CELLS frame
-        self.cells_revision = 0
-        self._summary_key: tuple[int, int] | None = None
-        self._summary: CellSummary | None = None
+        self._summary: CellSummary | None = None  # None: a cell frame or BAT_INFO changed it since it was built
         self.temps: BatteryTemps | None = None
         self.temps_at = -1.0
         self.info: BatteryInfo | None = None
-        self.serial_parts: list[str | None] = [None, None]
+        self.serial_parts: list[str | None] = [None, None]  # written through set_serial_part
+        self.serial: str | None = None  # both halves, once both came
         # Protective memory: when each flag was last reported, and sliding-window extremes as monotonic
         # deques of (time, value, cell number): the front is the extreme of the window, O(1) to read.
         self.flag_at = [-math.inf] * len(FLAG_FIELDS)
@@ -71,10 +69,19 @@ class BatteryState:
         self.conflict_at = -math.inf
         self.notes: dict[Any, dict[Any, None]] = {}  # evidence kind -> values involved, in order seen
 
-    @property
-    def serial(self) -> str | None:
+    def set_serial_part(self, part: int, chars: str) -> bool:
+        """Store one half of the serial number; True when it differs from the half held."""
+        if self.serial_parts[part] == chars:
+            return False
+        self.serial_parts[part] = chars
         a, b = self.serial_parts
-        return None if a is None or b is None else a + b
+        self.serial = None if a is None or b is None else a + b
+        return True
+
+    def cells_changed(self) -> None:
+        """A BAT_CELLS frame wrote `cells`, or a BAT_INFO changed the cell count: the summary is rebuilt when next
+        asked for."""
+        self._summary = None
 
     def identity(self) -> BatteryIdentity | None:
         serial, info = self.serial, self.info
@@ -84,20 +91,21 @@ class BatteryState:
                                info.string_index, info.series_index)
 
     def cell_summary(self) -> CellSummary:
-        """The battery's cells and their extremes, recomputed only when a cell frame changed them."""
-        count = self.info.cell_count if self.info is not None else MAX_CELLS
-        key = (self.cells_revision, count)
-        if key != self._summary_key or self._summary is None:
-            self._summary = CellSummary.of(tuple(self.cells[:count]))
-            self._summary_key = key
-        return self._summary
+        """The battery's cells and their extremes, recomputed only when a cell frame or BAT_INFO changed them."""
+        summary = self._summary
+        if summary is None:
+            count = self.info.cell_count if self.info is not None else MAX_CELLS
+            summary = self._summary = CellSummary.of(tuple(self.cells[:count]))
+        return summary
+
+    def heard(self, now: float, timeout: float) -> bool:
+        """A BAT_STATUS arrived within `timeout`: the battery is on the bus (its other frames aside)."""
+        return self.status is not None and now - self.status_at < timeout
 
     def stale_reason(self, now: float, timeout: float) -> StaleReason | None:
         """None when fresh, else why not (first failing condition)."""
-        if self.status is None:
-            return StaleReason.NO_STATUS
-        if now - self.status_at >= timeout:
-            return StaleReason.STATUS_TIMEOUT
+        if not self.heard(now, timeout):
+            return StaleReason.NO_STATUS if self.status is None else StaleReason.STATUS_TIMEOUT
         if now - self.alive_changed_at >= timeout:
             return StaleReason.ALIVE_STUCK
         if self.info is None:
