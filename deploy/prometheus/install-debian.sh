@@ -6,18 +6,9 @@ set -u
 if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then
   exit 0
 fi
-policy=/usr/sbin/policy-rc.d
-made_policy=0
-if [ ! -e "$policy" ]; then  # "101: action not allowed": maintainer scripts do not start the service
-  printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod 755 "$policy" && made_policy=1
-fi
-install() { DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; }
-install >/tmp/smallbms-apt.log 2>&1 || { apt-get update -q >>/tmp/smallbms-apt.log 2>&1 && install >>/tmp/smallbms-apt.log 2>&1; }
-status=$?
-[ "$made_policy" = 1 ] && rm -f "$policy"
-if [ "$status" != 0 ] || ! command -v promtool >/dev/null 2>&1; then
-  echo "install-debian: apt-get install prometheus failed:" >&2
-  tail -5 /tmp/smallbms-apt.log >&2
+bash "$(dirname "$0")/../apt-install.sh" prometheus || exit 1
+if ! command -v promtool >/dev/null 2>&1; then
+  echo "install-debian: the prometheus package brought no promtool" >&2
   exit 1
 fi
 echo "install-debian: $(prometheus --version 2>&1 | head -1)"
