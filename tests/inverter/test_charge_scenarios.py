@@ -1,6 +1,11 @@
 """The charge-control scenarios (docs/inverter.md "Scenarios"): `smallbms-bus demo` through the virtual inverter on
 the simulation's clock. Every fact is read from the service's own readout (one decision per readout: the charge
-limits, ATC/ATD and the cells it printed together) and its event log, never from wall-clock timing."""
+limits, ATC/ATD and the cells it printed together) and its event log, never from wall-clock timing.
+
+The three demos run side by side, started together by the first of these tests (each is 30-46 s of demo at its
+top speed 25, one after another they were the suite's three slowest tests). Running beside each other on a busy
+machine only slows them: the demo's clock governor (smallbms_bus/sim/clock.py) loses simulated time rather than
+skipping it, and every assertion is in simulated seconds."""
 
 from __future__ import annotations
 
@@ -8,7 +13,12 @@ import itertools
 import re
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
 
 from smallbms_bus.bms.charge import temperature_factor
 
@@ -34,21 +44,73 @@ class Readout:
     min_temp: float
 
 
-def run_demo(scenario: str, duration: float, soc: float | None) -> tuple[list[Readout], str]:
-    known = [] if soc is None else ["--soc", str(soc)]
-    out = subprocess.run([sys.executable, "-m", "smallbms_bus.cli", "demo", "--scenario", scenario, "--bank",
-                          "single-12v", "--speed", "25", "--duration", str(duration), "--every", "0.25",
-                          "--metrics-port", "0", "--modbus-port", "0", "--web-port", "0", *known],
-                         capture_output=True, text=True, timeout=duration / 5 + 120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    readouts = [Readout(float(m[0]), m[1] == "yes", m[2], m[3], float(m[4]), float(m[5]), float(m[6]), float(m[7]),
-                        float(m[8]), float(m[9])) for m in READOUT.findall(out.stdout)]
-    assert len(readouts) > 20, out.stdout[-3000:]
-    return readouts, out.stdout
+@dataclass(frozen=True)
+class DemoRun:
+    scenario: str
+    duration: float  # simulated seconds
+    soc: float | None  # --soc, None = unknown (as at a first start)
 
 
-def test_imbalanced_charge_tapers_never_reaches_3v65_and_ends_in_float():
-    readouts, text = run_demo("imbalanced-charge", 1000, 95)
+RUNS = {  # test -> its demo
+    "test_imbalanced_charge_tapers_never_reaches_3v65_and_ends_in_float": DemoRun("imbalanced-charge", 1000, 95),
+    "test_cold_morning_allows_no_charge_below_5_degrees_then_ramps_up_as_it_warms": DemoRun("cold-morning", 750, 50),
+    # SoC unknown: with it known, the discharge floor (10 %) would stop the load first (LOW_SOC), before the cells
+    # fall far
+    "test_deep_discharge_derates_dcl_as_cells_fall_and_gives_0_once_atd_is_off": DemoRun("deep-discharge", 1150, None),
+}
+
+
+class Demos:
+    """The demos of the selected tests, started together; `result(test)` waits for that test's own."""
+
+    def __init__(self, tests: set[str], directory: Path) -> None:
+        self.started: dict[str, tuple[subprocess.Popen, Path, Path, float]] = {}
+        for test in sorted(tests & RUNS.keys()):
+            run = RUNS[test]
+            known = [] if run.soc is None else ["--soc", str(run.soc)]
+            out, err = directory / f"{test}.out", directory / f"{test}.err"
+            with out.open("wb") as stdout, err.open("wb") as stderr:  # files: a pipe nobody reads would fill up
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "smallbms_bus.cli", "demo", "--scenario", run.scenario, "--bank",
+                     "single-12v", "--speed", "25", "--duration", str(run.duration), "--every", "0.25",
+                     "--metrics-port", "0", "--modbus-port", "0", "--web-port", "0", *known],
+                    stdout=stdout, stderr=stderr)
+            self.started[test] = (process, out, err, time.monotonic())
+
+    def result(self, test: str) -> tuple[list[Readout], str]:
+        process, out, err, started = self.started[test]
+        # at speed 25 alone a fifth of the simulated time; three side by side on a loaded machine take longer
+        timeout = RUNS[test].duration / 5 * len(self.started) + 120
+        try:
+            process.wait(timeout=max(1.0, started + timeout - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            raise AssertionError(f"{test}: the demo did not end within {timeout:.0f} s") from None
+        stdout = out.read_text(errors="replace")
+        assert process.returncode == 0, err.read_text(errors="replace")[-2000:]
+        readouts = [Readout(float(m[0]), m[1] == "yes", m[2], m[3], float(m[4]), float(m[5]), float(m[6]),
+                            float(m[7]), float(m[8]), float(m[9])) for m in READOUT.findall(stdout)]
+        assert len(readouts) > 20, stdout[-3000:]
+        return readouts, stdout
+
+    def close(self) -> None:
+        for process, *_ in self.started.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+@pytest.fixture(scope="module")
+def demos(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demos]:
+    selected = {item.name for item in request.session.items if item.module is request.module}
+    runs = Demos(selected, tmp_path_factory.mktemp("charge-scenarios"))
+    yield runs
+    runs.close()
+
+
+def test_imbalanced_charge_tapers_never_reaches_3v65_and_ends_in_float(demos: Demos):
+    readouts, text = demos.result("test_imbalanced_charge_tapers_never_reaches_3v65_and_ends_in_float")
     started = [r for r in readouts if r.t > 15]
     assert max(r.max_cell for r in started) < 3.65, max(r.max_cell for r in started)
     assert all(r.atc for r in started)  # no ATC-1 trip (nor any other)
@@ -61,8 +123,8 @@ def test_imbalanced_charge_tapers_never_reaches_3v65_and_ends_in_float():
     assert 600 <= floated <= 1000  # the 10 min absorption time has to run first
 
 
-def test_cold_morning_allows_no_charge_below_5_degrees_then_ramps_up_as_it_warms():
-    readouts, text = run_demo("cold-morning", 750, 50)
+def test_cold_morning_allows_no_charge_below_5_degrees_then_ramps_up_as_it_warms(demos: Demos):
+    readouts, text = demos.result("test_cold_morning_allows_no_charge_below_5_degrees_then_ramps_up_as_it_warms")
     started = [r for r in readouts if r.t > 15]
     cold = [r for r in started if not r.atc]
     assert cold and all(r.ccl == 0.0 for r in cold)  # CCL 0 in the very decision that has ATC false
@@ -76,10 +138,8 @@ def test_cold_morning_allows_no_charge_below_5_degrees_then_ramps_up_as_it_warms
     assert warm[-1].ccl == RATING_A and warm[-1].min_temp >= 10.0, warm[-1]
 
 
-def test_deep_discharge_derates_dcl_as_cells_fall_and_gives_0_once_atd_is_off():
-    # SoC unknown (no --soc, as at a first start): with it known, the discharge floor (10 %) would stop the load
-    # first (LOW_SOC), before the cells fall far
-    readouts, text = run_demo("deep-discharge", 1150, None)
+def test_deep_discharge_derates_dcl_as_cells_fall_and_gives_0_once_atd_is_off(demos: Demos):
+    readouts, text = demos.result("test_deep_discharge_derates_dcl_as_cells_fall_and_gives_0_once_atd_is_off")
     started = [r for r in readouts if r.t > 25]  # after the rise from 0 at the start (CHG-7)
     on = [r for r in started if r.atd != "no"]
     off = [r for r in started if r.atd == "no"]
