@@ -527,7 +527,8 @@ class Bank:
 
     def _aggregates(self, fresh: list[BatteryView], series: int, now: float, *, complete: bool) -> Aggregates:
         # Called on every evaluation for up to 50 batteries: plain loops, no per-battery allocation.
-        strings: dict[int, list[BatteryView]] = {}
+        volts: dict[int, list[float]] = {}  # string -> its fresh batteries' voltages, in node order (BANK-5)
+        amps: dict[int, list[float]] = {}
         low: BatteryView | None = None
         high: BatteryView | None = None
         tmin = tmax = bmin = bmax = r_tmin = r_tmax = None
@@ -536,7 +537,14 @@ class Bank:
         batteries = self.batteries
         for v in fresh:
             s = batteries[node := v.node]
-            strings.setdefault(v.info.string_index, []).append(v)  # type: ignore[union-attr]
+            status = v.status
+            string = v.info.string_index  # type: ignore[union-attr]
+            if string in volts:
+                volts[string].append(status.voltage)  # type: ignore[union-attr]
+                amps[string].append(status.current)  # type: ignore[union-attr]
+            else:
+                volts[string] = [status.voltage]  # type: ignore[union-attr]
+                amps[string] = [status.current]  # type: ignore[union-attr]
             summary = v.summary
             if summary.low is not None:
                 if low is None or summary.low < low.summary.low:  # type: ignore[operator]
@@ -572,7 +580,7 @@ class Bank:
                 t_hi = window[0][1]
             r_tmin = t_lo if r_tmin is None or t_lo < r_tmin else r_tmin
             r_tmax = t_hi if r_tmax is None or t_hi > r_tmax else r_tmax
-            bt = v.status.temperature  # type: ignore[union-attr]
+            bt = status.temperature  # type: ignore[union-attr]
             bmin = bt if bmin is None or bt < bmin else bmin
             bmax = bt if bmax is None or bt > bmax else bmax
             if s.unmeasured_at:  # rare: a cell read "not present" at some point
@@ -583,17 +591,15 @@ class Bank:
         max_cell = None if high is None else CellRef(high.node, high.summary.high_cell, high.summary.high)  # type: ignore[arg-type]
         recent_low = None if r_low[0] is None else CellRef(r_low[1], r_low[2], r_low[0])
         recent_high = None if r_high[0] is None else CellRef(r_high[1], r_high[2], r_high[0])
-        return Aggregates(*_bank_totals(strings, series), min_cell, max_cell, tmin, tmax, bmin, bmax, complete,
+        return Aggregates(*_bank_totals(volts, amps, series), min_cell, max_cell, tmin, tmax, bmin, bmax, complete,
                           recent_low, recent_high, r_tmin, r_tmax)
 
 
-def _bank_totals(strings: dict[int, list[BatteryView]], series: int) -> tuple[float | None, float | None,
-                                                                               float | None]:
+def _bank_totals(volts: dict[int, list[float]], amps: dict[int, list[float]],
+                 series: int) -> tuple[float | None, float | None, float | None]:
     """BANK-5: voltage = mean over complete strings of their series sum; current = sum of each string's mean."""
-    sums = [sum(b.status.voltage for b in members)  # type: ignore[union-attr]
-            for members in strings.values() if series and len(members) == series]
+    sums = [sum(string) for string in volts.values() if series and len(string) == series]
     voltage = round(sum(sums) / len(sums), 3) if sums else None
-    current = (round(sum(sum(b.status.current for b in m) / len(m) for m in strings.values()), 2)  # type: ignore[union-attr]
-               if strings else None)
+    current = round(sum([sum(string) / len(string) for string in amps.values()]), 2) if amps else None
     power = round(voltage * current, 1) if voltage is not None and current is not None else None
     return voltage, current, power

@@ -114,7 +114,10 @@ class BatteryState:
             return StaleReason.NO_TEMPS
         if now - self.temps_at >= timeout + TEMPS_PERIOD:
             return StaleReason.TEMPS_TIMEOUT
-        for group in range(self.info.nominal_units):
+        oldest = min(self.cells_at[:self.info.nominal_units], default=now)  # one test while all are fresh
+        if oldest >= 0 and now - oldest < timeout + CELLS_PERIOD:
+            return None
+        for group in range(self.info.nominal_units):  # which group failed first decides the reason
             at = self.cells_at[group]
             if at < 0:
                 return StaleReason.NO_CELLS

@@ -85,11 +85,19 @@ class CellSummary:
 
     @classmethod
     def of(cls, cells: tuple[float | None, ...]) -> CellSummary:
-        present = cells if None not in cells else [c for c in cells if c is not None]
-        unmeasured = () if present is cells else tuple(i for i, c in enumerate(cells, 1) if c is None)
+        try:  # in C, for up to 800 cells per evaluation; a None ("not present") cannot be compared
+            lo, hi = min(cells), max(cells)  # type: ignore[type-var]
+        except (TypeError, ValueError):  # a cell not present, or no cells
+            return cls._with_unmeasured(cells)
+        return cls(cells, lo, cells.index(lo) + 1, hi, cells.index(hi) + 1, round(hi - lo, 3), ())  # type: ignore[operator]
+
+    @classmethod
+    def _with_unmeasured(cls, cells: tuple[float | None, ...]) -> CellSummary:
+        present = [c for c in cells if c is not None]
+        unmeasured = tuple(i for i, c in enumerate(cells, 1) if c is None)
         if not present:
             return cls(cells, None, 0, None, 0, None, unmeasured)
-        lo, hi = min(present), max(present)  # in C: up to 800 cells per evaluation
+        lo, hi = min(present), max(present)
         return cls(cells, lo, cells.index(lo) + 1, hi, cells.index(hi) + 1, round(hi - lo, 3), unmeasured)
 
 
