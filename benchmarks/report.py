@@ -150,6 +150,13 @@ def ratio_rows(s: dict[str, Any]) -> list[dict[str, Any]]:
                          "of the same frames, same run", f"{n['cpu_percent_of_one_core']} % vs "
                          f"{d['cpu_percent_of_one_core']} % of one core ({d['frames']} frames) = {ratio:.1f} x",
                          "<= 3 x" + (f", <= {bound:g} % of a core" if bound else ""), met))
+        r = n.get("receive_alone")
+        if r is not None:  # what reading through python-can costs before the BMS does anything
+            rows.append(_row(f"floor: a bare python-can reader / decoding alone ({label})",
+                             "python-can recv() + cantools decoding of the same traffic at real frame rates, nothing "
+                             "else, same run", f"{r['us_per_frame']} us vs {d['us_per_frame']} us a frame = "
+                             f"{r['us_per_frame'] / max(d['us_per_frame'], 1e-9):.1f} x "
+                             f"({r['cpu_percent_of_one_core']} % of one core)", "", None))
     loaded = s.get("reaction", {}).get("charge", {})
     quiet = s.get("reaction_quiet", {}).get("charge", {})
     if loaded.get("measured") and quiet.get("measured"):

@@ -335,6 +335,47 @@ def decode_alone(frames: int, seconds: float, repeats: int = 3) -> dict:
             "us_per_frame": round(1e6 * cpu / max(1, frames), 2)}
 
 
+def receive_alone(seconds: float) -> dict:
+    """The CPU of a bare reader at real frame rates: one thread doing python-can's `recv()` on the virtual bus and
+    plain cantools decoding of each frame, nothing else, while the simulator sends the same bank (2s25p-12v100,
+    steady) in real time from another thread: the floor any python-can service pays for these frames, wake-ups
+    included (decode_alone decodes them in one tight loop)."""
+    from smallbms_bus.link.codec import load_dbc
+
+    channel = f"bench-receive-{os.getpid()}"
+    decode = load_dbc().decode_message
+    simulator = Simulator.from_scenario("steady", "2s25p-12v100")
+    sender, reader = can.Bus(interface="virtual", channel=channel), can.Bus(interface="virtual", channel=channel)
+    stop_sim, stop_reader = threading.Event(), threading.Event()
+    counted = {"frames": 0, "cpu_s": 0.0}
+
+    def read() -> None:
+        c0, frames = time.thread_time(), 0
+        while not stop_reader.is_set():
+            message = reader.recv(timeout=0.1)
+            if message is not None:
+                decode(message.arbitration_id, message.data)
+                frames += 1
+        counted.update(frames=frames, cpu_s=time.thread_time() - c0)
+
+    sim_thread = threading.Thread(target=simulator.run, args=(sender,), kwargs={"stop_event": stop_sim}, daemon=True)
+    reader_thread = threading.Thread(target=read, daemon=True)
+    reader_thread.start()
+    t0 = time.monotonic()
+    sim_thread.start()
+    time.sleep(seconds)
+    stop_reader.set()
+    reader_thread.join(timeout=5)
+    elapsed = time.monotonic() - t0
+    stop_sim.set()
+    sim_thread.join(timeout=5)
+    sender.shutdown()
+    reader.shutdown()
+    return {"frames": counted["frames"], "seconds": round(elapsed, 1),
+            "cpu_percent_of_one_core": round(100 * counted["cpu_s"] / elapsed, 3),
+            "us_per_frame": round(1e6 * counted["cpu_s"] / max(1, counted["frames"]), 2)}
+
+
 def nominal_virtual(seconds: float) -> dict:
     """The service's own threads (not the simulator's) on python-can's virtual bus: the cost of the BMS
     without a serial adapter's parsing, the closest this machine gets to SocketCAN (no CAN in its kernel)."""
@@ -378,7 +419,8 @@ def nominal_virtual(seconds: float) -> dict:
                         "(2s25p) on python-can's virtual bus, 8 SCADA clients reading block A at 1 Hz, a scrape "
                         "every 5 s; the simulator's thread excluded", "seconds": seconds,
             "cpu_percent_of_one_core": round(100 * (cpu1 - cpu0) / (t1 - t0), 2),
-            "frames": frames, "decode_alone": decode_alone(frames, t1 - t0)}
+            "frames": frames, "decode_alone": decode_alone(frames, t1 - t0),
+            "receive_alone": receive_alone(min(seconds, 30.0))}
 
 
 def nominal(seconds: float) -> dict:
@@ -502,6 +544,12 @@ def ratios(results: dict) -> list[str]:
             lines.append(f"service CPU {label}: {n['cpu_percent_of_one_core']} % of one core vs plain cantools "
                          f"decoding of the same {d['frames']} frames {d['cpu_percent_of_one_core']} % = {ratio:.1f} x "
                          f"(target <= 3 x" + (f", and <= {bound:g} % of a core)" if bound else ")"))
+        if n and "receive_alone" in n:
+            r, d = n["receive_alone"], n["decode_alone"]
+            lines.append(f"  its floor: a bare python-can reader decoding the same traffic at real rates "
+                         f"{r['cpu_percent_of_one_core']} % of one core ({r['us_per_frame']} us a frame, "
+                         f"{r['frames']} frames) = {r['us_per_frame'] / max(d['us_per_frame'], 1e-9):.1f} x "
+                         f"plain decoding's {d['us_per_frame']} us a frame")
     loaded, quiet = results.get("reaction", {}).get("charge", {}), results.get("reaction_quiet", {}).get("charge", {})
     if loaded.get("measured") and quiet.get("measured"):
         ratio = loaded["p99_ms"] / max(quiet["p99_ms"], 1e-9)

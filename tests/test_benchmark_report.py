@@ -63,13 +63,19 @@ def test_issue_14_ratios_are_judged_on_both_sides_of_the_same_run():
                "nominal_slcan": {**service["nominal_slcan"],
                                  "decode_alone": {"frames": 9000, "cpu_percent_of_one_core": 4.0}},
                "nominal_virtual": {**service["nominal_virtual"],
-                                   "decode_alone": {"frames": 9000, "cpu_percent_of_one_core": 3.0}},
+                                   "decode_alone": {"frames": 9000, "cpu_percent_of_one_core": 3.0,
+                                                    "us_per_frame": 2.5},
+                                   "receive_alone": {"frames": 9001, "cpu_percent_of_one_core": 2.1,
+                                                     "us_per_frame": 27.5}},
                "reaction_quiet": {"workload": "w", "charge": {"measured": 200, "p50_ms": 0.5, "p99_ms": 1.5,
                                                               "max_ms": 2.0}}}
     rows = {r["figure"]: r for r in _report().summary({**SAMPLE, "service": {"results": results}})}
     slcan, virtual = rows["service CPU / decoding alone (SLCAN)"], rows["service CPU / decoding alone (virtual bus)"]
     assert slcan["met"] == "yes" and "11.3 % vs 4.0 %" in slcan["result"] and "2.8 x" in slcan["result"]
     assert virtual["met"] == "NO"  # 2.5 x, but 7.4 % is over the 5 % of a core
+    floor = rows["floor: a bare python-can reader / decoding alone (virtual bus)"]
+    assert "27.5 us vs 2.5 us a frame = 11.0 x" in floor["result"] and floor["met"] == "n/a"
+    assert "floor: a bare python-can reader / decoding alone (SLCAN)" not in rows  # not measured there
     reaction = rows["reaction p99 with clients / without"]
     assert reaction["met"] == "NO" and "3.9 ms vs 1.5 ms = 2.6 x" in reaction["result"]
     assert not any(f.startswith("service CPU /") for f in (r["figure"] for r in _report().summary(SAMPLE)))
