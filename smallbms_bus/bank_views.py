@@ -87,18 +87,14 @@ class CellSummary:
     def of(cls, cells: tuple[float | None, ...]) -> CellSummary:
         try:  # in C, for up to 800 cells per evaluation; a None ("not present") cannot be compared
             lo, hi = min(cells), max(cells)  # type: ignore[type-var]
+            unmeasured: tuple[int, ...] = ()
         except (TypeError, ValueError):  # a cell not present, or no cells
-            return cls._with_unmeasured(cells)
-        return cls(cells, lo, cells.index(lo) + 1, hi, cells.index(hi) + 1, round(hi - lo, 3), ())  # type: ignore[operator]
-
-    @classmethod
-    def _with_unmeasured(cls, cells: tuple[float | None, ...]) -> CellSummary:
-        present = [c for c in cells if c is not None]
-        unmeasured = tuple(i for i, c in enumerate(cells, 1) if c is None)
-        if not present:
-            return cls(cells, None, 0, None, 0, None, unmeasured)
-        lo, hi = min(present), max(present)
-        return cls(cells, lo, cells.index(lo) + 1, hi, cells.index(hi) + 1, round(hi - lo, 3), unmeasured)
+            present = [c for c in cells if c is not None]
+            unmeasured = tuple(i for i, c in enumerate(cells, 1) if c is None)
+            if not present:
+                return cls(cells, None, 0, None, 0, None, unmeasured)
+            lo, hi = min(present), max(present)
+        return cls(cells, lo, cells.index(lo) + 1, hi, cells.index(hi) + 1, round(hi - lo, 3), unmeasured)  # type: ignore[operator]
 
 
 @dataclass(slots=True)  # not frozen: built for every battery on every evaluation, and frozen init is slow
